@@ -1,0 +1,16 @@
+"""curkernels: compress transformers by factoring weights, and run the factors fast.
+
+    import curkernels as ck
+    report = ck.compress(model, method="svd", keep=0.5)
+    ck.save_compressed(model, "out")
+    model = ck.load_compressed("out")
+"""
+
+from .compress import CompressionReport, compress
+from .nn import CURLinear, LowRankLinear
+from .ops import cur_linear
+
+__version__ = "0.1.0"
+
+__all__ = ["CURLinear", "CompressionReport", "LowRankLinear", "__version__", "compress",
+           "cur_linear"]

@@ -1,0 +1,10 @@
+"""Drop-in factorized modules and the surgery that puts them into a model."""
+
+from .cur_linear import CURLinear
+from .low_rank_linear import LowRankLinear
+from .surgery import find_linears, name_matches, set_submodule, swap_linears
+
+FACTORED_MODULES = (CURLinear, LowRankLinear)
+
+__all__ = ["FACTORED_MODULES", "CURLinear", "LowRankLinear", "find_linears", "name_matches",
+           "set_submodule", "swap_linears"]

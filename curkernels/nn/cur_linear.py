@@ -1,0 +1,166 @@
+"""`CURLinear`: a drop-in `nn.Linear` that stores W ≈ C·U·R and runs one fused op."""
+
+import torch
+from torch import nn
+
+from ..ops import cur_linear
+from ..ops.validation import check_rows_in_range
+
+TRAINABLE_FACTORS = ("C", "U", "R")
+
+
+def _index_buffer(name: str, indices, size: int, limit: int | None) -> torch.Tensor | None:
+    """Validated int64 indices; `limit` bounds them when they index a tensor held here."""
+    if indices is None:
+        return None
+    indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).contiguous()
+    if indices.numel() != size:
+        raise ValueError(f"{name} must hold {size} indices, got {indices.numel()}")
+    if indices.device.type == "meta":
+        return indices
+    if indices.unique().numel() != indices.numel():
+        raise ValueError(f"{name} must not repeat an index")
+    check_rows_in_range(indices, limit if limit is not None else torch.iinfo(torch.int64).max)
+    return indices
+
+
+class CURLinear(nn.Module):
+    """y = x·(C·U·R)ᵀ + b, computed as ((x·Rᵀ)·Uᵀ)·Cᵀ + b without forming the m×n weight.
+
+    Args:
+        C: (m, c) expand factor (CUR: columns W[:, col_indices]).
+        U: (c, r) link, (r,) diagonal (SVD's Σ), or None (two factors, c = r).
+        R: (r, n) shrink factor (CUR: rows W[row_indices, :]); with `gather=True`, a base
+            weight (k, n) shared with another module, read as R = base[row_indices].
+        bias: optional (m,).
+        row_indices, col_indices: the CUR row/column picks (int64), kept as metadata and saved
+            in checkpoints; `row_indices` is required with `gather=True`.
+        trainable: which factors get gradients. The CURing paper heals U alone, so C and R are
+            frozen by default.
+        gather: read R's rows in place from a shared base weight.
+        backend: 'auto' | 'torch' | 'triton' | 'cuda', passed to `cur_linear`.
+    """
+
+    def __init__(self, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,
+                 bias: torch.Tensor | None = None, row_indices=None, col_indices=None, *,
+                 trainable: tuple[str, ...] = ("U",), gather: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        unknown = set(trainable) - set(TRAINABLE_FACTORS)
+        if unknown:
+            raise ValueError(f"trainable must name factors among {TRAINABLE_FACTORS}, "
+                             f"got {sorted(unknown)}")
+        if C.dim() != 2 or R.dim() != 2:
+            raise ValueError(f"C and R must be 2-D, got C {tuple(C.shape)} and R {tuple(R.shape)}")
+        if gather and row_indices is None:
+            raise ValueError("gather=True needs row_indices into the base weight R")
+        rank = len(row_indices) if gather else R.shape[0]
+        self.in_features = R.shape[1]
+        self.out_features = C.shape[0]
+        self.gather = gather
+        self.backend = backend
+        self.C = nn.Parameter(C.detach().contiguous(), requires_grad="C" in trainable)
+        self.U = (None if U is None
+                  else nn.Parameter(U.detach().contiguous(), requires_grad="U" in trainable))
+        self.R = nn.Parameter(R.detach().contiguous(), requires_grad="R" in trainable)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous())
+        self.register_buffer("row_indices",
+                             _index_buffer("row_indices", row_indices, rank,
+                                           R.shape[0] if gather else None),
+                             persistent=False)
+        self.register_buffer("col_indices",
+                             _index_buffer("col_indices", col_indices, C.shape[1], None),
+                             persistent=False)
+        self._check_shapes()
+
+    def _check_shapes(self) -> None:
+        rank, inner = self.rank, self.C.shape[1]
+        if self.U is None and inner != rank:
+            raise ValueError(f"without U, C needs {rank} columns (the rank), got {inner}")
+        if self.U is not None:
+            expected = (rank,) if self.U.dim() == 1 else (inner, rank)
+            if tuple(self.U.shape) != expected:
+                raise ValueError(f"U must have shape {expected}, got {tuple(self.U.shape)}")
+        if self.bias is not None and tuple(self.bias.shape) != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), "
+                             f"got {tuple(self.bias.shape)}")
+
+    @property
+    def rank(self) -> int:
+        return self.row_indices.numel() if self.gather else self.R.shape[0]
+
+    @property
+    def u_kind(self) -> str:
+        return "none" if self.U is None else ("diag" if self.U.dim() == 1 else "full")
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, **kwargs) -> "CURLinear":
+        """Plain truncated SVD: C = U_r, U = diag(Σ_r), R = V_rᵀ (computed in fp64)."""
+        left, sigma, right = _truncated_svd(linear.weight, rank)
+        dtype = linear.weight.dtype
+        return cls(left.to(dtype), sigma.to(dtype), right.to(dtype),
+                   None if linear.bias is None else linear.bias.detach(), **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cur_linear(x, self.C, self.U, self.R, self.bias,
+                          rows=self.row_indices if self.gather else None,
+                          backend=self.backend, check_rows=False)
+
+    def factor_R(self) -> torch.Tensor:
+        return self.R[self.row_indices] if self.gather else self.R
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """The equivalent `nn.Linear` (W = C·U·R formed in fp64, cast back)."""
+        C, R = self.C.double(), self.factor_R().double()
+        if self.U is not None:
+            C = C * self.U.double() if self.U.dim() == 1 else C @ self.U.double()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.C.device, dtype=self.C.dtype)
+        linear.weight.copy_(C @ R)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    @torch.no_grad()
+    def fold(self) -> "CURLinear":
+        """Fold U into C (C ← C·U, in fp64) for inference: two factors, one fewer stage.
+
+        C no longer holds columns of W afterwards, so `col_indices` is dropped.
+        """
+        if self.U is None:
+            return self
+        C = self.C.double()
+        C = C * self.U.double() if self.U.dim() == 1 else C @ self.U.double()
+        self.C = nn.Parameter(C.to(self.C.dtype).contiguous(), requires_grad=self.C.requires_grad)
+        self.U = None
+        self.col_indices = None
+        return self
+
+    @property
+    def factor_parameters(self) -> int:
+        """Stored factor entries (C, U, R; R counted as r×n in the gather form too)."""
+        u = 0 if self.U is None else self.U.numel()
+        return self.C.numel() + u + self.rank * self.in_features
+
+    @property
+    def dense_parameters(self) -> int:
+        return self.out_features * self.in_features
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, inner={self.C.shape[1]}, U={self.u_kind}, "
+                f"bias={self.bias is not None}, gather={self.gather}, "
+                f"params={self.factor_parameters / self.dense_parameters:.3f} of dense")
+
+
+def _truncated_svd(weight: torch.Tensor, rank: int):
+    m, n = weight.shape
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, min(m, n) = {min(m, n)}] for a {m}×{n} weight, "
+                         f"got {rank}")
+    w = weight.detach().double()
+    if not torch.isfinite(w).all():
+        raise ValueError("the weight holds NaN or Inf: cannot factor it")
+    left, sigma, right = torch.linalg.svd(w, full_matrices=False)
+    return left[:, :rank], sigma[:rank], right[:rank]
