@@ -6,11 +6,12 @@
     model = ck.load_compressed("out")
 """
 
+from .checkpoint import CheckpointError, load_compressed, save_compressed
 from .compress import CompressionReport, compress
 from .nn import CURLinear, LowRankLinear
 from .ops import cur_linear
 
 __version__ = "0.1.0"
 
-__all__ = ["CURLinear", "CompressionReport", "LowRankLinear", "__version__", "compress",
-           "cur_linear"]
+__all__ = ["CURLinear", "CheckpointError", "CompressionReport", "LowRankLinear", "__version__",
+           "compress", "cur_linear", "load_compressed", "save_compressed"]

@@ -1,0 +1,69 @@
+"""Let `AutoModel*.from_pretrained(folder)` load curkernels checkpoints.
+
+config.json carries `quantization_config = {"quant_method": "curkernels", ...}`; transformers
+then builds the model on the meta device and hands it to `CurkernelsHfQuantizer`, which swaps
+in the factored modules the `compression_config` block describes before any weight is read.
+Registered through transformers' public quantizer-registration API when curkernels is imported.
+"""
+
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .module_specs import FORMAT_NAME, FORMAT_VERSION, CheckpointError, check_compression_config
+from .surgery import apply_compression_config, check_checkpoint_tensors, move_indices_to_factors
+
+
+class CurkernelsConfig(QuantizationConfigMixin):
+    """The `quantization_config` entry that routes loading to curkernels."""
+
+    def __init__(self, format_version: int = FORMAT_VERSION, **kwargs):
+        self.quant_method = FORMAT_NAME
+        self.format_version = format_version
+
+    def to_dict(self) -> dict:
+        return {"quant_method": FORMAT_NAME, "format_version": self.format_version}
+
+
+class CurkernelsHfQuantizer(HfQuantizer):
+    requires_calibration = True  # factors come from a checkpoint; nothing is made on the fly
+
+    def validate_environment(self, *args, **kwargs):
+        if self.quantization_config.format_version != FORMAT_VERSION:
+            raise CheckpointError(f"unknown curkernels format_version "
+                                  f"{self.quantization_config.format_version!r}; this version "
+                                  f"reads {FORMAT_VERSION}")
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        return False
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        block = check_compression_config(getattr(model.config, "compression_config", None))
+        apply_compression_config(model, block)
+        files = kwargs.get("checkpoint_files")
+        if files:
+            check_checkpoint_tensors(model, block, files)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        move_indices_to_factors(model)
+        return model
+
+    def is_serializable(self, *args, **kwargs) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+
+def register_with_transformers() -> None:
+    """Idempotent: importing curkernels twice (or reloading) must not fail."""
+    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    if FORMAT_NAME not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(FORMAT_NAME)(CurkernelsConfig)
+    if FORMAT_NAME not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(FORMAT_NAME)(CurkernelsHfQuantizer)

@@ -1,0 +1,37 @@
+"""What this installation can run: versions, the CUDA extension, GPUs, live backends."""
+
+import importlib.metadata
+import platform
+
+import torch
+
+from .ops import BACKENDS, extension_status, unavailable_reason
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def environment_report() -> dict:
+    built, extension = extension_status()
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    device = torch.device("cuda") if gpus else torch.device("cpu")
+    backends = {name: unavailable_reason(name, device) for name in BACKENDS}
+    return {
+        "curkernels": _version("curkernels"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "extension_built": built,
+        "extension": extension,
+        "gpus": gpus,
+        "device": str(device),
+        "backends": {name: "live" if why is None else f"unavailable: {why}"
+                     for name, why in backends.items()},
+    }
