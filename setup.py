@@ -115,8 +115,8 @@ def _extension_modules():
         include_dirs=include_dirs,
         library_dirs=library_dirs,
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+            "cxx": ["-O3", "-std=c++20"],
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo",
                      "--expt-relaxed-constexpr"],
         },
         py_limited_api=False,

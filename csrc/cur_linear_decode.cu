@@ -1,0 +1,475 @@
+// curkernels._C: the fused decode kernel of y = C·(U·(R·x)) + b, in one launch.
+//
+// Decode (few input rows) is latency-bound: a cuBLAS chain pays two or three launches for
+// microseconds of bytes. One persistent kernel runs three phases separated by a grid barrier:
+//   shrink  t = R·x    R (r×n) is split into (rank rows × K slice) tiles over the whole grid,
+//                      partial dots are summed into an fp32 workspace with atomics;
+//   link    t = U·t    full U only (a diagonal U is applied while staging t);
+//   expand  y = C·t+b  each warp owns output rows, reading rows of C with 16-byte loads.
+// The workspace is double-buffered by an epoch counter that lives in device memory: every call
+// zeroes the buffer of the next call, so no host state changes between calls and a captured
+// CUDA graph replays correctly.
+#include <Python.h>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+namespace curkernels {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxRowsPerLaunch = 16;  // larger M is processed in launches of 16 rows
+// Rank/output rows per warp in each phase: a lane keeps rows × kVectorsPerLane 16-byte loads
+// in flight per chunk.
+constexpr int kShrinkRowsPerWarp = 4;
+constexpr int kLinkRowsPerWarp = 2;
+constexpr int kExpandRowsPerWarp = 2;
+constexpr int kVectorsPerLane = 2;
+constexpr int kSyncWords = 4;  // arrivals, generation, epoch, padding
+
+enum LinkMode : int { kNoLink = 0, kDiagonalLink = 1, kFullLink = 2 };
+
+struct DecodeParams {
+  const void* x;
+  const void* C;
+  const void* U;
+  const void* R;
+  const void* bias;
+  const int64_t* rows;  // gather indices into R (then the base weight), or nullptr
+  void* y;
+  unsigned* sync;       // [arrivals, generation, epoch]
+  float* shrink_sums;   // two kMaxRowsPerLaunch × r buffers, alternating by epoch
+  float* link_out;      // kMaxRowsPerLaunch × c (full U only)
+  int M, n, r, c, m;
+  int64_t base_rows;
+  int link_mode;
+  int shrink_tile_k;    // K extent of a shrink tile, a multiple of the chunk
+  int shrink_k_tiles;
+};
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+__device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
+  unsigned v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Sense-free grid barrier: the last block to arrive resets the arrival count and then bumps the
+// generation that the others spin on, so the counters are valid again for the next barrier and
+// the next launch. The grid never exceeds the number of co-resident blocks (host side).
+__device__ void grid_barrier(unsigned* sync, bool bump_epoch) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    unsigned* arrivals = sync;
+    unsigned* generation = sync + 1;
+    const unsigned seen = load_acquire(generation);
+    __threadfence();
+    if (atomicAdd(arrivals, 1u) == gridDim.x - 1) {
+      atomicExch(arrivals, 0u);
+      if (bump_epoch) atomicAdd(sync + 2, 1u);
+      __threadfence();
+      atomicAdd(generation, 1u);
+    } else {
+      while (load_acquire(generation) == seen) __nanosleep(32);
+    }
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_weights(const T* p, float (&out)[VEC]) {
+  if constexpr (VEC == 1) {
+    out[0] = static_cast<float>(*p);
+  } else {
+    static_assert(VEC * sizeof(T) == 16, "vector loads are 16 bytes");
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+    T values[VEC];
+    memcpy(values, &raw, sizeof(raw));
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = static_cast<float>(values[e]);
+  }
+}
+
+// Inputs written earlier in this launch (by other blocks) must bypass the non-coherent L1.
+__device__ __forceinline__ float load_input(const float* p) { return __ldcg(p); }
+template <typename T>
+__device__ __forceinline__ float load_input(const T* p) { return static_cast<float>(*p); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+// acc[i][row] += Σ_k A[first_row + i, k] · in[row, k] · scale[k] over k in [k_begin, k_end),
+// for the calling warp's ROWS rows. The block stages in[:, chunk] (as fp32) in shared memory
+// once per chunk; every lane then reads kVectorsPerLane vectors of each of its rows.
+template <typename T, typename TIn, int VEC, int MAXM, int ROWS>
+__device__ void accumulate_rows(const T* A, const int64_t* gather, int64_t num_base_rows,
+                                int64_t lda, int first_row, int num_rows, const TIn* in,
+                                int64_t ld_in, const T* scale, int M, int k_begin, int k_end,
+                                float (*stage)[32 * VEC * kVectorsPerLane],
+                                float (&acc)[ROWS][MAXM]) {
+  constexpr int kChunk = 32 * VEC * kVectorsPerLane;
+  const int lane = threadIdx.x % 32;
+  const T* row_ptr[ROWS];
+  bool row_valid[ROWS];
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    const int row = first_row + i;
+    row_valid[i] = row < num_rows;
+    int64_t source = row_valid[i] ? row : 0;
+    if (gather != nullptr && row_valid[i]) {
+      // Indices are bound-checked on the host; clamping keeps a bad one from reading outside W.
+      const int64_t index = gather[row];
+      source = index < 0 ? 0 : (index >= num_base_rows ? num_base_rows - 1 : index);
+    }
+    row_ptr[i] = A + source * lda;
+  }
+  for (int k0 = k_begin; k0 < k_end; k0 += kChunk) {
+    __syncthreads();  // the previous chunk's readers are done with the stage
+    for (int idx = threadIdx.x; idx < MAXM * kChunk; idx += kThreads) {
+      const int row = idx / kChunk;
+      const int k = k0 + idx % kChunk;
+      float v = 0.f;
+      if (row < M && k < k_end) {
+        v = load_input(in + row * ld_in + k);
+        if (scale != nullptr) v *= static_cast<float>(scale[k]);
+      }
+      stage[row][idx % kChunk] = v;
+    }
+    __syncthreads();
+    float a[ROWS][kVectorsPerLane][VEC];
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+#pragma unroll
+      for (int j = 0; j < kVectorsPerLane; ++j) {
+        const int k = k0 + (j * 32 + lane) * VEC;
+        if (row_valid[i] && k < k_end) {
+          load_weights<T, VEC>(row_ptr[i] + k, a[i][j]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) a[i][j][e] = 0.f;
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < kVectorsPerLane; ++j) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int kk = (j * 32 + lane) * VEC + e;
+#pragma unroll
+        for (int row = 0; row < MAXM; ++row) {
+          const float xv = stage[row][kk];
+#pragma unroll
+          for (int i = 0; i < ROWS; ++i) acc[i][row] = fmaf(a[i][j][e], xv, acc[i][row]);
+        }
+      }
+    }
+  }
+}
+
+// After the warp reduction lane `row` holds the sum for input row `row` (lanes ≥ MAXM hold 0),
+// so one store instruction writes all input rows of an output row.
+template <int ROWS, int MAXM>
+__device__ __forceinline__ void reduce_to_lanes(float (&acc)[ROWS][MAXM], float (&mine)[ROWS]) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int i = 0; i < ROWS; ++i) {
+    mine[i] = 0.f;
+#pragma unroll
+    for (int row = 0; row < MAXM; ++row) {
+      const float total = warp_sum(acc[i][row]);
+      if (lane == row) mine[i] = total;
+    }
+  }
+}
+
+template <typename T, int VEC, int MAXM>
+__global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParams p) {
+  constexpr int kChunk = 32 * VEC * kVectorsPerLane;
+  __shared__ float stage[MAXM][kChunk];
+  __shared__ unsigned epoch_shared;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const T* x = static_cast<const T*>(p.x);
+  const T* C = static_cast<const T*>(p.C);
+  const T* U = static_cast<const T*>(p.U);
+  const T* R = static_cast<const T*>(p.R);
+  const T* bias = static_cast<const T*>(p.bias);
+  T* y = static_cast<T*>(p.y);
+
+  // Every block reads the epoch before arriving at the first barrier, whose last arriver bumps it.
+  if (threadIdx.x == 0) epoch_shared = *reinterpret_cast<volatile unsigned*>(p.sync + 2);
+  __syncthreads();
+  const unsigned epoch = epoch_shared;
+  const int sums_size = kMaxRowsPerLaunch * p.r;
+  float* sums = p.shrink_sums + (epoch & 1u) * sums_size;
+  float* next_sums = p.shrink_sums + ((epoch + 1u) & 1u) * sums_size;
+  for (int i = blockIdx.x * kThreads + threadIdx.x; i < sums_size; i += gridDim.x * kThreads) {
+    next_sums[i] = 0.f;
+  }
+
+  // Shrink: sums[row, j] += R[j, slice] · x[row, slice].
+  {
+    constexpr int kGroupRows = kWarps * kShrinkRowsPerWarp;
+    const int tiles = ceil_div(p.r, kGroupRows) * p.shrink_k_tiles;
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int first_row = (tile / p.shrink_k_tiles) * kGroupRows + warp * kShrinkRowsPerWarp;
+      const int k_begin = (tile % p.shrink_k_tiles) * p.shrink_tile_k;
+      const int k_end = min(p.n, k_begin + p.shrink_tile_k);
+      float acc[kShrinkRowsPerWarp][MAXM] = {};
+      accumulate_rows<T, T, VEC, MAXM, kShrinkRowsPerWarp>(
+          R, p.rows, p.base_rows, p.n, first_row, p.r, x, p.n, nullptr, p.M, k_begin, k_end,
+          stage, acc);
+      float mine[kShrinkRowsPerWarp];
+      reduce_to_lanes(acc, mine);
+#pragma unroll
+      for (int i = 0; i < kShrinkRowsPerWarp; ++i) {
+        if (lane < p.M && first_row + i < p.r) atomicAdd(&sums[lane * p.r + first_row + i], mine[i]);
+      }
+    }
+  }
+  grid_barrier(p.sync, /*bump_epoch=*/true);
+
+  const float* t = sums;
+  int ld_t = p.r;
+  if (p.link_mode == kFullLink) {
+    // Link: link_out[row, i] = U[i, :] · sums[row, :]; whole rows per warp, no atomics.
+    constexpr int kGroupRows = kWarps * kLinkRowsPerWarp;
+    const int tiles = ceil_div(p.c, kGroupRows);
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int first_row = tile * kGroupRows + warp * kLinkRowsPerWarp;
+      float acc[kLinkRowsPerWarp][MAXM] = {};
+      accumulate_rows<T, float, VEC, MAXM, kLinkRowsPerWarp>(
+          U, nullptr, p.c, p.r, first_row, p.c, sums, p.r, nullptr, p.M, 0, p.r, stage, acc);
+      float mine[kLinkRowsPerWarp];
+      reduce_to_lanes(acc, mine);
+#pragma unroll
+      for (int i = 0; i < kLinkRowsPerWarp; ++i) {
+        if (lane < p.M && first_row + i < p.c) p.link_out[lane * p.c + first_row + i] = mine[i];
+      }
+    }
+    grid_barrier(p.sync, /*bump_epoch=*/false);
+    t = p.link_out;
+    ld_t = p.c;
+  }
+
+  // Expand: y[row, i] = C[i, :] · t[row, :] + bias[i].
+  {
+    const T* diagonal = p.link_mode == kDiagonalLink ? U : nullptr;
+    constexpr int kGroupRows = kWarps * kExpandRowsPerWarp;
+    const int tiles = ceil_div(p.m, kGroupRows);
+    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+      const int first_row = tile * kGroupRows + warp * kExpandRowsPerWarp;
+      float acc[kExpandRowsPerWarp][MAXM] = {};
+      accumulate_rows<T, float, VEC, MAXM, kExpandRowsPerWarp>(
+          C, nullptr, p.m, p.c, first_row, p.m, t, ld_t, diagonal, p.M, 0, p.c, stage, acc);
+      float mine[kExpandRowsPerWarp];
+      reduce_to_lanes(acc, mine);
+#pragma unroll
+      for (int i = 0; i < kExpandRowsPerWarp; ++i) {
+        const int out = first_row + i;
+        if (lane < p.M && out < p.m) {
+          const float b = bias != nullptr ? static_cast<float>(bias[out]) : 0.f;
+          y[static_cast<int64_t>(lane) * p.m + out] = static_cast<T>(mine[i] + b);
+        }
+      }
+    }
+  }
+}
+
+// Zero-initialised per (device, stream, r, c) workspace: sync words, two shrink buffers, link
+// output. Kept for the process lifetime so that captured CUDA graphs keep valid pointers;
+// per stream so that concurrent streams never share counters.
+float* decode_workspace(const at::Tensor& like, int r, int c) {
+  using Key = std::tuple<int, cudaStream_t, int, int>;
+  static std::mutex mutex;
+  static auto* workspaces = new std::map<Key, at::Tensor>();  // leaked: outlives CUDA teardown
+  const Key key{like.get_device(), c10::cuda::getCurrentCUDAStream().stream(), r, c};
+  std::lock_guard<std::mutex> lock(mutex);
+  auto found = workspaces->find(key);
+  if (found == workspaces->end()) {
+    const int64_t floats = kSyncWords + 2 * kMaxRowsPerLaunch * r + kMaxRowsPerLaunch * c;
+    found = workspaces->emplace(key, at::zeros({floats}, like.options().dtype(at::kFloat))).first;
+  }
+  return found->second.data_ptr<float>();
+}
+
+int multiprocessors(int device) {
+  static int counts[256] = {};
+  if (counts[device] == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&counts[device], cudaDevAttrMultiProcessorCount, device));
+  }
+  return counts[device];
+}
+
+template <typename T, int VEC, int MAXM>
+int resident_blocks(int device) {
+  static int per_sm[256] = {};
+  if (per_sm[device] == 0) {
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm[device], cur_linear_decode_kernel<T, VEC, MAXM>, kThreads, 0));
+    TORCH_CHECK(per_sm[device] > 0, "cur_linear decode kernel cannot be resident on device ",
+                device);
+  }
+  return per_sm[device] * multiprocessors(device);
+}
+
+template <typename T, int VEC, int MAXM>
+void launch_decode(DecodeParams p, int device, cudaStream_t stream) {
+  constexpr int kChunk = 32 * VEC * kVectorsPerLane;
+  int grid = resident_blocks<T, VEC, MAXM>(device);
+  // Shrink tiles: enough K slices that (rank-row groups × slices) covers the grid.
+  const int groups = ceil_div(p.r, kWarps * kShrinkRowsPerWarp);
+  const int chunks = ceil_div(p.n, kChunk);
+  const int wanted_slices = std::min(chunks, std::max(1, grid / groups));
+  p.shrink_tile_k = ceil_div(chunks, wanted_slices) * kChunk;
+  p.shrink_k_tiles = ceil_div(p.n, p.shrink_tile_k);
+  const int most_tiles = std::max({groups * p.shrink_k_tiles,
+                                   ceil_div(p.c, kWarps * kLinkRowsPerWarp),
+                                   ceil_div(p.m, kWarps * kExpandRowsPerWarp)});
+  grid = std::max(1, std::min(grid, most_tiles));
+  cur_linear_decode_kernel<T, VEC, MAXM><<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, int VEC>
+void launch_for_rows(const DecodeParams& p, int device, cudaStream_t stream) {
+  if (p.M == 1) {
+    launch_decode<T, VEC, 1>(p, device, stream);
+  } else if (p.M <= 4) {
+    launch_decode<T, VEC, 4>(p, device, stream);
+  } else {
+    launch_decode<T, VEC, kMaxRowsPerLaunch>(p, device, stream);
+  }
+}
+
+bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Launches of up to kMaxRowsPerLaunch input rows each, with 16-byte loads when every weight row
+// starts on a 16-byte boundary.
+template <typename T>
+void launch_all_rows(const DecodeParams& p, const at::Tensor& x, at::Tensor& y, int device,
+                     cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  const bool full_link = p.link_mode == kFullLink;
+  const bool vectorizable = p.n % kVec == 0 && p.c % kVec == 0 && aligned16(p.R) &&
+                            aligned16(p.C) && (!full_link || (p.r % kVec == 0 && aligned16(p.U)));
+  const int64_t M = x.size(0);
+  for (int64_t first = 0; first < M; first += kMaxRowsPerLaunch) {
+    DecodeParams chunk = p;
+    chunk.M = static_cast<int>(std::min<int64_t>(kMaxRowsPerLaunch, M - first));
+    chunk.x = x.data_ptr<T>() + first * p.n;
+    chunk.y = y.data_ptr<T>() + first * p.m;
+    if (vectorizable) {
+      launch_for_rows<T, kVec>(chunk, device, stream);
+    } else {
+      launch_for_rows<T, 1>(chunk, device, stream);
+    }
+  }
+}
+
+void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name, int64_t dim) {
+  TORCH_CHECK(t.is_cuda() && t.device() == x.device(), name, " must be on ", x.device());
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type());
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), name, " must be a contiguous ", dim, "-D tensor");
+}
+
+at::Tensor cur_linear_decode(const at::Tensor& x, const at::Tensor& C,
+                             const std::optional<at::Tensor>& U, const at::Tensor& R,
+                             const std::optional<at::Tensor>& bias,
+                             const std::optional<at::Tensor>& rows) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous 2-D CUDA tensor");
+  check_operand(C, x, "C", 2);
+  check_operand(R, x, "R", 2);
+  const int64_t M = x.size(0), n = x.size(1), m = C.size(0), c = C.size(1);
+  const int64_t r = rows.has_value() ? rows->size(0) : R.size(0);
+  TORCH_CHECK(R.size(1) == n, "R must have ", n, " columns");
+  TORCH_CHECK(r >= 1, "the rank must be at least 1");
+  TORCH_CHECK(std::max({M, n, m, c, r}) < (int64_t{1} << 31) / kMaxRowsPerLaunch,
+              "cur_linear decode kernel: dimensions too large");
+  int link_mode = kNoLink;
+  if (U.has_value()) {
+    check_operand(*U, x, "U", U->dim());
+    link_mode = U->dim() == 1 ? kDiagonalLink : kFullLink;
+    TORCH_CHECK(link_mode == kDiagonalLink ? (U->size(0) == r && c == r)
+                                           : (U->dim() == 2 && U->size(0) == c && U->size(1) == r),
+                "U must be (r,) or (c, r)");
+  } else {
+    TORCH_CHECK(c == r, "without U, C must have r columns");
+  }
+  if (bias.has_value()) {
+    check_operand(*bias, x, "bias", 1);
+    TORCH_CHECK(bias->size(0) == m, "bias must have ", m, " entries");
+  }
+  if (rows.has_value()) {
+    TORCH_CHECK(rows->device() == x.device() && rows->scalar_type() == at::kLong &&
+                    rows->dim() == 1 && rows->is_contiguous(),
+                "rows must be a contiguous 1-D int64 tensor on ", x.device());
+    TORCH_CHECK(R.size(0) >= 1, "the base weight is empty");
+  }
+
+  at::Tensor y = at::empty({M, m}, x.options());
+  if (M == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const int device = x.get_device();
+  float* workspace = decode_workspace(x, static_cast<int>(r), static_cast<int>(c));
+
+  DecodeParams p{};
+  p.C = C.data_ptr();
+  p.U = U.has_value() ? U->data_ptr() : nullptr;
+  p.R = R.data_ptr();
+  p.bias = bias.has_value() ? bias->data_ptr() : nullptr;
+  p.rows = rows.has_value() ? rows->data_ptr<int64_t>() : nullptr;
+  p.sync = reinterpret_cast<unsigned*>(workspace);
+  p.shrink_sums = workspace + kSyncWords;
+  p.link_out = p.shrink_sums + 2 * kMaxRowsPerLaunch * r;
+  p.n = static_cast<int>(n);
+  p.r = static_cast<int>(r);
+  p.c = static_cast<int>(c);
+  p.m = static_cast<int>(m);
+  p.base_rows = R.size(0);
+  p.link_mode = link_mode;
+
+  switch (x.scalar_type()) {
+    case at::kFloat: launch_all_rows<float>(p, x, y, device, stream); break;
+    case at::kHalf: launch_all_rows<at::Half>(p, x, y, device, stream); break;
+    case at::kBFloat16: launch_all_rows<at::BFloat16>(p, x, y, device, stream); break;
+    default: TORCH_CHECK(false, "cur_linear: x must be float32, float16 or bfloat16, got ",
+                         x.scalar_type());
+  }
+  return y;
+}
+
+}  // namespace
+}  // namespace curkernels
+
+TORCH_LIBRARY(curkernels_C, m) {
+  m.def("cur_linear(Tensor x, Tensor C, Tensor? U, Tensor R, Tensor? bias, Tensor? rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(curkernels_C, CUDA, m) { m.impl("cur_linear", &curkernels::cur_linear_decode); }
+
+// A Python module with no attributes: importing it loads the library and runs the registrations.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

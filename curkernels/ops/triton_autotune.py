@@ -1,0 +1,125 @@
+"""Launch configs of the Triton prefill kernel: tuned once per GPU model and shape class,
+cached on disk (`$CURKERNELS_CACHE_DIR`, default ~/.cache/curkernels/triton_prefill.json).
+
+CURKERNELS_TRITON_AUTOTUNE=0 skips tuning and uses the default config. No tuning happens while
+a CUDA graph is being captured or under the interpreter.
+"""
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    block_m: int
+    r_chunk: int
+    block_k: int
+    block_n: int
+    split_n: int
+    num_warps: int
+    num_stages: int
+
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
+def default_config(M: int, r: int, interpreting: bool) -> PrefillConfig:
+    if interpreting:  # few, large programs: the interpreter pays per program and per op
+        return PrefillConfig(32, min(64, max(16, _next_pow2(r))), 64, 64, 1, 4, 1)
+    return PrefillConfig(64, min(128, max(16, _next_pow2(r))), 64, 128, 1, 4, 3)
+
+
+def candidate_configs(M: int, r: int) -> list[PrefillConfig]:
+    """The on-chip intermediate (block_m × r_chunk fp32) is capped at 16K values per program."""
+    r_chunks = sorted({min(c, max(16, _next_pow2(r))) for c in (64, 128, 256)})
+    configs = []
+    for block_m in (64, 128):
+        for r_chunk in r_chunks:
+            if block_m * r_chunk > 16384:
+                continue
+            for block_n, num_warps in ((64, 4), (128, 8)):
+                for split_n in (1, 2, 4):
+                    configs.append(PrefillConfig(block_m, r_chunk, 64, block_n, split_n,
+                                                 num_warps, 3))
+    return configs
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("CURKERNELS_CACHE_DIR") or Path.home() / ".cache" / "curkernels"
+    return Path(root) / "triton_prefill.json"
+
+
+class TuningCache:
+    """{gpu name: {shape key: config}} in one JSON file, written atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._entries: dict[str, dict[str, dict]] | None = None
+
+    def _load(self) -> dict[str, dict[str, dict]]:
+        if self._entries is None:
+            try:
+                self._entries = json.loads(self.path.read_text())
+            except (OSError, ValueError):  # missing or unreadable cache: tune again
+                self._entries = {}
+        return self._entries
+
+    def get(self, gpu: str, key: str) -> PrefillConfig | None:
+        entry = self._load().get(gpu, {}).get(key)
+        return PrefillConfig(**entry) if entry is not None else None
+
+    def put(self, gpu: str, key: str, config: PrefillConfig) -> None:
+        self._load().setdefault(gpu, {})[key] = asdict(config)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, delete=False,
+                                             suffix=".tmp") as tmp:
+                json.dump(self._entries, tmp, indent=1, sort_keys=True)
+            os.replace(tmp.name, self.path)
+        except OSError:  # a read-only home still gets the in-memory cache
+            pass
+
+
+_cache = TuningCache(_cache_path())
+_memo: dict[tuple, PrefillConfig] = {}
+
+
+def tuned_config(key: tuple, device: torch.device, M: int, r: int, interpreting: bool,
+                 run: Callable[[PrefillConfig], None]) -> PrefillConfig:
+    """The fastest candidate for this shape class on this GPU model; `run` launches one config."""
+    config = _memo.get(key)
+    if config is not None:
+        return config
+    if interpreting or os.environ.get("CURKERNELS_TRITON_AUTOTUNE") == "0" \
+            or torch.cuda.is_current_stream_capturing():
+        return default_config(M, r, interpreting)
+    gpu = torch.cuda.get_device_name(device)
+    text_key = "|".join(str(part) for part in key)
+    config = _cache.get(gpu, text_key)
+    if config is None:
+        config = _benchmark(M, r, run)
+        _cache.put(gpu, text_key, config)
+    _memo[key] = config
+    return config
+
+
+def _benchmark(M: int, r: int, run: Callable[[PrefillConfig], None]) -> PrefillConfig:
+    import triton.testing
+
+    best, best_ms = default_config(M, r, False), float("inf")
+    for config in candidate_configs(M, r):
+        try:
+            ms = triton.testing.do_bench(lambda config=config: run(config), warmup=5, rep=20,
+                                         return_mode="median")
+        except Exception:  # a config the compiler or the GPU rejects (resources) is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = config, ms
+    return best

@@ -1,0 +1,180 @@
+"""The Triton backend of `cur_linear`: host side of the decode and prefill kernels.
+
+Decode (M ≤ 16) runs the persistent single-launch kernel on a GPU and its barrier-free form
+(one launch per phase) under the interpreter or with CURKERNELS_TRITON_SINGLE_LAUNCH=0.
+Prefill runs the chained-GEMM kernel with a tuned config. Launch parameters are computed once
+per shape and cached: the per-call host path is a few dictionary lookups and the launches.
+"""
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from . import triton_decode as decode
+from .backends import triton_interpreting
+from .dispatch import DECODE_MAX_ROWS
+from .triton_autotune import PrefillConfig, tuned_config
+from .triton_prefill import cur_linear_prefill_kernel
+
+# Decode tiles: WORKSPACE_ROWS input rows (the tensor-core minimum, 16); a shrink tile is
+# BLOCK_R rank rows × a K slice; expand and link tiles are BLOCK_OUT rows over BLOCK_IN columns.
+DECODE_BLOCKS = {"BLOCK_M": DECODE_MAX_ROWS, "BLOCK_R": 32, "BLOCK_K": 128, "BLOCK_OUT": 64,
+                 "BLOCK_IN": 64, "WORKSPACE_ROWS": DECODE_MAX_ROWS}
+DECODE_NUM_WARPS = 4
+
+
+@dataclass(frozen=True)
+class _DecodeWorkspace:
+    sync: torch.Tensor        # int32 [arrivals, generation, epoch, pad]
+    sums: torch.Tensor        # fp32, two WORKSPACE_ROWS × r shrink buffers
+    first_sums: torch.Tensor  # view of the first buffer (the barrier-free path zeroes it)
+    link: torch.Tensor        # fp32, WORKSPACE_ROWS × c (full U)
+
+
+@dataclass(frozen=True)
+class _DecodePlan:
+    grid: int
+    shrink_tile_k: int
+    shrink_k_tiles: int
+    constants: dict
+
+
+_workspaces: dict[tuple, _DecodeWorkspace] = {}
+_decode_plans: dict[tuple, _DecodePlan] = {}
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _single_launch(device: torch.device) -> bool:
+    return (device.type == "cuda" and not triton_interpreting()
+            and os.environ.get("CURKERNELS_TRITON_SINGLE_LAUNCH", "1") != "0")
+
+
+def _decode_workspace(device: torch.device, r: int, c: int) -> _DecodeWorkspace:
+    """Zeroed once and kept: captured CUDA graphs hold its pointers; one per stream, so that
+    concurrent streams never share counters."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, r, c)
+    workspace = _workspaces.get(key)
+    if workspace is None:
+        rows = DECODE_BLOCKS["WORKSPACE_ROWS"]
+        sums = torch.zeros(2 * rows * r, dtype=torch.float32, device=device)
+        workspace = _DecodeWorkspace(
+            sync=torch.zeros(decode.SYNC_WORDS, dtype=torch.int32, device=device),
+            sums=sums, first_sums=sums[: rows * r],
+            link=torch.empty(rows * c, dtype=torch.float32, device=device))
+        _workspaces[key] = workspace
+    return workspace
+
+
+def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: int, m: int,
+                 link_mode: int, has_bias: bool, gather: bool, single: bool) -> _DecodePlan:
+    key = (device, dtype, n, r, c, m, link_mode, has_bias, gather, single)
+    plan = _decode_plans.get(key)
+    if plan is not None:
+        return plan
+    blocks = DECODE_BLOCKS
+    groups = triton.cdiv(r, blocks["BLOCK_R"])
+    chunks = triton.cdiv(n, blocks["BLOCK_K"])
+    # A persistent grid of one program per SM; the shrink is cut into enough K slices that
+    # (rank blocks × slices) covers it. Barrier-free, a launch has one program per tile.
+    programs = _multiprocessors(device.index) if single else groups * chunks
+    slices = min(chunks, max(1, programs // groups))
+    tile_k = triton.cdiv(chunks, slices) * blocks["BLOCK_K"]
+    k_tiles = triton.cdiv(n, tile_k)
+    most_tiles = max(groups * k_tiles, triton.cdiv(m, blocks["BLOCK_OUT"]),
+                     triton.cdiv(c, blocks["BLOCK_OUT"]) if link_mode == decode.FULL_LINK else 1)
+    constants = dict(blocks, LINK_MODE=link_mode, HAS_BIAS=has_bias, GATHER=gather,
+                     DOT_FP32=dtype == torch.float32, num_warps=DECODE_NUM_WARPS)
+    plan = _DecodePlan(min(programs, most_tiles), tile_k, k_tiles, constants)
+    _decode_plans[key] = plan
+    return plan
+
+
+def _link_mode(U: torch.Tensor | None) -> int:
+    if U is None:
+        return decode.NO_LINK
+    return decode.DIAGONAL_LINK if U.dim() == 1 else decode.FULL_LINK
+
+
+def _cur_linear_decode(x2d, C, U, R, bias, rows, y) -> None:
+    M, n = x2d.shape
+    m, c = C.shape
+    r = rows.shape[0] if rows is not None else R.shape[0]
+    link_mode = _link_mode(U)
+    single = _single_launch(x2d.device)
+    plan = _decode_plan(x2d.device, x2d.dtype, n, r, c, m, link_mode, bias is not None,
+                        rows is not None, single)
+    workspace = _decode_workspace(x2d.device, r, c)
+    args = (x2d, R, rows, U, C, bias, y, workspace.sums, workspace.link, workspace.sync,
+            M, n, r, c, m, R.shape[0], plan.shrink_tile_k, plan.shrink_k_tiles)
+    if single:
+        decode.cur_linear_decode_kernel[(plan.grid,)](*args, PHASE=decode.ALL_PHASES,
+                                                      **plan.constants)
+        return
+    blocks = DECODE_BLOCKS
+    workspace.first_sums.zero_()
+    phases = [(decode.SHRINK, triton.cdiv(r, blocks["BLOCK_R"]) * plan.shrink_k_tiles)]
+    if link_mode == decode.FULL_LINK:
+        phases.append((decode.LINK, triton.cdiv(c, blocks["BLOCK_OUT"])))
+    phases.append((decode.EXPAND, triton.cdiv(m, blocks["BLOCK_OUT"])))
+    for phase, grid in phases:
+        decode.cur_linear_decode_kernel[(grid,)](*args, PHASE=phase, **plan.constants)
+
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
+def _cur_linear_prefill(x2d, C, U, R, bias, rows, y) -> None:
+    M, n = x2d.shape
+    m = C.shape[0]
+    scale = None
+    if U is not None and U.dim() == 2:
+        # The kernel keeps one rank-sized intermediate on chip; a full U is folded into C here
+        # (m·c·r flops, small next to a prefill). Frozen modules fold U once at load instead.
+        C = (C.float() @ U.float()).to(C.dtype)
+    elif U is not None:
+        scale = U
+    r = C.shape[1]
+    partial = None
+
+    def run(config: PrefillConfig) -> None:
+        nonlocal partial
+        chunk_starts = range(0, r, config.r_chunk)
+        if len(chunk_starts) > 1 and partial is None:
+            partial = torch.empty((M, m), dtype=torch.float32, device=x2d.device)
+        grid = (triton.cdiv(M, config.block_m), min(config.split_n, triton.cdiv(m, config.block_n)))
+        for index, r_begin in enumerate(chunk_starts):
+            cur_linear_prefill_kernel[grid](
+                x2d, R, rows, scale, C, bias, y, partial, M, n, r, m, R.shape[0], r_begin,
+                GATHER=rows is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
+                ACCUMULATE=index > 0, FINAL=index == len(chunk_starts) - 1,
+                DOT_FP32=x2d.dtype == torch.float32, BLOCK_M=config.block_m,
+                R_CHUNK=config.r_chunk, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
+                SPLIT_N=config.split_n, num_warps=config.num_warps, num_stages=config.num_stages)
+
+    key = (x2d.device.index, x2d.dtype, min(_next_pow2(M), 8192), n, m, r, rows is not None,
+           scale is not None)
+    run(tuned_config(key, x2d.device, M, r, triton_interpreting(), run))
+
+
+def cur_linear_triton(x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
+                      R: torch.Tensor, bias: torch.Tensor | None,
+                      rows: torch.Tensor | None) -> torch.Tensor:
+    """y = ((x·Rᵀ)·Uᵀ)·Cᵀ + b for x2d (M, n); the backend contract of ops/backends.py."""
+    M = x2d.shape[0]
+    y = torch.empty((M, C.shape[0]), dtype=x2d.dtype, device=x2d.device)
+    if M == 0:
+        return y
+    if M <= DECODE_MAX_ROWS:
+        _cur_linear_decode(x2d, C, U, R, bias, rows, y)
+    else:
+        _cur_linear_prefill(x2d, C, U, R, bias, rows, y)
+    return y
