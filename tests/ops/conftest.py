@@ -1,0 +1,18 @@
+"""Kernel tests: without a GPU the Triton kernels run on CPU tensors through the interpreter,
+which must be switched on before the kernels are defined, hence here."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def poisoned():
+    """An output buffer full of NaN: any element a kernel fails to write shows up."""
+    def make(M, m, dtype, device):
+        return torch.full((M, m), float("nan"), dtype=dtype, device=device)
+    return make

@@ -1,0 +1,89 @@
+"""Backend choice: named backends run or raise with the reason; 'auto' follows the table."""
+
+import pytest
+import torch
+
+from curkernels.ops import dispatch
+from curkernels.ops.errors import BackendUnavailableError
+
+
+def test_cpu_auto_is_torch():
+    assert dispatch.choose_backend("auto", torch.randn(2, 8), 2) == "torch"
+
+
+def test_environment_forces_a_backend(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
+    assert dispatch.requested_backend("auto") == "torch"
+    assert dispatch.requested_backend("triton") == "triton"  # an argument wins over the variable
+
+
+def test_unknown_backend_names_the_choices(monkeypatch):
+    with pytest.raises(ValueError, match="'bogus'"):
+        dispatch.requested_backend("bogus")
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "fast")
+    with pytest.raises(ValueError, match="CURKERNELS_BACKEND"):
+        dispatch.choose_backend("auto", torch.randn(1, 4), 1)
+
+
+def test_cuda_backend_on_cpu_tensors_says_why():
+    with pytest.raises(BackendUnavailableError, match="'cuda' is unavailable"):
+        dispatch.choose_backend("cuda", torch.randn(1, 4), 1)
+
+
+def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        dispatch.choose_backend("triton", torch.randn(1, 4), 1)
+
+
+def test_forced_unavailable_backend_raises_instead_of_falling_back(monkeypatch):
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "cuda")
+    with pytest.raises(BackendUnavailableError):
+        dispatch.choose_backend("auto", torch.randn(1, 4), 1)
+
+
+class _FakeCudaTensor:
+    """Stands in for a CUDA input: dispatch reads only the device and dtype."""
+    device = torch.device("cuda", 0)
+    dtype = torch.bfloat16
+
+
+@pytest.fixture
+def all_backends_available(monkeypatch):
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device: None)
+
+
+@pytest.mark.parametrize("num_rows", (1, 4, 16))
+def test_eager_decode_goes_to_the_cuda_extension(num_rows, all_backends_available, monkeypatch):
+    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows) == "cuda"
+
+
+def test_eager_decode_uses_triton_without_the_extension(monkeypatch):
+    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "unavailable_reason",
+                        lambda backend, device: "not built" if backend == "cuda" else None)
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1) == "triton"
+
+
+@pytest.mark.parametrize("num_rows", (17, 128, 4096))
+def test_prefill_keeps_the_cublas_chain(num_rows, all_backends_available, monkeypatch):
+    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows) == "torch"
+
+
+def test_graph_decode_keeps_the_chain_until_measured(all_backends_available, monkeypatch):
+    monkeypatch.setattr(dispatch, "_graph_mode", lambda: True)
+    monkeypatch.setattr(dispatch, "GRAPH_DECODE_WINNERS", {})
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1) == "torch"
+
+
+def test_graph_decode_follows_recorded_wins(all_backends_available, monkeypatch):
+    monkeypatch.setattr(dispatch, "_graph_mode", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "H100")
+    monkeypatch.setattr(dispatch, "GRAPH_DECODE_WINNERS",
+                        {"H100": {(torch.bfloat16, 4): "cuda", (torch.bfloat16, 16): "triton"}})
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1) == "cuda"
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 9) == "triton"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A100")
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1) == "torch"

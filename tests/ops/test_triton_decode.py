@@ -1,0 +1,97 @@
+"""The Triton decode kernel (M ≤ 16) against the fp64 reference, outputs poisoned.
+
+On the CPU it runs barrier-free (one launch per phase) through the interpreter; on a GPU the
+persistent single-launch form with its grid barrier is tested as well.
+"""
+
+import itertools
+
+import pytest
+import torch
+from cur_linear_cases import LINKS, assert_matches_reference, kernel_device, make_case
+
+from curkernels.ops import triton_backend
+from curkernels.ops.triton_backend import _cur_linear_decode
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = kernel_device()
+N, M_OUT = 300, 130  # not multiples of any block size
+
+
+def run_decode(case, poisoned):
+    y = poisoned(case["x"].shape[0], case["C"].shape[0], case["x"].dtype, case["x"].device)
+    _cur_linear_decode(case["x"], case["C"], case["U"], case["R"], case["bias"], case["rows"], y)
+    return y
+
+
+# Every (M, r) pair; dtype, link, bias and gather cycle through their values across the grid.
+GRID = [(M, r, i) for i, (M, r) in enumerate(itertools.product((1, 2, 5, 16), (1, 7, 16, 64, 100)))]
+
+
+@pytest.mark.parametrize("M,r,i", GRID)
+def test_decode_grid(M, r, i, poisoned):
+    case = make_case(M, N, M_OUT, r, (torch.float32, torch.float16)[i % 2], link=LINKS[i % 3],
+                     bias=i % 4 < 2, gather=(i // 2) % 2 == 1, device=DEVICE, seed=i)
+    assert_matches_reference(run_decode(case, poisoned), case)
+
+
+@pytest.mark.parametrize("dtype,link,bias,gather", list(itertools.product(
+    (torch.float32, torch.float16), LINKS, (False, True), (False, True))))
+def test_decode_features(dtype, link, bias, gather, poisoned):
+    case = make_case(5, N, M_OUT, 7, dtype, link=link, bias=bias, gather=gather, device=DEVICE)
+    assert_matches_reference(run_decode(case, poisoned), case)
+
+
+def test_decode_repeated_calls_reuse_workspace(poisoned):
+    """The shrink workspace is reused: a second call with new inputs must not see the first."""
+    for seed in range(3):
+        case = make_case(3, N, M_OUT, 16, torch.float32, link="full", device=DEVICE, seed=seed)
+        assert_matches_reference(run_decode(case, poisoned), case)
+
+
+def test_decode_clamps_out_of_range_rows(poisoned):
+    """Indices are validated on the host; the kernel itself still never reads outside W."""
+    case = make_case(2, N, M_OUT, 7, torch.float32, gather=True, device=DEVICE)
+    base_rows = case["R"].shape[0]
+    case["rows"][0], case["rows"][1] = base_rows + 100, -3
+    y = run_decode(case, poisoned)
+    assert_matches_reference(y, dict(case, rows=case["rows"].clamp(0, base_rows - 1)))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("single_launch", ("1", "0"))
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("link", LINKS)
+def test_decode_gpu_both_forms(single_launch, dtype, link, poisoned, monkeypatch):
+    monkeypatch.setenv("CURKERNELS_TRITON_SINGLE_LAUNCH", single_launch)
+    for M, seed in ((1, 0), (16, 1), (7, 2)):
+        case = make_case(M, 4096 + 8, 1000, 256, dtype, link=link, gather=seed == 1,
+                         device="cuda", seed=seed)
+        assert_matches_reference(run_decode(case, poisoned), case)
+
+
+@gpu
+@pytest.mark.gpu
+def test_decode_single_launch_in_cuda_graph():
+    """The barrier counters and the epoch live on the device: replays stay correct."""
+    case = make_case(4, 2048, 1024, 64, torch.bfloat16, link="diagonal", device="cuda")
+    args = (case["x"], case["C"], case["U"], case["R"], case["bias"], case["rows"])
+    y = torch.empty((4, 1024), dtype=torch.bfloat16, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm-up on the capture stream: compile and create its workspace
+            _cur_linear_decode(*args, y)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        _cur_linear_decode(*args, y)
+    for seed in range(5):
+        case["x"].copy_(make_case(4, 2048, 1024, 64, torch.bfloat16, device="cuda",
+                                  seed=seed + 10)["x"])
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_matches_reference(y, case)
+    assert triton_backend._workspaces, "the decode workspace is cached for graph replays"

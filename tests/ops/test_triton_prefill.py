@@ -1,0 +1,79 @@
+"""The Triton prefill kernel (M > 16) against the fp64 reference, outputs poisoned."""
+
+import itertools
+
+import pytest
+import torch
+from cur_linear_cases import LINKS, assert_matches_reference, kernel_device, make_case
+
+from curkernels.ops import triton_autotune
+from curkernels.ops.triton_backend import _cur_linear_prefill
+
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICE = kernel_device()
+N, M_OUT = 300, 130  # not multiples of any block size
+
+
+def run_prefill(case, poisoned):
+    y = poisoned(case["x"].shape[0], case["C"].shape[0], case["x"].dtype, case["x"].device)
+    _cur_linear_prefill(case["x"], case["C"], case["U"], case["R"], case["bias"], case["rows"], y)
+    return y
+
+
+# Every (M, r) pair (r = 100 spans two rank chunks on the CPU); the rest cycles.
+GRID = [(M, r, i) for i, (M, r) in enumerate(itertools.product((17, 33), (1, 7, 16, 64, 100)))]
+
+
+@pytest.mark.parametrize("M,r,i", GRID)
+def test_prefill_grid(M, r, i, poisoned):
+    case = make_case(M, N, M_OUT, r, (torch.float32, torch.float16)[i % 2], link=LINKS[i % 3],
+                     bias=i % 4 < 2, gather=(i // 2) % 2 == 1, device=DEVICE, seed=i)
+    assert_matches_reference(run_prefill(case, poisoned), case)
+
+
+@pytest.mark.parametrize("dtype,link,bias,gather", list(itertools.product(
+    (torch.float32, torch.float16), LINKS, (False, True), (False, True))))
+def test_prefill_features(dtype, link, bias, gather, poisoned):
+    case = make_case(17, N, M_OUT, 100, dtype, link=link, bias=bias, gather=gather, device=DEVICE)
+    assert_matches_reference(run_prefill(case, poisoned), case)
+
+
+def test_prefill_clamps_out_of_range_rows(poisoned):
+    case = make_case(20, N, M_OUT, 7, torch.float32, gather=True, device=DEVICE)
+    base_rows = case["R"].shape[0]
+    case["rows"][0] = base_rows + 7
+    y = run_prefill(case, poisoned)
+    assert_matches_reference(y, dict(case, rows=case["rows"].clamp(0, base_rows - 1)))
+
+
+def test_candidate_configs_keep_the_intermediate_small():
+    for r in (1, 100, 256, 1024):
+        configs = triton_autotune.candidate_configs(64, r)
+        assert configs
+        assert all(c.block_m * c.r_chunk <= 16384 for c in configs)
+
+
+def test_tuning_cache_round_trip(tmp_path):
+    cache = triton_autotune.TuningCache(tmp_path / "tune.json")
+    config = triton_autotune.PrefillConfig(64, 128, 64, 128, 2, 8, 3)
+    cache.put("NVIDIA H100 80GB HBM3", "bf16|4096", config)
+    reread = triton_autotune.TuningCache(tmp_path / "tune.json")
+    assert reread.get("NVIDIA H100 80GB HBM3", "bf16|4096") == config
+    assert reread.get("NVIDIA H200", "bf16|4096") is None
+
+
+def test_tuning_cache_ignores_a_corrupt_file(tmp_path):
+    path = tmp_path / "tune.json"
+    path.write_text("{not json")
+    assert triton_autotune.TuningCache(path).get("gpu", "key") is None
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("link", LINKS)
+def test_prefill_gpu(dtype, link, poisoned):
+    for M, r, seed in ((17, 64, 0), (1000, 256, 1), (300, 1024, 2)):
+        case = make_case(M, 4096, 1000, r, dtype, link=link, gather=seed == 1, device="cuda",
+                         seed=seed)
+        assert_matches_reference(run_prefill(case, poisoned), case)
