@@ -1,0 +1,37 @@
+"""Load a compressed checkpoint folder and its tokenizer for inference."""
+
+import os
+
+import torch
+import transformers
+
+from ..checkpoint import load_compressed
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_for_inference(folder: str | os.PathLike, device: str | torch.device | None = None,
+                       dtype: torch.dtype | None = None, tokenizer: str | None = None):
+    """(model in eval mode, tokenizer) from a folder written by `curkernels.save_compressed`.
+
+    The tokenizer comes from `tokenizer` (a folder or hub name) when given, else from the
+    checkpoint folder, which must then hold one.
+    """
+    model = load_compressed(folder, device=device or default_device(), dtype=dtype)
+    source = tokenizer or folder
+    try:
+        loaded = transformers.AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(f"no tokenizer in {source}: save the checkpoint with "
+                                f"save_compressed(..., tokenizer=...) or pass tokenizer=") from exc
+    return model, loaded

@@ -1,0 +1,185 @@
+"""The HTTP server answers OpenAI-style completions (plain and streamed), queues concurrent
+requests, shuts down cleanly, and rejects bad requests with a 4xx and a message."""
+
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import tiny_causal_lm
+from fastapi.testclient import TestClient
+
+import curkernels as ck
+from curkernels.serve import StaticCacheGenerator, load_for_inference
+from curkernels.serve.engine import CompletionEngine
+from curkernels.serve.server import create_app
+
+MODEL = "tiny-llama-svd"
+CONTEXT = 48
+PROMPT = "the quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tokenizer, tmp_path_factory):
+    model = tiny_causal_lm("llama", len(tokenizer))
+    ck.compress(model, method="svd", keep=0.5)
+    folder = tmp_path_factory.mktemp("checkpoint") / MODEL
+    ck.save_compressed(model, folder, tokenizer=tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_for_inference(checkpoint, device="cpu")
+
+
+def make_engine(loaded, generator_class=StaticCacheGenerator, **kwargs) -> CompletionEngine:
+    model, tokenizer = loaded
+    return CompletionEngine(generator_class(model, max_seq_len=CONTEXT), tokenizer, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def client(loaded):
+    engine = make_engine(loaded)
+    yield TestClient(create_app(engine, MODEL))
+    engine.shutdown()
+
+
+def greedy_text(loaded, max_tokens: int) -> tuple[str, int]:
+    """What the model generates for PROMPT, decoded: the expected completion."""
+    model, tokenizer = loaded
+    input_ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    tokens = StaticCacheGenerator(model, max_seq_len=CONTEXT).generate(
+        input_ids, max_tokens, eos_token_ids=[tokenizer.eos_token_id])[0, input_ids.shape[1]:]
+    kept = tokens[tokens != tokenizer.eos_token_id]
+    return tokenizer.decode(kept, skip_special_tokens=True), len(tokens)
+
+
+def request(**overrides) -> dict:
+    return {"model": MODEL, "prompt": PROMPT, "max_tokens": 10, "temperature": 0, **overrides}
+
+
+def sse_events(body: str) -> list:
+    lines = [line[len("data: "):] for line in body.splitlines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def test_completion(client, loaded):
+    response = client.post("/v1/completions", json=request())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    text, count = greedy_text(loaded, 10)
+    assert body["object"] == "text_completion" and body["model"] == MODEL
+    assert body["choices"][0]["text"] == text and text
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+    prompt_tokens = len(loaded[1](PROMPT)["input_ids"])
+    assert body["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": count,
+                             "total_tokens": prompt_tokens + count}
+
+
+def test_streamed_completion_matches_plain(client, loaded):
+    with client.stream("POST", "/v1/completions", json=request(stream=True)) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = sse_events(response.read().decode())
+    assert len(events) > 2
+    assert "".join(e["choices"][0]["text"] for e in events) == greedy_text(loaded, 10)[0]
+    assert all(e["choices"][0].get("finish_reason") is None for e in events[:-1])
+    assert events[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert events[-1]["usage"]["completion_tokens"] == greedy_text(loaded, 10)[1]
+
+
+def test_stop_string_cuts_the_text(client, loaded):
+    full, _ = greedy_text(loaded, 10)
+    stop = full[3:6]
+    for stream in (False, True):
+        response = client.post("/v1/completions", json=request(stop=[stop], stream=stream))
+        assert response.status_code == 200
+        if stream:
+            events = sse_events(response.text)
+            text = "".join(e["choices"][0]["text"] for e in events)
+            reason = events[-1]["choices"][0]["finish_reason"]
+        else:
+            text, reason = (response.json()["choices"][0][k] for k in ("text", "finish_reason"))
+        assert text == full[:full.find(stop)] and reason == "stop"
+
+
+def test_concurrent_requests_are_queued_not_interleaved(client, loaded):
+    """All requests share one KV cache: overlapping generations would corrupt each other."""
+    expected = greedy_text(loaded, 12)[0]
+    with ThreadPoolExecutor(4) as pool:
+        responses = list(pool.map(lambda _: client.post("/v1/completions",
+                                                        json=request(max_tokens=12)), range(4)))
+    assert [r.json()["choices"][0]["text"] for r in responses] == [expected] * 4
+
+
+def test_models_lists_the_served_model(client):
+    body = client.get("/v1/models").json()
+    assert [m["id"] for m in body["data"]] == [MODEL]
+    assert body["data"][0]["max_model_len"] == CONTEXT
+
+
+@pytest.mark.parametrize("body, status, words", [
+    ('{"model": "tiny", "prompt": ', 400, "not valid JSON"),
+    (request(model="gpt-5"), 404, "'gpt-5' is not served"),
+    (request(max_tokens=CONTEXT), 400, f"context is {CONTEXT} tokens"),
+    (request(max_tokens=0), 400, "max_tokens"),
+    (request(temperature=-1), 400, "temperature"),
+    (request(prompt=""), 400, "prompt"),
+    ({"model": MODEL}, 400, "prompt: Field required"),
+    (request(logprobs=3), 400, "logprobs"),
+    (request(stop=["a", ""]), 400, "stop"),
+])
+def test_bad_requests_get_4xx_with_a_message(client, body, status, words):
+    for stream in (False, True):
+        if isinstance(body, dict):
+            response = client.post("/v1/completions", json={**body, "stream": stream})
+        else:
+            response = client.post("/v1/completions", content=body,
+                                   headers={"content-type": "application/json"})
+        assert response.status_code == status, response.text
+        error = response.json()["error"]
+        assert words in error["message"]
+        assert error["type"] == "invalid_request_error"
+
+
+class GatedGenerator(StaticCacheGenerator):
+    """Holds every generation until `gate` opens: keeps requests in flight on purpose."""
+
+    gate = threading.Event()
+
+    def stream(self, *args, **kwargs):
+        self.gate.wait(timeout=30)
+        yield from super().stream(*args, **kwargs)
+
+
+def test_full_queue_answers_429(loaded):
+    engine = make_engine(loaded, GatedGenerator, max_queued=1)
+    client = TestClient(create_app(engine, MODEL))
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(client.post, "/v1/completions", json=request(max_tokens=2))
+        while engine._admitted == 0:
+            threading.Event().wait(0.01)
+        refused = client.post("/v1/completions", json=request(max_tokens=2))
+        GatedGenerator.gate.set()
+        assert first.result().status_code == 200
+    assert refused.status_code == 429
+    assert "limit is 1" in refused.json()["error"]["message"]
+    engine.shutdown()
+
+
+def test_shutdown_refuses_new_requests(loaded):
+    engine = make_engine(loaded)
+    app = create_app(engine, MODEL)
+    with TestClient(app) as client:  # runs the app's startup and shutdown
+        assert client.post("/v1/completions", json=request(max_tokens=2)).status_code == 200
+    response = TestClient(app).post("/v1/completions", json=request(max_tokens=2))
+    assert response.status_code == 429
+    assert "shutting down" in response.json()["error"]["message"]
+
+
+def test_engine_needs_a_batch_one_generator(loaded):
+    model, tokenizer = loaded
+    with pytest.raises(ValueError, match="batch_size=1"):
+        CompletionEngine(StaticCacheGenerator(model, batch_size=2, max_seq_len=8), tokenizer)
