@@ -1,10 +1,10 @@
 """Serve compressed models: static-cache generation (eager or compiled), text streaming,
 loading. The HTTP layer (`curkernels.serve.server`) needs the `serve` extra (fastapi)."""
 
-from .generation import StaticCacheGenerator
+from .generation import StaticCacheGenerator, end_of_sequence_ids
 from .loading import load_for_inference, parse_dtype
 from .sampling import sample_next_token
 from .text_stream import IncrementalDetokenizer, StopMatcher
 
 __all__ = ["IncrementalDetokenizer", "StaticCacheGenerator", "StopMatcher",
-           "load_for_inference", "parse_dtype", "sample_next_token"]
+           "end_of_sequence_ids", "load_for_inference", "parse_dtype", "sample_next_token"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .generation import StaticCacheGenerator
+from .generation import StaticCacheGenerator, end_of_sequence_ids
 from .text_stream import IncrementalDetokenizer, StopMatcher
 
 _FINISHED = object()  # posted after a streamed job's last delta
@@ -58,15 +58,6 @@ class Completion:
     finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
 
 
-def _eos_token_ids(model, tokenizer) -> set[int]:
-    ids = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if value is not None:
-            ids.update([value] if isinstance(value, int) else value)
-    return ids
-
-
 class CompletionEngine:
     """Tokenizes, checks lengths, and runs generations one after another.
 
@@ -85,7 +76,7 @@ class CompletionEngine:
         self.generator = generator
         self.tokenizer = tokenizer
         self.max_queued = max_queued
-        self.eos_token_ids = _eos_token_ids(generator.model, tokenizer)
+        self.eos_token_ids = end_of_sequence_ids(generator.model, tokenizer)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generation")
         self._admitted = 0
         self._admission = threading.Lock()
@@ -133,7 +124,11 @@ class CompletionEngine:
             if self._closing.is_set() or (cancelled is not None and cancelled.is_set()):
                 break
         if not stops.stopped:
-            tail = stops.flush()
+            tail = stops.feed(detokenizer.finish())
+            if stops.stopped:
+                finish_reason = "stop"
+            else:
+                tail += stops.flush()
             pieces.append(tail)
             emit(tail)
         return Completion("".join(pieces), len(job.prompt_ids), count, finish_reason)

@@ -16,6 +16,16 @@ from .hf_compat import CachedForwardArguments, new_static_cache
 from .sampling import check_sampling, sample_next_token
 
 
+def end_of_sequence_ids(model: nn.Module, tokenizer=None) -> set[int]:
+    """The ids that end a generation: the model's generation config and the tokenizer's."""
+    ids = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if value is not None:
+            ids.update([value] if isinstance(value, int) else value)
+    return ids
+
+
 class StaticCacheGenerator:
     """Prefill a prompt, then decode token by token over a preallocated KV cache.
 

@@ -7,10 +7,12 @@ import transformers
 
 from ..checkpoint import load_compressed
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16,
+          "bfloat16": torch.bfloat16}
 
 
-def parse_dtype(name: str) -> torch.dtype:
+def parse_dtype(name: str) -> torch.dtype | None:
+    """A command-line dtype name; 'auto' (None) keeps the checkpoint's dtype."""
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]

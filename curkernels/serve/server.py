@@ -54,7 +54,8 @@ def _chunk(completion_id: str, created: int, model: str, text: str,
            finish_reason: str | None = None, usage: Usage | None = None) -> str:
     body = CompletionResponse(id=completion_id, created=created, model=model, usage=usage,
                               choices=[CompletionChoice(text=text, finish_reason=finish_reason)])
-    return f"data: {json.dumps(body.model_dump(exclude_none=True))}\n\n"
+    # as OpenAI streams it: null finish_reason and logprobs on every chunk, usage on the last
+    return f"data: {json.dumps(body.model_dump(exclude={'usage'} if usage is None else None))}\n\n"
 
 
 async def _events(stream: AsyncIterator[str | Completion], model: str) -> AsyncIterator[str]:

@@ -22,6 +22,14 @@ class IncrementalDetokenizer:
         text = self.tokenizer.decode(self.token_ids, skip_special_tokens=self.skip_special_tokens)
         if text.endswith("\ufffd"):
             return ""
+        return self._take(text)
+
+    def finish(self) -> str:
+        """Whatever was held back, once no more tokens will come."""
+        return self._take(self.tokenizer.decode(self.token_ids,
+                                                skip_special_tokens=self.skip_special_tokens))
+
+    def _take(self, text: str) -> str:
         delta = text[self._sent:]
         self._sent = len(text)
         return delta

@@ -1,0 +1,54 @@
+"""Serve a compressed checkpoint over an OpenAI-style HTTP API (FastAPI + uvicorn).
+
+    python python/serve.py CHECKPOINT --port 8000 --compile --dtype bfloat16
+    curl localhost:8000/v1/completions -H 'content-type: application/json' \\
+        -d '{"model": "NAME", "prompt": "Hello", "max_tokens": 32, "stream": true}'
+
+NAME is the checkpoint folder's name unless --model-name says otherwise (GET /v1/models lists
+it). Requests run one at a time in arrival order; beyond --max-queued they get 429. Ctrl-C or
+SIGTERM stops taking requests, finishes the open ones (up to --graceful-seconds) and exits.
+"""
+
+import argparse
+from pathlib import Path
+
+import uvicorn
+
+from curkernels.serve import StaticCacheGenerator, load_for_inference, parse_dtype
+from curkernels.serve.engine import CompletionEngine
+from curkernels.serve.loading import DTYPES
+from curkernels.serve.server import create_app
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="folder written by curkernels.save_compressed")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-name", default=None, help="default: the folder's name")
+    parser.add_argument("--max-seq-len", type=int, default=2048,
+                        help="prompt + completion tokens (the KV cache length)")
+    parser.add_argument("--max-queued", type=int, default=32)
+    parser.add_argument("--graceful-seconds", type=int, default=30)
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    model, tokenizer = load_for_inference(args.checkpoint, args.device, parse_dtype(args.dtype),
+                                          args.tokenizer)
+    generator = StaticCacheGenerator(model, max_seq_len=args.max_seq_len, compile=args.compile)
+    # compile and record CUDA graphs before the first request rather than during it
+    generator.generate(tokenizer("warm up", return_tensors="pt")["input_ids"], 3)
+    engine = CompletionEngine(generator, tokenizer, max_queued=args.max_queued)
+    app = create_app(engine, args.model_name or Path(args.checkpoint).resolve().name)
+    uvicorn.run(app, host=args.host, port=args.port,
+                timeout_graceful_shutdown=args.graceful_seconds)
+
+
+if __name__ == "__main__":
+    main()
