@@ -39,6 +39,9 @@ constexpr int kLinkRowsPerWarp = 2;
 constexpr int kExpandRowsPerWarp = 2;
 constexpr int kVectorsPerLane = 2;
 constexpr int kSyncWords = 4;  // arrivals, generation, epoch, padding
+// Shared memory for staged inputs: 64 KB, so that at M ≤ 4 a whole rank or K slice fits and
+// at M = 16 segments of 1024 columns do.
+constexpr int kStageBytes = 64 * 1024;
 
 enum LinkMode : int { kNoLink = 0, kDiagonalLink = 1, kFullLink = 2 };
 
@@ -56,8 +59,9 @@ struct DecodeParams {
   int M, n, r, c, m;
   int64_t base_rows;
   int link_mode;
-  int shrink_tile_k;    // K extent of a shrink tile, a multiple of the chunk
+  int shrink_tile_k;    // K extent of a shrink tile, a multiple of the step
   int shrink_k_tiles;
+  int stage_capacity;   // columns of staged input per row of shared memory
 };
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -117,15 +121,16 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // acc[i][row] += Σ_k A[first_row + i, k] · in[row, k] · scale[k] over k in [k_begin, k_end),
-// for the calling warp's ROWS rows. The block stages in[:, chunk] (as fp32) in shared memory
-// once per chunk; every lane then reads kVectorsPerLane vectors of each of its rows.
+// for the calling warp's ROWS rows. The block stages in[:, segment] (as fp32) in shared memory,
+// a whole segment of up to stage_capacity columns at once, so that the weight rows then stream
+// through without block-wide synchronisation; a lane keeps ROWS × kVectorsPerLane 16-byte
+// loads in flight per step.
 template <typename T, typename TIn, int VEC, int MAXM, int ROWS>
 __device__ void accumulate_rows(const T* A, const int64_t* gather, int64_t num_base_rows,
                                 int64_t lda, int first_row, int num_rows, const TIn* in,
                                 int64_t ld_in, const T* scale, int M, int k_begin, int k_end,
-                                float (*stage)[32 * VEC * kVectorsPerLane],
-                                float (&acc)[ROWS][MAXM]) {
-  constexpr int kChunk = 32 * VEC * kVectorsPerLane;
+                                float* stage, int stage_capacity, float (&acc)[ROWS][MAXM]) {
+  constexpr int kStep = 32 * VEC * kVectorsPerLane;
   const int lane = threadIdx.x % 32;
   const T* row_ptr[ROWS];
   bool row_valid[ROWS];
@@ -141,43 +146,48 @@ __device__ void accumulate_rows(const T* A, const int64_t* gather, int64_t num_b
     }
     row_ptr[i] = A + source * lda;
   }
-  for (int k0 = k_begin; k0 < k_end; k0 += kChunk) {
-    __syncthreads();  // the previous chunk's readers are done with the stage
-    for (int idx = threadIdx.x; idx < MAXM * kChunk; idx += kThreads) {
-      const int row = idx / kChunk;
-      const int k = k0 + idx % kChunk;
+  for (int segment = k_begin; segment < k_end; segment += stage_capacity) {
+    const int segment_end = min(k_end, segment + stage_capacity);
+    const int stride = ceil_div(segment_end - segment, kStep) * kStep;  // zero-padded rows
+    __syncthreads();  // the previous segment's readers are done with the stage
+    for (int idx = threadIdx.x; idx < MAXM * stride; idx += kThreads) {
+      const int row = idx / stride;
+      const int k = segment + idx % stride;
       float v = 0.f;
-      if (row < M && k < k_end) {
+      if (row < M && k < segment_end) {
         v = load_input(in + row * ld_in + k);
         if (scale != nullptr) v *= static_cast<float>(scale[k]);
       }
-      stage[row][idx % kChunk] = v;
+      stage[idx] = v;
     }
     __syncthreads();
-    float a[ROWS][kVectorsPerLane][VEC];
+    for (int k0 = segment; k0 < segment_end; k0 += kStep) {
+      float a[ROWS][kVectorsPerLane][VEC];
 #pragma unroll
-    for (int i = 0; i < ROWS; ++i) {
+      for (int i = 0; i < ROWS; ++i) {
 #pragma unroll
-      for (int j = 0; j < kVectorsPerLane; ++j) {
-        const int k = k0 + (j * 32 + lane) * VEC;
-        if (row_valid[i] && k < k_end) {
-          load_weights<T, VEC>(row_ptr[i] + k, a[i][j]);
-        } else {
+        for (int j = 0; j < kVectorsPerLane; ++j) {
+          const int k = k0 + (j * 32 + lane) * VEC;
+          if (row_valid[i] && k < segment_end) {
+            load_weights<T, VEC>(row_ptr[i] + k, a[i][j]);
+          } else {
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) a[i][j][e] = 0.f;
+            for (int e = 0; e < VEC; ++e) a[i][j][e] = 0.f;
+          }
         }
       }
-    }
+      const float* staged = stage + (k0 - segment);
 #pragma unroll
-    for (int j = 0; j < kVectorsPerLane; ++j) {
+      for (int j = 0; j < kVectorsPerLane; ++j) {
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const int kk = (j * 32 + lane) * VEC + e;
+        for (int e = 0; e < VEC; ++e) {
+          const int kk = (j * 32 + lane) * VEC + e;
 #pragma unroll
-        for (int row = 0; row < MAXM; ++row) {
-          const float xv = stage[row][kk];
+          for (int row = 0; row < MAXM; ++row) {
+            const float xv = staged[row * stride + kk];
 #pragma unroll
-          for (int i = 0; i < ROWS; ++i) acc[i][row] = fmaf(a[i][j][e], xv, acc[i][row]);
+            for (int i = 0; i < ROWS; ++i) acc[i][row] = fmaf(a[i][j][e], xv, acc[i][row]);
+          }
         }
       }
     }
@@ -202,8 +212,7 @@ __device__ __forceinline__ void reduce_to_lanes(float (&acc)[ROWS][MAXM], float 
 
 template <typename T, int VEC, int MAXM>
 __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParams p) {
-  constexpr int kChunk = 32 * VEC * kVectorsPerLane;
-  __shared__ float stage[MAXM][kChunk];
+  extern __shared__ float stage[];  // MAXM × p.stage_capacity fp32
   __shared__ unsigned epoch_shared;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -236,7 +245,7 @@ __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParam
       float acc[kShrinkRowsPerWarp][MAXM] = {};
       accumulate_rows<T, T, VEC, MAXM, kShrinkRowsPerWarp>(
           R, p.rows, p.base_rows, p.n, first_row, p.r, x, p.n, nullptr, p.M, k_begin, k_end,
-          stage, acc);
+          stage, p.stage_capacity, acc);
       float mine[kShrinkRowsPerWarp];
       reduce_to_lanes(acc, mine);
 #pragma unroll
@@ -257,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParam
       const int first_row = tile * kGroupRows + warp * kLinkRowsPerWarp;
       float acc[kLinkRowsPerWarp][MAXM] = {};
       accumulate_rows<T, float, VEC, MAXM, kLinkRowsPerWarp>(
-          U, nullptr, p.c, p.r, first_row, p.c, sums, p.r, nullptr, p.M, 0, p.r, stage, acc);
+          U, nullptr, p.c, p.r, first_row, p.c, sums, p.r, nullptr, p.M, 0, p.r, stage, p.stage_capacity, acc);
       float mine[kLinkRowsPerWarp];
       reduce_to_lanes(acc, mine);
 #pragma unroll
@@ -279,7 +288,7 @@ __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParam
       const int first_row = tile * kGroupRows + warp * kExpandRowsPerWarp;
       float acc[kExpandRowsPerWarp][MAXM] = {};
       accumulate_rows<T, float, VEC, MAXM, kExpandRowsPerWarp>(
-          C, nullptr, p.m, p.c, first_row, p.m, t, ld_t, diagonal, p.M, 0, p.c, stage, acc);
+          C, nullptr, p.m, p.c, first_row, p.m, t, ld_t, diagonal, p.M, 0, p.c, stage, p.stage_capacity, acc);
       float mine[kExpandRowsPerWarp];
       reduce_to_lanes(acc, mine);
 #pragma unroll
@@ -319,12 +328,17 @@ int multiprocessors(int device) {
   return counts[device];
 }
 
+// Blocks of one instantiation that fit on the device at once, with the largest stage: the
+// grid never exceeds it, so every block is resident and the grid barrier cannot deadlock.
 template <typename T, int VEC, int MAXM>
 int resident_blocks(int device) {
   static int per_sm[256] = {};
   if (per_sm[device] == 0) {
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-        &per_sm[device], cur_linear_decode_kernel<T, VEC, MAXM>, kThreads, 0));
+    const auto kernel = cur_linear_decode_kernel<T, VEC, MAXM>;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kStageBytes));
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm[device], kernel,
+                                                                 kThreads, kStageBytes));
     TORCH_CHECK(per_sm[device] > 0, "cur_linear decode kernel cannot be resident on device ",
                 device);
   }
@@ -333,19 +347,24 @@ int resident_blocks(int device) {
 
 template <typename T, int VEC, int MAXM>
 void launch_decode(DecodeParams p, int device, cudaStream_t stream) {
-  constexpr int kChunk = 32 * VEC * kVectorsPerLane;
+  constexpr int kStep = 32 * VEC * kVectorsPerLane;
   int grid = resident_blocks<T, VEC, MAXM>(device);
   // Shrink tiles: enough K slices that (rank-row groups × slices) covers the grid.
   const int groups = ceil_div(p.r, kWarps * kShrinkRowsPerWarp);
-  const int chunks = ceil_div(p.n, kChunk);
-  const int wanted_slices = std::min(chunks, std::max(1, grid / groups));
-  p.shrink_tile_k = ceil_div(chunks, wanted_slices) * kChunk;
+  const int steps = ceil_div(p.n, kStep);
+  const int wanted_slices = std::min(steps, std::max(1, grid / groups));
+  p.shrink_tile_k = ceil_div(steps, wanted_slices) * kStep;
   p.shrink_k_tiles = ceil_div(p.n, p.shrink_tile_k);
   const int most_tiles = std::max({groups * p.shrink_k_tiles,
                                    ceil_div(p.c, kWarps * kLinkRowsPerWarp),
                                    ceil_div(p.m, kWarps * kExpandRowsPerWarp)});
   grid = std::max(1, std::min(grid, most_tiles));
-  cur_linear_decode_kernel<T, VEC, MAXM><<<grid, kThreads, 0, stream>>>(p);
+  // Stage the longest K extent of any phase whole when it fits.
+  const int widest = std::max({p.shrink_tile_k, p.r, p.c});
+  const int capacity = (kStageBytes / (MAXM * static_cast<int>(sizeof(float)))) / kStep * kStep;
+  p.stage_capacity = std::min(capacity, ceil_div(widest, kStep) * kStep);
+  const size_t stage_bytes = static_cast<size_t>(MAXM) * p.stage_capacity * sizeof(float);
+  cur_linear_decode_kernel<T, VEC, MAXM><<<grid, kThreads, stage_bytes, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

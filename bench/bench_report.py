@@ -1,0 +1,129 @@
+"""Reports of bench/layer_bench.py: JSON (all numbers), markdown table, PNG plot, named by GPU."""
+
+import json
+import re
+from pathlib import Path
+
+FUSED = ("triton", "cuda")
+DECODE_MAX_ROWS = 16
+
+
+def _slug(device: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") or "device"
+
+
+def _cell(timing: dict | None) -> str:
+    if timing is None or timing["eager_us"] is None:
+        return "—"
+    if timing["graph_us"] is None:
+        return f"({timing['eager_us']:.1f})"
+    return f"{timing['graph_us']:.1f} ({timing['eager_us']:.1f})"
+
+
+def _best(timing: dict | None) -> float | None:
+    """The number compared across variants: graph replay where measured, else eager."""
+    if timing is None:
+        return None
+    return timing["graph_us"] if timing["graph_us"] is not None else timing["eager_us"]
+
+
+def _grouped(results: list[dict]) -> dict[tuple, dict[str, dict]]:
+    groups: dict[tuple, dict[str, dict]] = {}
+    for timing in results:
+        key = (timing["m"], timing["n"], timing["r"], timing["M"])
+        groups.setdefault(key, {})[timing["variant"]] = timing
+    return groups
+
+
+def markdown_table(results: list[dict], floors: dict, meta: dict) -> str:
+    variants = list(dict.fromkeys(t["variant"] for t in results))
+    lines = [f"{meta['device']}, {meta['dtype']}, torch {meta['torch']} — µs a call, median: "
+             "CUDA-graph replay (eager in brackets), cold weights",
+             "",
+             "| layer (out×in) | r | M | " + " | ".join(variants) + " | floor | fused/chain2 |",
+             "|---" * (len(variants) + 5) + "|"]
+    for (m, n, r, M), by_variant in _grouped(results).items():
+        chain2 = _best(by_variant.get("chain2"))
+        fused = [_best(by_variant.get(v)) for v in FUSED if _best(by_variant.get(v)) is not None]
+        ratio = f"{min(fused) / chain2:.2f}" if fused and chain2 else "—"
+        floor = floors.get((m, n, r, M))
+        lines.append(f"| {m}×{n} | {r} | {M} | "
+                     + " | ".join(_cell(by_variant.get(v)) for v in variants)
+                     + f" | {f'{floor:.1f}' if floor is not None else '—'} | {ratio} |")
+    notes = sorted({f"{t['variant']}: {t['note']}" for t in results if t["note"]})
+    lines += [""] + [f"- not run: {note}" for note in notes]
+    lines += [""] + decode_winner_lines(results, meta)
+    return "\n".join(lines)
+
+
+def decode_winner_lines(results: list[dict], meta: dict) -> list[str]:
+    """Entries for curkernels.ops.dispatch.GRAPH_DECODE_WINNERS: a fused backend qualifies for
+    a decode M only where it beat chain2 in CUDA graphs at every shape and rank measured."""
+    groups = _grouped(results)
+    decode_rows = sorted({M for (_, _, _, M) in groups if M <= DECODE_MAX_ROWS})
+    lines = []
+    for M in decode_rows:
+        keys = [key for key in groups if key[3] == M]
+        for backend in FUSED:
+            wins = [groups[key].get(backend) and groups[key][backend]["graph_us"] is not None
+                    and groups[key].get("chain2") and groups[key]["chain2"]["graph_us"] is not None
+                    and groups[key][backend]["graph_us"] < groups[key]["chain2"]["graph_us"]
+                    for key in keys]
+            if keys and all(wins):
+                lines.append(f"- GRAPH_DECODE_WINNERS[{meta['device']!r}][(torch.{meta['dtype']}, "
+                             f"{M})] = {backend!r}  (beat chain2 at all {len(keys)} shapes×ranks)")
+                break
+        else:
+            lines.append(f"- M = {M}: no fused backend beat chain2 everywhere in CUDA graphs")
+    return lines
+
+
+def plot(results: list[dict], floors: dict, meta: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    shapes = list(dict.fromkeys((t["m"], t["n"]) for t in results))
+    ranks = list(dict.fromkeys(t["r"] for t in results))
+    variants = list(dict.fromkeys(t["variant"] for t in results))
+    groups = _grouped(results)
+    figure, axes = plt.subplots(len(ranks), len(shapes), squeeze=False,
+                                figsize=(4 * len(shapes), 3 * len(ranks)))
+    for row, r in enumerate(ranks):
+        for col, (m, n) in enumerate(shapes):
+            ax = axes[row][col]
+            rows = sorted(M for (mm, nn, rr, M) in groups if (mm, nn, rr) == (m, n, r))
+            for variant in variants:
+                points = [(M, _best(groups[(m, n, r, M)].get(variant))) for M in rows]
+                points = [(M, us) for M, us in points if us is not None]
+                if points:
+                    ax.plot(*zip(*points, strict=True), marker="o", label=variant)
+            floor_points = [(M, floors.get((m, n, r, M))) for M in rows]
+            floor_points = [(M, us) for M, us in floor_points if us is not None]
+            if floor_points:
+                ax.plot(*zip(*floor_points, strict=True), "k--", label="floor")
+            ax.set(xscale="log", yscale="log", title=f"{m}×{n}, r={r}", xlabel="M",
+                   ylabel="µs a call")
+    axes[0][0].legend(fontsize="small")
+    figure.suptitle(f"{meta['device']} {meta['dtype']}: CUDA-graph replay (eager where no graph), cold weights")
+    figure.tight_layout()
+    figure.savefig(path, dpi=80)
+    plt.close(figure)
+    return True
+
+
+def write_reports(results: list[dict], floors: dict, meta: dict, out_dir: Path) -> str:
+    """Writes <gpu>.json, <gpu>.md and <gpu>.png into out_dir; returns the markdown table."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / _slug(meta["device"])
+    table = markdown_table(results, floors, meta)
+    floor_rows = [{"m": m, "n": n, "r": r, "M": M, "floor_us": us}
+                  for (m, n, r, M), us in floors.items()]
+    Path(f"{stem}.json").write_text(json.dumps(
+        {"meta": meta, "results": results, "floors": floor_rows}, indent=1))
+    Path(f"{stem}.md").write_text(table + "\n")
+    if not plot(results, floors, meta, Path(f"{stem}.png")):
+        table += "\n(matplotlib is not installed: no PNG)"
+    return table

@@ -1,0 +1,31 @@
+"""bench/layer_bench.py end to end on tiny shapes: it times every variant that runs here and
+writes the JSON and markdown reports that gpu_check.sh collects."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "layer_bench.py"
+
+
+@pytest.fixture
+def layer_bench():
+    spec = importlib.util.spec_from_file_location("layer_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_smoke_run_writes_reports(layer_bench, tmp_path, capsys):
+    assert layer_bench.main(["--smoke", "--out", str(tmp_path)]) == 0
+    stem = "cpu"
+    report = json.loads((tmp_path / f"{stem}.json").read_text())
+    timed = {(t["variant"], t["M"]) for t in report["results"] if t["eager_us"] is not None}
+    for variant in ("dense", "chain3", "chain2"):
+        assert {(variant, M) for M in layer_bench.SMOKE_ROWS} <= timed
+    assert all(t["eager_us"] > 0 for t in report["results"] if t["eager_us"] is not None)
+    table = (tmp_path / f"{stem}.md").read_text()
+    assert "| layer (out×in) | r | M | dense | chain3 | chain2 | triton | cuda |" in table
+    assert capsys.readouterr().out.strip().endswith(table.strip().splitlines()[-1])
