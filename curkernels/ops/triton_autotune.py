@@ -37,18 +37,12 @@ def default_config(M: int, r: int, interpreting: bool) -> PrefillConfig:
 
 
 def candidate_configs(M: int, r: int) -> list[PrefillConfig]:
-    """The on-chip intermediate (block_m × r_chunk fp32) is capped at 16K values per program."""
-    r_chunks = sorted({min(c, max(16, _next_pow2(r))) for c in (64, 128, 256)})
-    configs = []
-    for block_m in (64, 128):
-        for r_chunk in r_chunks:
-            if block_m * r_chunk > 16384:
-                continue
-            for block_n, num_warps in ((64, 4), (128, 8)):
-                for split_n in (1, 2, 4):
-                    configs.append(PrefillConfig(block_m, r_chunk, 64, block_n, split_n,
-                                                 num_warps, 3))
-    return configs
+    """A short list (tuning compiles each one): row blocks × rank chunks × column splits. The
+    on-chip intermediate (block_m × r_chunk fp32) is capped at 16K values per program."""
+    r_chunks = sorted({min(c, max(16, _next_pow2(r))) for c in (128, 256)})
+    return [PrefillConfig(block_m, r_chunk, 64, 128, split_n, 8, 3)
+            for block_m in (64, 128) for r_chunk in r_chunks for split_n in (1, 2, 4)
+            if block_m * r_chunk <= 16384]
 
 
 def _cache_path() -> Path:
