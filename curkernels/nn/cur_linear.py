@@ -102,9 +102,25 @@ class CURLinear(nn.Module):
                    None if linear.bias is None else linear.bias.detach(), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cur_linear(x, self.C, self.U, self.R, self.bias,
+        C, U = self._forward_factors()
+        return cur_linear(x, C, U, self.R, self.bias,
                           rows=self.row_indices if self.gather else None,
                           backend=self.backend, check_rows=False)
+
+    def _forward_factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A full U that gets no gradient in this call is folded into C (fp64, cached until C or
+        U is changed in place or moved): the kernels then run two stages, not three. The cache
+        holds one m×r copy beside C; `fold()` makes it permanent."""
+        U = self.U
+        if U is None or U.dim() == 1 or torch.compiler.is_compiling():
+            return self.C, U
+        if torch.is_grad_enabled() and (U.requires_grad or self.C.requires_grad):
+            return self.C, U
+        key = (self.C.data_ptr(), U.data_ptr(), self.C._version, U._version)
+        if getattr(self, "_folded_key", None) != key:
+            self._folded_C = (self.C.double() @ U.double()).to(self.C.dtype)
+            self._folded_key = key
+        return self._folded_C, None
 
     def factor_R(self) -> torch.Tensor:
         return self.R[self.row_indices] if self.gather else self.R
