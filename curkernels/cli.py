@@ -7,9 +7,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Compress transformers by factoring weights; run the factors fast.")
 console = Console()
+err_console = Console(stderr=True)
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
           "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -67,4 +68,10 @@ def compress(
 
 
 def main() -> None:
-    app()
+    """Bad input is reported in one line (exit 2), not as a traceback."""
+    from .checkpoint import CheckpointError
+    try:
+        app()
+    except (ValueError, TypeError, FileNotFoundError, CheckpointError) as error:
+        err_console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise SystemExit(2) from None

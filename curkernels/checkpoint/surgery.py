@@ -62,12 +62,15 @@ def check_checkpoint_tensors(model: nn.Module, block: dict, files) -> None:
             raise CheckpointError(f"tensor {key!r} has shape {shape}, expected {expected[key]}")
 
 
-def move_indices_to_factors(model: nn.Module) -> None:
-    """Index buffers are not in the state dict; keep them beside their module's factors."""
-    for module in model.modules():
+def restore_indices(model: nn.Module, block: dict) -> None:
+    """Set CUR index buffers from the config, beside each module's factors.
+
+    They are not in the state dict, and transformers materialises buffers it did not load as
+    uninitialised memory, so the config is their source of truth after loading.
+    """
+    for name, spec in block["modules"].items():
+        module = model.get_submodule(name)
         for buffer in ("row_indices", "col_indices"):
-            indices = getattr(module, buffer, None)
-            factor = getattr(module, "C", None)
-            if isinstance(indices, torch.Tensor) and isinstance(factor, torch.Tensor) \
-                    and indices.device != factor.device and factor.device.type != "meta":
-                setattr(module, buffer, indices.to(factor.device))
+            if spec.get(buffer) is not None:
+                setattr(module, buffer, torch.tensor(spec[buffer], dtype=torch.int64,
+                                                     device=module.C.device))

@@ -10,7 +10,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .module_specs import FORMAT_NAME, FORMAT_VERSION, CheckpointError, check_compression_config
-from .surgery import apply_compression_config, check_checkpoint_tensors, move_indices_to_factors
+from .surgery import apply_compression_config, check_checkpoint_tensors, restore_indices
 
 
 class CurkernelsConfig(QuantizationConfigMixin):
@@ -45,7 +45,7 @@ class CurkernelsHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        move_indices_to_factors(model)
+        restore_indices(model, model.config.compression_config)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

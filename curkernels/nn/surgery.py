@@ -7,9 +7,9 @@ from torch import nn
 
 
 def name_matches(name: str, pattern: str) -> bool:
-    """A pattern is a glob on the full module name ('model.layers.*.self_attn.q_proj') or a
-    bare suffix ('q_proj', 'self_attn.q_proj')."""
-    return fnmatch.fnmatchcase(name, pattern) or name == pattern or name.endswith("." + pattern)
+    """A pattern is a glob on the full module name ('model.layers.*.self_attn.q_proj') or on
+    its trailing dotted parts ('q_proj', 'self_attn.q_proj', 'mlp.*')."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
 
 
 def find_linears(model: nn.Module, patterns: Iterable[str] | None = None,

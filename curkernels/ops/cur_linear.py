@@ -3,7 +3,7 @@
 import torch
 
 from .backends import backend_function
-from .dispatch import choose_backend
+from .dispatch import choose_backend, requested_backend
 from .library import cur_linear_op
 from .validation import check_cur_linear_args, check_rows_in_range
 
@@ -20,7 +20,7 @@ def cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torc
     """The three-factor product on the last dimension of `x`.
 
     Args:
-        x: (..., n) input, float32/float16/bfloat16.
+        x: (..., n) input, float32/float16/bfloat16 (float64: torch backend only).
         C: (m, c) expand factor. U: (c, r) link, (r,) diagonal, or None (two factors, c = r).
         R: (r, n) shrink factor — or, with `rows`, a base weight W (k, n) whose rows
             W[rows] form R without a copy.
@@ -41,6 +41,11 @@ def cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torc
             check_rows_in_range(rows, R.shape[0])
     num_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     chosen = choose_backend(backend, x, num_rows)
+    if x.dtype == torch.float64 and chosen != "torch":
+        if requested_backend(backend) != "auto":
+            raise TypeError(f"backend {chosen!r} does not compute in float64; use "
+                            f"backend='torch' or a float32/float16/bfloat16 input")
+        chosen = "torch"
     if _needs_graph(x, C, U, R, bias):
         return cur_linear_op(x, C, U, R, bias, rows, chosen)
     # Eager inference skips the custom-op machinery: its per-call host cost is the same order

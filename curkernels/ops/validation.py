@@ -2,7 +2,8 @@
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float64 is for references and gradcheck: only the torch backend computes in it.
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_tensor(name: str, t: torch.Tensor, ndim: int | tuple[int, ...]) -> None:
@@ -31,7 +32,8 @@ def check_cur_linear_args(x, C, U, R, bias, rows) -> None:
     None (then c = r); C (m, c); bias (m,)."""
     _check_tensor("x", x, tuple(range(1, 9)))
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        raise TypeError(f"x must be float32, float16, bfloat16 (or float64 on the torch "
+                        f"backend), got {x.dtype}")
     _check_tensor("C", C, 2)
     _check_tensor("R", R, 2)
     for name, t in (("C", C), ("R", R)):

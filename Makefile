@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make demo` (venv, install, main job) and `make test`.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+# torch is installed first so the CUDA extension builds against it (--no-build-isolation).
+TORCH_SPEC ?= torch>=2.5
+MAX_JOBS ?= 2
+# Wherever nvcc exists the extension must compile and import: the tests then require it.
+REQUIRE_EXTENSION := $(if $(shell command -v nvcc),1,0)
+PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install demo test lint clean
+
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)" "setuptools>=64" wheel ninja
+	MAX_JOBS=$(MAX_JOBS) $(PIP) --no-build-isolation -e ".[triton,serve,bench,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PYTHON) python/demo.py
+
+# A run that collects no test (pytest exit 5) fails: this suite is never empty.
+test: install
+	$(PYTHON) -m curkernels info
+	TRITON_INTERPRET=1 CURKERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
+		$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900
+
+lint: install
+	$(PYTHON) -m ruff check curkernels tests bench python setup.py
+
+clean:
+	rm -rf build *.egg-info curkernels/_C*.so demo_out

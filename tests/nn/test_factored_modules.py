@@ -1,0 +1,130 @@
+"""CURLinear and LowRankLinear against fp64 reconstructions of their factors."""
+
+import pytest
+import torch
+from torch import nn
+
+from curkernels import CURLinear, LowRankLinear
+
+
+def random_factors(m=37, n=53, r=9, c=11, u="full", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    C = torch.randn(m, c if u == "full" else r, generator=g)
+    U = {"full": torch.randn(c, r, generator=g), "diag": torch.randn(r, generator=g),
+         "none": None}[u]
+    return C, U, torch.randn(r, n, generator=g), torch.randn(m, generator=g)
+
+
+def fp64_weight(C, U, R):
+    C, R = C.double(), R.double()
+    if U is not None:
+        C = C * U.double() if U.dim() == 1 else C @ U.double()
+    return C @ R
+
+
+@pytest.mark.parametrize("u", ["full", "diag", "none"])
+@pytest.mark.parametrize("batch_shape", [(1,), (4,), (2, 3)])
+def test_cur_linear_matches_fp64_reconstruction(u, batch_shape):
+    C, U, R, bias = random_factors(u=u)
+    module = CURLinear(C, U, R, bias)
+    x = torch.randn(*batch_shape, 53)
+    expected = x.double() @ fp64_weight(C, U, R).t() + bias.double()
+    out = module(x)
+    assert out.shape == (*batch_shape, 37) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_gather_form_reads_rows_of_a_shared_base_weight():
+    C, U, _, bias = random_factors()
+    base = torch.randn(70, 53)
+    rows = torch.tensor([3, 69, 0, 12, 40, 41, 7, 8, 50])
+    module = CURLinear(C, U, base, bias, row_indices=rows, gather=True)
+    x = torch.randn(5, 53)
+    expected = x.double() @ fp64_weight(C, U, base[rows]).t() + bias.double()
+    torch.testing.assert_close(module(x).double(), expected, rtol=1e-5, atol=1e-4)
+    assert module.rank == 9 and module.factor_parameters == 37 * 11 + 11 * 9 + 9 * 53
+
+
+def test_from_linear_at_full_rank_reproduces_the_layer():
+    linear = nn.Linear(24, 40)
+    x = torch.randn(6, 24)
+    for module in (CURLinear.from_linear(linear, 24), LowRankLinear.from_linear(linear, 24)):
+        torch.testing.assert_close(module(x), linear(x), rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_svd_error_is_the_tail_of_the_spectrum():
+    linear = nn.Linear(30, 20, bias=False)
+    sigma = torch.linalg.svdvals(linear.weight.double())
+    for rank in (1, 5, 19):
+        dense = LowRankLinear.from_linear(linear, rank).to_dense()
+        error = torch.linalg.norm(dense.weight.double() - linear.weight.double())
+        torch.testing.assert_close(error, sigma[rank:].norm(), rtol=1e-4, atol=1e-5)
+
+
+def test_to_dense_and_fold_keep_the_function():
+    C, U, R, bias = random_factors()
+    module = CURLinear(C, U, R, bias, row_indices=range(9), col_indices=range(11))
+    x = torch.randn(3, 53)
+    before = module(x)
+    dense = module.to_dense()
+    torch.testing.assert_close(dense.weight.double(), fp64_weight(C, U, R), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense(x), before, rtol=1e-5, atol=1e-4)
+    module.fold()
+    assert module.U is None and module.col_indices is None and module.C.shape == (37, 9)
+    torch.testing.assert_close(module(x), before, rtol=1e-5, atol=1e-4)
+
+
+def test_cur_linear_trains_u_and_freezes_c_r_by_default():
+    C, U, R, bias = random_factors()
+    module = CURLinear(C, U, R, bias)
+    assert module.U.requires_grad and not module.C.requires_grad and not module.R.requires_grad
+    module(torch.randn(4, 53)).square().sum().backward()
+    assert module.U.grad is not None and module.U.grad.abs().sum() > 0
+    assert module.C.grad is None and module.R.grad is None
+    every = CURLinear(C, U, R, bias, trainable=("C", "U", "R"))
+    assert all(p.requires_grad for p in every.parameters())
+
+
+def test_parameter_counts_and_repr():
+    C, U, R, _ = random_factors()
+    module = CURLinear(C, U, R)
+    assert module.factor_parameters == 37 * 11 + 11 * 9 + 9 * 53
+    assert module.dense_parameters == 37 * 53
+    assert "rank=9" in repr(module) and "U=full" in repr(module)
+    low = LowRankLinear(torch.randn(37, 4), torch.randn(4, 53))
+    assert low.factor_parameters == 4 * (37 + 53) and "rank=4" in repr(low)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: CURLinear(torch.randn(5, 3), torch.randn(3, 4), torch.randn(2, 7)), "U must have"),
+    (lambda: CURLinear(torch.randn(5, 3), None, torch.randn(2, 7)), "without U"),
+    (lambda: CURLinear(torch.randn(5, 2), None, torch.randn(2, 7), torch.randn(4)), "bias"),
+    (lambda: CURLinear(torch.randn(5, 2), None, torch.randn(2, 7), trainable=("W",)),
+     "trainable"),
+    (lambda: CURLinear(torch.randn(5, 2), None, torch.randn(9, 7), gather=True), "row_indices"),
+    (lambda: CURLinear(torch.randn(5, 2), None, torch.randn(9, 7), row_indices=[1, 1],
+                       gather=True), "repeat"),
+    (lambda: CURLinear(torch.randn(5, 2), None, torch.randn(9, 7), row_indices=[1, 9],
+                       gather=True), "rows must index"),
+    (lambda: LowRankLinear(torch.randn(5, 2), torch.randn(3, 7)), "share r"),
+    (lambda: LowRankLinear.from_linear(nn.Linear(4, 6), 5), "rank must be in"),
+])
+def test_bad_construction_is_refused_with_a_clear_message(make, message):
+    with pytest.raises((ValueError, IndexError), match=message):
+        make()
+
+
+def test_nan_weight_cannot_be_factored():
+    linear = nn.Linear(4, 6)
+    with torch.no_grad():
+        linear.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        CURLinear.from_linear(linear, 2)
+
+
+def test_non_contiguous_factors_are_made_contiguous():
+    C = torch.randn(9, 5).t()  # (5, 9) view with column-major strides
+    module = CURLinear(C, None, torch.randn(9, 7))
+    assert module.C.is_contiguous()
+    x = torch.randn(2, 7)
+    torch.testing.assert_close(module(x), x @ (C @ module.R).t(), rtol=1e-5, atol=1e-5)
