@@ -1,11 +1,13 @@
 // curkernels._C: the fused decode kernel of y = C·(U·(R·x)) + b, in one launch.
 //
 // Decode (few input rows) is latency-bound: a cuBLAS chain pays two or three launches for
-// microseconds of bytes. One persistent kernel runs three phases separated by a grid barrier:
-//   shrink  t = R·x    R (r×n) is split into (rank rows × K slice) tiles over the whole grid,
+// microseconds of bytes. One persistent kernel, one block per SM, runs three phases separated
+// by a grid barrier:
+//   shrink  t = R·x    R (r×n) is cut into (rank rows × K slice) tiles over the whole grid;
 //                      partial dots are summed into an fp32 workspace with atomics;
 //   link    t = U·t    full U only (a diagonal U is applied while staging t);
-//   expand  y = C·t+b  each warp owns output rows, reading rows of C with 16-byte loads.
+//   expand  y = C·t+b  each warp owns output rows; t is staged in shared memory once per block,
+//                      then the rows of C stream through with 16-byte loads.
 // The workspace is double-buffered by an epoch counter that lives in device memory: every call
 // zeroes the buffer of the next call, so no host state changes between calls and a captured
 // CUDA graph replays correctly.
@@ -120,77 +122,101 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// acc[i][row] += Σ_k A[first_row + i, k] · in[row, k] · scale[k] over k in [k_begin, k_end),
-// for the calling warp's ROWS rows. The block stages in[:, segment] (as fp32) in shared memory,
-// a whole segment of up to stage_capacity columns at once, so that the weight rows then stream
-// through without block-wide synchronisation; a lane keeps ROWS × kVectorsPerLane 16-byte
-// loads in flight per step.
-template <typename T, typename TIn, int VEC, int MAXM, int ROWS>
-__device__ void accumulate_rows(const T* A, const int64_t* gather, int64_t num_base_rows,
-                                int64_t lda, int first_row, int num_rows, const TIn* in,
-                                int64_t ld_in, const T* scale, int M, int k_begin, int k_end,
-                                float* stage, int stage_capacity, float (&acc)[ROWS][MAXM]) {
-  constexpr int kStep = 32 * VEC * kVectorsPerLane;
-  const int lane = threadIdx.x % 32;
-  const T* row_ptr[ROWS];
-  bool row_valid[ROWS];
+// The calling warp's ROWS weight rows from first_row on: gathered through `gather` (clamped)
+// when given; rows at or past num_rows are invalid and never loaded.
+template <typename T, int ROWS>
+struct WarpRows {
+  const T* ptr[ROWS];
+  bool valid[ROWS];
+
+  __device__ WarpRows(const T* A, const int64_t* gather, int64_t num_base_rows, int64_t lda,
+                      int first_row, int num_rows) {
 #pragma unroll
-  for (int i = 0; i < ROWS; ++i) {
-    const int row = first_row + i;
-    row_valid[i] = row < num_rows;
-    int64_t source = row_valid[i] ? row : 0;
-    if (gather != nullptr && row_valid[i]) {
-      // Indices are bound-checked on the host; clamping keeps a bad one from reading outside W.
-      const int64_t index = gather[row];
-      source = index < 0 ? 0 : (index >= num_base_rows ? num_base_rows - 1 : index);
+    for (int i = 0; i < ROWS; ++i) {
+      const int row = first_row + i;
+      valid[i] = row < num_rows;
+      int64_t source = valid[i] ? row : 0;
+      if (gather != nullptr && valid[i]) {
+        // Indices are bound-checked on the host; clamping keeps a bad one from reading outside W.
+        const int64_t index = gather[row];
+        source = index < 0 ? 0 : (index >= num_base_rows ? num_base_rows - 1 : index);
+      }
+      ptr[i] = A + source * lda;
     }
-    row_ptr[i] = A + source * lda;
   }
-  for (int segment = k_begin; segment < k_end; segment += stage_capacity) {
-    const int segment_end = min(k_end, segment + stage_capacity);
-    const int stride = ceil_div(segment_end - segment, kStep) * kStep;  // zero-padded rows
-    __syncthreads();  // the previous segment's readers are done with the stage
-    for (int idx = threadIdx.x; idx < MAXM * stride; idx += kThreads) {
-      const int row = idx / stride;
-      const int k = segment + idx % stride;
-      float v = 0.f;
-      if (row < M && k < segment_end) {
-        v = load_input(in + row * ld_in + k);
-        if (scale != nullptr) v *= static_cast<float>(scale[k]);
-      }
-      stage[idx] = v;
+};
+
+template <int VEC>
+__host__ __device__ constexpr int step_columns() { return 32 * VEC * kVectorsPerLane; }
+
+// Stages in[0:M, k_begin:k_end) · scale[k] as fp32 rows of `stride` columns, zero-padded, for
+// the whole block.
+template <typename TIn, typename T, int MAXM>
+__device__ void stage_inputs(float* stage, int stride, const TIn* in, int64_t ld_in,
+                             const T* scale, int M, int k_begin, int k_end) {
+  __syncthreads();  // the previous readers of the stage are done
+  for (int idx = threadIdx.x; idx < MAXM * stride; idx += kThreads) {
+    const int row = idx / stride;
+    const int k = k_begin + idx % stride;
+    float v = 0.f;
+    if (row < M && k < k_end) {
+      v = load_input(in + row * ld_in + k);
+      if (scale != nullptr) v *= static_cast<float>(scale[k]);
     }
-    __syncthreads();
-    for (int k0 = segment; k0 < segment_end; k0 += kStep) {
-      float a[ROWS][kVectorsPerLane][VEC];
+    stage[idx] = v;
+  }
+  __syncthreads();
+}
+
+// acc[i][row] += Σ_k A_i[k] · stage[row][k − k_begin] over [k_begin, k_end): the warp streams
+// its weight rows with ROWS × kVectorsPerLane 16-byte loads per lane in flight and no block
+// synchronisation.
+template <typename T, int VEC, int MAXM, int ROWS>
+__device__ void accumulate_staged(const WarpRows<T, ROWS>& rows, const float* stage, int stride,
+                                  int k_begin, int k_end, float (&acc)[ROWS][MAXM]) {
+  const int lane = threadIdx.x % 32;
+  for (int k0 = k_begin; k0 < k_end; k0 += step_columns<VEC>()) {
+    float a[ROWS][kVectorsPerLane][VEC];
 #pragma unroll
-      for (int i = 0; i < ROWS; ++i) {
-#pragma unroll
-        for (int j = 0; j < kVectorsPerLane; ++j) {
-          const int k = k0 + (j * 32 + lane) * VEC;
-          if (row_valid[i] && k < segment_end) {
-            load_weights<T, VEC>(row_ptr[i] + k, a[i][j]);
-          } else {
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) a[i][j][e] = 0.f;
-          }
-        }
-      }
-      const float* staged = stage + (k0 - segment);
+    for (int i = 0; i < ROWS; ++i) {
 #pragma unroll
       for (int j = 0; j < kVectorsPerLane; ++j) {
+        const int k = k0 + (j * 32 + lane) * VEC;
+        if (rows.valid[i] && k < k_end) {
+          load_weights<T, VEC>(rows.ptr[i] + k, a[i][j]);
+        } else {
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) {
-          const int kk = (j * 32 + lane) * VEC + e;
-#pragma unroll
-          for (int row = 0; row < MAXM; ++row) {
-            const float xv = staged[row * stride + kk];
-#pragma unroll
-            for (int i = 0; i < ROWS; ++i) acc[i][row] = fmaf(a[i][j][e], xv, acc[i][row]);
-          }
+          for (int e = 0; e < VEC; ++e) a[i][j][e] = 0.f;
         }
       }
     }
+    const float* staged = stage + (k0 - k_begin);
+#pragma unroll
+    for (int j = 0; j < kVectorsPerLane; ++j) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int kk = (j * 32 + lane) * VEC + e;
+#pragma unroll
+        for (int row = 0; row < MAXM; ++row) {
+          const float xv = staged[row * stride + kk];
+#pragma unroll
+          for (int i = 0; i < ROWS; ++i) acc[i][row] = fmaf(a[i][j][e], xv, acc[i][row]);
+        }
+      }
+    }
+  }
+}
+
+// accumulate_staged over [k_begin, k_end) in segments of up to `capacity` staged columns.
+template <typename T, typename TIn, int VEC, int MAXM, int ROWS>
+__device__ void accumulate_rows(const WarpRows<T, ROWS>& rows, const TIn* in, int64_t ld_in,
+                                const T* scale, int M, int k_begin, int k_end, float* stage,
+                                int capacity, float (&acc)[ROWS][MAXM]) {
+  for (int segment = k_begin; segment < k_end; segment += capacity) {
+    const int segment_end = min(k_end, segment + capacity);
+    const int stride = ceil_div(segment_end - segment, step_columns<VEC>()) * step_columns<VEC>();
+    stage_inputs<TIn, T, MAXM>(stage, stride, in, ld_in, scale, M, segment, segment_end);
+    accumulate_staged<T, VEC, MAXM, ROWS>(rows, stage, stride, segment, segment_end, acc);
   }
 }
 
@@ -210,18 +236,52 @@ __device__ __forceinline__ void reduce_to_lanes(float (&acc)[ROWS][MAXM], float 
   }
 }
 
+// out[row, i] = A[i, :] · (in[row, :] · scale) + bias[i] for i < num_rows, each output row whole
+// in one warp (no atomics). When K fits the stage, the inputs (the same for every tile) are
+// staged once and the block's tiles stream without any synchronisation.
+template <typename T, typename TIn, typename TOut, int VEC, int MAXM, int ROWS>
+__device__ void output_rows_phase(const T* A, int num_rows, int K, const TIn* in, int64_t ld_in,
+                                  const T* scale, const T* bias, TOut* out, int64_t ld_out,
+                                  int M, float* stage, int capacity) {
+  constexpr int kGroupRows = kWarps * ROWS;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int tiles = ceil_div(num_rows, kGroupRows);
+  const bool staged_once = K <= capacity;
+  const int stride = ceil_div(K, step_columns<VEC>()) * step_columns<VEC>();
+  if (staged_once && blockIdx.x < tiles) {
+    stage_inputs<TIn, T, MAXM>(stage, stride, in, ld_in, scale, M, 0, K);
+  }
+  for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int first_row = tile * kGroupRows + warp * ROWS;
+    const WarpRows<T, ROWS> rows(A, nullptr, num_rows, K, first_row, num_rows);
+    float acc[ROWS][MAXM] = {};
+    if (staged_once) {
+      accumulate_staged<T, VEC, MAXM, ROWS>(rows, stage, stride, 0, K, acc);
+    } else {
+      accumulate_rows<T, TIn, VEC, MAXM, ROWS>(rows, in, ld_in, scale, M, 0, K, stage, capacity,
+                                               acc);
+    }
+    float mine[ROWS];
+    reduce_to_lanes(acc, mine);
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      const int row = first_row + i;
+      if (lane < M && row < num_rows) {
+        const float b = bias != nullptr ? static_cast<float>(bias[row]) : 0.f;
+        out[lane * ld_out + row] = static_cast<TOut>(mine[i] + b);
+      }
+    }
+  }
+}
+
 template <typename T, int VEC, int MAXM>
 __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParams p) {
   extern __shared__ float stage[];  // MAXM × p.stage_capacity fp32
   __shared__ unsigned epoch_shared;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const T* x = static_cast<const T*>(p.x);
-  const T* C = static_cast<const T*>(p.C);
   const T* U = static_cast<const T*>(p.U);
-  const T* R = static_cast<const T*>(p.R);
-  const T* bias = static_cast<const T*>(p.bias);
-  T* y = static_cast<T*>(p.y);
 
   // Every block reads the epoch before arriving at the first barrier, whose last arriver bumps it.
   if (threadIdx.x == 0) epoch_shared = *reinterpret_cast<volatile unsigned*>(p.sync + 2);
@@ -234,73 +294,41 @@ __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParam
     next_sums[i] = 0.f;
   }
 
-  // Shrink: sums[row, j] += R[j, slice] · x[row, slice].
-  {
-    constexpr int kGroupRows = kWarps * kShrinkRowsPerWarp;
-    const int tiles = ceil_div(p.r, kGroupRows) * p.shrink_k_tiles;
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int first_row = (tile / p.shrink_k_tiles) * kGroupRows + warp * kShrinkRowsPerWarp;
-      const int k_begin = (tile % p.shrink_k_tiles) * p.shrink_tile_k;
-      const int k_end = min(p.n, k_begin + p.shrink_tile_k);
-      float acc[kShrinkRowsPerWarp][MAXM] = {};
-      accumulate_rows<T, T, VEC, MAXM, kShrinkRowsPerWarp>(
-          R, p.rows, p.base_rows, p.n, first_row, p.r, x, p.n, nullptr, p.M, k_begin, k_end,
-          stage, p.stage_capacity, acc);
-      float mine[kShrinkRowsPerWarp];
-      reduce_to_lanes(acc, mine);
+  // Shrink: sums[row, j] += R[j, slice] · x[row, slice] over (rank group × K slice) tiles.
+  constexpr int kGroupRows = kWarps * kShrinkRowsPerWarp;
+  const int shrink_tiles = ceil_div(p.r, kGroupRows) * p.shrink_k_tiles;
+  for (int tile = blockIdx.x; tile < shrink_tiles; tile += gridDim.x) {
+    const int first_row = (tile / p.shrink_k_tiles) * kGroupRows + warp * kShrinkRowsPerWarp;
+    const int k_begin = (tile % p.shrink_k_tiles) * p.shrink_tile_k;
+    const int k_end = min(p.n, k_begin + p.shrink_tile_k);
+    const WarpRows<T, kShrinkRowsPerWarp> rows(static_cast<const T*>(p.R), p.rows, p.base_rows,
+                                               p.n, first_row, p.r);
+    float acc[kShrinkRowsPerWarp][MAXM] = {};
+    accumulate_rows<T, T, VEC, MAXM, kShrinkRowsPerWarp>(rows, static_cast<const T*>(p.x), p.n,
+                                                         nullptr, p.M, k_begin, k_end, stage,
+                                                         p.stage_capacity, acc);
+    float mine[kShrinkRowsPerWarp];
+    reduce_to_lanes(acc, mine);
 #pragma unroll
-      for (int i = 0; i < kShrinkRowsPerWarp; ++i) {
-        if (lane < p.M && first_row + i < p.r) atomicAdd(&sums[lane * p.r + first_row + i], mine[i]);
-      }
+    for (int i = 0; i < kShrinkRowsPerWarp; ++i) {
+      if (lane < p.M && first_row + i < p.r) atomicAdd(&sums[lane * p.r + first_row + i], mine[i]);
     }
   }
   grid_barrier(p.sync, /*bump_epoch=*/true);
 
   const float* t = sums;
   int ld_t = p.r;
-  if (p.link_mode == kFullLink) {
-    // Link: link_out[row, i] = U[i, :] · sums[row, :]; whole rows per warp, no atomics.
-    constexpr int kGroupRows = kWarps * kLinkRowsPerWarp;
-    const int tiles = ceil_div(p.c, kGroupRows);
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int first_row = tile * kGroupRows + warp * kLinkRowsPerWarp;
-      float acc[kLinkRowsPerWarp][MAXM] = {};
-      accumulate_rows<T, float, VEC, MAXM, kLinkRowsPerWarp>(
-          U, nullptr, p.c, p.r, first_row, p.c, sums, p.r, nullptr, p.M, 0, p.r, stage, p.stage_capacity, acc);
-      float mine[kLinkRowsPerWarp];
-      reduce_to_lanes(acc, mine);
-#pragma unroll
-      for (int i = 0; i < kLinkRowsPerWarp; ++i) {
-        if (lane < p.M && first_row + i < p.c) p.link_out[lane * p.c + first_row + i] = mine[i];
-      }
-    }
+  if (p.link_mode == kFullLink) {  // link_out[row, i] = U[i, :] · sums[row, :]
+    output_rows_phase<T, float, float, VEC, MAXM, kLinkRowsPerWarp>(
+        U, p.c, p.r, sums, p.r, nullptr, nullptr, p.link_out, p.c, p.M, stage, p.stage_capacity);
     grid_barrier(p.sync, /*bump_epoch=*/false);
     t = p.link_out;
     ld_t = p.c;
   }
-
-  // Expand: y[row, i] = C[i, :] · t[row, :] + bias[i].
-  {
-    const T* diagonal = p.link_mode == kDiagonalLink ? U : nullptr;
-    constexpr int kGroupRows = kWarps * kExpandRowsPerWarp;
-    const int tiles = ceil_div(p.m, kGroupRows);
-    for (int tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-      const int first_row = tile * kGroupRows + warp * kExpandRowsPerWarp;
-      float acc[kExpandRowsPerWarp][MAXM] = {};
-      accumulate_rows<T, float, VEC, MAXM, kExpandRowsPerWarp>(
-          C, nullptr, p.m, p.c, first_row, p.m, t, ld_t, diagonal, p.M, 0, p.c, stage, p.stage_capacity, acc);
-      float mine[kExpandRowsPerWarp];
-      reduce_to_lanes(acc, mine);
-#pragma unroll
-      for (int i = 0; i < kExpandRowsPerWarp; ++i) {
-        const int out = first_row + i;
-        if (lane < p.M && out < p.m) {
-          const float b = bias != nullptr ? static_cast<float>(bias[out]) : 0.f;
-          y[static_cast<int64_t>(lane) * p.m + out] = static_cast<T>(mine[i] + b);
-        }
-      }
-    }
-  }
+  // Expand: y[row, i] = C[i, :] · (t[row, :] · diag U) + bias[i].
+  output_rows_phase<T, float, T, VEC, MAXM, kExpandRowsPerWarp>(
+      static_cast<const T*>(p.C), p.m, p.c, t, ld_t, p.link_mode == kDiagonalLink ? U : nullptr,
+      static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.m, p.M, stage, p.stage_capacity);
 }
 
 // Zero-initialised per (device, stream, r, c) workspace: sync words, two shrink buffers, link
@@ -347,8 +375,9 @@ int resident_blocks(int device) {
 
 template <typename T, int VEC, int MAXM>
 void launch_decode(DecodeParams p, int device, cudaStream_t stream) {
-  constexpr int kStep = 32 * VEC * kVectorsPerLane;
-  int grid = resident_blocks<T, VEC, MAXM>(device);
+  constexpr int kStep = step_columns<VEC>();
+  // One block per SM: enough loads in flight per SM, and few arrivals at each grid barrier.
+  int grid = std::min(resident_blocks<T, VEC, MAXM>(device), multiprocessors(device));
   // Shrink tiles: enough K slices that (rank-row groups × slices) covers the grid.
   const int groups = ceil_div(p.r, kWarps * kShrinkRowsPerWarp);
   const int steps = ceil_div(p.n, kStep);

@@ -59,7 +59,8 @@ def _single_launch(device: torch.device) -> bool:
 def _decode_workspace(device: torch.device, r: int, c: int) -> _DecodeWorkspace:
     """Zeroed once and kept: captured CUDA graphs hold its pointers; one per stream, so that
     concurrent streams never share counters."""
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    # The raw-stream query Triton's own launcher uses: torch.cuda.current_stream() costs µs.
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream, r, c)
     workspace = _workspaces.get(key)
     if workspace is None:
