@@ -7,11 +7,11 @@
 """
 
 from .checkpoint import CheckpointError, load_compressed, save_compressed
-from .compress import CompressionReport, compress
+from .compress import CompressionReport, compress, heal
 from .nn import CURLinear, LowRankLinear
 from .ops import cur_linear
 
 __version__ = "0.1.0"
 
 __all__ = ["CURLinear", "CheckpointError", "CompressionReport", "LowRankLinear", "__version__",
-           "compress", "cur_linear", "load_compressed", "save_compressed"]
+           "compress", "cur_linear", "heal", "load_compressed", "save_compressed"]

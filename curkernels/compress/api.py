@@ -1,46 +1,103 @@
 """`compress(model, method=..., keep=..., calib=...)`: the one-call user API."""
 
+import json
 import time
 from collections.abc import Callable
 
 from torch import nn
 
+from .asvd import compress_asvd
 from .budget import check_keep
+from .calibration_sources import as_batches
+from .curing import compress_curing
+from .layer_selection import angular_layer_scores, select_layers
+from .lpaf import compress_lpaf
 from .report import CompressionReport
+from .rom import compress_rom
 from .svd import compress_svd
-from .targets import resolve_targets
+from .svdllm import compress_svdllm
+from .targets import default_scope, resolve_targets
 
 # method name -> (compress function, needs calibration)
 METHODS: dict[str, tuple[Callable, bool]] = {
     "svd": (compress_svd, False),
+    "asvd": (compress_asvd, True),
+    "svdllm": (compress_svdllm, True),
+    "curing": (compress_curing, True),
+    "rom": (compress_rom, True),
+    "lpaf": (compress_lpaf, True),
 }
 
 
 def compress(model: nn.Module, method: str = "svd", keep: float = 0.5, calib=None, *,
-             targets=None, exclude=(), rank_multiple: int = 1, **opts) -> CompressionReport:
+             targets=None, exclude=(), layers=None, rank_multiple: int = 1, tokenizer=None,
+             seq_len: int = 256, batch_size: int = 16, num_samples: int | None = None,
+             **opts) -> CompressionReport:
     """Factor the target Linears of `model` in place and return a `CompressionReport`.
 
     Args:
-        method: one of `METHODS`.
-        keep: fraction of the targeted Linears' weight entries that remain (0 < keep ≤ 1).
-        calib: calibration batches (dicts with input_ids / attention_mask) for methods that
-            need them.
+        method: one of `METHODS` (svd, asvd, svdllm, curing, rom, lpaf).
+        keep: fraction of the targeted Linears' weight entries that remain, counting every
+            stored factor (0 < keep ≤ 1). CURing also caps its rank at `max_rank=256` (the
+            paper's rule is keep=1.0: the break-even rank, capped).
+        calib: calibration data — an iterable of input dicts (input_ids, attention_mask), or a
+            list of strings / a text-file path / a datasets name with `tokenizer=` (cut to
+            `num_samples` texts of at most `seq_len` tokens, `batch_size` a batch).
         targets: name patterns (globs or suffixes) of the Linears to factor; the method's
-            default when None. exclude: patterns to leave dense.
+            default when None (CURing on decoder LMs: q_proj, k_proj, gate_proj; otherwise
+            every Linear inside the repeated blocks). exclude: patterns to leave dense.
+        layers: block indices to compress, or a count N to pick the N blocks of smallest
+            angular distance (first and last excluded; needs calib). Default: all blocks, or
+            10 picked blocks for CURing on decoder LMs.
         rank_multiple: round ranks down to a multiple (8–128 suits tensor cores).
+        opts: method options (e.g. selection="qdeim", max_rank=, energy= for curing;
+            alpha= for asvd; damping= for svdllm; sparsity=, mixed_rank_steps= for lpaf).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     keep = check_keep(keep)
+    if not isinstance(rank_multiple, int) or rank_multiple < 1:
+        raise ValueError(f"rank_multiple must be a positive integer, got {rank_multiple!r}")
     run, needs_calibration = METHODS[method]
-    if needs_calibration and calib is None:
+    batches = None if calib is None else as_batches(
+        calib, tokenizer, seq_len=seq_len, batch_size=batch_size, num_samples=num_samples)
+    if needs_calibration and batches is None:
         raise ValueError(f"method {method!r} needs calibration data: pass calib=")
-    chosen = resolve_targets(model, targets, exclude)
+    default_targets, default_layer_count = default_scope(method, model)
+    if isinstance(targets, str):
+        targets = [targets]
+    if targets is None:
+        targets = default_targets
+    if layers is None:
+        layers = default_layer_count
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        if batches is None:
+            raise ValueError("layers=N picks blocks by angular distance and needs calib=; "
+                             "pass block indices to choose them yourself")
+        layers = select_layers(angular_layer_scores(model, batches), layers)
+    layers = None if layers is None else sorted(int(i) for i in layers)
+    chosen = resolve_targets(model, targets, exclude, layers)
     start = time.perf_counter()
-    modules = run(model, chosen, keep, calib=calib, rank_multiple=rank_multiple, **opts)
+    modules = run(model, chosen, keep, calib=batches, rank_multiple=rank_multiple, **opts)
     report = CompressionReport(method, keep, modules, time.perf_counter() - start)
     config = getattr(model, "config", None)
     if config is not None:
-        config.compression_config = {"method": method, "keep": keep}
+        config.compression_config = {
+            "method": method, "keep": keep, "rank_multiple": rank_multiple,
+            "layers": layers,
+            "targets": None if targets is None else list(targets),
+            "options": _json_safe(opts)}
     model.compression_report = report
     return report
+
+
+def _json_safe(opts: dict) -> dict:
+    """The options that survive a JSON round trip (tensors, models and callables do not)."""
+    safe = {}
+    for key, value in opts.items():
+        try:
+            json.dumps(value)
+        except TypeError:
+            continue
+        safe[key] = value
+    return safe

@@ -1,0 +1,130 @@
+"""Where calibration text comes from, and how it becomes model-input batches.
+
+Sources: a list of strings, a text file (one sample a non-empty line), a Hugging Face
+`datasets` name (online; 'name' or 'name:config'), or — when none is given — the offline
+default: English prose from the docstrings of Python's own standard library, which ships
+with every interpreter, so compression works on a machine with no network and no data.
+"""
+
+import importlib
+import inspect
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+# Stdlib modules whose documentation is mostly full-sentence prose.
+_DEFAULT_TEXT_MODULES = ("argparse", "collections", "contextlib", "csv", "dataclasses",
+                         "datetime", "decimal", "difflib", "email.message", "fractions",
+                         "functools", "heapq", "http.client", "inspect", "json", "logging",
+                         "pathlib", "pickle", "random", "shutil", "statistics", "string",
+                         "subprocess", "tarfile", "textwrap", "threading", "typing",
+                         "unittest", "urllib.parse", "zipfile")
+
+
+def default_calibration_texts(num_samples: int = 256, min_words: int = 12) -> list[str]:
+    """Prose paragraphs from stdlib docstrings (deterministic for a Python version)."""
+    texts = []
+    for module_name in _DEFAULT_TEXT_MODULES:
+        module = importlib.import_module(module_name)
+        objects = [module] + [obj for _, obj in sorted(vars(module).items())
+                              if (inspect.isclass(obj) or inspect.isfunction(obj))
+                              and getattr(obj, "__module__", None) == module.__name__]
+        for obj in objects:
+            for paragraph in (inspect.getdoc(obj) or "").split("\n\n"):
+                text = " ".join(paragraph.split())
+                if len(text.split()) >= min_words and not text.startswith((">>>", "$")):
+                    texts.append(text)
+    if not texts:
+        raise RuntimeError("found no docstring prose in the standard library (python -OO?): "
+                           "pass calibration text explicitly")
+    return texts[:num_samples]
+
+
+def read_text_file(path: str | Path, num_samples: int) -> list[str]:
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    texts = [line for line in lines if line]
+    if not texts:
+        raise ValueError(f"calibration file {str(path)!r} holds no non-empty line")
+    return texts[:num_samples]
+
+
+def load_dataset_texts(name: str, num_samples: int, split: str = "train",
+                       column: str = "text") -> list[str]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise ImportError("a datasets name as calibration source needs `pip install "
+                          "datasets` (or curkernels[data])") from err
+    path, _, config = name.partition(":")
+    data = datasets.load_dataset(path, config or None, split=split)
+    if column not in data.column_names:
+        raise ValueError(f"dataset {name!r} has no column {column!r}; it has "
+                         f"{data.column_names}")
+    texts = []
+    for row in data:
+        text = row[column].strip()
+        if text:
+            texts.append(text)
+            if len(texts) == num_samples:
+                break
+    return texts
+
+
+def calibration_texts(source=None, num_samples: int = 256, *, split: str = "train",
+                      column: str = "text") -> list[str]:
+    """Texts from a list of strings, a text-file path, a datasets name, or the offline
+    default (source None)."""
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    if source is None:
+        return default_calibration_texts(num_samples)
+    if isinstance(source, (list, tuple)):
+        if not source or not all(isinstance(t, str) for t in source):
+            raise ValueError("calib as a list must hold at least one string")
+        return list(source[:num_samples])
+    if isinstance(source, Path) or Path(str(source)).is_file():
+        return read_text_file(source, num_samples)
+    if isinstance(source, str):
+        return load_dataset_texts(source, num_samples, split, column)
+    raise TypeError(f"calibration source must be a list of strings, a file path, a datasets "
+                    f"name or None, got {type(source).__name__}")
+
+
+def tokenize_batches(texts: list[str], tokenizer, *, seq_len: int = 256,
+                     batch_size: int = 16) -> list[dict]:
+    """Padded, truncated `input_ids` / `attention_mask` batches."""
+    if tokenizer is None:
+        raise ValueError("calibration from text needs tokenizer=")
+    if tokenizer.pad_token is None:  # decoder tokenizers often have none; pads are masked
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for start in range(0, len(texts), batch_size):
+        encoded = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
+                            truncation=True, max_length=seq_len)
+        batches.append({"input_ids": encoded["input_ids"],
+                        "attention_mask": encoded["attention_mask"]})
+    return batches
+
+
+def as_batches(calib, tokenizer=None, *, seq_len: int = 256, batch_size: int = 16,
+               num_samples: int | None = None) -> list[dict]:
+    """What `compress(calib=...)` accepts, as a list of input dicts (methods make several
+    passes). Strings (or a source `calibration_texts` reads, cut to `num_samples` texts) need
+    `tokenizer`; dicts must hold `input_ids`."""
+    if isinstance(calib, (str, Path)):
+        calib = calibration_texts(calib, num_samples or 256)
+    if isinstance(calib, (list, tuple)) and calib and all(isinstance(t, str) for t in calib):
+        texts = list(calib[:num_samples] if num_samples else calib)
+        return tokenize_batches(texts, tokenizer, seq_len=seq_len, batch_size=batch_size)
+    if not isinstance(calib, Iterable) or isinstance(calib, (dict, torch.Tensor)):
+        raise TypeError(f"calib must be an iterable of input dicts or a list of strings, got "
+                        f"{type(calib).__name__}")
+    batches = list(calib)
+    if not batches:
+        raise ValueError("calib is empty: give at least one batch")
+    for i, batch in enumerate(batches):
+        if not isinstance(batch, dict) or "input_ids" not in batch:
+            raise TypeError(f"calib[{i}] must be a dict with 'input_ids' (and "
+                            f"'attention_mask'), got {type(batch).__name__}")
+    return batches
