@@ -1,5 +1,6 @@
 """Kernel tests: without a GPU the Triton kernels run on CPU tensors through the interpreter,
-which must be switched on before the kernels are defined, hence here."""
+which must be switched on before the kernels are defined, hence here. Prefill tuning is off
+(the default config is tested; one test switches tuning on): tuning compiles every candidate."""
 
 import os
 
@@ -8,6 +9,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("CURKERNELS_TRITON_AUTOTUNE", "0")
 
 
 @pytest.fixture

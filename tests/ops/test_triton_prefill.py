@@ -77,3 +77,16 @@ def test_prefill_gpu(dtype, link, poisoned):
         case = make_case(M, 4096, 1000, r, dtype, link=link, gather=seed == 1, device="cuda",
                          seed=seed)
         assert_matches_reference(run_prefill(case, poisoned), case)
+
+
+@gpu
+@pytest.mark.gpu
+def test_prefill_tuning_caches_the_winner_by_gpu(tmp_path, monkeypatch, poisoned):
+    monkeypatch.setenv("CURKERNELS_TRITON_AUTOTUNE", "1")
+    monkeypatch.setattr(triton_autotune, "_cache", triton_autotune.TuningCache(tmp_path / "t.json"))
+    monkeypatch.setattr(triton_autotune, "_memo", {})
+    case = make_case(100, 1024, 512, 64, torch.bfloat16, device="cuda")
+    assert_matches_reference(run_prefill(case, poisoned), case)
+    gpu_name = torch.cuda.get_device_name()
+    entries = triton_autotune.TuningCache(tmp_path / "t.json")._load()[gpu_name]
+    assert len(entries) == 1
