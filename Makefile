@@ -7,13 +7,18 @@ MAX_JOBS ?= 2
 # Wherever nvcc exists the extension must compile and import: the tests then require it.
 REQUIRE_EXTENSION := $(if $(shell command -v nvcc),1,0)
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
+SHELL := /bin/bash
 
 .PHONY: install demo test lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)" "setuptools>=64" wheel ninja
-	MAX_JOBS=$(MAX_JOBS) $(PIP) --no-build-isolation -e ".[triton,serve,bench,test]"
+	MAX_JOBS=$(MAX_JOBS) $(PYTHON) -m pip install --verbose --no-build-isolation -e ".[triton,serve,bench,test]" \
+		> $(VENV)/build.log 2>&1 || { tail -n 60 $(VENV)/build.log; exit 1; }
+	@# What the extension build did, in brief (the whole log stays in $(VENV)/build.log).
+	@grep -h "^curkernels setup:" $(VENV)/build.log || true
+	@grep -oh "gencode=arch=compute_[0-9]*,code=sm_[0-9]*" $(VENV)/build.log | sort -u || true
 	touch $@
 
 install: $(VENV)/.installed
