@@ -6,6 +6,8 @@ Variants, all on the same random factors (U full, c = r, as CURing stores it):
   chain2  F.linear(F.linear(x, R), C·U)     U folded, two cuBLAS GEMMs
   triton  curkernels' Triton backend on (C·U, R)
   cuda    curkernels' CUDA extension on (C·U, R)
+  module  a frozen CURLinear(C, U, R) called as a user would: validation, dispatch ('auto'),
+          U folded automatically — the eager decode claims are about this one
 Each is timed eagerly (host overhead included) and as CUDA-graph replays, with cold weights:
 every call reads a different copy of the weights it uses, cycling over enough copies to exceed
 twice the L2 cache (read from the device), as in a real decode step. Medians over repeats; µs
@@ -28,10 +30,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import write_reports  # noqa: E402
 
+from curkernels.nn import CURLinear  # noqa: E402
+
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # (out m, in n), Llama-3.1-8B
 RANKS = (256, 512, 1024)
 ROWS = (1, 4, 16, 128, 1024, 4096)
-VARIANTS = ("dense", "chain3", "chain2", "triton", "cuda")
+VARIANTS = ("dense", "chain3", "chain2", "triton", "cuda", "module")
 SMOKE_SHAPES, SMOKE_RANKS, SMOKE_ROWS = ((96, 80),), (8,), (1, 20)
 
 
@@ -100,7 +104,8 @@ def _weight_sets(m, n, r, dtype, device, l2_bytes) -> dict[str, list[dict]]:
         C = torch.randn(m, r, device=device, dtype=dtype) / r ** 0.5
         U = torch.randn(r, r, device=device, dtype=dtype) / r ** 0.5
         R = torch.randn(r, n, device=device, dtype=dtype) / n ** 0.5
-        factors.append({"C": C, "U": U, "R": R, "CU": (C.float() @ U.float()).to(dtype)})
+        factors.append({"C": C, "U": U, "R": R, "CU": (C.float() @ U.float()).to(dtype),
+                        "module": CURLinear(C, U, R, trainable=())})
     return {"dense": dense, "factors": factors}
 
 
@@ -111,6 +116,8 @@ def _variant_fn(variant: str):
         return lambda x, w: F.linear(F.linear(F.linear(x, w["R"]), w["U"]), w["C"])
     if variant == "chain2":
         return lambda x, w: F.linear(F.linear(x, w["R"]), w["CU"])
+    if variant == "module":
+        return lambda x, w: w["module"](x)
     if variant == "triton":
         from curkernels.ops.triton_backend import cur_linear_triton
         return lambda x, w: cur_linear_triton(x, w["CU"], None, w["R"], None, None)
@@ -209,8 +216,9 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.smoke else 7)
     started = time.perf_counter()
     # The smoke run checks the pipeline, not speed: the interpreter takes ~0.1 s a launch.
-    results, ceilings = run(shapes, ranks, rows, dtype, device, repeats,
-                            calls=2 if args.smoke else None)
+    with torch.no_grad():
+        results, ceilings = run(shapes, ranks, rows, dtype, device, repeats,
+                                calls=2 if args.smoke else None)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"device": gpu, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "ceilings": ceilings, "seconds": round(time.perf_counter() - started, 1),

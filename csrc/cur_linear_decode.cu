@@ -77,7 +77,7 @@ __device__ __forceinline__ unsigned load_acquire(const unsigned* p) {
 // Sense-free grid barrier: the last block to arrive resets the arrival count and then bumps the
 // generation that the others spin on, so the counters are valid again for the next barrier and
 // the next launch. The grid never exceeds the number of co-resident blocks (host side).
-__device__ void grid_barrier(unsigned* sync, bool bump_epoch) {
+__device__ __forceinline__ void grid_barrier(unsigned* sync, bool bump_epoch) {
   __syncthreads();
   if (threadIdx.x == 0) {
     unsigned* arrivals = sync;
@@ -152,8 +152,9 @@ __host__ __device__ constexpr int step_columns() { return 32 * VEC * kVectorsPer
 // Stages in[0:M, k_begin:k_end) · scale[k] as fp32 rows of `stride` columns, zero-padded, for
 // the whole block.
 template <typename TIn, typename T, int MAXM>
-__device__ void stage_inputs(float* stage, int stride, const TIn* in, int64_t ld_in,
-                             const T* scale, int M, int k_begin, int k_end) {
+__device__ __forceinline__ void stage_inputs(float* stage, int stride, const TIn* in,
+                                             int64_t ld_in, const T* scale, int M, int k_begin,
+                                             int k_end) {
   __syncthreads();  // the previous readers of the stage are done
   for (int idx = threadIdx.x; idx < MAXM * stride; idx += kThreads) {
     const int row = idx / stride;
@@ -172,8 +173,9 @@ __device__ void stage_inputs(float* stage, int stride, const TIn* in, int64_t ld
 // its weight rows with ROWS × kVectorsPerLane 16-byte loads per lane in flight and no block
 // synchronisation.
 template <typename T, int VEC, int MAXM, int ROWS>
-__device__ void accumulate_staged(const WarpRows<T, ROWS>& rows, const float* stage, int stride,
-                                  int k_begin, int k_end, float (&acc)[ROWS][MAXM]) {
+__device__ __forceinline__ void accumulate_staged(const WarpRows<T, ROWS>& rows,
+                                                  const float* stage, int stride, int k_begin,
+                                                  int k_end, float (&acc)[ROWS][MAXM]) {
   const int lane = threadIdx.x % 32;
   for (int k0 = k_begin; k0 < k_end; k0 += step_columns<VEC>()) {
     float a[ROWS][kVectorsPerLane][VEC];
@@ -209,9 +211,10 @@ __device__ void accumulate_staged(const WarpRows<T, ROWS>& rows, const float* st
 
 // accumulate_staged over [k_begin, k_end) in segments of up to `capacity` staged columns.
 template <typename T, typename TIn, int VEC, int MAXM, int ROWS>
-__device__ void accumulate_rows(const WarpRows<T, ROWS>& rows, const TIn* in, int64_t ld_in,
-                                const T* scale, int M, int k_begin, int k_end, float* stage,
-                                int capacity, float (&acc)[ROWS][MAXM]) {
+__device__ __forceinline__ void accumulate_rows(const WarpRows<T, ROWS>& rows, const TIn* in,
+                                                int64_t ld_in, const T* scale, int M,
+                                                int k_begin, int k_end, float* stage,
+                                                int capacity, float (&acc)[ROWS][MAXM]) {
   for (int segment = k_begin; segment < k_end; segment += capacity) {
     const int segment_end = min(k_end, segment + capacity);
     const int stride = ceil_div(segment_end - segment, step_columns<VEC>()) * step_columns<VEC>();
@@ -220,29 +223,61 @@ __device__ void accumulate_rows(const WarpRows<T, ROWS>& rows, const TIn* in, in
   }
 }
 
-// After the warp reduction lane `row` holds the sum for input row `row` (lanes ≥ MAXM hold 0),
-// so one store instruction writes all input rows of an output row.
+__host__ __device__ constexpr int log2_exact(int value) {
+  return value <= 1 ? 0 : 1 + log2_exact(value / 2);
+}
+
+// Warp transpose-reduction of N per-lane values (N a power of two ≤ 32): at each butterfly
+// step a lane keeps half of its values, sends the other half, and adds what its partner sent,
+// so N values take N − 1 + log2(32 / N) shuffles instead of 5·N. Afterwards v[0] holds the
+// full sum of value (lane >> (5 − log2 N)).
+template <int N, int OFFSET>
+__device__ __forceinline__ void butterfly_reduce(float* v, int lane) {
+  if constexpr (OFFSET > 0) {
+    if constexpr (N > 1) {
+      constexpr int kHalf = N / 2;
+      const bool upper = lane & OFFSET;
+#pragma unroll
+      for (int i = 0; i < kHalf; ++i) {
+        const float send = upper ? v[i] : v[i + kHalf];
+        const float keep = upper ? v[i + kHalf] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, OFFSET);
+      }
+      butterfly_reduce<kHalf, OFFSET / 2>(v, lane);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], OFFSET);
+      butterfly_reduce<1, OFFSET / 2>(v, lane);
+    }
+  }
+}
+
+// Reduces acc over the warp: mine[i] is then the sum of acc[i][lane_input_row(lane)].
 template <int ROWS, int MAXM>
 __device__ __forceinline__ void reduce_to_lanes(float (&acc)[ROWS][MAXM], float (&mine)[ROWS]) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int i = 0; i < ROWS; ++i) {
-    mine[i] = 0.f;
-#pragma unroll
-    for (int row = 0; row < MAXM; ++row) {
-      const float total = warp_sum(acc[i][row]);
-      if (lane == row) mine[i] = total;
-    }
+    butterfly_reduce<MAXM, 16>(acc[i], lane);
+    mine[i] = acc[i][0];
   }
+}
+
+// The input row whose sums this lane holds after reduce_to_lanes, or -1 for the lanes that
+// hold a duplicate: exactly one lane writes each input row's result.
+template <int MAXM>
+__device__ __forceinline__ int lane_input_row(int lane) {
+  constexpr int kShift = 5 - log2_exact(MAXM);
+  return (lane & ((1 << kShift) - 1)) == 0 ? lane >> kShift : -1;
 }
 
 // out[row, i] = A[i, :] · (in[row, :] · scale) + bias[i] for i < num_rows, each output row whole
 // in one warp (no atomics). When K fits the stage, the inputs (the same for every tile) are
 // staged once and the block's tiles stream without any synchronisation.
 template <typename T, typename TIn, typename TOut, int VEC, int MAXM, int ROWS>
-__device__ void output_rows_phase(const T* A, int num_rows, int K, const TIn* in, int64_t ld_in,
-                                  const T* scale, const T* bias, TOut* out, int64_t ld_out,
-                                  int M, float* stage, int capacity) {
+__device__ __forceinline__ void output_rows_phase(const T* A, int num_rows, int K,
+                                                  const TIn* in, int64_t ld_in, const T* scale,
+                                                  const T* bias, TOut* out, int64_t ld_out,
+                                                  int M, float* stage, int capacity) {
   constexpr int kGroupRows = kWarps * ROWS;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -264,12 +299,13 @@ __device__ void output_rows_phase(const T* A, int num_rows, int K, const TIn* in
     }
     float mine[ROWS];
     reduce_to_lanes(acc, mine);
+    const int input_row = lane_input_row<MAXM>(lane);
 #pragma unroll
     for (int i = 0; i < ROWS; ++i) {
       const int row = first_row + i;
-      if (lane < M && row < num_rows) {
+      if (input_row >= 0 && input_row < M && row < num_rows) {
         const float b = bias != nullptr ? static_cast<float>(bias[row]) : 0.f;
-        out[lane * ld_out + row] = static_cast<TOut>(mine[i] + b);
+        out[input_row * ld_out + row] = static_cast<TOut>(mine[i] + b);
       }
     }
   }
@@ -309,9 +345,12 @@ __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParam
                                                          p.stage_capacity, acc);
     float mine[kShrinkRowsPerWarp];
     reduce_to_lanes(acc, mine);
+    const int input_row = lane_input_row<MAXM>(lane);
 #pragma unroll
     for (int i = 0; i < kShrinkRowsPerWarp; ++i) {
-      if (lane < p.M && first_row + i < p.r) atomicAdd(&sums[lane * p.r + first_row + i], mine[i]);
+      if (input_row >= 0 && input_row < p.M && first_row + i < p.r) {
+        atomicAdd(&sums[input_row * p.r + first_row + i], mine[i]);
+      }
     }
   }
   grid_barrier(p.sync, /*bump_epoch=*/true);
@@ -436,7 +475,8 @@ void launch_all_rows(const DecodeParams& p, const at::Tensor& x, at::Tensor& y, 
 void check_operand(const at::Tensor& t, const at::Tensor& x, const char* name, int64_t dim) {
   TORCH_CHECK(t.is_cuda() && t.device() == x.device(), name, " must be on ", x.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type());
-  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), name, " must be a contiguous ", dim, "-D tensor");
+  TORCH_CHECK(t.dim() == dim && t.is_contiguous(), name, " must be a contiguous ", dim,
+              "-D tensor");
 }
 
 at::Tensor cur_linear_decode(const at::Tensor& x, const at::Tensor& C,

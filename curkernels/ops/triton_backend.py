@@ -21,8 +21,10 @@ from .triton_prefill import cur_linear_prefill_kernel
 
 # Decode tiles: WORKSPACE_ROWS input rows (the tensor-core minimum, 16); a shrink tile is
 # BLOCK_R rank rows × a K slice; expand and link tiles are BLOCK_OUT rows over BLOCK_IN columns.
-DECODE_BLOCKS = {"BLOCK_M": DECODE_MAX_ROWS, "BLOCK_R": 32, "BLOCK_K": 128, "BLOCK_OUT": 64,
-                 "BLOCK_IN": 64, "WORKSPACE_ROWS": DECODE_MAX_ROWS}
+# Each step loads 8 KB of bf16 weights; 32-row expand tiles give 128 tiles at m = 4096, about
+# one per SM.
+DECODE_BLOCKS = {"BLOCK_M": DECODE_MAX_ROWS, "BLOCK_R": 32, "BLOCK_K": 128, "BLOCK_OUT": 32,
+                 "BLOCK_IN": 128, "WORKSPACE_ROWS": DECODE_MAX_ROWS}
 DECODE_NUM_WARPS = 4
 
 
