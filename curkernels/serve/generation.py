@@ -38,6 +38,10 @@ class StaticCacheGenerator:
         compile_prefill: compile the prefill too (one graph per prompt length until torch
             switches to a dynamic-shape graph; no CUDA graphs).
         mode, compile_backend: passed to torch.compile.
+
+    Each generator compiles its own graphs (dynamo guards on the instance): a process that
+    builds more than a few compiled generators should raise
+    `torch._dynamo.config.recompile_limit`, or later ones silently run uncompiled.
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int = 1, max_seq_len: int,
