@@ -87,7 +87,7 @@ def _real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised from a hook to end a calibration forward pass early."""
 
 
@@ -124,6 +124,22 @@ def collect_linear_stats(model: nn.Module, targets: dict[str, nn.Linear], batche
     output with `outputs=True`). With `stop_after`, each forward pass is cut short once every
     target has been seen (the rest of the model is not needed). Raises if any statistic is
     NaN/Inf or a target saw nothing."""
+    device = model_device(model)
+
+    def passes():
+        for batch in batches:
+            batch = to_device(batch, device)
+            yield token_mask(batch), lambda batch=batch: model(**batch)
+
+    return stats_from_passes(targets, passes(), gram=gram, outputs=outputs,
+                             stop_after=stop_after, desc=desc)
+
+
+def stats_from_passes(targets: dict[str, nn.Linear], passes: Iterable, *, gram: bool = False,
+                      outputs: bool = False, stop_after: bool = False,
+                      desc: str = "calibration") -> dict[str, LinearStats]:
+    """`collect_linear_stats` over arbitrary forward passes: `passes` yields (token mask or
+    None, a callable running one forward) — e.g. one transformer block on cached inputs."""
     hooks = {name: _StatsHook(linear, gram, outputs) for name, linear in targets.items()}
     handles = [linear.register_forward_hook(hooks[name]) for name, linear in targets.items()]
     pending = set()
@@ -131,19 +147,17 @@ def collect_linear_stats(model: nn.Module, targets: dict[str, nn.Linear], batche
         def stop_when_all_seen(module, args, output):
             pending.discard(module)
             if not pending:
-                raise _StopForward
+                raise StopForward
         handles += [linear.register_forward_hook(stop_when_all_seen)
                     for linear in targets.values()]
-    device = model_device(model)
     try:
-        for batch in tqdm(batches, desc=desc, leave=False):
-            batch = to_device(batch, device)
+        for mask, run in tqdm(passes, desc=desc, leave=False):
             for hook in hooks.values():
-                hook.mask = token_mask(batch)
+                hook.mask = mask
             pending.update(targets.values())
             try:
-                model(**batch)
-            except _StopForward:
+                run()
+            except StopForward:
                 pass
     finally:
         for handle in handles:

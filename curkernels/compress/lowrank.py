@@ -25,6 +25,8 @@ def replace_with_low_rank(model: nn.Module, targets: dict[str, nn.Linear], keep:
     def make(name: str, linear: nn.Linear) -> LowRankLinear:
         start = time.perf_counter()
         m, n = linear.weight.shape
+        if not torch.isfinite(linear.weight).all():
+            raise ValueError(f"the weight of {name!r} holds NaN or Inf: cannot factor it")
         rank = rank_for_keep(m, n, keep, "none", rank_multiple)
         A, B, bias = factorize(name, linear, rank)
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
