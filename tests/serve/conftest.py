@@ -43,3 +43,13 @@ def tiny_causal_lm(architecture: str, vocab_size: int, seed: int = 0):
                           attn_implementation="sdpa")
     torch.manual_seed(seed)
     return model_class(config).eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """The models here are tiny: extra OpenMP threads only spin-wait, and on a busy 2-core
+    machine that makes these tests several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
