@@ -42,9 +42,8 @@ def main() -> None:
     model, tokenizer = load_for_inference(args.checkpoint, args.device, parse_dtype(args.dtype),
                                           args.tokenizer)
     generator = StaticCacheGenerator(model, max_seq_len=args.max_seq_len, compile=args.compile)
-    # compile and record CUDA graphs before the first request rather than during it
-    generator.generate(tokenizer("warm up", return_tensors="pt")["input_ids"], 3)
     engine = CompletionEngine(generator, tokenizer, max_queued=args.max_queued)
+    engine.warm_up()  # compile before the first request rather than during it
     app = create_app(engine, args.model_name or Path(args.checkpoint).resolve().name)
     uvicorn.run(app, host=args.host, port=args.port,
                 timeout_graceful_shutdown=args.graceful_seconds)

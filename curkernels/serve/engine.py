@@ -100,6 +100,12 @@ class CompletionEngine:
                 f"({len(prompt_ids) + max_tokens} in all)", param="max_tokens")
         return CompletionJob(prompt_ids, max_tokens, temperature, top_p, list(stop), seed)
 
+    def warm_up(self, prompt: str = "warm up", tokens: int = 3) -> None:
+        """Generate a few tokens on the generation thread, where compiled graphs and CUDA
+        graphs are recorded (their state is per thread), before the first request."""
+        input_ids = torch.tensor([self.tokenizer(prompt)["input_ids"]], dtype=torch.long)
+        self._executor.submit(self.generator.generate, input_ids, tokens).result()
+
     def run(self, job: CompletionJob, on_text: Callable[[str], None] | None = None,
             cancelled: threading.Event | None = None) -> Completion:
         """Generate for `job` on the calling thread; `on_text` receives each text delta."""

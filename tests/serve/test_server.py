@@ -179,6 +179,20 @@ def test_shutdown_refuses_new_requests(loaded):
     assert "shutting down" in response.json()["error"]["message"]
 
 
+def test_warm_up_runs_on_the_generation_thread(loaded):
+    engine = make_engine(loaded)
+    threads, original = [], engine.generator.generate
+
+    def recording_generate(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return original(*args, **kwargs)
+
+    engine.generator.generate = recording_generate
+    engine.warm_up()
+    engine.shutdown()
+    assert len(threads) == 1 and threads[0].startswith("generation")
+
+
 def test_engine_needs_a_batch_one_generator(loaded):
     model, tokenizer = loaded
     with pytest.raises(ValueError, match="batch_size=1"):
