@@ -515,7 +515,10 @@ at::Tensor cur_linear_decode(const at::Tensor& x, const at::Tensor& C,
   }
 
   at::Tensor y = at::empty({M, m}, x.options());
-  if (M == 0) return y;
+  if (M == 0 || m == 0) return y;
+  if (n == 0) {  // an empty input dimension: R·x = 0
+    return bias.has_value() ? y.copy_(bias->unsqueeze(0).expand({M, m})) : y.zero_();
+  }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int device = x.get_device();

@@ -172,10 +172,12 @@ def cur_linear_triton(x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None
                       R: torch.Tensor, bias: torch.Tensor | None,
                       rows: torch.Tensor | None) -> torch.Tensor:
     """y = ((x·Rᵀ)·Uᵀ)·Cᵀ + b for x2d (M, n); the backend contract of ops/backends.py."""
-    M = x2d.shape[0]
+    M, n = x2d.shape
     y = torch.empty((M, C.shape[0]), dtype=x2d.dtype, device=x2d.device)
-    if M == 0:
+    if y.numel() == 0:
         return y
+    if n == 0:  # an empty input dimension: R·x = 0
+        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
     if M <= DECODE_MAX_ROWS:
         _cur_linear_decode(x2d, C, U, R, bias, rows, y)
     else:

@@ -31,10 +31,10 @@ def make_case(M, n, m, r, dtype, link="none", bias=True, gather=False, device="c
         case["U"] = randn(c, r, scale=r ** -0.5)
     if gather:
         base_rows = r + 5
-        case["R"] = randn(base_rows, n, scale=n ** -0.5)
+        case["R"] = randn(base_rows, n, scale=max(n, 1) ** -0.5)
         case["rows"] = torch.randperm(base_rows, generator=generator)[:r].to(device)
     else:
-        case["R"] = randn(r, n, scale=n ** -0.5)
+        case["R"] = randn(r, n, scale=max(n, 1) ** -0.5)
     return case
 
 

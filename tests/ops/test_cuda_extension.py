@@ -103,3 +103,11 @@ def test_compiled_module_fullgraph(backend):
     for seed in range(2):
         x = make_case(1, 1024, 512, 64, torch.bfloat16, device="cuda", seed=seed + 3)["x"]
         assert_matches_reference(compiled(x), dict(case, x=x))
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_kernel_empty_dimensions():
+    case = make_case(3, 0, 6, 3, torch.float16, device="cuda")
+    torch.testing.assert_close(run_cuda(case), case["bias"].expand(3, 6))
+    assert run_cuda(dict(case, C=case["C"][:0], bias=None)).shape == (3, 0)

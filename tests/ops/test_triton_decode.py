@@ -95,3 +95,4 @@ def test_decode_single_launch_in_cuda_graph():
         torch.cuda.synchronize()
         assert_matches_reference(y, case)
     assert triton_backend._workspaces, "the decode workspace is cached for graph replays"
+
