@@ -62,7 +62,10 @@ class CurkernelsHfQuantizer(HfQuantizer):
 
 def register_with_transformers() -> None:
     """Idempotent: importing curkernels twice (or reloading) must not fail."""
-    from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+    )
     if FORMAT_NAME not in AUTO_QUANTIZATION_CONFIG_MAPPING:
         register_quantization_config(FORMAT_NAME)(CurkernelsConfig)
     if FORMAT_NAME not in AUTO_QUANTIZER_MAPPING:
