@@ -215,7 +215,7 @@ def environment(device: torch.device) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # every generator recompiles the same step function: one graph per setting, path, batch
+    # one step function, one graph per setting and shape (the default limit is 8)
     torch._dynamo.config.recompile_limit = 64
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu":

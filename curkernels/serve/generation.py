@@ -39,9 +39,8 @@ class StaticCacheGenerator:
             switches to a dynamic-shape graph; no CUDA graphs).
         mode, compile_backend: passed to torch.compile.
 
-    Each generator compiles its own graphs (dynamo guards on the instance): a process that
-    builds more than a few compiled generators should raise
-    `torch._dynamo.config.recompile_limit`, or later ones silently run uncompiled.
+    Generators over models of one structure share compiled graphs; each other structure or
+    shape adds a graph to the same step function, up to torch._dynamo.config.recompile_limit.
     """
 
     def __init__(self, model: nn.Module, *, batch_size: int = 1, max_seq_len: int,
@@ -58,7 +57,7 @@ class StaticCacheGenerator:
         self.device = model.device
         self.cache = new_static_cache(model, batch_size, max_seq_len)
         self._forward_arguments = CachedForwardArguments(model)
-        if mode is None and self.device.type == "cuda":
+        if mode is None and self.device.type == "cuda" and compile_backend == "inductor":
             mode = "reduce-overhead"
         self._decode = (torch.compile(self.last_logits, fullgraph=True, mode=mode,
                                       backend=compile_backend)
