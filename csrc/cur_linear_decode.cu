@@ -116,12 +116,6 @@ __device__ __forceinline__ float load_input(const float* p) { return __ldcg(p); 
 template <typename T>
 __device__ __forceinline__ float load_input(const T* p) { return static_cast<float>(*p); }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-  return v;
-}
-
 // The calling warp's ROWS weight rows from first_row on: gathered through `gather` (clamped)
 // when given; rows at or past num_rows are invalid and never loaded.
 template <typename T, int ROWS>
