@@ -96,3 +96,20 @@ def test_decode_single_launch_in_cuda_graph():
         assert_matches_reference(y, case)
     assert triton_backend._workspaces, "the decode workspace is cached for graph replays"
 
+
+
+def test_single_launch_form_with_one_program(poisoned, monkeypatch):
+    """The persistent form (grid barrier, epoch double-buffering) on one program, which the
+    interpreter can run: the barrier's last arriver is the only one and never spins."""
+    monkeypatch.setattr(triton_backend, "_single_launch", lambda device: True)
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
+    monkeypatch.setattr(triton_backend, "_workspaces", {})
+    monkeypatch.setattr(triton_backend, "_decode_plans", {})
+    for call, link in enumerate(("full", "none", "diagonal")):
+        case = make_case(4, N, M_OUT, 40, torch.float32, link=link, gather=call == 1,
+                         device=DEVICE, seed=call)
+        assert_matches_reference(run_decode(case, poisoned), case)
+    sync_words = sorted(tuple(w.sync.tolist()) for w in triton_backend._workspaces.values())
+    # [arrivals, generation, epoch, pad]: (r, c) = (40, 43) ran one call with two barriers,
+    # (40, 40) two calls with one barrier each; every barrier left its count at zero.
+    assert sync_words == [(0, 2, 1, 0), (0, 2, 2, 0)]
