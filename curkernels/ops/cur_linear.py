@@ -2,8 +2,7 @@
 
 import torch
 
-from .backends import backend_function
-from .dispatch import choose_backend, requested_backend
+from .execute import run_cur_linear
 from .library import cur_linear_op
 from .validation import check_cur_linear_args, check_rows_in_range
 
@@ -34,24 +33,12 @@ def cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torc
     Returns:
         (..., m) tensor of x's dtype, accumulated in fp32.
     """
-    compiling = torch.compiler.is_compiling()
-    if not compiling:
+    if not torch.compiler.is_compiling():
         check_cur_linear_args(x, C, U, R, bias, rows)
         if rows is not None and check_rows:
             check_rows_in_range(rows, R.shape[0])
-    num_rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    chosen = choose_backend(backend, x, num_rows)
-    if x.dtype == torch.float64 and chosen != "torch":
-        if requested_backend(backend) != "auto":
-            raise TypeError(f"backend {chosen!r} does not compute in float64; use "
-                            f"backend='torch' or a float32/float16/bfloat16 input")
-        chosen = "torch"
     if _needs_graph(x, C, U, R, bias):
-        return cur_linear_op(x, C, U, R, bias, rows, chosen)
+        return cur_linear_op(x, C, U, R, bias, rows, backend)
     # Eager inference skips the custom-op machinery: its per-call host cost is the same order
     # as a decode kernel's whole runtime.
-    x2d = x.reshape(-1, x.shape[-1])
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
-    y2d = backend_function(chosen)(x2d, C, U, R, bias, rows)
-    return y2d.reshape(*x.shape[:-1], C.shape[0])
+    return run_cur_linear(x, C, U, R, bias, rows, backend)

@@ -7,18 +7,16 @@ GEMMs each, and training (healing U) is not the hot path.
 
 import torch
 
-from .backends import backend_function
+from .execute import run_cur_linear
 
 
 @torch.library.custom_op("curkernels::cur_linear", mutates_args=())
 def cur_linear_op(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,
                   bias: torch.Tensor | None, rows: torch.Tensor | None,
                   backend: str) -> torch.Tensor:
-    x2d = x.reshape(-1, x.shape[-1])
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
-    y2d = backend_function(backend)(x2d, C, U, R, bias, rows)
-    return y2d.reshape(*x.shape[:-1], C.shape[0])
+    # The backend is resolved here, at run time, not while torch.compile traces: dispatch
+    # asks which backends can run and whether a CUDA graph is being captured.
+    return run_cur_linear(x, C, U, R, bias, rows, backend)
 
 
 @cur_linear_op.register_fake

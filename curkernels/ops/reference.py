@@ -1,14 +1,26 @@
-"""The torch reference of the three-factor product: the CPU path and the ground truth."""
+"""The torch backend: the cuBLAS chain on GPUs, an fp32 reference on the CPU."""
 
 import torch
+import torch.nn.functional as F
 
 
 def cur_linear_torch(x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
                      R: torch.Tensor, bias: torch.Tensor | None,
                      rows: torch.Tensor | None) -> torch.Tensor:
-    """y = ((x·Rᵀ)·Uᵀ)·Cᵀ + b with fp32 accumulation; x2d is (M, n)."""
-    compute = torch.float32 if x2d.dtype in (torch.float16, torch.bfloat16) else x2d.dtype
+    """y = ((x·Rᵀ)·Uᵀ)·Cᵀ + b; x2d is (M, n).
+
+    On CUDA every stage is one GEMM in the input's dtype (cuBLAS accumulates in fp32 and rounds
+    each stage's output, as the chain of `F.linear`s users compare against does): casting the
+    factors to fp32 would re-read and re-write every weight on every call. On the CPU half
+    precision is computed in fp32, where half GEMMs are slow or missing.
+    """
     factor_R = R.index_select(0, rows) if rows is not None else R
+    if x2d.is_cuda or x2d.dtype in (torch.float32, torch.float64):
+        t = F.linear(x2d, factor_R)
+        if U is not None:
+            t = t * U if U.dim() == 1 else F.linear(t, U)
+        return F.linear(t, C, bias)
+    compute = torch.float32
     t = x2d.to(compute) @ factor_R.to(compute).t()
     if U is not None:
         t = t * U.to(compute) if U.dim() == 1 else t @ U.to(compute).t()

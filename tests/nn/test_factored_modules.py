@@ -128,3 +128,18 @@ def test_non_contiguous_factors_are_made_contiguous():
     assert module.C.is_contiguous()
     x = torch.randn(2, 7)
     torch.testing.assert_close(module(x), x @ (C @ module.R).t(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_modules_compile_fullgraph_with_dispatch_at_run_time(backend, monkeypatch):
+    monkeypatch.setenv("CURKERNELS_BACKEND", "torch")  # read when the op runs, not traced
+    C, U, R, bias = random_factors()
+    layers = torch.nn.Sequential(CURLinear(C, U, R, bias, backend=backend),
+                                 torch.nn.ReLU(),
+                                 LowRankLinear(torch.randn(53, 5), torch.randn(5, 37),
+                                               backend=backend))
+    x = torch.randn(3, 53)
+    explanation = torch._dynamo.explain(layers)(x)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(layers, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layers(x), rtol=1e-5, atol=1e-5)
