@@ -9,7 +9,8 @@ cuBLAS chain (the torch backend) is kept. Sources (../shared/BASELINE.md, H100, 
   8.9–15.8 µs on the GPU, and chain3 twice the dense layer. One fused launch removes two of
   the three launches, so eager decode (M ≤ 16) goes to a fused kernel: the CUDA extension
   (a C++ op, the cheaper host path), else Triton.
-- Decode in CUDA graphs (and under torch.compile, whose graphs usually end up there): only a
+- Decode inside a CUDA graph being captured (torch.cuda.graph, torch.compile's
+  "reduce-overhead" mode; the op resolves its backend when it runs): only a
   persistent single-launch Triton kernel was measured, and it lost to chain2 at r = 1024
   (15.0 vs 13.8 µs on 4096×4096, 22.1 vs 20.4 on 14336×4096) while winning at r = 256. The
   kernels here are unmeasured, so the chain stays until `bench/gpu_check.sh` shows otherwise:
