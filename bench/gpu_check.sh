@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (DESIGN.md): build curkernels._C, run the GPU tests, run the CUDA
-# kernel under compute-sanitizer memcheck, time the Llama-3.1-8B layer shapes. Logs, JSON,
+# and Triton kernels under compute-sanitizer memcheck, time the Llama-3.1-8B layer shapes. Logs, JSON,
 # markdown and PNG go to OUTDIR (default bench/results/); a short table is printed last.
 # Sized for under 8 minutes on an H100.
 #
@@ -39,14 +39,18 @@ CURKERNELS_REQUIRE_EXTENSION=1 timeout 240 "$PYTHON" -m pytest -q -p no:cachepro
 summary+=("gpu tests: $(tail -1 "$OUT/gpu_tests.log")")
 
 step "compute-sanitizer memcheck"
-if command -v compute-sanitizer > /dev/null; then
-  timeout 180 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PYTHON" bench/sanitize_cuda_kernels.py > "$OUT/memcheck.log" 2>&1
-  status=$?
-  summary+=("memcheck: exit $status; $(grep -E 'ERROR SUMMARY|cases within' "$OUT/memcheck.log" | tr '\n' ' ')")
-else
-  summary+=("memcheck: compute-sanitizer not found")
-fi
+# One run per backend: a hang in one (the Triton grid barrier) cannot hide the other's result.
+for backend in cuda triton; do
+  if command -v compute-sanitizer > /dev/null; then
+    timeout 120 compute-sanitizer --tool memcheck --error-exitcode 1 \
+      "$PYTHON" bench/sanitize_cuda_kernels.py "$backend" > "$OUT/memcheck_$backend.log" 2>&1
+    status=$?
+    summary+=("memcheck $backend: exit $status; $(grep -E 'ERROR SUMMARY|cases within' \
+      "$OUT/memcheck_$backend.log" | tr '\n' ' ')")
+  else
+    summary+=("memcheck $backend: compute-sanitizer not found")
+  fi
+done
 
 step "layer benchmark"
 timeout 330 "$PYTHON" bench/layer_bench.py --out "$OUT" > "$OUT/bench.log" 2>&1

@@ -1,15 +1,18 @@
-"""Driver for compute-sanitizer: runs the CUDA extension's kernel over the shapes that stress
-its bounds (unaligned rows, ranks off the tile sizes, gather with edge indices, > 16 rows in
-several launches, every link form and dtype) and checks each result against fp64.
+"""Driver for compute-sanitizer: runs one backend's kernels over the shapes that stress their
+bounds (unaligned rows, ranks off the tile sizes, gather with edge indices, > 16 rows, every
+link form and dtype) and checks each result against fp64 computed on the CPU.
 
-    compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_cuda_kernels.py
+    compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_cuda_kernels.py cuda
+    (or `triton`: the persistent decode kernel with its grid barrier, and the prefill kernel)
 """
 
+import argparse
 import itertools
 import sys
 
-import curkernels._C  # noqa: F401
 import torch
+
+from curkernels.ops.backends import backend_function
 
 CASES = [  # (M, n, m, r)
     (1, 4096, 1024, 256),
@@ -21,7 +24,7 @@ CASES = [  # (M, n, m, r)
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def run_case(M, n, m, r, dtype, link, gather) -> float:
+def run_case(kernel, M, n, m, r, dtype, link, gather) -> float:
     c = r + 3 if link == "full" else r
     x = torch.randn(M, n, device="cuda").to(dtype)
     C = (torch.randn(m, c, device="cuda") / c ** 0.5).to(dtype)
@@ -34,7 +37,7 @@ def run_case(M, n, m, r, dtype, link, gather) -> float:
         rows = torch.cat([torch.tensor([0, base_rows - 1]), torch.randperm(base_rows - 2)[: r - 2] + 1])
         rows = rows[:r].to("cuda")
     bias = torch.randn(m, device="cuda").to(dtype)
-    y = torch.ops.curkernels_C.cur_linear(x, C, U, R, bias, rows).cpu().double()
+    y = kernel(x, C, U, R, bias, rows).cpu().double()
     # The reference runs on the CPU: only the kernel under test is instrumented on the GPU.
     x, C, R, bias = (t.cpu().double() for t in (x, C, R, bias))
     factor = R[rows.cpu()] if rows is not None else R
@@ -46,12 +49,15 @@ def run_case(M, n, m, r, dtype, link, gather) -> float:
     return ((y - expected).norm() / expected.norm()).item()
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("backend", choices=("cuda", "triton"))
+    kernel = backend_function(parser.parse_args(argv).backend)
     failures = 0
     for (M, n, m, r), dtype, link in itertools.product(
             CASES, (torch.float32, torch.float16, torch.bfloat16), ("none", "diagonal", "full")):
         gather = r >= 2 and M % 2 == 1
-        error = run_case(M, n, m, r, dtype, link, gather)
+        error = run_case(kernel, M, n, m, r, dtype, link, gather)
         ok = error < TOLERANCE[dtype]
         failures += not ok
         if not ok:
