@@ -171,31 +171,46 @@ def _calls_for(M: int, cold_sets: int) -> int:
     return max(cold_sets, 32 if M <= 16 else 8)
 
 
-def run(shapes, ranks, rows, dtype, device, repeats, calls=None) -> tuple[list[Timing], dict]:
+def run(shapes, ranks, rows, dtype, device, repeats, calls=None,
+        budget_s=None) -> tuple[list[Timing], dict]:
+    """Decode sizes (M ≤ 16, the main target) first, then prefill; past `budget_s` seconds the
+    remaining sizes are recorded as not run."""
+    started = time.perf_counter()
     ceilings = measure_ceilings(device)
     l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     results = []
-    for m, n in shapes:
-        for r in ranks:
-            rotations = _weight_sets(m, n, r, dtype, device, l2_bytes)
-            for M in rows:
-                x = torch.randn(M, n, device=device, dtype=dtype)
-                for variant in VARIANTS:
-                    sets = rotations["dense" if variant == "dense" else "factors"]
-                    sequence = calls or _calls_for(M, len(sets))
-                    reason = _unavailable(variant, device)
-                    if reason is not None:
-                        results.append(Timing(m, n, r, M, variant, None, None, reason))
-                        continue
-                    fn = _variant_fn(variant)
-                    eager = time_eager_us(fn, x, sets, sequence, repeats)
-                    graph = (time_graph_us(fn, x, sets, sequence, repeats)
-                             if device.type == "cuda" else None)
-                    results.append(Timing(m, n, r, M, variant, eager, graph))
-            del rotations
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    passes = [[M for M in rows if M <= 16], [M for M in rows if M > 16]]
+    for group in (group for group in passes if group):
+        for m, n in shapes:
+            for r in ranks:
+                if budget_s is not None and time.perf_counter() - started > budget_s:
+                    results += [Timing(m, n, r, M, variant, None, None, "time budget spent")
+                                for M in group for variant in VARIANTS]
+                    continue
+                rotations = _weight_sets(m, n, r, dtype, device, l2_bytes)
+                for M in group:
+                    results += _time_variants(m, n, r, M, dtype, device, rotations, repeats, calls)
+                del rotations
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
     return results, ceilings
+
+
+def _time_variants(m, n, r, M, dtype, device, rotations, repeats, calls) -> list[Timing]:
+    x = torch.randn(M, n, device=device, dtype=dtype)
+    timings = []
+    for variant in VARIANTS:
+        reason = _unavailable(variant, device)
+        if reason is not None:
+            timings.append(Timing(m, n, r, M, variant, None, None, reason))
+            continue
+        sets = rotations["dense" if variant == "dense" else "factors"]
+        sequence = calls or _calls_for(M, len(sets))
+        fn = _variant_fn(variant)
+        eager = time_eager_us(fn, x, sets, sequence, repeats)
+        graph = time_graph_us(fn, x, sets, sequence, repeats) if device.type == "cuda" else None
+        timings.append(Timing(m, n, r, M, variant, eager, graph))
+    return timings
 
 
 def main(argv=None) -> int:
@@ -204,6 +219,8 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU allowed")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds after which the remaining sizes are skipped")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -218,7 +235,7 @@ def main(argv=None) -> int:
     # The smoke run checks the pipeline, not speed: the interpreter takes ~0.1 s a launch.
     with torch.no_grad():
         results, ceilings = run(shapes, ranks, rows, dtype, device, repeats,
-                                calls=2 if args.smoke else None)
+                                calls=2 if args.smoke else None, budget_s=args.budget)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"device": gpu, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "ceilings": ceilings, "seconds": round(time.perf_counter() - started, 1),

@@ -29,3 +29,10 @@ def test_smoke_run_writes_reports(layer_bench, tmp_path, capsys):
     table = (tmp_path / f"{stem}.md").read_text()
     assert "| layer (out×in) | r | M | dense | chain3 | chain2 | triton | cuda |" in table
     assert capsys.readouterr().out.strip().endswith(table.strip().splitlines()[-1])
+
+
+def test_spent_budget_records_sizes_as_not_run(layer_bench, tmp_path):
+    assert layer_bench.main(["--smoke", "--budget", "0", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "cpu.json").read_text())
+    assert report["results"]
+    assert {t["note"] for t in report["results"]} == {"time budget spent"}
