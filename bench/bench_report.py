@@ -106,7 +106,8 @@ def plot(results: list[dict], floors: dict, meta: dict, path: Path) -> bool:
                 ax.plot(*zip(*floor_points, strict=True), "k--", label="floor")
             ax.set(xscale="log", yscale="log", title=f"{m}×{n}, r={r}", xlabel="M",
                    ylabel="µs a call")
-    axes[0][0].legend(fontsize="small")
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize="small")
     figure.suptitle(f"{meta['device']} {meta['dtype']}: CUDA-graph replay (eager where no graph), cold weights")
     figure.tight_layout()
     figure.savefig(path, dpi=80)
