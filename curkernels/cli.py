@@ -47,24 +47,120 @@ def info(as_json: bool = typer.Option(False, "--json", help="machine-readable ou
 def compress(
     model: str = typer.Argument(..., help="model folder (or hub name when online)"),
     out: Path = typer.Argument(..., help="output folder for the compressed checkpoint"),
-    method: str = typer.Option("svd", help="compression method"),
+    method: str = typer.Option("svd", help="svd | asvd | svdllm | curing | rom | lpaf"),
     keep: float = typer.Option(0.5, help="fraction of the targeted weights kept, in (0, 1]"),
     targets: list[str] = typer.Option(None, "--target", help="name pattern of Linears to "
                                       "factor (repeatable); method default when omitted"),
+    layers: str = typer.Option(None, help="block indices '3,5,7', or a count N to pick the N "
+                               "blocks of smallest angular distance; method default when omitted"),
+    calib: str = typer.Option(None, help="calibration text file or datasets name "
+                              "('name' or 'name:config'); offline default text when omitted"),
+    calib_split: str = typer.Option("train", help="split of a datasets calibration source"),
+    num_samples: int = typer.Option(128, help="calibration texts"),
+    seq_len: int = typer.Option(256, help="calibration tokens per text (truncated)"),
+    batch_size: int = typer.Option(8, help="calibration batch size"),
     rank_multiple: int = typer.Option(1, help="round ranks down to a multiple"),
+    option: list[str] = typer.Option(None, "--option", help="method option KEY=VALUE, e.g. "
+                                     "selection=qdeim, max_rank=256, alpha=0.5 (repeatable)"),
     device: str = typer.Option("cpu", help="device to compress on"),
     dtype: str = typer.Option(None, help="dtype to load the model in (default: as saved)"),
 ):
     """Compress a transformers model and save it as a curkernels checkpoint."""
     from . import compress as run_compress
     from . import save_compressed
+    from .compress import METHODS
+    from .compress.calibration_sources import calibration_texts
     from .models import load_dense_model
+
+    def parse_layers(text: str | None):
+        if text is None:
+            return None
+        try:
+            values = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--layers must be integers ('3,5,7' or a count), got "
+                                     f"{text!r}") from None
+        return values if "," in text else values[0]
+
+    def parse_options(pairs: list[str]) -> dict:
+        """KEY=VALUE strings; values parsed as JSON where they are (numbers, null), else text."""
+        options = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise typer.BadParameter(f"--option must be KEY=VALUE, got {pair!r}")
+            try:
+                options[key] = json.loads(value)
+            except json.JSONDecodeError:
+                options[key] = value
+        return options
+
     loaded, tokenizer = load_dense_model(model, device=device, dtype=_dtype(dtype))
-    report = run_compress(loaded, method=method, keep=keep, targets=targets or None,
-                          rank_multiple=rank_multiple)
+    needs_calibration = METHODS.get(method, (None, False))[1]
+    picks_layers = layers is not None and "," not in layers
+    texts = None
+    if needs_calibration or calib is not None or picks_layers:
+        if tokenizer is None:
+            raise ValueError(f"{model} ships no tokenizer: calibration needs one")
+        texts = calibration_texts(calib, num_samples, split=calib_split)
+    report = run_compress(loaded, method=method, keep=keep, calib=texts, tokenizer=tokenizer,
+                          targets=targets or None, layers=parse_layers(layers),
+                          rank_multiple=rank_multiple, seq_len=seq_len, batch_size=batch_size,
+                          **parse_options(option or []))
     console.print(str(report), highlight=False)
     save_compressed(loaded, out, tokenizer=tokenizer)
     console.print(f"saved to {out}")
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="compressed checkpoint or dense model folder"),
+    text: Path = typer.Option(None, help="text file: perplexity (causal LMs)"),
+    sts: Path = typer.Option(None, help="STS TSV (genre, file, year, id, score, s1, s2): "
+                             "Spearman×100 of mean-pooled embeddings (encoders)"),
+    reference: str = typer.Option(None, help="dense model folder: also report the embedding "
+                                  "cosine to it (with --sts)"),
+    window: int = typer.Option(1024, help="perplexity window (tokens)"),
+    stride: int = typer.Option(512, help="perplexity stride (tokens)"),
+    max_tokens: int = typer.Option(None, help="score at most this many tokens of --text"),
+    device: str = typer.Option("cpu", help="device to evaluate on"),
+    dtype: str = typer.Option(None, help="dtype to load the model in (default: as saved)"),
+    out: Path = typer.Option(None, help="folder to write eval.json into"),
+):
+    """Fidelity of a (compressed) model: perplexity on a text, or STS correlation."""
+    import transformers
+
+    from .checkpoint import load_compressed
+    from .eval import embedding_cosine, encode, pair_spearman, perplexity, read_sts_pairs
+    from .models import load_dense_model
+    if (text is None) == (sts is None):
+        raise typer.BadParameter("give exactly one of --text (perplexity) or --sts")
+    config = transformers.AutoConfig.from_pretrained(model)
+    if getattr(config, "compression_config", None):
+        loaded = load_compressed(model, device=device, dtype=_dtype(dtype))
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
+    else:
+        loaded, tokenizer = load_dense_model(model, device=device, dtype=_dtype(dtype))
+    if tokenizer is None:
+        raise ValueError(f"{model} ships no tokenizer: evaluation needs one")
+    results = {"model": model}
+    if text is not None:
+        results["perplexity"] = perplexity(loaded, tokenizer, text, window=window,
+                                           stride=stride, max_tokens=max_tokens)
+    else:
+        left, right, scores = read_sts_pairs(sts)
+        embeddings = encode(loaded, tokenizer, left + right)
+        results["sts_spearman"] = pair_spearman(embeddings[:len(left)],
+                                                embeddings[len(left):], scores)
+        if reference is not None:
+            dense, dense_tokenizer = load_dense_model(reference, device=device)
+            results["embedding_cosine"] = embedding_cosine(
+                encode(dense, dense_tokenizer, left + right), embeddings)
+    for key, value in results.items():
+        console.print(f"{key}: {value if isinstance(value, str) else f'{value:.4f}'}")
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(results, indent=2))
 
 
 def main() -> None:

@@ -93,11 +93,13 @@ def calibration_texts(source=None, num_samples: int = 256, *, split: str = "trai
 
 def tokenize_batches(texts: list[str], tokenizer, *, seq_len: int = 256,
                      batch_size: int = 16) -> list[dict]:
-    """Padded, truncated `input_ids` / `attention_mask` batches."""
+    """Padded, truncated `input_ids` / `attention_mask` batches, texts grouped by length
+    (the statistics do not depend on the order, and similar lengths pad little)."""
     if tokenizer is None:
         raise ValueError("calibration from text needs tokenizer=")
     if tokenizer.pad_token is None:  # decoder tokenizers often have none; pads are masked
         tokenizer.pad_token = tokenizer.eos_token
+    texts = sorted(texts, key=len, reverse=True)
     batches = []
     for start in range(0, len(texts), batch_size):
         encoded = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,

@@ -29,6 +29,18 @@ def deim_select(basis: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(order[:basis.shape[1]].copy(), device=basis.device)
 
 
+def deim_select_reference(basis: torch.Tensor) -> torch.Tensor:
+    """Textbook DEIM as Sorensen & Embree write it: one interpolation solve and one host sync
+    per step. Slow; the reference `deim_select` is tested and benchmarked against."""
+    _check_basis(basis)
+    V = basis.double()
+    picks = [int(V[:, 0].abs().argmax())]
+    for j in range(1, V.shape[1]):
+        coeffs = torch.linalg.solve(V[picks, :j], V[picks, j])
+        picks.append(int((V[:, j] - V[:, :j] @ coeffs).abs().argmax()))
+    return torch.tensor(picks, dtype=torch.int64, device=basis.device)
+
+
 def qdeim_select(basis: torch.Tensor) -> torch.Tensor:
     """Q-DEIM (Drmač & Gugercin): the first k pivots of a column-pivoted QR of Vᵀ."""
     _check_basis(basis)

@@ -23,6 +23,7 @@ is the reading implemented, step by step, and why:
 """
 
 import copy
+import functools
 import math
 import random
 
@@ -83,13 +84,16 @@ def weighted_low_rank(target: torch.Tensor, weights: torch.Tensor, rank: int,
     return split_svd(A @ B, rank)
 
 
+def _leading_forward(module: LowRankLinear, k: int, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.linear(x, module.B[:k]), module.A[:, :k], module.bias)
+
+
 def use_leading_components(modules: list[LowRankLinear], fraction: float) -> None:
     """Run each module with its leading ⌈fraction·r⌉ components (A[:, :k], B[:k]) until
     `use_all_components`; an instance-level forward, so the module class is untouched."""
     for module in modules:
-        k = max(1, math.ceil(fraction * module.rank))
-        module.forward = (lambda m, k: lambda x: F.linear(F.linear(x, m.B[:k]), m.A[:, :k],
-                                                          m.bias))(module, k)
+        module.forward = functools.partial(_leading_forward, module,
+                                           max(1, math.ceil(fraction * module.rank)))
 
 
 def use_all_components(modules: list[LowRankLinear]) -> None:
@@ -128,11 +132,11 @@ def compress_lpaf(model: nn.Module, targets: dict[str, nn.Linear], keep: float, 
                   rank_multiple: int = 1, sparsity: float = 0.3, weight_floor: float = 0.1,
                   sweeps: int = 4, mixed_rank_steps: int = 0, lr: float = 1e-4,
                   min_rank_fraction: float = 0.5, full_rank_steps: int | None = None,
-                  teacher: nn.Module | None = None, seed: int = 0,
+                  teacher: nn.Module | None = None, train_data=None, seed: int = 0,
                   **_) -> list[ModuleReport]:
     """Prune by first-order importance, factor by importance-weighted ALS, then (if
-    `mixed_rank_steps` > 0) mixed-rank fine-tuning on `calib` towards `teacher` (a frozen
-    deep copy of the dense model when None)."""
+    `mixed_rank_steps` > 0) mixed-rank fine-tuning on `train_data` (input dicts; `calib`
+    when None) towards `teacher` (a frozen deep copy of the dense model when None)."""
     if weight_floor < 0:
         raise ValueError(f"weight_floor must be ≥ 0, got {weight_floor}")
     if mixed_rank_steps > 0 and teacher is None:
@@ -152,7 +156,8 @@ def compress_lpaf(model: nn.Module, targets: dict[str, nn.Linear], keep: float, 
     if mixed_rank_steps > 0:
         modules = [model.get_submodule(name) for name in targets]
         tail = max(1, mixed_rank_steps // 10) if full_rank_steps is None else full_rank_steps
-        mixed_rank_finetune(model, teacher, modules, calib, mixed_rank_steps, lr=lr,
+        data = calib if train_data is None else train_data
+        mixed_rank_finetune(model, teacher, modules, data, mixed_rank_steps, lr=lr,
                             min_rank_fraction=min_rank_fraction, full_rank_steps=tail,
                             seed=seed)
     return reports

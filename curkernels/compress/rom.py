@@ -19,8 +19,14 @@ enough, as in the paper.
 import torch
 from torch import nn
 
-from .calibration import (StopForward, collect_linear_stats, model_device, stats_from_passes,
-                          to_device, token_mask)
+from .calibration import (
+    StopForward,
+    collect_linear_stats,
+    model_device,
+    stats_from_passes,
+    to_device,
+    token_mask,
+)
 from .layer_selection import block_list
 from .lowrank import bias_of, replace_with_low_rank
 from .report import ModuleReport
@@ -57,7 +63,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches) -> list[tu
         handle.remove()
     if len(captured) != len(masks):
         raise RuntimeError("the first block was not reached by every calibration batch")
-    return [(mask, args, kwargs) for mask, (args, kwargs) in zip(masks, captured)]
+    return [(mask, args, kwargs) for mask, (args, kwargs) in zip(masks, captured, strict=True)]
 
 
 def _hidden_of(output):
@@ -113,7 +119,7 @@ def compress_rom(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *
         _, args, kwargs = inputs[0]
         for name in forward_order(block, inside, args, kwargs):
             linear = remaining.pop(name)
-            passes = ((mask, lambda a=a, k=k: block(*a, **k)) for mask, a, k in inputs)
+            passes = ((mask, lambda a=a, k=k, b=block: b(*a, **k)) for mask, a, k in inputs)
             stats = stats_from_passes({name: linear}, passes, outputs=True, stop_after=True,
                                       desc=f"rom {name}")
             reports += _replace(model, name, linear, keep, rank_multiple, stats)

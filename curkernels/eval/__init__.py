@@ -1,8 +1,14 @@
 """Fidelity of a compressed model: perplexity for causal LMs, embedding similarity and STS
 correlation for sentence encoders."""
 
-from .embeddings import (embedding_cosine, encode, mean_pool, pair_spearman, read_sts_pairs,
-                         sts_spearman)
+from .embeddings import (
+                         embedding_cosine,
+                         encode,
+                         mean_pool,
+                         pair_spearman,
+                         read_sts_pairs,
+                         sts_spearman,
+)
 from .perplexity import perplexity
 
 __all__ = ["embedding_cosine", "encode", "mean_pool", "pair_spearman", "perplexity",

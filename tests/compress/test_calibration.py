@@ -2,8 +2,11 @@ import pytest
 import torch
 
 from curkernels.compress.calibration import collect_linear_stats, first_order_importance
-from curkernels.compress.calibration_sources import (as_batches, calibration_texts,
-                                                     default_calibration_texts)
+from curkernels.compress.calibration_sources import (
+    as_batches,
+    calibration_texts,
+    default_calibration_texts,
+)
 from curkernels.compress.targets import block_linears
 
 
@@ -29,8 +32,8 @@ def test_stats_match_direct_computation(tiny_bert, batches):
     stats = collect_linear_stats(tiny_bert, {"x": linear}, batches, gram=True,
                                  outputs=True)["x"]
     handle.remove()
-    xs = torch.cat([x[b["attention_mask"].bool()] for (x, _), b in zip(captured, batches)])
-    ys = torch.cat([y[b["attention_mask"].bool()] for (_, y), b in zip(captured, batches)])
+    xs = torch.cat([x[b["attention_mask"].bool()] for (x, _), b in zip(captured, batches, strict=True)])
+    ys = torch.cat([y[b["attention_mask"].bool()] for (_, y), b in zip(captured, batches, strict=True)])
     xs, ys = xs.double(), ys.double()
     torch.testing.assert_close(stats.mean_sq, (xs ** 2).mean(0))
     torch.testing.assert_close(stats.second_moment, xs.T @ xs / len(xs))

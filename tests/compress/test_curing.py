@@ -72,7 +72,7 @@ def test_llama_8b_shaped_follows_paper():
     targets = resolve_targets(model, CURING_DECODER_TARGETS, layers=layers)
     assert len(targets) == 30
     saved = 0
-    for name, linear in targets.items():
+    for linear in targets.values():
         m, n = linear.weight.shape
         rank = curing_rank(m, n, 1.0, PAPER_MAX_RANK, 1)
         assert rank == 256

@@ -4,8 +4,15 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
-from curkernels.eval import (embedding_cosine, encode, mean_pool, pair_spearman, perplexity,
-                             read_sts_pairs, sts_spearman)
+from curkernels.eval import (
+    embedding_cosine,
+    encode,
+    mean_pool,
+    pair_spearman,
+    perplexity,
+    read_sts_pairs,
+    sts_spearman,
+)
 
 
 class WordTokenizer:
