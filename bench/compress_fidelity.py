@@ -24,16 +24,17 @@ from curkernels.eval import embedding_cosine, encode, pair_spearman, read_sts_pa
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 BASELINE = {"dense": 86.72, "svd": 79.87, "asvd": 81.11}
-# (label, method, options, healing steps after compression)
+# label -> (method, options, factors healing trains afterwards or None)
 RUNS = {
-    "svd": ("svd", {}, 0),
-    "asvd": ("asvd", {"alpha": 0.5}, 0),
-    "svdllm": ("svdllm", {}, 0),
-    "rom": ("rom", {}, 0),
-    "curing": ("curing", {}, 0),
-    "lpaf": ("lpaf", {}, 0),
-    "curing+heal": ("curing", {}, 1),
-    "lpaf+mixed-rank": ("lpaf", {"mixed_rank_steps": 1}, 0),
+    "svd": ("svd", {}, None),
+    "asvd": ("asvd", {"alpha": 0.5}, None),
+    "svdllm": ("svdllm", {}, None),
+    "rom": ("rom", {}, None),
+    "curing": ("curing", {}, None),
+    "lpaf": ("lpaf", {}, None),
+    "curing+heal": ("curing", {}, ("U",)),
+    "svdllm+heal": ("svdllm", {}, ("A", "B")),
+    "lpaf+mixed-rank": ("lpaf", {"mixed_rank_steps": 1}, None),
 }
 
 
@@ -80,15 +81,16 @@ def main():
     print(f"dense: {dense_spearman:.2f}", flush=True)
 
     for label in args.methods.split(","):
-        method, options, heal_steps = RUNS[label]
+        method, options, heal_factors = RUNS[label]
         options = dict(options)
         if "mixed_rank_steps" in options:
             options.update(mixed_rank_steps=args.train_steps, lr=args.lr, train_data=train)
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         report = ck.compress(model, method, args.keep, calib, **options)
-        if heal_steps:
-            ck.heal(model, dense, train, steps=args.train_steps, lr=args.lr)
+        if heal_factors:
+            ck.heal(model, dense, train, steps=args.train_steps, lr=args.lr,
+                    trainable=heal_factors)
         seconds = time.perf_counter() - start
         embeddings, spearman = evaluate(model)
         cosine = embedding_cosine(reference, embeddings)
@@ -97,7 +99,8 @@ def main():
                           "embedding_cosine": cosine, "kept": report.kept,
                           "params_before": report.params_before,
                           "params_after": report.params_after, "seconds": seconds,
-                          "train_steps": args.train_steps if heal_steps or
+                          "healed": heal_factors,
+                          "train_steps": args.train_steps if heal_factors or
                           "mixed_rank_steps" in options else 0}
         print(f"{label}: {spearman:.2f} (cos {cosine:.4f}, kept {report.kept:.3f}, "
               f"{seconds:.0f} s)", flush=True)

@@ -86,6 +86,11 @@ def calibration_texts(source=None, num_samples: int = 256, *, split: str = "trai
     if isinstance(source, Path) or Path(str(source)).is_file():
         return read_text_file(source, num_samples)
     if isinstance(source, str):
+        parent = Path(source).parent
+        looks_like_path = source.endswith((".txt", ".text")) or (
+            parent != Path(".") and parent.is_dir())  # 'org/name' datasets have no such folder
+        if looks_like_path:
+            raise FileNotFoundError(f"calibration file {source!r} does not exist")
         return load_dataset_texts(source, num_samples, split, column)
     raise TypeError(f"calibration source must be a list of strings, a file path, a datasets "
                     f"name or None, got {type(source).__name__}")

@@ -115,3 +115,8 @@ def test_strings_without_tokenizer_raise():
 def test_bad_calib_raises(bad):
     with pytest.raises((TypeError, ValueError), match="calib"):
         as_batches(bad)
+
+
+def test_missing_calibration_file_is_not_taken_for_a_dataset(tmp_path):
+    with pytest.raises(FileNotFoundError, match="calibration file"):
+        calibration_texts(str(tmp_path / "missing.txt"), 4)
