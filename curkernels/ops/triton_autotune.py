@@ -30,19 +30,32 @@ def _next_pow2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
 
-def default_config(M: int, r: int, interpreting: bool) -> PrefillConfig:
+def _r_chunk(r: int, largest: int) -> int:
+    return min(largest, max(16, _next_pow2(r)))
+
+
+# Tiles that Triton 3.8 compiles for sm_80 and sm_90 without register spills (ptxas resource
+# report of an ahead-of-time compile): fp16/bf16 operands go to the tensor cores; fp32 runs
+# `input_precision="ieee"` dots on the FMA units, whose operands take more registers.
+def default_config(M: int, r: int, interpreting: bool,
+                   dtype: torch.dtype = torch.bfloat16) -> PrefillConfig:
     if interpreting:  # few, large programs: the interpreter pays per program and per op
-        return PrefillConfig(32, min(64, max(16, _next_pow2(r))), 64, 64, 1, 4, 1)
-    return PrefillConfig(64, min(128, max(16, _next_pow2(r))), 64, 128, 1, 4, 3)
+        return PrefillConfig(32, _r_chunk(r, 64), 64, 64, 1, 4, 1)
+    if dtype == torch.float32:
+        return PrefillConfig(32, _r_chunk(r, 64), 32, 64, 1, 4, 2)
+    return PrefillConfig(64, _r_chunk(r, 128), 64, 128, 1, 8, 3)
 
 
-def candidate_configs(M: int, r: int) -> list[PrefillConfig]:
-    """A short list (tuning compiles each one): row blocks × rank chunks × column splits. The
-    on-chip intermediate (block_m × r_chunk fp32) is capped at 16K values per program."""
-    r_chunks = sorted({min(c, max(16, _next_pow2(r))) for c in (128, 256)})
-    return [PrefillConfig(block_m, r_chunk, 64, 128, split_n, 8, 3)
-            for block_m in (64, 128) for r_chunk in r_chunks for split_n in (1, 2, 4)
-            if block_m * r_chunk <= 16384]
+def candidate_configs(M: int, r: int, dtype: torch.dtype = torch.bfloat16) -> list[PrefillConfig]:
+    """A short list (tuning compiles each one): row blocks × column splits, spill-free tiles."""
+    if dtype == torch.float32:
+        tiles = [(16, _r_chunk(r, 64), 32, 64, 4, 2), (32, _r_chunk(r, 64), 32, 64, 4, 2),
+                 (32, _r_chunk(r, 128), 32, 64, 8, 2)]
+    else:
+        tiles = [(32, _r_chunk(r, 128), 64, 128, 8, 3), (64, _r_chunk(r, 128), 64, 128, 8, 3)]
+    return [PrefillConfig(block_m, r_chunk, block_k, block_n, split_n, warps, stages)
+            for block_m, r_chunk, block_k, block_n, warps, stages in tiles
+            for split_n in (1, 2, 4)]
 
 
 def _cache_path() -> Path:
@@ -85,30 +98,31 @@ _cache = TuningCache(_cache_path())
 _memo: dict[tuple, PrefillConfig] = {}
 
 
-def tuned_config(key: tuple, device: torch.device, M: int, r: int, interpreting: bool,
-                 run: Callable[[PrefillConfig], None]) -> PrefillConfig:
+def tuned_config(key: tuple, device: torch.device, dtype: torch.dtype, M: int, r: int,
+                 interpreting: bool, run: Callable[[PrefillConfig], None]) -> PrefillConfig:
     """The fastest candidate for this shape class on this GPU model; `run` launches one config."""
     config = _memo.get(key)
     if config is not None:
         return config
     if interpreting or os.environ.get("CURKERNELS_TRITON_AUTOTUNE") == "0" \
             or torch.cuda.is_current_stream_capturing():
-        return default_config(M, r, interpreting)
+        return default_config(M, r, interpreting, dtype)
     gpu = torch.cuda.get_device_name(device)
     text_key = "|".join(str(part) for part in key)
     config = _cache.get(gpu, text_key)
     if config is None:
-        config = _benchmark(M, r, run)
+        config = _benchmark(M, r, dtype, run)
         _cache.put(gpu, text_key, config)
     _memo[key] = config
     return config
 
 
-def _benchmark(M: int, r: int, run: Callable[[PrefillConfig], None]) -> PrefillConfig:
+def _benchmark(M: int, r: int, dtype: torch.dtype,
+               run: Callable[[PrefillConfig], None]) -> PrefillConfig:
     import triton.testing
 
-    best, best_ms = default_config(M, r, False), float("inf")
-    for config in candidate_configs(M, r):
+    best, best_ms = default_config(M, r, False, dtype), float("inf")
+    for config in candidate_configs(M, r, dtype):
         try:
             ms = triton.testing.do_bench(lambda config=config: run(config), warmup=5, rep=20,
                                          return_mode="median")

@@ -38,10 +38,9 @@ class _DecodeWorkspace:
 
 @dataclass(frozen=True)
 class _DecodePlan:
-    grid: int
     shrink_tile_k: int
     shrink_k_tiles: int
-    constants: dict
+    launches: tuple[tuple[int, dict], ...]  # (grid, constexpr arguments) of each launch
 
 
 _workspaces: dict[tuple, _DecodeWorkspace] = {}
@@ -77,8 +76,8 @@ def _decode_workspace(device: torch.device, r: int, c: int) -> _DecodeWorkspace:
 
 
 def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: int, m: int,
-                 link_mode: int, has_bias: bool, gather: bool, single: bool) -> _DecodePlan:
-    key = (device, dtype, n, r, c, m, link_mode, has_bias, gather, single)
+                 u_kind: str, has_bias: bool, gather: bool, persistent: bool) -> _DecodePlan:
+    key = (device, dtype, n, r, c, m, u_kind, has_bias, gather, persistent)
     plan = _decode_plans.get(key)
     if plan is not None:
         return plan
@@ -87,48 +86,49 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
     chunks = triton.cdiv(n, blocks["BLOCK_K"])
     # A persistent grid of one program per SM; the shrink is cut into enough K slices that
     # (rank blocks × slices) covers it. Barrier-free, a launch has one program per tile.
-    programs = _multiprocessors(device.index) if single else groups * chunks
+    programs = _multiprocessors(device.index) if persistent else groups * chunks
     slices = min(chunks, max(1, programs // groups))
     tile_k = triton.cdiv(chunks, slices) * blocks["BLOCK_K"]
     k_tiles = triton.cdiv(n, tile_k)
-    most_tiles = max(groups * k_tiles, triton.cdiv(m, blocks["BLOCK_OUT"]),
-                     triton.cdiv(c, blocks["BLOCK_OUT"]) if link_mode == decode.FULL_LINK else 1)
-    constants = dict(blocks, LINK_MODE=link_mode, HAS_BIAS=has_bias, GATHER=gather,
-                     DOT_FP32=dtype == torch.float32, num_warps=DECODE_NUM_WARPS)
-    plan = _DecodePlan(min(programs, most_tiles), tile_k, k_tiles, constants)
+    full_u = u_kind == "full"
+    tiles = {"DO_SHRINK": groups * k_tiles, "DO_LINK": triton.cdiv(c, blocks["BLOCK_OUT"]),
+             "DO_EXPAND": triton.cdiv(m, blocks["BLOCK_OUT"])}
+    phases = ["DO_SHRINK"] + (["DO_LINK"] if full_u else []) + ["DO_EXPAND"]
+    common = dict(blocks, DIAGONAL_U=u_kind == "diagonal", FULL_U=full_u, HAS_BIAS=has_bias,
+                  GATHER=gather, DOT_FP32=dtype == torch.float32, num_warps=DECODE_NUM_WARPS)
+    if persistent:
+        grid = min(programs, max(tiles[phase] for phase in phases))
+        launches = ((grid, dict(common, PERSISTENT=True, DO_SHRINK=True, DO_LINK=full_u,
+                                DO_EXPAND=True)),)
+    else:
+        launches = tuple((tiles[phase], dict(common, PERSISTENT=False,
+                                             **{flag: flag == phase for flag in tiles}))
+                         for phase in phases)
+    plan = _DecodePlan(tile_k, k_tiles, launches)
     _decode_plans[key] = plan
     return plan
 
 
-def _link_mode(U: torch.Tensor | None) -> int:
+def _u_kind(U: torch.Tensor | None) -> str:
     if U is None:
-        return decode.NO_LINK
-    return decode.DIAGONAL_LINK if U.dim() == 1 else decode.FULL_LINK
+        return "none"
+    return "diagonal" if U.dim() == 1 else "full"
 
 
 def _cur_linear_decode(x2d, C, U, R, bias, rows, y) -> None:
     M, n = x2d.shape
     m, c = C.shape
     r = rows.shape[0] if rows is not None else R.shape[0]
-    link_mode = _link_mode(U)
-    single = _single_launch(x2d.device)
-    plan = _decode_plan(x2d.device, x2d.dtype, n, r, c, m, link_mode, bias is not None,
-                        rows is not None, single)
+    persistent = _single_launch(x2d.device)
+    plan = _decode_plan(x2d.device, x2d.dtype, n, r, c, m, _u_kind(U), bias is not None,
+                        rows is not None, persistent)
     workspace = _decode_workspace(x2d.device, r, c)
+    if not persistent:
+        workspace.first_sums.zero_()
     args = (x2d, R, rows, U, C, bias, y, workspace.sums, workspace.link, workspace.sync,
             M, n, r, c, m, R.shape[0], plan.shrink_tile_k, plan.shrink_k_tiles)
-    if single:
-        decode.cur_linear_decode_kernel[(plan.grid,)](*args, PHASE=decode.ALL_PHASES,
-                                                      **plan.constants)
-        return
-    blocks = DECODE_BLOCKS
-    workspace.first_sums.zero_()
-    phases = [(decode.SHRINK, triton.cdiv(r, blocks["BLOCK_R"]) * plan.shrink_k_tiles)]
-    if link_mode == decode.FULL_LINK:
-        phases.append((decode.LINK, triton.cdiv(c, blocks["BLOCK_OUT"])))
-    phases.append((decode.EXPAND, triton.cdiv(m, blocks["BLOCK_OUT"])))
-    for phase, grid in phases:
-        decode.cur_linear_decode_kernel[(grid,)](*args, PHASE=phase, **plan.constants)
+    for grid, constants in plan.launches:
+        decode.cur_linear_decode_kernel[(grid,)](*args, **constants)
 
 
 def _next_pow2(value: int) -> int:
@@ -165,7 +165,7 @@ def _cur_linear_prefill(x2d, C, U, R, bias, rows, y) -> None:
 
     key = (x2d.device.index, x2d.dtype, min(_next_pow2(M), 8192), n, m, r, rows is not None,
            scale is not None)
-    run(tuned_config(key, x2d.device, M, r, triton_interpreting(), run))
+    run(tuned_config(key, x2d.device, x2d.dtype, M, r, triton_interpreting(), run))
 
 
 def cur_linear_triton(x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,

@@ -10,15 +10,13 @@ double-buffered by an epoch counter kept in the workspace: every launch zeroes t
 next one, so nothing changes on the host between calls and CUDA-graph replays stay correct.
 
 A spin barrier deadlocks where programs run one after another (TRITON_INTERPRET=1), so the same
-kernel also runs barrier-free: one launch per phase (`PHASE` = 1, 2, 3) over a workspace the
-host zeroes first.
+kernel also runs barrier-free (PERSISTENT=False): one launch per phase, chosen by the DO_*
+flags, over a workspace the host zeroes first.
 """
 
 import triton
 import triton.language as tl
 
-ALL_PHASES, SHRINK, LINK, EXPAND = 0, 1, 2, 3
-NO_LINK, DIAGONAL_LINK, FULL_LINK = 0, 1, 2
 SYNC_WORDS = 4  # arrivals, generation, epoch, padding (int32 each)
 
 
@@ -71,8 +69,10 @@ def _row_block_dot(acc, a_ptr, a_rows, a_row_mask, lda, in_ptr, ld_in, scale_ptr
 def cur_linear_decode_kernel(
         x_ptr, r_ptr, rows_ptr, u_ptr, c_ptr, bias_ptr, y_ptr, sums_ptr, link_ptr, sync_ptr,
         M, n, r, c, m, base_rows, shrink_tile_k, shrink_k_tiles,
-        PHASE: tl.constexpr, LINK_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-        GATHER: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr,
+        PERSISTENT: tl.constexpr, DO_SHRINK: tl.constexpr, DO_LINK: tl.constexpr,
+        DO_EXPAND: tl.constexpr, DIAGONAL_U: tl.constexpr, FULL_U: tl.constexpr,
+        HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
         BLOCK_IN: tl.constexpr, WORKSPACE_ROWS: tl.constexpr):
     pid = tl.program_id(0)
@@ -80,7 +80,7 @@ def cur_linear_decode_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     sums_size = WORKSPACE_ROWS * r
     sums = sums_ptr
-    if PHASE == ALL_PHASES:
+    if PERSISTENT:
         # Read before the first barrier, whose last arriver bumps it: every program agrees.
         epoch = tl.atomic_add(sync_ptr + 2, 0, sem="relaxed")
         sums = sums_ptr + (epoch % 2) * sums_size
@@ -89,7 +89,7 @@ def cur_linear_decode_kernel(
             offs = start + tl.arange(0, BLOCK_IN)
             tl.store(next_sums + offs, tl.zeros((BLOCK_IN,), tl.float32), mask=offs < sums_size)
 
-    if PHASE == ALL_PHASES or PHASE == SHRINK:
+    if DO_SHRINK:
         tiles = tl.cdiv(r, BLOCK_R) * shrink_k_tiles
         for tile in range(pid, tiles, num_programs):
             offs_r = (tile // shrink_k_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -106,11 +106,11 @@ def cur_linear_decode_kernel(
                                  k_begin, k_end, False, False, BLOCK_M, BLOCK_K, DOT_FP32)
             tl.atomic_add(sums + offs_m[:, None] * r + offs_r[None, :], acc,
                           mask=(offs_m[:, None] < M) & r_mask[None, :], sem="relaxed")
-    if PHASE == ALL_PHASES:
+    if PERSISTENT:
         _grid_barrier(sync_ptr, num_programs, True)
 
-    if LINK_MODE == FULL_LINK:
-        if PHASE == ALL_PHASES or PHASE == LINK:
+    if FULL_U:
+        if DO_LINK:
             for tile in range(pid, tl.cdiv(c, BLOCK_OUT), num_programs):
                 offs_out = tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
                 out_mask = offs_out < c
@@ -119,20 +119,20 @@ def cur_linear_decode_kernel(
                                      u_ptr, M, 0, r, True, False, BLOCK_M, BLOCK_IN, DOT_FP32)
                 tl.store(link_ptr + offs_m[:, None] * c + offs_out[None, :], acc,
                          mask=(offs_m[:, None] < M) & out_mask[None, :])
-        if PHASE == ALL_PHASES:
+        if PERSISTENT:
             _grid_barrier(sync_ptr, num_programs, False)
 
-    if PHASE == ALL_PHASES or PHASE == EXPAND:
+    if DO_EXPAND:
         for tile in range(pid, tl.cdiv(m, BLOCK_OUT), num_programs):
             offs_out = tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
             out_mask = offs_out < m
             acc = tl.zeros((BLOCK_M, BLOCK_OUT), tl.float32)
-            if LINK_MODE == FULL_LINK:
+            if FULL_U:
                 acc = _row_block_dot(acc, c_ptr, offs_out.to(tl.int64), out_mask, c, link_ptr, c,
                                      u_ptr, M, 0, c, True, False, BLOCK_M, BLOCK_IN, DOT_FP32)
             else:
                 acc = _row_block_dot(acc, c_ptr, offs_out.to(tl.int64), out_mask, c, sums, r,
-                                     u_ptr, M, 0, c, True, LINK_MODE == DIAGONAL_LINK, BLOCK_M,
+                                     u_ptr, M, 0, c, True, DIAGONAL_U, BLOCK_M,
                                      BLOCK_IN, DOT_FP32)
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_out, mask=out_mask, other=0.0).to(tl.float32)[None, :]

@@ -46,11 +46,14 @@ def test_prefill_clamps_out_of_range_rows(poisoned):
     assert_matches_reference(y, dict(case, rows=case["rows"].clamp(0, base_rows - 1)))
 
 
-def test_candidate_configs_keep_the_intermediate_small():
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_candidate_configs_keep_the_intermediate_small(dtype):
+    """The on-chip intermediate (block_m × r_chunk fp32) stays within the spill-free tiles."""
     for r in (1, 100, 256, 1024):
-        configs = triton_autotune.candidate_configs(64, r)
-        assert configs
-        assert all(c.block_m * c.r_chunk <= 16384 for c in configs)
+        configs = triton_autotune.candidate_configs(64, r, dtype)
+        assert triton_autotune.default_config(64, r, False, dtype) in configs
+        assert all(c.block_m * c.r_chunk <= 8192 for c in configs)
+        assert all(c.r_chunk <= max(16, 1 << (r - 1).bit_length()) for c in configs)
 
 
 def test_tuning_cache_round_trip(tmp_path):
