@@ -1,0 +1,108 @@
+"""Compiles the Triton kernels for real GPU targets (sm_80, sm_90) without a GPU, with exactly
+the constexpr arguments the backend launches them with. The interpreter accepts code that the
+compiler rejects (module globals read inside a kernel, unsupported ops, shape mismatches);
+this catches those on a CPU-only machine. Run as a script: TRITON_INTERPRET must be unset when
+the kernels are defined. Prints one line per compiled kernel; exits non-zero on any failure."""
+
+import os
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, compile
+
+from curkernels.ops import triton_backend
+from curkernels.ops.triton_autotune import candidate_configs, default_config
+from curkernels.ops.triton_decode import cur_linear_decode_kernel
+from curkernels.ops.triton_prefill import cur_linear_prefill_kernel
+
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def signature(kernel, pointers: dict, constants: dict) -> dict:
+    """Pointer arguments typed from `pointers`, integers as i32, the rest constexpr."""
+    sig = {}
+    for name in kernel.arg_names:
+        if name in constants:
+            sig[name] = "constexpr"
+        elif name in pointers:
+            sig[name] = pointers[name]
+        else:
+            sig[name] = "i32"
+    return sig
+
+
+def compile_for(kernel, pointers, constants, num_warps, num_stages, arch):
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constants),
+                    constexprs=constants)
+    compiled = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+    shared = compiled.metadata.shared
+    assert shared <= SHARED_LIMIT[arch], f"{shared} bytes of shared memory on sm_{arch}"
+    return shared
+
+
+def decode_kernels(dtype):
+    triton_backend._multiprocessors = lambda device_index: 132
+    ptr = "*" + TRITON_TYPES[dtype]
+    for persistent in (True, False):
+        for u_kind in ("none", "diagonal", "full"):
+            with_extras = u_kind == "full"  # gather rows and bias with the full U
+            plan = triton_backend._decode_plan(torch.device("cuda", 0), dtype, 4096, 256,
+                                               264 if u_kind == "full" else 256, 4096, u_kind,
+                                               with_extras, with_extras, persistent)
+            pointers = {"x_ptr": ptr, "r_ptr": ptr, "c_ptr": ptr, "y_ptr": ptr,
+                        "sums_ptr": "*fp32", "link_ptr": "*fp32", "sync_ptr": "*i32"}
+            nones = {}
+            for name, present, kind in (("rows_ptr", with_extras, "*i64"),
+                                        ("u_ptr", u_kind != "none", ptr),
+                                        ("bias_ptr", with_extras, ptr)):
+                if present:
+                    pointers[name] = kind
+                else:
+                    nones[name] = None
+            for _, launch in plan.launches:
+                constants = {k: v for k, v in launch.items() if k != "num_warps"} | nones
+                yield (f"decode {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
+                       f"U={u_kind}", pointers, constants, launch["num_warps"], 3)
+
+
+def prefill_kernels(dtype):
+    ptr = "*" + TRITON_TYPES[dtype]
+    pointers = {"x_ptr": ptr, "r_ptr": ptr, "rows_ptr": "*i64", "scale_ptr": ptr, "c_ptr": ptr,
+                "bias_ptr": ptr, "y_ptr": ptr, "partial_ptr": "*fp32"}
+    configs = {default_config(4096, 1024, False, dtype)} | set(candidate_configs(4096, 1024, dtype))
+    for config in sorted(configs, key=str):
+        constants = dict(GATHER=True, HAS_SCALE=True, HAS_BIAS=True, ACCUMULATE=True, FINAL=True,
+                         DOT_FP32=dtype == torch.float32, BLOCK_M=config.block_m,
+                         R_CHUNK=config.r_chunk, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
+                         SPLIT_N=config.split_n)
+        yield (f"prefill {TRITON_TYPES[dtype]} {config}", pointers, constants, config.num_warps,
+               config.num_stages)
+
+
+def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET to compile"
+    quick = "--quick" in sys.argv  # one dtype, sm_90 and the prefill default only
+    failures = 0
+    for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
+        kernels = list(decode_kernels(dtype)) + list(prefill_kernels(dtype))
+        if quick:
+            kernels = [k for k in kernels if not k[0].startswith("prefill")
+                       or str(default_config(4096, 1024, False, dtype)) in k[0]]
+        for name, pointers, constants, num_warps, num_stages in kernels:
+            decode = name.startswith("decode")
+            kernel = cur_linear_decode_kernel if decode else cur_linear_prefill_kernel
+            for arch in (90,) if quick else (80, 90):
+                try:
+                    shared = compile_for(kernel, pointers, constants, num_warps, num_stages, arch)
+                    print(f"ok   sm_{arch} {name}: {shared} B shared")
+                except Exception as exc:  # report every failing kernel, then fail
+                    failures += 1
+                    print(f"FAIL sm_{arch} {name}: {type(exc).__name__}: {exc}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
