@@ -1,0 +1,69 @@
+"""A small model made of CURLinear layers, on a GPU: torch.compile(fullgraph=True) and CUDA-graph
+capture give the eager result, through each backend."""
+
+import pytest
+import torch
+from torch import nn
+
+from curkernels.nn import CURLinear
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def _model(backend: str) -> nn.Module:
+    torch.manual_seed(0)
+    layers = []
+    for n, m, r in ((512, 1024, 64), (1024, 512, 32)):
+        C = torch.randn(m, r) / r ** 0.5
+        U = torch.randn(r, r) / r ** 0.5
+        R = torch.randn(r, n) / n ** 0.5
+        layers += [CURLinear(C, U, R, torch.randn(m), trainable=(), backend=backend), nn.GELU()]
+    return nn.Sequential(*layers).to("cuda", torch.bfloat16)
+
+
+def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = x.double()
+    for layer in model:
+        if isinstance(layer, CURLinear):
+            y = y @ layer.R.double().t() @ layer.U.double().t() @ layer.C.double().t()
+            y = y + layer.bias.double()
+        else:
+            y = torch.nn.functional.gelu(y)
+    return y
+
+
+def _assert_close(y, expected):
+    assert torch.isfinite(y).all()
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("backend", ("auto", "cuda", "triton", "torch"))
+@pytest.mark.parametrize("rows", (1, 40))
+def test_compiled_model_fullgraph(backend, rows):
+    model = _model(backend)
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        _assert_close(compiled(x), _reference(model, x))
+
+
+@pytest.mark.parametrize("backend", ("auto", "cuda", "triton"))
+def test_model_replays_in_a_cuda_graph(backend):
+    model = _model(backend)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            model(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
+        y = model(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_close(y, _reference(model, x))
