@@ -34,7 +34,7 @@ else
 fi
 
 step "GPU tests"
-CURKERNELS_REQUIRE_EXTENSION=1 timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider \
+CURKERNELS_REQUIRE_EXTENSION=1 timeout 210 "$PYTHON" -m pytest -q -p no:cacheprovider \
   tests/ops -m gpu > "$OUT/gpu_tests.log" 2>&1
 summary+=("gpu tests: $(tail -1 "$OUT/gpu_tests.log")")
 
@@ -53,7 +53,7 @@ for backend in cuda triton; do
 done
 
 step "layer benchmark"
-timeout 330 "$PYTHON" bench/layer_bench.py --out "$OUT" --budget 240 > "$OUT/bench.log" 2>&1
+timeout 330 "$PYTHON" bench/layer_bench.py --out "$OUT" --budget 210 > "$OUT/bench.log" 2>&1
 summary+=("benchmark: exit $? ($(grep -o '"seconds": [0-9.]*' "$OUT"/*.json | tail -1))")
 
 echo

@@ -61,7 +61,7 @@ def test_decode_clamps_out_of_range_rows(poisoned):
 @gpu
 @pytest.mark.gpu
 @pytest.mark.parametrize("single_launch", ("1", "0"))
-@pytest.mark.parametrize("dtype", (torch.float16, torch.bfloat16, torch.float32))
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float32))  # fp16 runs on the CPU too
 @pytest.mark.parametrize("link", LINKS)
 def test_decode_gpu_both_forms(single_launch, dtype, link, poisoned, monkeypatch):
     monkeypatch.setenv("CURKERNELS_TRITON_SINGLE_LAUNCH", single_launch)
