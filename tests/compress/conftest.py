@@ -3,6 +3,8 @@ import torch
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 VOCAB = 96
+# tiny matrices: one thread avoids OpenMP spin-waits that slow a loaded 2-core box 10×+
+torch.set_num_threads(1)
 
 
 def random_batches(count=3, batch=4, length=12, seed=0, pad_last=3):
