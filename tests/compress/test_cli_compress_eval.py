@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "curkernels", *args], capture_output=True,
-                          text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": ""})
+                          text=True, timeout=600, env={"HF_HUB_OFFLINE": "1", "PATH": "", "OMP_NUM_THREADS": "1"})
 
 
 def test_compress_with_calibration_file_then_eval_sts(tmp_path):
