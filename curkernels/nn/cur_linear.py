@@ -102,23 +102,24 @@ class CURLinear(nn.Module):
                    None if linear.bias is None else linear.bias.detach(), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        C, U = self._forward_factors()
-        return cur_linear(x, C, U, self.R, self.bias,
-                          rows=self.row_indices if self.gather else None,
-                          backend=self.backend, check_rows=False)
+        params = self._parameters  # direct: nn.Module.__getattr__ costs µs per factor
+        C, U = self._forward_factors(params["C"], params.get("U"))
+        return cur_linear(x, C, U, params["R"], params.get("bias"),
+                          rows=self._buffers.get("row_indices") if self.gather else None,
+                          backend=self.backend, check_rows=False, check_factors=False)
 
-    def _forward_factors(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward_factors(self, C: torch.Tensor, U: torch.Tensor | None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A full U that gets no gradient in this call is folded into C (fp64, cached until C or
         U is changed in place or moved): the kernels then run two stages, not three. The cache
         holds one m×r copy beside C; `fold()` makes it permanent."""
-        U = self.U
         if U is None or U.dim() == 1 or torch.compiler.is_compiling():
-            return self.C, U
-        if torch.is_grad_enabled() and (U.requires_grad or self.C.requires_grad):
-            return self.C, U
-        key = (self.C.data_ptr(), U.data_ptr(), self.C._version, U._version)
-        if getattr(self, "_folded_key", None) != key:
-            self._folded_C = (self.C.double() @ U.double()).to(self.C.dtype)
+            return C, U
+        if torch.is_grad_enabled() and (U.requires_grad or C.requires_grad):
+            return C, U
+        key = (C.data_ptr(), U.data_ptr(), C._version, U._version)
+        if self.__dict__.get("_folded_key") != key:
+            self._folded_C = (C.double() @ U.double()).to(C.dtype)
             self._folded_key = key
         return self._folded_C, None
 

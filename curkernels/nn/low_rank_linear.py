@@ -40,7 +40,9 @@ class LowRankLinear(nn.Module):
                    None if linear.bias is None else linear.bias.detach(), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cur_linear(x, self.A, None, self.B, self.bias, backend=self.backend)
+        params = self._parameters  # direct: nn.Module.__getattr__ costs µs per factor
+        return cur_linear(x, params["A"], None, params["B"], params.get("bias"),
+                          backend=self.backend, check_factors=False)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:

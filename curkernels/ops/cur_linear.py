@@ -4,7 +4,7 @@ import torch
 
 from .execute import run_cur_linear
 from .library import cur_linear_op
-from .validation import check_cur_linear_args, check_rows_in_range
+from .validation import check_cur_linear_args, check_input, check_rows_in_range
 
 
 def _needs_graph(*tensors) -> bool:
@@ -15,7 +15,8 @@ def _needs_graph(*tensors) -> bool:
 
 def cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,
                bias: torch.Tensor | None = None, *, rows: torch.Tensor | None = None,
-               backend: str = "auto", check_rows: bool = True) -> torch.Tensor:
+               backend: str = "auto", check_rows: bool = True,
+               check_factors: bool = True) -> torch.Tensor:
     """The three-factor product on the last dimension of `x`.
 
     Args:
@@ -29,12 +30,18 @@ def cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torc
             'auto'. A named backend that cannot run raises BackendUnavailableError.
         check_rows: bound-check `rows` on the host (one device sync). Modules check once
             when indices are set and pass False.
+        check_factors: validate every argument (default). Modules validate their factors
+            when they are built and pass False: then only x is checked against them, which
+            keeps the eager per-call host cost near a plain `F.linear`'s.
 
     Returns:
         (..., m) tensor of x's dtype, accumulated in fp32.
     """
     if not torch.compiler.is_compiling():
-        check_cur_linear_args(x, C, U, R, bias, rows)
+        if check_factors:
+            check_cur_linear_args(x, C, U, R, bias, rows)
+        else:
+            check_input(x, C, R)
         if rows is not None and check_rows:
             check_rows_in_range(rows, R.shape[0])
     if _needs_graph(x, C, U, R, bias):

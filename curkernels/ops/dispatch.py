@@ -1,24 +1,24 @@
 """Choose the backend of one `cur_linear` call.
 
 A named backend (argument or CURKERNELS_BACKEND) runs or raises; it never falls back. 'auto'
-follows an explicit table, by device, execution mode (eager or CUDA graph / compile), M and
-dtype. Every entry that picks a fused kernel rests on a measurement; where there is none the
-cuBLAS chain (the torch backend) is kept. Sources (../shared/BASELINE.md, H100, bf16):
+follows an explicit table, by device, execution mode (eager or CUDA graph / compile), M, the
+layer's shape and dtype. Every entry that picks a fused kernel rests on a measurement
+(bench/results/NVIDIA_H100_80GB_HBM3.md: H100, bf16, cold weights, U folded); elsewhere the
+cuBLAS chain (the torch backend) is kept.
 
-- Eager decode: each launch costs host time — chain2 takes 43.6–65.8 µs a call eager against
-  8.9–15.8 µs on the GPU, and chain3 twice the dense layer. One fused launch removes two of
-  the three launches, so eager decode (M ≤ 16) goes to a fused kernel: the CUDA extension
-  (a C++ op, the cheaper host path), else Triton.
+- Eager decode: host time per launch dominates. The CUDA extension (one C++ op launch) took
+  13.7–34.7 µs a call where chain2 took 45–58 µs at M ≤ 4 on every Llama-3.1-8B shape and
+  r ≤ 1024; at M = 16 it loses at r = 1024 on the 14336-wide shapes (77–89 vs 54–58 µs), so
+  M > 4 needs r ≤ 512. Without the extension, eager Triton (53–80 µs) does not beat chain2.
 - Decode inside a CUDA graph being captured (torch.cuda.graph, torch.compile's
-  "reduce-overhead" mode; the op resolves its backend when it runs): only a
-  persistent single-launch Triton kernel was measured, and it lost to chain2 at r = 1024
-  (15.0 vs 13.8 µs on 4096×4096, 22.1 vs 20.4 on 14336×4096) while winning at r = 256. The
-  kernels here are unmeasured, so the chain stays until `bench/gpu_check.sh` shows otherwise:
-  record a win in GRAPH_DECODE_WINNERS.
-- Prefill (M > 16): no fused prefill kernel has been measured; cuBLAS chain.
+  "reduce-overhead" mode; the op resolves its backend when it runs): the single-launch Triton
+  kernel beat chain2 inside the boxes of GRAPH_DECODE_WINNERS (0.68–0.86× its time) and tied
+  or lost outside them (r = 1024, or 14336 output rows).
+- Prefill (M > 16): the fused prefill kernel was 3–26× slower than chain2; cuBLAS chain.
 """
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -28,10 +28,34 @@ from .errors import BackendUnavailableError
 ENV_BACKEND = "CURKERNELS_BACKEND"
 DECODE_MAX_ROWS = 16
 
-# GPU name (torch.cuda.get_device_name) -> {(dtype, largest M): backend}, from
-# bench/results/<gpu>.json: a fused backend belongs here only where it beat chain2 at every
-# shape and rank benchmarked for that dtype and M in CUDA graphs. Empty: nothing measured yet.
-GRAPH_DECODE_WINNERS: dict[str, dict[tuple[torch.dtype, int], str]] = {}
+EAGER_CUDA_ALWAYS_ROWS = 4
+EAGER_CUDA_MAX_RANK = 512
+
+
+@dataclass(frozen=True)
+class DecodeBox:
+    """Layers with at most these sizes (M rows, m outputs, n inputs, rank r)."""
+    max_rows: int
+    max_out: int
+    max_in: int
+    max_rank: int
+
+    def holds(self, rows: int, shape: tuple[int, int, int]) -> bool:
+        m, n, r = shape
+        return (rows <= self.max_rows and m <= self.max_out and n <= self.max_in
+                and r <= self.max_rank)
+
+
+# (GPU name, dtype) -> boxes where the single-launch Triton kernel beat chain2 at every
+# benchmarked shape inside the box in CUDA graphs, U folded (no link): a fused backend goes
+# here only from bench/results/<gpu>.json. The link stays out: the diagonal-U single-launch
+# form failed a bf16 accuracy test on the H100 (see bench/NOTES.md).
+GRAPH_DECODE_WINNERS: dict[tuple[str, torch.dtype], tuple[DecodeBox, ...]] = {
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16): (
+        DecodeBox(max_rows=16, max_out=4096, max_in=4096, max_rank=512),
+        DecodeBox(max_rows=16, max_out=4096, max_in=14336, max_rank=256),
+    ),
+}
 
 
 def requested_backend(backend: str) -> str:
@@ -48,25 +72,33 @@ def _graph_mode() -> bool:
     return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
 
 
-def _fused_decode_backend(device: torch.device) -> str | None:
-    for backend in ("cuda", "triton"):
-        if unavailable_reason(backend, device) is None:
-            return backend
-    return None
+def _eager_decode_backend(x: torch.Tensor, num_rows: int,
+                          shape: tuple[int, int, int] | None) -> str:
+    if unavailable_reason("cuda", x.device) is not None:
+        return "torch"
+    if num_rows <= EAGER_CUDA_ALWAYS_ROWS or (shape is not None
+                                               and shape[2] <= EAGER_CUDA_MAX_RANK):
+        return "cuda"
+    return "torch"
 
 
-def _graph_decode_winner(x: torch.Tensor, num_rows: int) -> str | None:
-    if not GRAPH_DECODE_WINNERS:
-        return None
-    winners = GRAPH_DECODE_WINNERS.get(torch.cuda.get_device_name(x.device), {})
-    for (dtype, max_rows), backend in sorted(winners.items(), key=lambda item: item[0][1]):
-        if dtype == x.dtype and num_rows <= max_rows:
-            return backend if unavailable_reason(backend, x.device) is None else None
-    return None
+def _graph_decode_backend(x: torch.Tensor, num_rows: int, shape: tuple[int, int, int] | None,
+                          linked: bool) -> str:
+    if shape is None or linked:
+        return "torch"
+    boxes = GRAPH_DECODE_WINNERS.get((torch.cuda.get_device_name(x.device), x.dtype), ())
+    if any(box.holds(num_rows, shape) for box in boxes) \
+            and unavailable_reason("triton", x.device) is None:
+        return "triton"
+    return "torch"
 
 
-def choose_backend(backend: str, x: torch.Tensor, num_rows: int) -> str:
-    """A named backend runs or raises; 'auto' picks from the table above."""
+def choose_backend(backend: str, x: torch.Tensor, num_rows: int,
+                   shape: tuple[int, int, int] | None = None, linked: bool = False) -> str:
+    """A named backend runs or raises; 'auto' picks from the table above.
+
+    `shape` is the layer's (m, n, r); `linked` says a U stage remains (not folded).
+    """
     backend = requested_backend(backend)
     if backend != "auto":
         reason = unavailable_reason(backend, x.device)
@@ -76,5 +108,5 @@ def choose_backend(backend: str, x: torch.Tensor, num_rows: int) -> str:
     if x.device.type != "cuda" or num_rows > DECODE_MAX_ROWS:
         return "torch"
     if _graph_mode():
-        return _graph_decode_winner(x, num_rows) or "torch"
-    return _fused_decode_backend(x.device) or "torch"
+        return _graph_decode_backend(x, num_rows, shape, linked)
+    return _eager_decode_backend(x, num_rows, shape)

@@ -6,9 +6,11 @@ from .backends import backend_function
 from .dispatch import choose_backend, requested_backend
 
 
-def resolve_backend(backend: str, x2d: torch.Tensor) -> str:
+def resolve_backend(backend: str, x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
+                    rows_or_R: torch.Tensor) -> str:
     """The dispatch choice, with float64 kept on the only backend that computes in it."""
-    chosen = choose_backend(backend, x2d, x2d.shape[0])
+    shape = (C.shape[0], x2d.shape[1], rows_or_R.shape[0])
+    chosen = choose_backend(backend, x2d, x2d.shape[0], shape, linked=U is not None)
     if x2d.dtype == torch.float64 and chosen != "torch":
         if requested_backend(backend) != "auto":
             raise TypeError(f"backend {chosen!r} does not compute in float64; use "
@@ -21,8 +23,10 @@ def run_cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: 
                    bias: torch.Tensor | None, rows: torch.Tensor | None,
                    backend: str) -> torch.Tensor:
     """Flatten x to (M, n), dispatch, run, restore the leading dimensions."""
-    x2d = x.reshape(-1, x.shape[-1])
+    flat = x.dim() != 2
+    x2d = x.reshape(-1, x.shape[-1]) if flat else x
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    y2d = backend_function(resolve_backend(backend, x2d))(x2d, C, U, R, bias, rows)
-    return y2d.reshape(*x.shape[:-1], C.shape[0])
+    chosen = resolve_backend(backend, x2d, C, U, R if rows is None else rows)
+    y2d = backend_function(chosen)(x2d, C, U, R, bias, rows)
+    return y2d.reshape(*x.shape[:-1], C.shape[0]) if flat else y2d

@@ -72,6 +72,19 @@ def check_cur_linear_args(x, C, U, R, bias, rows) -> None:
             raise ValueError(f"bias must have m = {C.shape[0]} entries, got {tuple(bias.shape)}")
 
 
+def check_input(x, C, R) -> None:
+    """The per-call check for factors validated once (modules): x must fit them."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != R.shape[1]:
+        raise ValueError(f"x must have R's {R.shape[1]} features in its last dimension, got "
+                         f"shape {tuple(x.shape)}")
+    if x.dtype != C.dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the factors have {C.dtype}")
+    if x.device != C.device:
+        raise ValueError(f"x is on {x.device} but the factors are on {C.device}")
+
+
 def check_rows_in_range(rows: torch.Tensor, num_base_rows: int) -> None:
     """Host-side bound check of gather indices (one device sync; modules do it once at load)."""
     if rows.numel() == 0:

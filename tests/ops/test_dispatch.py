@@ -53,37 +53,58 @@ def all_backends_available(monkeypatch):
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device: None)
 
 
-@pytest.mark.parametrize("num_rows", (1, 4, 16))
-def test_eager_decode_goes_to_the_cuda_extension(num_rows, all_backends_available, monkeypatch):
+LAYER = (4096, 4096, 256)  # (m, n, r)
+
+
+@pytest.mark.parametrize("num_rows, shape", [(1, LAYER), (4, (14336, 4096, 1024)),
+                                             (16, (4096, 14336, 512)), (3, None)])
+def test_eager_decode_goes_to_the_cuda_extension(num_rows, shape, all_backends_available,
+                                                 monkeypatch):
     monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
-    assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows) == "cuda"
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows, shape) == "cuda"
 
 
-def test_eager_decode_uses_triton_without_the_extension(monkeypatch):
+def test_eager_decode_at_16_rows_and_rank_1024_keeps_the_chain(all_backends_available,
+                                                                monkeypatch):
+    """Measured on the H100: the CUDA kernel lost to chain2 there (77 vs 54 µs)."""
+    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 16, (14336, 4096, 1024)) == "torch"
+
+
+def test_eager_decode_without_the_extension_keeps_the_chain(monkeypatch):
+    """Eager Triton (53–80 µs a call) did not beat chain2 (45–58 µs) on the H100."""
     monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
     monkeypatch.setattr(dispatch, "unavailable_reason",
                         lambda backend, device: "not built" if backend == "cuda" else None)
-    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1) == "triton"
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER) == "torch"
 
 
 @pytest.mark.parametrize("num_rows", (17, 128, 4096))
 def test_prefill_keeps_the_cublas_chain(num_rows, all_backends_available, monkeypatch):
     monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
-    assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows) == "torch"
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows, LAYER) == "torch"
 
 
-def test_graph_decode_keeps_the_chain_until_measured(all_backends_available, monkeypatch):
+def test_graph_decode_keeps_the_chain_where_nothing_was_measured(all_backends_available,
+                                                                 monkeypatch):
     monkeypatch.setattr(dispatch, "_graph_mode", lambda: True)
-    monkeypatch.setattr(dispatch, "GRAPH_DECODE_WINNERS", {})
-    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1) == "torch"
-
-
-def test_graph_decode_follows_recorded_wins(all_backends_available, monkeypatch):
-    monkeypatch.setattr(dispatch, "_graph_mode", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "H100")
-    monkeypatch.setattr(dispatch, "GRAPH_DECODE_WINNERS",
-                        {"H100": {(torch.bfloat16, 4): "cuda", (torch.bfloat16, 16): "triton"}})
-    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1) == "cuda"
-    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 9) == "triton"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A100")
-    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1) == "torch"
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER) == "torch"
+
+
+@pytest.mark.parametrize("shape, linked, expected", [
+    ((4096, 4096, 256), False, "triton"),
+    ((1024, 4096, 512), False, "triton"),
+    ((4096, 14336, 256), False, "triton"),
+    ((4096, 14336, 512), False, "torch"),    # tied with chain2
+    ((14336, 4096, 256), False, "torch"),    # tied
+    ((4096, 4096, 1024), False, "torch"),    # within 3%: not a measured win
+    ((4096, 4096, 256), True, "torch"),      # a U stage left: not measured in graphs
+])
+def test_graph_decode_follows_the_h100_measurements(shape, linked, expected,
+                                                     all_backends_available, monkeypatch):
+    monkeypatch.setattr(dispatch, "_graph_mode", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name",
+                        lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, shape, linked) == expected
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 17, shape, linked) == "torch"
