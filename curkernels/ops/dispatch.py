@@ -8,8 +8,9 @@ cuBLAS chain (the torch backend) is kept.
 
 - Eager decode: host time per launch dominates. The CUDA extension (one C++ op launch) took
   13.7–34.7 µs a call where chain2 took 45–58 µs at M ≤ 4 on every Llama-3.1-8B shape and
-  r ≤ 1024; at M = 16 it loses at r = 1024 on the 14336-wide shapes (77–89 vs 54–58 µs), so
-  M > 4 needs r ≤ 512. Without the extension, eager Triton (53–80 µs) does not beat chain2.
+  r ≤ 1024; at M = 16 it loses at r = 1024 on the 14336-wide shapes (77–89 vs 54–58 µs) and
+  wins on the 4096-wide ones (44–49 vs 53–54 µs), so M > 4 needs r ≤ 512 or both sides
+  ≤ 4096. Without the extension, eager Triton (53–80 µs) does not beat chain2.
 - Decode inside a CUDA graph being captured (torch.cuda.graph, torch.compile's
   "reduce-overhead" mode; the op resolves its backend when it runs): the single-launch Triton
   kernel beat chain2 inside the boxes of GRAPH_DECODE_WINNERS (0.68–0.86× its time) and tied
@@ -30,6 +31,7 @@ DECODE_MAX_ROWS = 16
 
 EAGER_CUDA_ALWAYS_ROWS = 4
 EAGER_CUDA_MAX_RANK = 512
+EAGER_CUDA_MAX_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -76,8 +78,10 @@ def _eager_decode_backend(x: torch.Tensor, num_rows: int,
                           shape: tuple[int, int, int] | None) -> str:
     if unavailable_reason("cuda", x.device) is not None:
         return "torch"
-    if num_rows <= EAGER_CUDA_ALWAYS_ROWS or (shape is not None
-                                               and shape[2] <= EAGER_CUDA_MAX_RANK):
+    if num_rows <= EAGER_CUDA_ALWAYS_ROWS:
+        return "cuda"
+    if shape is not None and (shape[2] <= EAGER_CUDA_MAX_RANK
+                              or max(shape[0], shape[1]) <= EAGER_CUDA_MAX_SIDE):
         return "cuda"
     return "torch"
 
