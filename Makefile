@@ -27,7 +27,7 @@ demo: install
 	$(PYTHON) python/demo.py
 
 # A run that collects no test (pytest exit 5) fails: this suite is never empty.
-test: install
+test: install lint
 	$(PYTHON) -m curkernels info
 	TRITON_INTERPRET=1 CURKERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
 		$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900
