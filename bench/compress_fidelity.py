@@ -31,6 +31,7 @@ RUNS = {  # label -> (method, options)
     "svd": ("svd", {}),
     "asvd": ("asvd", {"alpha": 0.5}),
     "svdllm": ("svdllm", {}),
+    "svdllm-global": ("svdllm", {"allocation": "global"}),
     "rom": ("rom", {}),
     "curing": ("curing", {}),
     "lpaf": ("lpaf", {"sweeps": 2}),  # two ALS sweeps: the CPU budget

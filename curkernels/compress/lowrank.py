@@ -19,7 +19,10 @@ Factorize = Callable[[str, nn.Linear, int], tuple[torch.Tensor, torch.Tensor, to
 
 def replace_with_low_rank(model: nn.Module, targets: dict[str, nn.Linear], keep: float,
                           rank_multiple: int, factorize: Factorize,
-                          stats: dict[str, LinearStats] | None = None) -> list[ModuleReport]:
+                          stats: dict[str, LinearStats] | None = None,
+                          ranks: dict[str, int] | None = None) -> list[ModuleReport]:
+    """Swap each target for factorize()'s factors at `ranks[name]`, or by default the same
+    budget share for every module (`rank_for_keep`)."""
     reports = []
 
     def make(name: str, linear: nn.Linear) -> LowRankLinear:
@@ -27,7 +30,8 @@ def replace_with_low_rank(model: nn.Module, targets: dict[str, nn.Linear], keep:
         m, n = linear.weight.shape
         if not torch.isfinite(linear.weight).all():
             raise ValueError(f"the weight of {name!r} holds NaN or Inf: cannot factor it")
-        rank = rank_for_keep(m, n, keep, "none", rank_multiple)
+        rank = ranks[name] if ranks is not None else rank_for_keep(m, n, keep, "none",
+                                                                   rank_multiple)
         A, B, bias = factorize(name, linear, rank)
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"factoring {name!r} produced NaN/Inf factors")
@@ -54,3 +58,29 @@ def split_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
 
 def bias_of(linear: nn.Linear) -> torch.Tensor | None:
     return None if linear.bias is None else linear.bias.detach().double()
+
+
+def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], keep: float,
+                   multiple: int = 1) -> dict[str, int]:
+    """Ranks that share one budget, keep·Σmn entries, across modules instead of giving each
+    the same share. `spectra[name] = (σ², m, n)` with σ² the descending squared singular values
+    whose truncation error the module pays; component k of a module removes a fraction
+    σ_k²/Σσ² of its error and costs m + n entries, and components are taken greedily by that
+    fraction per entry (a prefix per module, as σ² is sorted). Every module keeps at least
+    `multiple` components; ranks are rounded down to `multiple`."""
+    budget = keep * sum(m * n for _, m, n in spectra.values())
+    ranks = {name: min(multiple, m, n) for name, (_, m, n) in spectra.items()}
+    spent = sum(r * (m + n) for r, (_, m, n) in zip(ranks.values(), spectra.values(),
+                                                     strict=True))
+    candidates = []
+    for name, (sigma_sq, m, n) in spectra.items():
+        share = sigma_sq.double() / sigma_sq.double().sum().clamp_min(1e-300)
+        candidates += [(float(share[k]) / (m + n), name) for k in range(ranks[name], len(share))]
+    for _, name in sorted(candidates, key=lambda c: -c[0]):
+        _, m, n = spectra[name]
+        if spent + m + n > budget:
+            continue  # a cheaper module's component may still fit
+        ranks[name] += 1
+        spent += m + n
+    return {name: max(min(multiple, rank), rank // multiple * multiple)
+            for name, rank in ranks.items()}

@@ -1,0 +1,37 @@
+import copy
+
+import pytest
+import torch
+
+import curkernels as ck
+from curkernels.compress.lowrank import allocate_ranks
+
+
+def test_global_allocation_fits_budget_and_favours_slow_spectra():
+    flat = torch.ones(32)  # every component matters equally
+    steep = 0.5 ** torch.arange(32, dtype=torch.float64)  # two components hold nearly all
+    ranks = allocate_ranks({"flat": (flat, 32, 32), "steep": (steep, 32, 32)}, keep=0.5)
+    assert ranks["flat"] > ranks["steep"] >= 1
+    assert (ranks["flat"] + ranks["steep"]) * 64 <= 0.5 * 2 * 32 * 32
+
+
+def test_global_allocation_respects_multiple():
+    ranks = allocate_ranks({"a": (torch.rand(40).sort(descending=True).values, 40, 40),
+                            "b": (torch.rand(40).sort(descending=True).values, 40, 60)},
+                           keep=0.6, multiple=4)
+    assert all(r % 4 == 0 and r >= 4 for r in ranks.values())
+
+
+def test_svdllm_global_allocation_keeps_the_budget(tiny_bert, batches):
+    uniform = copy.deepcopy(tiny_bert)
+    a = ck.compress(uniform, "svdllm", 0.4, batches)
+    b = ck.compress(tiny_bert, "svdllm", 0.4, batches, allocation="global")
+    assert b.params_after <= 0.4 * b.params_before
+    assert len({m.rank for m in b.modules}) > 1
+    assert tiny_bert.config.compression_config["options"] == {"allocation": "global"}
+    assert a.params_before == b.params_before
+
+
+def test_bad_allocation(tiny_bert, batches):
+    with pytest.raises(ValueError, match="allocation"):
+        ck.compress(tiny_bert, "svdllm", 0.4, batches, allocation="best")
