@@ -50,8 +50,9 @@ def compress(model: nn.Module, method: str = "svd", keep: float = 0.5, calib=Non
             angular distance (first and last excluded; needs calib). Default: all blocks, or
             10 picked blocks for CURing on decoder LMs.
         rank_multiple: round ranks down to a multiple (8–128 suits tensor cores).
-        opts: method options (e.g. selection="qdeim", max_rank=, energy= for curing;
-            alpha= for asvd; damping= for svdllm; sparsity=, mixed_rank_steps= for lpaf).
+        opts: method options (e.g. selection="qdeim"|"greedy", max_rank=, energy=, svd= for
+            curing; alpha= for asvd; damping=, allocation="global" for svdllm; sparsity=,
+            sweeps=, mixed_rank_steps=, lr= for lpaf).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
