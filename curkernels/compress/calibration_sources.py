@@ -18,7 +18,7 @@ _DEFAULT_TEXT_MODULES = ("argparse", "collections", "contextlib", "csv", "datacl
                          "datetime", "decimal", "difflib", "email.message", "fractions",
                          "functools", "heapq", "http.client", "inspect", "json", "logging",
                          "pathlib", "pickle", "random", "shutil", "statistics", "string",
-                         "subprocess", "tarfile", "textwrap", "threading", "typing",
+                         "subprocess", "tarfile", "textwrap", "threading",
                          "unittest", "urllib.parse", "zipfile")
 
 
