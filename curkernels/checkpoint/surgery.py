@@ -7,7 +7,6 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from ..nn import set_submodule
 from .module_specs import CheckpointError, build_module, expected_tensor_shapes
 
 
@@ -23,7 +22,7 @@ def apply_compression_config(model: nn.Module, block: dict) -> None:
         if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != shape:
             raise CheckpointError(f"compression_config describes {name!r} as a {shape[0]}×"
                                   f"{shape[1]} Linear, but the model has {linear!r}")
-        set_submodule(model, name, build_module(spec, linear.weight.dtype, linear.weight.device))
+        model.set_submodule(name, build_module(spec, linear.weight.dtype, linear.weight.device))
 
 
 def checkpoint_tensor_shapes(files) -> dict[str, tuple[int, ...]]:

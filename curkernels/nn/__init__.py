@@ -2,9 +2,9 @@
 
 from .cur_linear import CURLinear
 from .low_rank_linear import LowRankLinear
-from .surgery import find_linears, name_matches, set_submodule, swap_linears
+from .surgery import find_linears, name_matches, swap_linears
 
 FACTORED_MODULES = (CURLinear, LowRankLinear)
 
 __all__ = ["FACTORED_MODULES", "CURLinear", "LowRankLinear", "find_linears", "name_matches",
-           "set_submodule", "swap_linears"]
+           "swap_linears"]

@@ -29,17 +29,11 @@ def find_linears(model: nn.Module, patterns: Iterable[str] | None = None,
     return found
 
 
-def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def swap_linears(model: nn.Module, targets: dict[str, nn.Linear],
                  make: Callable[[str, nn.Linear], nn.Module]) -> dict[str, nn.Module]:
     """Replace each target by `make(name, linear)`, in place; returns the new modules."""
     replaced = {}
     for name, linear in targets.items():
         replaced[name] = make(name, linear)
-        set_submodule(model, name, replaced[name])
+        model.set_submodule(name, replaced[name])
     return replaced

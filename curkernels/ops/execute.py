@@ -1,5 +1,7 @@
 """Run one `cur_linear` call on the backend dispatch picks for it."""
 
+import math
+
 import torch
 
 from .backends import backend_function
@@ -24,7 +26,8 @@ def run_cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: 
                    backend: str) -> torch.Tensor:
     """Flatten x to (M, n), dispatch, run, restore the leading dimensions."""
     flat = x.dim() != 2
-    x2d = x.reshape(-1, x.shape[-1]) if flat else x
+    # An explicit row count: reshape(-1, 0) is ambiguous when the feature dimension is empty.
+    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     chosen = resolve_backend(backend, x2d, C, U, R if rows is None else rows)

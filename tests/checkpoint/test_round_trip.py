@@ -10,7 +10,6 @@ from transformers import AutoModel, AutoModelForCausalLM, BertTokenizerFast
 
 import curkernels as ck
 from curkernels import CURLinear, LowRankLinear
-from curkernels.nn import set_submodule
 
 PICKLE_MAGIC = b"\x80"
 
@@ -33,7 +32,7 @@ def cur_model(architecture="llama"):
             cols = torch.randperm(w.shape[1], generator=g)[:8]
             C, R = w[:, cols], w[rows]
             U = torch.linalg.pinv(C.double()) @ w.double() @ torch.linalg.pinv(R.double())
-            set_submodule(model, name, CURLinear(C, U.float(), R, linear.bias,
+            model.set_submodule(name, CURLinear(C, U.float(), R, linear.bias,
                                                  row_indices=rows, col_indices=cols))
     return model
 

@@ -143,3 +143,25 @@ def test_modules_compile_fullgraph_with_dispatch_at_run_time(backend, monkeypatc
     assert explanation.graph_break_count == 0
     compiled = torch.compile(layers, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), layers(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("module", [
+    CURLinear(*random_factors()[:3]),
+    LowRankLinear(torch.randn(37, 4), torch.randn(4, 53)),
+])
+def test_modules_check_each_input_against_their_factors(module):
+    """Factors are validated once; every call still checks x (a kernel must never read past
+    it)."""
+    with pytest.raises(ValueError, match="53 features"):
+        module(torch.randn(2, 52))
+    with pytest.raises(TypeError, match="dtype"):
+        module(torch.randn(2, 53, dtype=torch.float16))
+    with pytest.raises(ValueError, match="53 features"):
+        module(torch.tensor(1.0))
+
+
+def test_batched_input_with_an_empty_feature_dimension():
+    from curkernels.ops import cur_linear
+    y = cur_linear(torch.randn(2, 3, 0), torch.randn(4, 2), None, torch.randn(2, 0),
+                   torch.ones(4))
+    assert y.shape == (2, 3, 4) and torch.equal(y, torch.ones(2, 3, 4))
