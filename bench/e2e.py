@@ -29,6 +29,7 @@ import torch
 import transformers
 from e2e_models import ATTENTION, LLAMA_31_8B, SMALL, compressed_copy, dense_model, settings_for
 
+from curkernels.nn import prepare_for_inference
 from curkernels.serve import StaticCacheGenerator
 from curkernels.serve.hf_compat import cache_bytes
 
@@ -51,6 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--decode-steps", type=int, default=None, help="default 32")
     parser.add_argument("--rounds", type=int, default=None, help="default 5")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--compiled-settings", default=None,
+                        help="settings timed on the compiled path (default: all); each one "
+                             "compiles a graph per job")
+    parser.add_argument("--time-budget", type=float, default=float("inf"),
+                        help="seconds from the first model build: later jobs that would not "
+                             "fit are skipped and listed in the JSON")
     parser.add_argument("--factors", choices=["random", "compress"], default=None,
                         help="random factors at the setting's ranks (default on GPU), or run "
                              "curkernels.compress (default with --small)")
@@ -171,39 +178,75 @@ def decode_job(args, compiled: bool, context: torch.Tensor):
     return build
 
 
-def measure(models: dict, args, device: torch.device, vocab: int) -> list[dict]:
-    """One record per path, measurement, batch size and setting."""
+def planned_jobs(args) -> list[tuple[str, str, int]]:
+    """(path, metric, batch) in the order they run: the issue's headline measurements (batch-1
+    decode and prefill) first, so that a run cut short by --time-budget still has them."""
+    first, rest = [], []
+    for path in args.paths:
+        first += [(path, "prefill_ms", 1)] if path == "eager" else []
+        first += [(path, "decode_tokens_per_s", b) for b in args.batch_sizes if b == 1]
+        first += [(path, "prefill_ms", 1)] if path == "compiled" else []
+        rest += [(path, "decode_tokens_per_s", b) for b in args.batch_sizes if b != 1]
+    return first + rest
+
+
+def job_builder(args, path: str, metric: str, batch: int, prompt: torch.Tensor,
+                contexts: dict[int, torch.Tensor]):
+    compiled = path == "compiled"
+    if metric == "prefill_ms":
+        return prefill_job(args, compiled, prompt)
+    return decode_job(args, compiled, contexts[batch])
+
+
+def measure(models: dict, args, device: torch.device, vocab: int,
+            on_result: Callable[[list[dict], list[dict]], None]) -> tuple[list[dict], list[dict]]:
+    """One record per path, measurement, batch size and setting, and the jobs skipped to stay
+    within --time-budget (a job is skipped when the last job of its path, which includes
+    compiling on the compiled path, would not fit in what is left)."""
     rng = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (1, args.prefill_tokens), generator=rng).to(device)
     contexts = {b: torch.randint(0, vocab, (b, args.context), generator=rng).to(device)
                 for b in args.batch_sizes}
-    results = []
-    for path in args.paths:
+    results, skipped = [], []
+    last_duration: dict[str, float] = {}
+    for path, metric, batch in planned_jobs(args):
         compiled = path == "compiled"
-        jobs = [("prefill_ms", 1, prefill_job(args, compiled, prompt))]
-        jobs += [("decode_tokens_per_s", b, decode_job(args, compiled, contexts[b]))
-                 for b in args.batch_sizes]
-        for metric, batch, build in jobs:
-            print(f"[{path}] {metric} at batch {batch}", file=sys.stderr, flush=True)
-            generators, runners = {}, {}
-            for name, model in models.items():
-                generators[name], runners[name] = build(model)
-            memory = MemoryTracker(device)
-            samples = alternate(runners, args.warmup, args.rounds, memory)
-            for name, times in samples.items():
-                median = statistics.median(times)
-                parameters = bounds.parameter_bytes(models[name])
-                kv_cache = cache_bytes(generators[name].cache)
-                results.append({
-                    "path": path, "setting": name, "metric": metric, "batch": batch,
-                    "value": (median * 1e3 if metric == "prefill_ms"
-                              else batch * args.decode_steps / median),
-                    "seconds": times, "parameter_bytes": parameters, "kv_cache_bytes": kv_cache,
-                    "peak_memory_bytes": (parameters + kv_cache + memory.peak_extra[name]
-                                          if device.type == "cuda" else None)})
-            del generators, runners
-            release(device, compiled)
-    return results
+        names = [n for n in models if not compiled or n in args.compiled_settings]
+        left = args.time_budget - (time.perf_counter() - args.started)
+        needed = last_duration.get(path, 0.0)
+        if left <= needed:
+            skipped.append({"path": path, "metric": metric, "batch": batch,
+                            "why": f"time budget: {left:.0f} s left, the last {path} job "
+                                   f"took {needed:.0f} s"})
+            print(f"[{path}] skip {metric} at batch {batch}: {skipped[-1]['why']}",
+                  file=sys.stderr, flush=True)
+            continue
+        print(f"[{path}] {metric} at batch {batch} ({', '.join(names)})", file=sys.stderr,
+              flush=True)
+        job_start = time.perf_counter()
+        build = job_builder(args, path, metric, batch, prompt, contexts)
+        generators, runners = {}, {}
+        for name in names:
+            generators[name], runners[name] = build(models[name])
+        memory = MemoryTracker(device)
+        samples = alternate(runners, args.warmup, args.rounds, memory)
+        for name, times in samples.items():
+            median = statistics.median(times)
+            parameters = bounds.parameter_bytes(models[name])
+            kv_cache = cache_bytes(generators[name].cache)
+            results.append({
+                "path": path, "setting": name, "metric": metric, "batch": batch,
+                "value": (median * 1e3 if metric == "prefill_ms"
+                          else batch * args.decode_steps / median),
+                "seconds": times, "parameter_bytes": parameters, "kv_cache_bytes": kv_cache,
+                "peak_memory_bytes": (parameters + kv_cache + memory.peak_extra[name]
+                                      if device.type == "cuda" else None)})
+        del generators, runners
+        release(device, compiled)
+        last_duration[path] = time.perf_counter() - job_start
+        print(f"[{path}] done in {last_duration[path]:.1f} s", file=sys.stderr, flush=True)
+        on_result(results, skipped)
+    return results, skipped
 
 
 def environment(device: torch.device) -> dict:
@@ -232,37 +275,53 @@ def main(argv=None) -> None:
             sys.exit(f"--settings must include dense and name only "
                      f"{[s.name for s in settings]}; got {wanted}")
         settings = [s for s in settings if s.name in wanted]
-    start = time.perf_counter()
+    args.started = time.perf_counter()
     dense = dense_model(shape, max(args.prefill_tokens, args.context + args.decode_steps) + 1,
                         device, dtype)
     models, notes = {}, {}
     for setting in settings:
         print(f"building {setting.name}", file=sys.stderr, flush=True)
-        models[setting.name], notes[setting.name] = compressed_copy(
+        model, notes[setting.name] = compressed_copy(
             dense, setting, shape, factors=args.factors, method=args.method, device=device)
-    results = measure(models, args, device, shape.vocab)
+        # as `load_for_inference` serves a checkpoint: frozen, CUR links folded
+        models[setting.name] = prepare_for_inference(model)
+    args.compiled_settings = (args.compiled_settings.split(",") if args.compiled_settings
+                              else list(models))
+    unknown = set(args.compiled_settings) - set(models)
+    if unknown or "dense" not in args.compiled_settings:
+        sys.exit(f"--compiled-settings must include dense and name only {list(models)}; "
+                 f"got {args.compiled_settings}")
     summary = {
         "environment": environment(device), "dtype": args.dtype, "attention": ATTENTION,
         "shape": "small" if args.small else "Llama-3.1-8B", "dimensions": vars(shape),
-        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "options": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                    if k != "started"},
         "settings": {s.name: {"description": s.description, "built_with": notes[s.name],
                               "parameter_bytes": bounds.parameter_bytes(models[s.name]),
                               "decode_bytes": bounds.decode_bytes(models[s.name], args.context),
                               "prefill_flops": bounds.prefill_flops(models[s.name],
                                                                     args.prefill_tokens)}
                      for s in settings},
-        "results": results, "seconds": time.perf_counter() - start,
         # the issue's targets are about Llama-3.1-8B shapes on a GPU, not the sanity check
         "targets_apply": not args.small and device.type == "cuda"}
-    summary["comparisons"] = report.comparisons(summary)
-    summary["checks"] = report.checks(summary)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / ("e2e_small" if args.small else "e2e")
-    stem.with_suffix(".json").write_text(json.dumps(summary, indent=2))
-    table = report.markdown(summary)
-    stem.with_suffix(".md").write_text(table)
-    report.plot(summary, stem.with_suffix(".png"))
-    print(table)
+
+    def save(results: list[dict], skipped: list[dict]) -> str:
+        """Write what has been measured so far: a run cut short keeps its finished jobs."""
+        summary.update(results=results, skipped=skipped,
+                       seconds=time.perf_counter() - args.started)
+        summary["comparisons"] = report.comparisons(summary)
+        summary["checks"] = report.checks(summary)
+        table = report.markdown(summary)
+        for suffix, text in ((".json", json.dumps(summary, indent=2)), (".md", table)):
+            partial = stem.with_name(stem.name + suffix + ".partial")
+            partial.write_text(text)
+            partial.replace(stem.with_suffix(suffix))
+        report.plot(summary, stem.with_suffix(".png"))
+        return table
+
+    print(save(*measure(models, args, device, shape.vocab, save)))
 
 
 if __name__ == "__main__":

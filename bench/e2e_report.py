@@ -97,8 +97,12 @@ def markdown(summary: dict) -> str:
              "| path | measure | batch | " + " | ".join(settings) + " |",
              "|---|---|---|" + "---|" * len(settings)]
     for (path, metric, batch), by_setting in _groups(summary).items():
-        cells = [_cell(by_setting[s], found.get((path, metric, batch, s))) for s in settings]
+        cells = [_cell(by_setting[s], found.get((path, metric, batch, s)))
+                 if s in by_setting else "not timed" for s in settings]
         lines.append(f"| {path} | {LABELS[metric]} | {batch} | " + " | ".join(cells) + " |")
+    for job in summary.get("skipped", []):
+        lines.append(f"| {job['path']} | {LABELS[job['metric']]} | {job['batch']} | "
+                     f"skipped ({job['why']}) |" + " |" * (len(settings) - 1))
     lines += ["", "| setting | built with | parameters GB | peak GB (largest run) |",
               "|---|---|---|---|"]
     for name, info in summary["settings"].items():

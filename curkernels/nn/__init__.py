@@ -1,10 +1,11 @@
 """Drop-in factorized modules and the surgery that puts them into a model."""
 
 from .cur_linear import CURLinear
+from .inference import prepare_for_inference
 from .low_rank_linear import LowRankLinear
 from .surgery import find_linears, name_matches, swap_linears
 
 FACTORED_MODULES = (CURLinear, LowRankLinear)
 
 __all__ = ["FACTORED_MODULES", "CURLinear", "LowRankLinear", "find_linears", "name_matches",
-           "swap_linears"]
+           "prepare_for_inference", "swap_linears"]

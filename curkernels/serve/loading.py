@@ -6,6 +6,7 @@ import torch
 import transformers
 
 from ..checkpoint import load_compressed
+from ..nn import prepare_for_inference
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16,
           "bfloat16": torch.bfloat16}
@@ -23,13 +24,16 @@ def default_device() -> str:
 
 
 def load_for_inference(folder: str | os.PathLike, device: str | torch.device | None = None,
-                       dtype: torch.dtype | None = None, tokenizer: str | None = None):
-    """(model in eval mode, tokenizer) from a folder written by `curkernels.save_compressed`.
+                       dtype: torch.dtype | None = None, tokenizer: str | None = None,
+                       fold: bool = True):
+    """(model, tokenizer) from a folder written by `curkernels.save_compressed`, the model
+    frozen by `curkernels.nn.prepare_for_inference` (links folded unless `fold=False`).
 
     The tokenizer comes from `tokenizer` (a folder or hub name) when given, else from the
     checkpoint folder, which must then hold one.
     """
-    model = load_compressed(folder, device=device or default_device(), dtype=dtype)
+    model = prepare_for_inference(
+        load_compressed(folder, device=device or default_device(), dtype=dtype), fold=fold)
     source = tokenizer or folder
     try:
         loaded = transformers.AutoTokenizer.from_pretrained(source)

@@ -11,13 +11,15 @@ REPO = Path(__file__).resolve().parents[2]
 def test_small_benchmark_writes_results(tmp_path):
     command = [sys.executable, str(REPO / "bench" / "e2e.py"), "--small", "--out", str(tmp_path),
                "--settings", "dense,curing,keep0.5", "--batch-sizes", "1,2", "--rounds", "1",
-               "--warmup", "1"]
+               "--warmup", "1", "--compiled-settings", "dense,curing"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "e2e_small.json").read_text())
     assert summary["attention"] == "sdpa" and summary["dtype"] == "float32"
     measured = {(r["path"], r["metric"], r["batch"], r["setting"]) for r in summary["results"]}
-    assert len(measured) == 2 * 3 * 3  # paths × (prefill, decode at 2 batch sizes) × settings
+    # (prefill, decode at 2 batch sizes) × (3 settings eager + 2 compiled)
+    assert len(measured) == 3 * (3 + 2)
+    assert not any(p == "compiled" and s == "keep0.5" for p, _, _, s in measured)
     assert all(r["value"] > 0 for r in summary["results"])
     bounds = {c["setting"]: c["bound"] for c in summary["comparisons"]
               if c["metric"] == "decode_tokens_per_s" and c["path"] == "eager" and c["batch"] == 1}
@@ -26,4 +28,25 @@ def test_small_benchmark_writes_results(tmp_path):
     assert all(c["passed"] is None for c in summary["checks"])  # targets are for 8B on a GPU
     table = (tmp_path / "e2e_small.md").read_text()
     assert "| compiled | decode tok/s | 2 |" in table and "keep0.5" in table
+    assert "not timed" in table  # keep0.5 on the compiled path
     assert (tmp_path / "e2e_small.png").stat().st_size > 0
+
+
+def test_time_budget_skips_jobs_and_lists_them(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "e2e.py"), "--small", "--out", str(tmp_path),
+               "--settings", "dense,keep0.5", "--paths", "eager", "--batch-sizes", "1",
+               "--time-budget", "0"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "e2e_small.json").read_text())
+    assert summary["results"] == []
+    assert [(j["path"], j["metric"], j["batch"]) for j in summary["skipped"]] == [
+        ("eager", "prefill_ms", 1), ("eager", "decode_tokens_per_s", 1)]
+    assert "skipped (time budget" in (tmp_path / "e2e_small.md").read_text()
+
+
+def test_compiled_settings_must_include_dense(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "e2e.py"), "--small", "--out", str(tmp_path),
+               "--settings", "dense,keep0.5", "--compiled-settings", "keep0.5"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode != 0 and "--compiled-settings must include dense" in done.stderr
