@@ -318,7 +318,8 @@ def main(argv=None) -> None:
             partial = stem.with_name(stem.name + suffix + ".partial")
             partial.write_text(text)
             partial.replace(stem.with_suffix(suffix))
-        report.plot(summary, stem.with_suffix(".png"))
+        if not report.plot(summary, stem.with_suffix(".png")):
+            table += "\n(matplotlib is not installed: no PNG)\n"
         return table
 
     print(save(*measure(models, args, device, shape.vocab, save)))

@@ -121,11 +121,15 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path) -> None:
-    """Speedup over dense per setting, one panel per path, bounds as black ticks."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(summary: dict, path: Path) -> bool:
+    """Speedup over dense per setting, one panel per path, bounds as black ticks; False when
+    matplotlib (an optional bench dependency) is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
 
     paths = list(dict.fromkeys(c["path"] for c in summary["comparisons"]))
     settings = [s for s in summary["settings"] if s != "dense"]
@@ -154,3 +158,4 @@ def plot(summary: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+    return True
