@@ -102,7 +102,8 @@ def settings_for(keeps: tuple[float, ...]) -> list[Setting]:
 
 
 def compressed_copy(dense: nn.Module, setting: Setting, shape: Shape, *, factors: str,
-                    method: str, device: torch.device) -> tuple[nn.Module, str]:
+                    method: str, device: torch.device,
+                    rank_multiple: int = 1) -> tuple[nn.Module, str]:
     """A compressed copy of `dense` for `setting`, and a note on how it was made."""
     if setting.name == "dense":
         return dense, "dense"
@@ -120,15 +121,17 @@ def compressed_copy(dense: nn.Module, setting: Setting, shape: Shape, *, factors
     keep = float(setting.name.removeprefix("keep"))
     if factors == "compress":
         ck.compress(model, method=method, keep=keep, targets=list(PROJECTIONS),
-                    calib=calibration_batches(shape, device))
-        return model, f"curkernels.compress(method={method!r}, keep={keep:g})"
+                    calib=calibration_batches(shape, device), rank_multiple=rank_multiple)
+        return model, (f"curkernels.compress(method={method!r}, keep={keep:g}, "
+                       f"rank_multiple={rank_multiple})")
 
     def factor(_name: str, linear: nn.Linear) -> LowRankLinear:
         m, n = linear.weight.shape
-        return random_low_rank(linear, rank_for_keep(m, n, keep, "none"))
+        return random_low_rank(linear, rank_for_keep(m, n, keep, "none", rank_multiple))
 
     swap_linears(model, find_linears(model, PROJECTIONS), factor)
-    return model, f"random two-factor modules at the rank holding keep {keep:g}"
+    return model, (f"random two-factor modules at the rank holding keep {keep:g}, rounded "
+                   f"down to a multiple of {rank_multiple}")
 
 
 def shape_dict(shape: Shape) -> dict:

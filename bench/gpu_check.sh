@@ -2,6 +2,7 @@
 # The one prepared GPU check (DESIGN.md). Sections, in this order:
 #   kernels   run the GPU tests, the CUDA and Triton kernels under compute-sanitizer memcheck,
 #             and time the Llama-3.1-8B layer shapes (issue 4; under 8 minutes on an H100)
+#   capture   only the GPU tests of torch.compile / CUDA-graph capture and of compiled serving
 #   compress  CURing's 30 matrices of the 8B shape decomposed on the GPU (issue 3)
 #   e2e       bench/e2e.py: dense vs compressed 8B-shaped Llama, eager and compiled (issue 5)
 # curkernels._C is built first unless CURKERNELS_SKIP_BUILD=1 and it already imports. Logs,
@@ -17,8 +18,9 @@ OUT="${1:-bench/results}"
 shift || true
 SECTIONS=("${@:-kernels}")
 for section in "${SECTIONS[@]}"; do
-  case "$section" in kernels|compress|e2e) ;; *)
-    echo "unknown section '$section': expected kernels, compress or e2e" >&2; exit 2;; esac
+  case "$section" in kernels|capture|compress|e2e) ;; *)
+    echo "unknown section '$section': expected kernels, capture, compress or e2e" >&2
+    exit 2;; esac
 done
 wants() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
 mkdir -p "$OUT"
@@ -69,6 +71,13 @@ if wants kernels; then
   step "layer benchmark"
   timeout 330 "$PYTHON" bench/layer_bench.py --out "$OUT" --budget 210 > "$OUT/bench.log" 2>&1
   summary+=("benchmark: exit $? ($(grep -o '"seconds": [0-9.]*' "$OUT"/*.json | tail -1))")
+fi
+
+if wants capture; then
+  step "capture tests"
+  CURKERNELS_REQUIRE_EXTENSION=1 timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu \
+    tests/ops/test_gpu_model_capture.py tests/serve/test_generation.py > "$OUT/capture_tests.log" 2>&1
+  summary+=("capture tests: $(tail -1 "$OUT/capture_tests.log")")
 fi
 
 if wants compress; then

@@ -14,9 +14,11 @@
 #include <Python.h>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAEvent.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
@@ -367,18 +369,38 @@ __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParam
 // Zero-initialised per (device, stream, r, c) workspace: sync words, two shrink buffers, link
 // output. Kept for the process lifetime so that captured CUDA graphs keep valid pointers;
 // per stream so that concurrent streams never share counters.
-float* decode_workspace(const at::Tensor& like, int r, int c) {
+//
+// It is allocated on a side stream: during torch.compile's CUDA-graph warm-up the caching
+// allocator sends every allocation of the current stream to the graph's private pool, and a
+// buffer kept alive there fails cudagraph trees' pool check. While the current stream is being
+// captured nothing is cached: each call gets a fresh zeroed buffer from the graph's pool,
+// freed after the call like any temporary (its zeroing becomes part of the graph).
+at::Tensor decode_workspace(const at::Tensor& like, int r, int c) {
+  const int64_t floats = kSyncWords + 2 * kMaxRowsPerLaunch * r + kMaxRowsPerLaunch * c;
+  const auto options = like.options().dtype(at::kFloat);
+  if (c10::cuda::currentStreamCaptureStatusMayInitCtx() != c10::cuda::CaptureStatus::None) {
+    return at::zeros({floats}, options);
+  }
   using Key = std::tuple<int, cudaStream_t, int, int>;
   static std::mutex mutex;
   static auto* workspaces = new std::map<Key, at::Tensor>();  // leaked: outlives CUDA teardown
-  const Key key{like.get_device(), c10::cuda::getCurrentCUDAStream().stream(), r, c};
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+  const Key key{like.get_device(), current.stream(), r, c};
   std::lock_guard<std::mutex> lock(mutex);
   auto found = workspaces->find(key);
   if (found == workspaces->end()) {
-    const int64_t floats = kSyncWords + 2 * kMaxRowsPerLaunch * r + kMaxRowsPerLaunch * c;
-    found = workspaces->emplace(key, at::zeros({floats}, like.options().dtype(at::kFloat))).first;
+    const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, like.get_device());
+    at::Tensor zeroed;
+    {
+      const c10::cuda::CUDAStreamGuard on_side(side);
+      zeroed = at::zeros({floats}, options);
+    }
+    at::cuda::CUDAEvent zeroed_event;
+    zeroed_event.record(side);
+    zeroed_event.block(current);  // the first kernel on `current` sees the zeros
+    found = workspaces->emplace(key, std::move(zeroed)).first;
   }
-  return found->second.data_ptr<float>();
+  return found->second;
 }
 
 int multiprocessors(int device) {
@@ -516,7 +538,9 @@ at::Tensor cur_linear_decode(const at::Tensor& x, const at::Tensor& C,
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int device = x.get_device();
-  float* workspace = decode_workspace(x, static_cast<int>(r), static_cast<int>(c));
+  // held until the launches are queued: a capture-time buffer is a temporary of the graph
+  const at::Tensor workspace_tensor = decode_workspace(x, static_cast<int>(r), static_cast<int>(c));
+  float* workspace = workspace_tensor.data_ptr<float>();
 
   DecodeParams p{};
   p.C = C.data_ptr();

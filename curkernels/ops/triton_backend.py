@@ -18,6 +18,7 @@ from .backends import triton_interpreting
 from .dispatch import DECODE_MAX_ROWS
 from .triton_autotune import PrefillConfig, tuned_config
 from .triton_prefill import cur_linear_prefill_kernel
+from .workspace import capturing, persistent_zeros
 
 # Decode tiles: WORKSPACE_ROWS input rows (the tensor-core minimum, 16); a shrink tile is
 # BLOCK_R rank rows × a K slice; expand and link tiles are BLOCK_OUT rows over BLOCK_IN columns.
@@ -59,19 +60,24 @@ def _single_launch(device: torch.device) -> bool:
 
 def _decode_workspace(device: torch.device, r: int, c: int) -> _DecodeWorkspace:
     """Zeroed once and kept: captured CUDA graphs hold its pointers; one per stream, so that
-    concurrent streams never share counters."""
+    concurrent streams never share counters. While capturing, a workspace not made before is
+    a fresh temporary of the graph (see `workspace.persistent_zeros`)."""
     # The raw-stream query Triton's own launcher uses: torch.cuda.current_stream() costs µs.
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
     key = (device, stream, r, c)
     workspace = _workspaces.get(key)
-    if workspace is None:
-        rows = DECODE_BLOCKS["WORKSPACE_ROWS"]
-        sums = torch.zeros(2 * rows * r, dtype=torch.float32, device=device)
-        workspace = _DecodeWorkspace(
-            sync=torch.zeros(decode.SYNC_WORDS, dtype=torch.int32, device=device),
-            sums=sums, first_sums=sums[: rows * r],
-            link=torch.empty(rows * c, dtype=torch.float32, device=device))
-        _workspaces[key] = workspace
+    if workspace is not None:
+        return workspace
+    rows = DECODE_BLOCKS["WORKSPACE_ROWS"]
+    numels = (decode.SYNC_WORDS, 2 * rows * r, rows * c)
+    dtypes = (torch.int32, torch.float32, torch.float32)
+    if capturing(device):
+        sync, sums, link = (torch.zeros(n, dtype=d, device=device)
+                            for n, d in zip(numels, dtypes, strict=True))
+        return _DecodeWorkspace(sync=sync, sums=sums, first_sums=sums[: rows * r], link=link)
+    sync, sums, link = persistent_zeros(numels, dtypes, device)
+    workspace = _DecodeWorkspace(sync=sync, sums=sums, first_sums=sums[: rows * r], link=link)
+    _workspaces[key] = workspace
     return workspace
 
 

@@ -67,3 +67,19 @@ def test_model_replays_in_a_cuda_graph(backend):
         graph.replay()
         torch.cuda.synchronize()
         _assert_close(y, _reference(model, x))
+
+
+@pytest.mark.parametrize("backend", ("auto", "cuda", "triton"))
+def test_reduce_overhead_compile_keeps_workspaces_out_of_the_graph_pool(backend):
+    """torch.compile's CUDA graphs (cudagraph trees) warm up in their own memory pool and refuse
+    pool blocks that outlive the graph; the kernels' persistent workspaces must not be there.
+    Eager calls first (another stream's workspaces), then warm-up, recording and replays."""
+    model = _model(backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, mode="reduce-overhead")
+    with torch.no_grad():
+        x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+        _assert_close(model(x), _reference(model, x))
+        for _ in range(4):
+            x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+            _assert_close(compiled(x).clone(), _reference(model, x))

@@ -1,0 +1,41 @@
+"""Zeroed device buffers that the single-launch kernels keep across calls.
+
+A buffer kept across calls must not come from a CUDA-graph memory pool: during torch.compile's
+CUDA-graph warm-up the caching allocator sends every allocation of the current stream into the
+graph's private pool, and cudagraph trees then refuse a pool block that outlives the graph's
+outputs. So persistent buffers are zeroed on a side stream, which the pool does not serve.
+While the current stream is being captured nothing is kept: the caller gets a fresh zeroed
+buffer from the graph's pool, freed after the call like any temporary.
+"""
+
+import torch
+
+_side_streams: dict[int, torch.cuda.Stream] = {}
+
+
+def capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _side_streams.get(index)
+    if stream is None:
+        stream = _side_streams[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+def persistent_zeros(numels: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
+                     device: torch.device) -> list[torch.Tensor]:
+    """Zeroed 1-D tensors of these sizes and dtypes, allocated outside any CUDA-graph pool and
+    ready for work queued next on the current stream. Not for use while capturing."""
+    if device.type != "cuda":
+        return [torch.zeros(n, dtype=d, device=device) for n, d in zip(numels, dtypes,
+                                                                          strict=True)]
+    current = torch.cuda.current_stream(device)
+    side = _side_stream(device)
+    with torch.cuda.stream(side):
+        buffers = [torch.zeros(n, dtype=d, device=device) for n, d in zip(numels, dtypes,
+                                                                             strict=True)]
+    current.wait_stream(side)
+    return buffers
