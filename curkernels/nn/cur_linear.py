@@ -102,18 +102,21 @@ class CURLinear(nn.Module):
                    None if linear.bias is None else linear.bias.detach(), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        params = self._parameters  # direct: nn.Module.__getattr__ costs µs per factor
-        C, U = self._forward_factors(params["C"], params.get("U"))
+        # Direct dictionary reads: nn.Module.__getattr__ costs about a microsecond per factor.
+        params = self._parameters
+        C, U = params["C"], params.get("U")
+        if U is not None and U.dim() == 2:
+            C, U = self._fold_frozen_link(C, U)
         return cur_linear(x, C, U, params["R"], params.get("bias"),
                           rows=self._buffers.get("row_indices") if self.gather else None,
                           backend=self.backend, check_rows=False, check_factors=False)
 
-    def _forward_factors(self, C: torch.Tensor, U: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _fold_frozen_link(self, C: torch.Tensor, U: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """A full U that gets no gradient in this call is folded into C (fp64, cached until C or
-        U is changed in place or moved): the kernels then run two stages, not three. The cache
-        holds one m×r copy beside C; `fold()` makes it permanent."""
-        if U is None or U.dim() == 1 or torch.compiler.is_compiling():
+        U is replaced, moved or changed in place): the kernels then run two stages, not three.
+        The cache holds one m×r copy beside C; `fold()` makes it permanent."""
+        if torch.compiler.is_compiling():
             return C, U
         if torch.is_grad_enabled() and (U.requires_grad or C.requires_grad):
             return C, U

@@ -1,8 +1,11 @@
 """The backends of `cur_linear` and why each one can or cannot run.
 
-Each backend is a function `(x2d, C, U, R, bias, rows) -> y2d` on an (M, n) input. The torch
-backend always runs; triton needs the triton package and a CUDA tensor (or the interpreter,
-TRITON_INTERPRET=1, on CPU tensors); cuda needs the compiled extension `curkernels._C`.
+Each backend is a function `(x, C, U, R, bias, rows) -> y`. The kernel backends
+(FLAT_INPUT_BACKENDS) take a contiguous (M, n) input, which execute.py flattens for them; the
+torch backend takes any leading dimensions, as `F.linear` does (a view costs microseconds of
+host time). The torch backend always runs; triton needs the triton package and a CUDA tensor
+(or the interpreter, TRITON_INTERPRET=1, on CPU tensors); cuda needs the compiled extension
+`curkernels._C`.
 """
 
 import functools
@@ -15,6 +18,7 @@ import torch
 from .reference import cur_linear_torch
 
 BACKENDS = ("torch", "triton", "cuda")
+FLAT_INPUT_BACKENDS = ("triton", "cuda")
 
 
 @functools.cache

@@ -16,6 +16,11 @@ cuBLAS chain (the torch backend) is kept.
   kernel beat chain2 inside the boxes of GRAPH_DECODE_WINNERS (0.68–0.86× its time) and tied
   or lost outside them (r = 1024, or 14336 output rows).
 - Prefill (M > 16): the fused prefill kernel was 3–26× slower than chain2; cuBLAS chain.
+
+The table is cheap to consult but not free (availability checks, the GPU's name): execute.py
+memoizes each choice under `choice_key`, everything the choice reads that can change from one
+call to the next. CURKERNELS_BACKEND is part of that key, so it is read on every call and a
+change takes effect at the next call.
 """
 
 import os
@@ -58,6 +63,31 @@ GRAPH_DECODE_WINNERS: dict[tuple[str, torch.dtype], tuple[DecodeBox, ...]] = {
         DecodeBox(max_rows=16, max_out=4096, max_in=14336, max_rank=256),
     ),
 }
+
+
+# os.environ.get costs about a microsecond a call (the key is encoded through the Mapping
+# protocol); os.environ's own dict, under the key encoded once, answers in tens of nanoseconds.
+_ENV_BACKEND_KEY = os.environ.encodekey(ENV_BACKEND)
+
+
+def choice_key(backend: str, x: torch.Tensor, device: torch.device, dtype: torch.dtype,
+               num_rows: int, m: int, n: int, r: int, linked: bool) -> tuple:
+    """Everything `choose_backend` reads that can change from one call to the next: the argument,
+    CURKERNELS_BACKEND (raw), the input's device and dtype (passed in: the caller has read
+    them), M (the table tells row counts apart only up to DECODE_MAX_ROWS), whether a CUDA graph
+    is being captured (asked only for CUDA decode), and the layer's shape and link. Which
+    backends can run is fixed per process: the extension and triton import once, and
+    TRITON_INTERPRET, which Triton reads once when its kernels are defined, counts as it was at
+    a key's first call. One flat tuple, built inline: this runs on every eager call."""
+    try:
+        environment = os.environ._data.get(_ENV_BACKEND_KEY)
+    except AttributeError:  # os.environ replaced by a plain mapping
+        environment = os.environ.get(ENV_BACKEND)
+    if num_rows > DECODE_MAX_ROWS:
+        return (backend, environment, device, dtype, DECODE_MAX_ROWS + 1, False, m, n, r, linked)
+    # x.is_cuda, not device.type: building the type's name string costs most of a microsecond.
+    graph = x.is_cuda and _graph_mode()
+    return (backend, environment, device, dtype, num_rows, graph, m, n, r, linked)
 
 
 def requested_backend(backend: str) -> str:

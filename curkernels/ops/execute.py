@@ -1,19 +1,31 @@
-"""Run one `cur_linear` call on the backend dispatch picks for it."""
+"""Run one `cur_linear` call on the backend dispatch picks for it.
+
+This is the eager per-call path, so it is written for host time: the choice is memoized under
+dispatch.choice_key, built from the tensors of this very call (a replaced, moved or recast
+factor makes another key, never a stale hit). A call then costs the key, one dictionary lookup
+and the backend's own launch.
+"""
 
 import math
+from collections.abc import Callable
 
 import torch
 
-from .backends import backend_function
-from .dispatch import choose_backend, requested_backend
+from .backends import FLAT_INPUT_BACKENDS, backend_function
+from .dispatch import choice_key, choose_backend, requested_backend
+from .validation import check_input
+
+# key -> (backend function, whether it takes only a contiguous (M, n) input)
+_choices: dict[tuple, tuple[Callable, bool]] = {}
 
 
-def resolve_backend(backend: str, x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
-                    rows_or_R: torch.Tensor) -> str:
-    """The dispatch choice, with float64 kept on the only backend that computes in it."""
-    shape = (C.shape[0], x2d.shape[1], rows_or_R.shape[0])
-    chosen = choose_backend(backend, x2d, x2d.shape[0], shape, linked=U is not None)
-    if x2d.dtype == torch.float64 and chosen != "torch":
+def resolve_backend(backend: str, x: torch.Tensor, num_rows: int,
+                    shape: tuple[int, int, int], linked: bool) -> str:
+    """The dispatch choice, with float64 kept on the only backend that computes in it.
+
+    `shape` is the layer's (m, n, r); `linked` says a U stage remains."""
+    chosen = choose_backend(backend, x, num_rows, shape, linked)
+    if x.dtype == torch.float64 and chosen != "torch":
         if requested_backend(backend) != "auto":
             raise TypeError(f"backend {chosen!r} does not compute in float64; use "
                             f"backend='torch' or a float32/float16/bfloat16 input")
@@ -24,12 +36,28 @@ def resolve_backend(backend: str, x2d: torch.Tensor, C: torch.Tensor, U: torch.T
 def run_cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,
                    bias: torch.Tensor | None, rows: torch.Tensor | None,
                    backend: str) -> torch.Tensor:
-    """Flatten x to (M, n), dispatch, run, restore the leading dimensions."""
-    flat = x.dim() != 2
+    """Check x against the factors (a kernel must never read past it), dispatch and run; the
+    kernel backends get x flattened to (M, n), contiguous."""
+    x_shape, device, dtype = x.shape, x.device, x.dtype
+    if not x_shape or x_shape[-1] != R.shape[1] or dtype != C.dtype or device != C.device:
+        check_input(x, C, R)
+    two_d = len(x_shape) == 2
+    num_rows = x_shape[0] if two_d else math.prod(x_shape[:-1])
+    n, m = x_shape[-1], C.shape[0]
+    r = (R if rows is None else rows).shape[0]
+    key = choice_key(backend, x, device, dtype, num_rows, m, n, r, U is not None)
+    choice = _choices.get(key)
+    if choice is None:
+        # A named backend that cannot run raises here, and nothing is memoized: it raises again
+        # on the next call.
+        chosen = resolve_backend(backend, x, num_rows, (m, n, r), U is not None)
+        choice = _choices[key] = (backend_function(chosen), chosen in FLAT_INPUT_BACKENDS)
+    function, flat = choice
+    if not flat:
+        return function(x, C, U, R, bias, rows)
     # An explicit row count: reshape(-1, 0) is ambiguous when the feature dimension is empty.
-    x2d = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]) if flat else x
+    x2d = x if two_d else x.reshape(num_rows, n)
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    chosen = resolve_backend(backend, x2d, C, U, R if rows is None else rows)
-    y2d = backend_function(chosen)(x2d, C, U, R, bias, rows)
-    return y2d.reshape(*x.shape[:-1], C.shape[0]) if flat else y2d
+    y2d = function(x2d, C, U, R, bias, rows)
+    return y2d if two_d else y2d.reshape(*x_shape[:-1], m)

@@ -3,11 +3,13 @@
 import torch
 import torch.nn.functional as F
 
+_CPU_NATIVE_DTYPES = (torch.float32, torch.float64)
 
-def cur_linear_torch(x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
+
+def cur_linear_torch(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
                      R: torch.Tensor, bias: torch.Tensor | None,
                      rows: torch.Tensor | None) -> torch.Tensor:
-    """y = ((x·Rᵀ)·Uᵀ)·Cᵀ + b; x2d is (M, n).
+    """y = ((x·Rᵀ)·Uᵀ)·Cᵀ + b; x is (..., n), as for `F.linear`.
 
     On CUDA every stage is one GEMM in the input's dtype (cuBLAS accumulates in fp32 and rounds
     each stage's output, as the chain of `F.linear`s users compare against does): casting the
@@ -15,16 +17,16 @@ def cur_linear_torch(x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
     precision is computed in fp32, where half GEMMs are slow or missing.
     """
     factor_R = R.index_select(0, rows) if rows is not None else R
-    if x2d.is_cuda or x2d.dtype in (torch.float32, torch.float64):
-        t = F.linear(x2d, factor_R)
+    if x.is_cuda or x.dtype in _CPU_NATIVE_DTYPES:
+        t = F.linear(x, factor_R)
         if U is not None:
             t = t * U if U.dim() == 1 else F.linear(t, U)
         return F.linear(t, C, bias)
     compute = torch.float32
-    t = x2d.to(compute) @ factor_R.to(compute).t()
+    t = x.to(compute) @ factor_R.to(compute).t()
     if U is not None:
         t = t * U.to(compute) if U.dim() == 1 else t @ U.to(compute).t()
     y = t @ C.to(compute).t()
     if bias is not None:
         y = y + bias.to(compute)
-    return y.to(x2d.dtype)
+    return y.to(x.dtype)

@@ -73,7 +73,7 @@ def check_cur_linear_args(x, C, U, R, bias, rows) -> None:
 
 
 def check_input(x, C, R) -> None:
-    """The per-call check for factors validated once (modules): x must fit them."""
+    """x must fit factors validated once (modules); raises, naming what does not fit."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() == 0 or x.shape[-1] != R.shape[1]:

@@ -158,6 +158,66 @@ def test_modules_check_each_input_against_their_factors(module):
         module(torch.randn(2, 53, dtype=torch.float16))
     with pytest.raises(ValueError, match="53 features"):
         module(torch.tensor(1.0))
+    with pytest.raises(ValueError, match="factors are on cpu"):
+        module(torch.randn(2, 53, device="meta"))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        module([0.0] * 53)
+    with pytest.raises(ValueError, match="53 features"):  # the autograd path checks too
+        module(torch.randn(2, 52, requires_grad=True))
+
+
+def _factors_of(module):
+    if isinstance(module, LowRankLinear):
+        return module.A, None, module.B, module.bias
+    return module.C, module.U, module.R, module.bias
+
+
+def _assert_computes_its_factors(module, dtype=torch.float32):
+    x = torch.randn(3, 53, dtype=dtype)
+    C, U, R, bias = _factors_of(module)
+    expected = x.double() @ fp64_weight(C, U, R).t()
+    if bias is not None:
+        expected = expected + bias.double()
+    with torch.no_grad():
+        out = module(x)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: CURLinear(*random_factors(u="full"), trainable=()),  # U folded per call, cached
+    lambda: CURLinear(*random_factors(u="none")),
+    lambda: LowRankLinear(torch.randn(37, 4), torch.randn(4, 53), torch.randn(37)),
+])
+def test_modules_follow_factors_changed_in_place_replaced_or_moved(make):
+    """Per-call caches (the backend choice, the folded U) never answer for old factors."""
+    module = make()
+    _assert_computes_its_factors(module)
+    C, U, R, bias = _factors_of(module)
+    with torch.no_grad():
+        C.mul_(2.0)
+        if U is not None:
+            U.add_(1.0)
+    _assert_computes_its_factors(module)
+    with torch.no_grad():  # .data assignment keeps the Parameter object, swaps its tensor
+        C.data = torch.randn_like(C)
+    _assert_computes_its_factors(module)
+    rank = 6
+    if isinstance(module, LowRankLinear):
+        module.A = nn.Parameter(torch.randn(37, rank))
+        module.B = nn.Parameter(torch.randn(rank, 53))
+    else:
+        C, U, R, _ = random_factors(r=rank, c=rank + 2, u="full" if U is not None else "none",
+                                    seed=1)
+        module.C, module.R = nn.Parameter(C), nn.Parameter(R)
+        if U is not None:
+            module.U = nn.Parameter(U, requires_grad=False)
+        module.C.requires_grad_(False)
+    _assert_computes_its_factors(module)
+    module.double()
+    _assert_computes_its_factors(module, torch.float64)
+    with pytest.raises(TypeError, match="dtype"):
+        module(torch.randn(2, 53))
 
 
 def test_batched_input_with_an_empty_feature_dimension():

@@ -111,3 +111,45 @@ def test_graph_decode_follows_the_h100_measurements(shape, linked, expected,
                         lambda device=None: "NVIDIA H100 80GB HBM3")
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, shape, linked) == expected
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 17, shape, linked) == "torch"
+
+
+def test_row_counts_past_the_decode_limit_are_all_prefill():
+    """choice_key folds every M > DECODE_MAX_ROWS into one entry: sound only while no threshold
+    of the table lies above it."""
+    thresholds = [dispatch.EAGER_CUDA_ALWAYS_ROWS]
+    thresholds += [box.max_rows for boxes in dispatch.GRAPH_DECODE_WINNERS.values()
+                   for box in boxes]
+    assert max(thresholds) <= dispatch.DECODE_MAX_ROWS
+
+
+class _FakeCudaInput(_FakeCudaTensor):
+    is_cuda = True
+
+
+def _key(x, num_rows):
+    return dispatch.choice_key("auto", x, x.device, x.dtype, num_rows, *LAYER, False)
+
+
+def test_choice_key_tells_cuda_graph_capture_apart(monkeypatch):
+    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    eager = _key(_FakeCudaInput(), 1)
+    monkeypatch.setattr(dispatch, "_graph_mode", lambda: True)
+    assert _key(_FakeCudaInput(), 1) != eager
+    assert _key(_FakeCudaInput(), 100) == _key(_FakeCudaInput(), 17)  # prefill: no capture query
+
+
+def test_choice_key_asks_about_capture_only_for_cuda_inputs(monkeypatch):
+    def fail():
+        raise AssertionError("capture queried for a CPU input")
+    monkeypatch.setattr(dispatch, "_graph_mode", fail)
+    _key(torch.randn(1, 4), 1)
+
+
+def test_choice_key_reads_the_environment_variable(monkeypatch):
+    x = torch.randn(1, 4)
+    monkeypatch.delenv(dispatch.ENV_BACKEND, raising=False)
+    unset = _key(x, 1)
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "torch")
+    forced = _key(x, 1)
+    monkeypatch.setenv(dispatch.ENV_BACKEND, "cuda")
+    assert len({unset, forced, _key(x, 1)}) == 3

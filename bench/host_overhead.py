@@ -1,0 +1,100 @@
+"""Host time per eager forward call: nn.Linear against CURLinear and LowRankLinear.
+
+On the CPU, at tiny sizes (default 64×64, r = 8, M = 1, fp32) the arithmetic is negligible, so
+the times are the Python and dispatcher cost of each layer; the factored modules run the torch
+backend there (two or three GEMMs), so this measures the Python layers above the kernels, not a
+kernel launch. On a GPU (--device cuda, e.g. 4096×4096, r = 256, bf16) it times the enqueue
+cost of each call: the GPU is synchronised between rounds, never inside one.
+
+    python bench/host_overhead.py                      # CPU
+    python bench/host_overhead.py --device cuda --size 4096 --rank 256 --dtype bfloat16
+
+Prints the median per-call time of each variant over --rounds rounds of --calls calls (the
+variants take turns within each round), and its ratio to nn.Linear's.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curkernels.nn import CURLinear, LowRankLinear
+
+
+def _time_per_call(variants: dict, calls: int, rounds: int, sync) -> dict[str, float]:
+    """Median over rounds of the mean host time (µs) per call within a round. The variants take
+    turns inside each round, so that a noisy neighbour slows all of them alike."""
+    samples = {name: [] for name in variants}
+    for round_index in range(rounds + 1):  # the first round warms up
+        for name, call in variants.items():
+            sync()
+            start = time.perf_counter_ns()
+            for _ in range(calls):
+                call()
+            if round_index:
+                samples[name].append((time.perf_counter_ns() - start) / calls / 1e3)
+    sync()
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def _variants(size: int, rank: int, rows: int, dtype: torch.dtype, device: str,
+              sequence: bool) -> dict:
+    torch.manual_seed(0)
+    dense = nn.Linear(size, size, bias=False, device=device, dtype=dtype)
+    x = torch.randn(*((1,) if sequence else ()), rows, size, device=device, dtype=dtype)
+    A = torch.randn(size, rank, device=device, dtype=dtype) / rank ** 0.5
+    B = torch.randn(rank, size, device=device, dtype=dtype) / size ** 0.5
+    low = LowRankLinear(A, B)
+    cur_two = CURLinear(A, None, B)
+    cur_full = CURLinear(A, torch.eye(rank, device=device, dtype=dtype), B, trainable=())
+    variants = {
+        "nn.Linear": lambda: dense(x),
+        "F.linear": lambda: F.linear(x, dense.weight),
+        "F.linear x2 (bare chain)": lambda: F.linear(F.linear(x, B), A),
+        "LowRankLinear": lambda: low(x),
+        "CURLinear (U=None)": lambda: cur_two(x),
+        "CURLinear (frozen full U)": lambda: cur_full(x),
+    }
+    if device == "cuda":
+        try:
+            import curkernels._C  # noqa: F401
+        except ImportError:
+            pass
+        else:
+            op = torch.ops.curkernels_C.cur_linear.default
+            x2d = x.reshape(-1, size)
+            variants["raw CUDA op"] = lambda: op(x2d, A, None, B, None, None)
+    return variants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=1, help="M, the input rows")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--sequence", action="store_true",
+                        help="x as (1, M, n), the shape a transformer layer passes")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    variants = _variants(args.size, args.rank, args.rows, getattr(torch, args.dtype),
+                         args.device, args.sequence)
+    print(f"{args.device}, {args.size}x{args.size}, r={args.rank}, M={args.rows}"
+          f"{' as (1, M, n)' if args.sequence else ''}, {args.dtype}, "
+          f"torch.no_grad; median of {args.rounds} rounds x {args.calls} calls")
+    with torch.no_grad():
+        times = _time_per_call(variants, args.calls, args.rounds, sync)
+    for name, us in times.items():
+        print(f"  {name:<28} {us:8.2f} us/call  {us / times['nn.Linear']:5.2f}x nn.Linear")
+
+
+if __name__ == "__main__":
+    main()
