@@ -26,8 +26,10 @@
 
 #include <algorithm>
 #include <cstring>
+#include <exception>
 #include <map>
 #include <mutex>
+#include <thread>
 #include <tuple>
 
 namespace curkernels {
@@ -370,11 +372,12 @@ __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParam
 // output. Kept for the process lifetime so that captured CUDA graphs keep valid pointers;
 // per stream so that concurrent streams never share counters.
 //
-// It is allocated on a side stream: during torch.compile's CUDA-graph warm-up the caching
-// allocator sends every allocation of the current stream to the graph's private pool, and a
-// buffer kept alive there fails cudagraph trees' pool check. While the current stream is being
-// captured nothing is cached: each call gets a fresh zeroed buffer from the graph's pool,
-// freed after the call like any temporary (its zeroing becomes part of the graph).
+// It is made by a short-lived worker thread on a side stream: during torch.compile's CUDA-graph
+// warm-up the caching allocator sends the allocations of the current thread (of the current
+// stream, before torch 2.6) into the graph's private pool, and a buffer kept alive there fails
+// cudagraph trees' pool check. While the current stream is being captured nothing is cached:
+// each call gets a fresh zeroed buffer from the graph's pool, freed after the call like any
+// temporary (its zeroing becomes part of the graph).
 at::Tensor decode_workspace(const at::Tensor& like, int r, int c) {
   const int64_t floats = kSyncWords + 2 * kMaxRowsPerLaunch * r + kMaxRowsPerLaunch * c;
   const auto options = like.options().dtype(at::kFloat);
@@ -391,12 +394,19 @@ at::Tensor decode_workspace(const at::Tensor& like, int r, int c) {
   if (found == workspaces->end()) {
     const c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, like.get_device());
     at::Tensor zeroed;
-    {
-      const c10::cuda::CUDAStreamGuard on_side(side);
-      zeroed = at::zeros({floats}, options);
-    }
     at::cuda::CUDAEvent zeroed_event;
-    zeroed_event.record(side);
+    std::exception_ptr error;
+    std::thread worker([&] {
+      try {
+        const c10::cuda::CUDAStreamGuard on_side(side);  // also selects the device
+        zeroed = at::zeros({floats}, options);
+        zeroed_event.record(side);
+      } catch (...) {
+        error = std::current_exception();
+      }
+    });
+    worker.join();
+    if (error) std::rethrow_exception(error);
     zeroed_event.block(current);  // the first kernel on `current` sees the zeros
     found = workspaces->emplace(key, std::move(zeroed)).first;
   }

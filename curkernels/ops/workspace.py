@@ -1,12 +1,15 @@
 """Zeroed device buffers that the single-launch kernels keep across calls.
 
 A buffer kept across calls must not come from a CUDA-graph memory pool: during torch.compile's
-CUDA-graph warm-up the caching allocator sends every allocation of the current stream into the
-graph's private pool, and cudagraph trees then refuse a pool block that outlives the graph's
-outputs. So persistent buffers are zeroed on a side stream, which the pool does not serve.
-While the current stream is being captured nothing is kept: the caller gets a fresh zeroed
-buffer from the graph's pool, freed after the call like any temporary.
+CUDA-graph warm-up the caching allocator sends the allocations of the current thread (of the
+current stream, before torch 2.6) into the graph's private pool, and cudagraph trees then
+refuse a pool block that outlives the graph's outputs. So persistent buffers are made by a
+short-lived worker thread on a side stream, which the pool serves under neither rule. While
+the current stream is being captured nothing is kept: the caller gets a fresh zeroed buffer
+from the graph's pool, freed after the call like any temporary.
 """
+
+import threading
 
 import torch
 
@@ -30,12 +33,24 @@ def persistent_zeros(numels: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
     """Zeroed 1-D tensors of these sizes and dtypes, allocated outside any CUDA-graph pool and
     ready for work queued next on the current stream. Not for use while capturing."""
     if device.type != "cuda":
-        return [torch.zeros(n, dtype=d, device=device) for n, d in zip(numels, dtypes,
-                                                                          strict=True)]
-    current = torch.cuda.current_stream(device)
+        return [torch.zeros(n, dtype=d, device=device)
+                for n, d in zip(numels, dtypes, strict=True)]
     side = _side_stream(device)
-    with torch.cuda.stream(side):
-        buffers = [torch.zeros(n, dtype=d, device=device) for n, d in zip(numels, dtypes,
-                                                                             strict=True)]
-    current.wait_stream(side)
-    return buffers
+    made: dict = {}
+
+    def allocate() -> None:
+        try:
+            with torch.cuda.device(side.device), torch.cuda.stream(side):
+                made["buffers"] = [torch.zeros(n, dtype=d, device=side.device)
+                                   for n, d in zip(numels, dtypes, strict=True)]
+                made["zeroed"] = side.record_event()
+        except BaseException as error:  # re-raised in the caller's thread
+            made["error"] = error
+
+    worker = threading.Thread(target=allocate, name="curkernels-workspace")
+    worker.start()
+    worker.join()
+    if "error" in made:
+        raise made["error"]
+    torch.cuda.current_stream(device).wait_event(made["zeroed"])
+    return made["buffers"]
