@@ -55,8 +55,9 @@ class DecodeBox:
 
 # (GPU name, dtype) -> boxes where the single-launch Triton kernel beat chain2 at every
 # benchmarked shape inside the box in CUDA graphs, U folded (no link): a fused backend goes
-# here only from bench/results/<gpu>.json. The link stays out: the diagonal-U single-launch
-# form failed a bf16 accuracy test on the H100 (see bench/NOTES.md).
+# here only from bench/results/<gpu>.json. The link stays out: it was not benchmarked, and its
+# one GPU accuracy failure (stale sums left by the barrier-free form, fixed since; see
+# bench/NOTES.md) has not been rerun on a GPU.
 GRAPH_DECODE_WINNERS: dict[tuple[str, torch.dtype], tuple[DecodeBox, ...]] = {
     ("NVIDIA H100 80GB HBM3", torch.bfloat16): (
         DecodeBox(max_rows=16, max_out=4096, max_in=4096, max_rank=512),

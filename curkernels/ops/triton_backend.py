@@ -129,12 +129,17 @@ def _cur_linear_decode(x2d, C, U, R, bias, rows, y) -> None:
     plan = _decode_plan(x2d.device, x2d.dtype, n, r, c, m, _u_kind(U), bias is not None,
                         rows is not None, persistent)
     workspace = _decode_workspace(x2d.device, r, c)
+    # The barrier-free form sums into the first buffer, which the single launch may have left
+    # full; the workspace is shared with the single launch, which reads the buffer of the
+    # current epoch (either one) as zero, so the first buffer is zeroed again afterwards.
     if not persistent:
         workspace.first_sums.zero_()
     args = (x2d, R, rows, U, C, bias, y, workspace.sums, workspace.link, workspace.sync,
             M, n, r, c, m, R.shape[0], plan.shrink_tile_k, plan.shrink_k_tiles)
     for grid, constants in plan.launches:
         decode.cur_linear_decode_kernel[(grid,)](*args, **constants)
+    if not persistent:
+        workspace.first_sums.zero_()
 
 
 def _next_pow2(value: int) -> int:

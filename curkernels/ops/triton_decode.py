@@ -11,7 +11,8 @@ next one, so nothing changes on the host between calls and CUDA-graph replays st
 
 A spin barrier deadlocks where programs run one after another (TRITON_INTERPRET=1), so the same
 kernel also runs barrier-free (PERSISTENT=False): one launch per phase, chosen by the DO_*
-flags, over a workspace the host zeroes first.
+flags, summing into the first shrink buffer, which the host zeroes before and after: both forms
+share one workspace, and the persistent form expects the buffer of the current epoch zeroed.
 """
 
 import triton

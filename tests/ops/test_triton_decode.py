@@ -113,3 +113,24 @@ def test_single_launch_form_with_one_program(poisoned, monkeypatch):
     # [arrivals, generation, epoch, pad]: (r, c) = (40, 43) ran one call with two barriers,
     # (40, 40) two calls with one barrier each; every barrier left its count at zero.
     assert sync_words == [(0, 2, 1, 0), (0, 2, 2, 0)]
+
+
+# Not bf16, where the GPU test failed: the interpreter's bf16 tl.dot is wrong (Triton 3.8).
+@pytest.mark.parametrize("dtype", (torch.float16, torch.float32))
+def test_forms_share_one_workspace(dtype, poisoned, monkeypatch):
+    """Both forms use the same (r, c) workspace, as on a GPU when CURKERNELS_TRITON_SINGLE_LAUNCH
+    changes between calls (test_decode_gpu_both_forms does, case after case). The persistent
+    form reads the buffer of the current epoch as zero: a barrier-free call before it must not
+    leave partial sums there, whatever the epoch's parity."""
+    single = {"launch": True}
+    monkeypatch.setattr(triton_backend, "_single_launch", lambda device: single["launch"])
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
+    monkeypatch.setattr(triton_backend, "_workspaces", {})
+    monkeypatch.setattr(triton_backend, "_decode_plans", {})
+    # Single launches at epochs 0, 1, 2, 3 use buffers 0, 1, 0, 1: barrier-free calls come
+    # after single launches that used either buffer and before ones at either parity.
+    for call, launch in enumerate((False, True, False, True, False, True, True)):
+        single["launch"] = launch
+        case = make_case((1, 7, 16)[call % 3], N, M_OUT, 40, dtype, link="diagonal",
+                         gather=call % 2 == 1, device=DEVICE, seed=call)
+        assert_matches_reference(run_decode(case, poisoned), case)
