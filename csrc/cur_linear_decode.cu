@@ -31,6 +31,7 @@
 #include <mutex>
 #include <thread>
 #include <tuple>
+#include <vector>
 
 namespace curkernels {
 namespace {
@@ -475,16 +476,15 @@ void launch_for_rows(const DecodeParams& p, int device, cudaStream_t stream) {
 
 bool aligned16(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-// Launches of up to kMaxRowsPerLaunch input rows each, with 16-byte loads when every weight row
+// Launches of up to kMaxRowsPerLaunch of the M contiguous input rows each, with 16-byte loads when every weight row
 // starts on a 16-byte boundary.
 template <typename T>
-void launch_all_rows(const DecodeParams& p, const at::Tensor& x, at::Tensor& y, int device,
-                     cudaStream_t stream) {
+void launch_all_rows(const DecodeParams& p, const at::Tensor& x, int64_t M, at::Tensor& y,
+                     int device, cudaStream_t stream) {
   constexpr int kVec = 16 / sizeof(T);
   const bool full_link = p.link_mode == kFullLink;
   const bool vectorizable = p.n % kVec == 0 && p.c % kVec == 0 && aligned16(p.R) &&
                             aligned16(p.C) && (!full_link || (p.r % kVec == 0 && aligned16(p.U)));
-  const int64_t M = x.size(0);
   for (int64_t first = 0; first < M; first += kMaxRowsPerLaunch) {
     DecodeParams chunk = p;
     chunk.M = static_cast<int>(std::min<int64_t>(kMaxRowsPerLaunch, M - first));
@@ -509,11 +509,13 @@ at::Tensor cur_linear_decode(const at::Tensor& x, const at::Tensor& C,
                              const std::optional<at::Tensor>& U, const at::Tensor& R,
                              const std::optional<at::Tensor>& bias,
                              const std::optional<at::Tensor>& rows) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2 && x.is_contiguous(),
-              "x must be a contiguous 2-D CUDA tensor");
+  // x is (..., n), as F.linear takes it: flattening in the caller costs host time per call
+  TORCH_CHECK(x.is_cuda() && x.dim() >= 1, "x must be a CUDA tensor of shape (..., n)");
   check_operand(C, x, "C", 2);
   check_operand(R, x, "R", 2);
-  const int64_t M = x.size(0), n = x.size(1), m = C.size(0), c = C.size(1);
+  const int64_t n = x.size(-1), m = C.size(0), c = C.size(1);
+  int64_t M = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) M *= x.size(d);
   const int64_t r = rows.has_value() ? rows->size(0) : R.size(0);
   TORCH_CHECK(R.size(1) == n, "R must have ", n, " columns");
   TORCH_CHECK(r >= 1, "the rank must be at least 1");
@@ -540,11 +542,14 @@ at::Tensor cur_linear_decode(const at::Tensor& x, const at::Tensor& C,
     TORCH_CHECK(R.size(0) >= 1, "the base weight is empty");
   }
 
-  at::Tensor y = at::empty({M, m}, x.options());
+  std::vector<int64_t> y_sizes(x.sizes().begin(), x.sizes().end());
+  y_sizes.back() = m;
+  at::Tensor y = at::empty(y_sizes, x.options());
   if (M == 0 || m == 0) return y;
   if (n == 0) {  // an empty input dimension: R·x = 0
-    return bias.has_value() ? y.copy_(bias->unsqueeze(0).expand({M, m})) : y.zero_();
+    return bias.has_value() ? y.copy_(*bias) : y.zero_();  // copy_ broadcasts the bias
   }
+  const at::Tensor x_rows = x.is_contiguous() ? x : x.contiguous();
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   const int device = x.get_device();
@@ -569,9 +574,9 @@ at::Tensor cur_linear_decode(const at::Tensor& x, const at::Tensor& C,
   p.link_mode = link_mode;
 
   switch (x.scalar_type()) {
-    case at::kFloat: launch_all_rows<float>(p, x, y, device, stream); break;
-    case at::kHalf: launch_all_rows<at::Half>(p, x, y, device, stream); break;
-    case at::kBFloat16: launch_all_rows<at::BFloat16>(p, x, y, device, stream); break;
+    case at::kFloat: launch_all_rows<float>(p, x_rows, M, y, device, stream); break;
+    case at::kHalf: launch_all_rows<at::Half>(p, x_rows, M, y, device, stream); break;
+    case at::kBFloat16: launch_all_rows<at::BFloat16>(p, x_rows, M, y, device, stream); break;
     default: TORCH_CHECK(false, "cur_linear: x must be float32, float16 or bfloat16, got ",
                          x.scalar_type());
   }

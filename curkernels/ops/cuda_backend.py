@@ -1,9 +1,10 @@
 """The CUDA backend of `cur_linear`: the fused decode kernel of `curkernels._C`
 (csrc/cur_linear_decode.cu), registered as torch.ops.curkernels_C.cur_linear.
 
-`cur_linear_cuda(x2d, C, U, R, bias, rows) -> y2d` is the op itself, with no Python wrapper
-around it: a wrapper's frame costs host time on every eager decode call. The kernel handles any
-number of rows (in launches of 16) and checks its operands (device, dtype, shape, contiguity);
+`cur_linear_cuda(x, C, U, R, bias, rows) -> y` is the op itself, with no Python wrapper
+around it: a wrapper's frame costs host time on every eager decode call. x is (..., n), as
+`F.linear` takes it (made contiguous in C++ only when it is not); the kernel handles any number
+of rows (in launches of 16) and checks its operands (device, dtype, shape, contiguity);
 dispatch sends it decode calls.
 """
 

@@ -96,3 +96,16 @@ def test_cuda_kernel_empty_dimensions():
     case = make_case(3, 0, 6, 3, torch.float16, device="cuda")
     torch.testing.assert_close(run_cuda(case), case["bias"].expand(3, 6))
     assert run_cuda(dict(case, C=case["C"][:0], bias=None)).shape == (3, 0)
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_kernel_takes_leading_dimensions_and_strided_x():
+    """x (..., n) as F.linear takes it: no flattening by the caller, strided x made contiguous."""
+    case = make_case(6, 512, 300, 32, torch.bfloat16, link="full", device="cuda")
+    y = run_cuda(dict(case, x=case["x"].reshape(2, 3, 512)))
+    assert y.shape == (2, 3, 300)
+    assert_matches_reference(y.reshape(6, 300), case)
+    strided = dict(case, x=torch.randn(512, 6, device="cuda", dtype=torch.bfloat16).t())
+    assert not strided["x"].is_contiguous()
+    assert_matches_reference(run_cuda(strided), strided)
