@@ -18,7 +18,7 @@ from .backends import triton_interpreting
 from .dispatch import DECODE_MAX_ROWS
 from .triton_autotune import PrefillConfig, tuned_config
 from .triton_prefill import cur_linear_prefill_kernel
-from .workspace import capturing, persistent_zeros
+from .workspace import capturing, persistent_zeros, zeros
 
 # Decode tiles: WORKSPACE_ROWS input rows (the tensor-core minimum, 16); a shrink tile is
 # BLOCK_R rank rows × a K slice; expand and link tiles are BLOCK_OUT rows over BLOCK_IN columns.
@@ -71,13 +71,11 @@ def _decode_workspace(device: torch.device, r: int, c: int) -> _DecodeWorkspace:
     rows = DECODE_BLOCKS["WORKSPACE_ROWS"]
     numels = (decode.SYNC_WORDS, 2 * rows * r, rows * c)
     dtypes = (torch.int32, torch.float32, torch.float32)
-    if capturing(device):
-        sync, sums, link = (torch.zeros(n, dtype=d, device=device)
-                            for n, d in zip(numels, dtypes, strict=True))
-        return _DecodeWorkspace(sync=sync, sums=sums, first_sums=sums[: rows * r], link=link)
-    sync, sums, link = persistent_zeros(numels, dtypes, device)
+    kept = not capturing(device)
+    sync, sums, link = (persistent_zeros if kept else zeros)(numels, dtypes, device)
     workspace = _DecodeWorkspace(sync=sync, sums=sums, first_sums=sums[: rows * r], link=link)
-    _workspaces[key] = workspace
+    if kept:
+        _workspaces[key] = workspace
     return workspace
 
 

@@ -28,21 +28,24 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
+def zeros(numels: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
+          device: torch.device) -> list[torch.Tensor]:
+    return [torch.zeros(n, dtype=d, device=device) for n, d in zip(numels, dtypes, strict=True)]
+
+
 def persistent_zeros(numels: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
                      device: torch.device) -> list[torch.Tensor]:
     """Zeroed 1-D tensors of these sizes and dtypes, allocated outside any CUDA-graph pool and
     ready for work queued next on the current stream. Not for use while capturing."""
     if device.type != "cuda":
-        return [torch.zeros(n, dtype=d, device=device)
-                for n, d in zip(numels, dtypes, strict=True)]
+        return zeros(numels, dtypes, device)
     side = _side_stream(device)
     made: dict = {}
 
     def allocate() -> None:
         try:
             with torch.cuda.device(side.device), torch.cuda.stream(side):
-                made["buffers"] = [torch.zeros(n, dtype=d, device=side.device)
-                                   for n, d in zip(numels, dtypes, strict=True)]
+                made["buffers"] = zeros(numels, dtypes, side.device)
                 made["zeroed"] = side.record_event()
         except BaseException as error:  # re-raised in the caller's thread
             made["error"] = error
