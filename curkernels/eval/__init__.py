@@ -4,6 +4,7 @@ correlation for sentence encoders."""
 from .embeddings import (
                          embedding_cosine,
                          encode,
+                         holdout_split,
                          mean_pool,
                          pair_spearman,
                          read_sts_pairs,
@@ -11,5 +12,5 @@ from .embeddings import (
 )
 from .perplexity import perplexity
 
-__all__ = ["embedding_cosine", "encode", "mean_pool", "pair_spearman", "perplexity",
+__all__ = ["embedding_cosine", "encode", "holdout_split", "mean_pool", "pair_spearman", "perplexity",
            "read_sts_pairs", "sts_spearman"]

@@ -2,6 +2,7 @@
 all-MiniLM-L6-v2), their cosine to the dense model's, and STS Spearman correlation."""
 
 import csv
+import random
 from pathlib import Path
 
 import scipy.stats
@@ -84,3 +85,18 @@ def sts_spearman(model: nn.Module, tokenizer, left: list[str], right: list[str],
                          f"{len(left)}, {len(right)} and {len(scores)}")
     embeddings = encode(model, tokenizer, left + right, **encode_options)
     return pair_spearman(embeddings[:len(left)], embeddings[len(left):], scores)
+
+
+def holdout_split(count: int, tune_fraction: float = 0.5, seed: int = 0
+                  ) -> tuple[list[int], list[int]]:
+    """(tune, check): sorted indices of a seeded random split of `count` items (e.g. the pairs
+    of an STS file) — choices are made on `tune`, results confirmed on the held-out `check`.
+    The same (count, fraction, seed) always gives the same split."""
+    if not isinstance(count, int) or count < 2:
+        raise ValueError(f"count must be an integer ≥ 2, got {count!r}")
+    if not 0 < tune_fraction < 1:
+        raise ValueError(f"tune_fraction must be in (0, 1), got {tune_fraction!r}")
+    order = list(range(count))
+    random.Random(seed).shuffle(order)
+    cut = min(count - 1, max(1, round(tune_fraction * count)))
+    return sorted(order[:cut]), sorted(order[cut:])

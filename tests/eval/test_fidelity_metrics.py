@@ -7,6 +7,7 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from curkernels.eval import (
     embedding_cosine,
     encode,
+    holdout_split,
     mean_pool,
     pair_spearman,
     perplexity,
@@ -85,6 +86,23 @@ def test_bad_tsv_raises(tmp_path):
     path.write_text("only\tthree\tfields\n")
     with pytest.raises(ValueError, match="fields"):
         read_sts_pairs(path)
+
+
+def test_holdout_split_is_a_deterministic_partition():
+    tune, check = holdout_split(1500, seed=0)
+    assert len(tune) == len(check) == 750
+    assert sorted(tune + check) == list(range(1500)) and tune == sorted(tune)
+    assert (tune, check) == holdout_split(1500, seed=0)
+    assert holdout_split(1500, seed=1)[0] != tune
+    assert tune[:3] != [0, 1, 2]  # shuffled, not the first half
+    small_tune, small_check = holdout_split(5, tune_fraction=0.4)
+    assert len(small_tune) == 2 and len(small_check) == 3
+
+
+@pytest.mark.parametrize("count,fraction", [(1, 0.5), (10, 0.0), (10, 1.0), (2.5, 0.5)])
+def test_holdout_split_bad_input(count, fraction):
+    with pytest.raises(ValueError):
+        holdout_split(count, fraction)
 
 
 class UniformLM(torch.nn.Module):
