@@ -8,8 +8,9 @@ from .deim import deim_select, greedy_select, qdeim_select
 from .healing import heal
 from .layer_selection import angular_layer_scores, select_layers
 from .report import CompressionReport, ModuleReport
+from .rom import ROM_PRESETS
 
-__all__ = ["METHODS", "CompressionReport", "LinearStats", "ModuleReport", "angular_layer_scores",
+__all__ = ["METHODS", "ROM_PRESETS", "CompressionReport", "LinearStats", "ModuleReport", "angular_layer_scores",
            "as_batches", "calibration_texts", "collect_linear_stats", "compress",
            "deim_select", "factor_parameters", "first_order_importance", "greedy_select",
            "heal", "qdeim_select", "rank_for_keep", "select_layers"]

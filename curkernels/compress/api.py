@@ -10,10 +10,10 @@ from .asvd import compress_asvd
 from .budget import check_keep
 from .calibration_sources import as_batches
 from .curing import compress_curing
-from .layer_selection import angular_layer_scores, select_layers
+from .layer_selection import angular_layer_scores, block_list, select_layers
 from .lpaf import compress_lpaf
 from .report import CompressionReport
-from .rom import compress_rom
+from .rom import ROM_PRESETS, compress_rom
 from .svd import compress_svd
 from .svdllm import compress_svdllm
 from .targets import default_scope, resolve_targets
@@ -29,17 +29,17 @@ METHODS: dict[str, tuple[Callable, bool]] = {
 }
 
 
-def compress(model: nn.Module, method: str = "svd", keep: float = 0.5, calib=None, *,
-             targets=None, exclude=(), layers=None, rank_multiple: int = 1, tokenizer=None,
-             seq_len: int = 256, batch_size: int = 16, num_samples: int | None = None,
-             **opts) -> CompressionReport:
+def compress(model: nn.Module, method: str = "svd", keep: float | None = None, calib=None, *,
+             targets=None, exclude=(), layers=None, preset: str | None = None,
+             rank_multiple: int = 1, tokenizer=None, seq_len: int = 256, batch_size: int = 16,
+             num_samples: int | None = None, **opts) -> CompressionReport:
     """Factor the target Linears of `model` in place and return a `CompressionReport`.
 
     Args:
         method: one of `METHODS` (svd, asvd, svdllm, curing, rom, lpaf).
         keep: fraction of the targeted Linears' weight entries that remain, counting every
-            stored factor (0 < keep ≤ 1). CURing also caps its rank at `max_rank=256` (the
-            paper's rule is keep=1.0: the break-even rank, capped).
+            stored factor (0 < keep ≤ 1; default 0.5). CURing also caps its rank at
+            `max_rank=256` (the paper's rule is keep=1.0: the break-even rank, capped).
         calib: calibration data — an iterable of input dicts (input_ids, attention_mask), or a
             list of strings / a text-file path / a datasets name with `tokenizer=` (cut to
             `num_samples` texts of at most `seq_len` tokens, `batch_size` a batch).
@@ -49,14 +49,25 @@ def compress(model: nn.Module, method: str = "svd", keep: float = 0.5, calib=Non
         layers: block indices to compress, or a count N to pick the N blocks of smallest
             angular distance (first and last excluded; needs calib). Default: all blocks, or
             10 picked blocks for CURing on decoder LMs.
+        preset: one of `ROM_PRESETS` ("90%", "80%", "50%"), the ROM paper's settings named
+            by the fraction of the whole model that remains: sets `keep` and `layers` (the
+            last blocks), so neither may be given with it. Any method accepts it.
         rank_multiple: round ranks down to a multiple (8–128 suits tensor cores).
         opts: method options (e.g. selection="qdeim"|"greedy", max_rank=, energy=, svd= for
-            curing; alpha= for asvd; damping=, allocation="global" for svdllm; sparsity=,
+            curing; alpha= for asvd; damping=, allocation="global", sequential=True,
+            weighting="fisher", fisher_damping= for svdllm; sparsity=,
             sweeps=, mixed_rank_steps=, lr= for lpaf).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    keep = check_keep(keep)
+    if preset is not None:
+        if preset not in ROM_PRESETS:
+            raise ValueError(f"preset must be one of {sorted(ROM_PRESETS)}, got {preset!r}")
+        if keep is not None or layers is not None:
+            raise ValueError(f"preset={preset!r} sets keep and layers: give neither with it")
+        keep = ROM_PRESETS[preset].keep
+        layers = ROM_PRESETS[preset].layers(len(block_list(model)[1]))
+    keep = check_keep(0.5 if keep is None else keep)
     if not isinstance(rank_multiple, int) or rank_multiple < 1:
         raise ValueError(f"rank_multiple must be a positive integer, got {rank_multiple!r}")
     run, needs_calibration = METHODS[method]
@@ -85,7 +96,7 @@ def compress(model: nn.Module, method: str = "svd", keep: float = 0.5, calib=Non
     if config is not None:
         config.compression_config = {
             "method": method, "keep": keep, "rank_multiple": rank_multiple,
-            "layers": layers,
+            "layers": layers, "preset": preset,
             "targets": None if targets is None else list(targets),
             "options": _json_safe(opts)}
     model.compression_report = report

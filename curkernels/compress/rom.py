@@ -14,80 +14,50 @@ Stored as A = V_r (m×r), B = V_rᵀW (r×n). The budget rule r = ⌊keep·mn/(m
 largest rank whose factors fit `keep` of the layer (`rank_for_keep`); `layers=` picks the
 blocks (the paper compresses the last N). Everything runs on the model's device — a CPU is
 enough, as in the paper.
+
+Presets (`compress(..., preset="80%")`, `ROM_PRESETS`): the paper's three settings for
+LLaMA-7B (32 blocks), named by the fraction of the whole model's parameters that remain —
+90%: the last 8 blocks at keep 0.60; 80%: the last 12 at 0.46; 50%: the last 24 at 0.33.
+Later blocks are chosen because errors made early are compounded by every block after them.
+The block count scales with depth (a quarter, 3/8 and 3/4 of the blocks). The paper's ranks
+follow the rule (4096×4096: 1228, 675; 4096×11008: 1791, 1373, 985) except 954 for
+4096×4096 at 0.46, where the rule gives 942.
 """
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .calibration import (
-    StopForward,
-    collect_linear_stats,
-    model_device,
-    stats_from_passes,
-    to_device,
-    token_mask,
-)
+from .calibration import collect_linear_stats, stats_from_passes
 from .layer_selection import block_list
 from .lowrank import bias_of, replace_with_low_rank
+from .replay import (
+    block_passes,
+    capture_block_inputs,
+    forward_order,
+    next_block_inputs,
+    targets_in_block,
+)
 from .report import ModuleReport
 
 
-@torch.no_grad()
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches) -> list[tuple]:
-    """(token mask, args, kwargs) with which `block` is called for each batch; the forward
-    stops there. Caches are switched off so a block can be replayed any number of times."""
-    captured = []
+@dataclass(frozen=True)
+class BudgetPreset:
+    """Compress the last `block_fraction` of the blocks, each targeted Linear at `keep`."""
+    keep: float
+    block_fraction: float
 
-    def grab(module, args, kwargs):
-        kwargs = dict(kwargs)
-        for key in ("cache", "past_key_values", "past_key_value", "layer_past"):
-            if key in kwargs:
-                kwargs[key] = None
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
-        captured.append((args, kwargs))
-        raise StopForward
-
-    handle = block.register_forward_pre_hook(grab, with_kwargs=True)
-    device = model_device(model)
-    masks = []
-    try:
-        for batch in batches:
-            batch = to_device(batch, device)
-            masks.append(token_mask(batch))
-            try:
-                model(**batch)
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
-    if len(captured) != len(masks):
-        raise RuntimeError("the first block was not reached by every calibration batch")
-    return [(mask, args, kwargs) for mask, (args, kwargs) in zip(masks, captured, strict=True)]
+    def layers(self, num_blocks: int) -> list[int]:
+        """The last round(block_fraction·num_blocks) block indices (at least one)."""
+        count = min(num_blocks, max(1, math.floor(self.block_fraction * num_blocks + 0.5)))
+        return list(range(num_blocks - count, num_blocks))
 
 
-def _hidden_of(output):
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}
-
-
-@torch.no_grad()
-def forward_order(block: nn.Module, targets: dict[str, nn.Linear], args, kwargs) -> list[str]:
-    """Target names in the order one forward pass of `block` reaches them."""
-    order = []
-    handles = [linear.register_forward_hook(lambda *_, name=name: order.append(name))
-               for name, linear in targets.items()]
-    try:
-        block(*args, **kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return list(dict.fromkeys(order)) + [name for name in targets if name not in order]
+ROM_PRESETS = {"90%": BudgetPreset(keep=0.60, block_fraction=8 / 32),
+               "80%": BudgetPreset(keep=0.46, block_fraction=12 / 32),
+               "50%": BudgetPreset(keep=0.33, block_fraction=24 / 32)}
 
 
 def rom_factors(weight: torch.Tensor, bias: torch.Tensor | None, output_mean: torch.Tensor,
@@ -114,19 +84,15 @@ def compress_rom(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *
     reports = []
     remaining = dict(targets)
     for index, block in enumerate(blocks):
-        inside = {name: linear for name, linear in remaining.items()
-                  if name.startswith(f"{prefix}.{index}.")}
-        _, args, kwargs = inputs[0]
-        for name in forward_order(block, inside, args, kwargs):
+        inside = targets_in_block(remaining, prefix, index)
+        for name in forward_order(block, inside, *inputs[0][1:]):
             linear = remaining.pop(name)
-            passes = ((mask, lambda a=a, k=k, b=block: b(*a, **k)) for mask, a, k in inputs)
-            stats = stats_from_passes({name: linear}, passes, outputs=True, stop_after=True,
-                                      desc=f"rom {name}")
+            stats = stats_from_passes({name: linear}, block_passes(block, inputs), outputs=True,
+                                      stop_after=True, desc=f"rom {name}")
             reports += _replace(model, name, linear, keep, rank_multiple, stats)
         if not remaining:
             break
-        inputs = [(mask, *_with_hidden(a, k, _hidden_of(block(*a, **k))))
-                  for mask, a, k in inputs]
+        inputs = next_block_inputs(block, inputs)
     for name, linear in remaining.items():  # outside the blocks: whole-model passes
         stats = collect_linear_stats(model, {name: linear}, calib, outputs=True,
                                      stop_after=True, desc=f"rom {name}")
