@@ -7,6 +7,7 @@ matrix and the m×m output moment are opt-in (per module, on the calibration dev
 """
 
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -167,6 +168,97 @@ def stats_from_passes(targets: dict[str, nn.Linear], passes: Iterable, *, gram: 
     return {name: hook.stats for name, hook in hooks.items()}
 
 
+@dataclass
+class PairedInputStats:
+    """Sums over the tokens seen by a Linear in the compressed model (inputs x̂) and by its
+    twin in the dense model (inputs x) on the same calibration tokens: Σ x̂, Σ x, Σ x̂x̂ᵀ and
+    Σ x x̂ᵀ (n×n) — what fitting the compressed layer to the dense layer's outputs needs."""
+    tokens: int
+    sum: torch.Tensor
+    dense_sum: torch.Tensor
+    gram: torch.Tensor
+    cross: torch.Tensor
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+    @property
+    def dense_mean(self) -> torch.Tensor:
+        return self.dense_sum / max(self.tokens, 1)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        """E[x̂x̂ᵀ] (n×n)."""
+        return self.gram / max(self.tokens, 1)
+
+    @property
+    def cross_moment(self) -> torch.Tensor:
+        """E[x x̂ᵀ] (n×n): dense inputs against compressed inputs."""
+        return self.cross / max(self.tokens, 1)
+
+    @property
+    def mean_sq(self) -> torch.Tensor:
+        """E[x̂²] per input channel."""
+        return self.gram.diagonal() / max(self.tokens, 1)
+
+
+@torch.no_grad()
+def paired_input_stats(name: str, dense_linear: nn.Linear, linear: nn.Linear,
+                       passes: Iterable, desc: str = "calibration") -> PairedInputStats:
+    """`passes` yields (token mask or None, a callable running the dense model, a callable
+    running the compressed model) on the same batch; each forward is cut short once its
+    Linear has been seen. With `dense_linear is linear` (one model: x̂ = x) the second
+    callable is not used. Raises on NaN/Inf or when a Linear saw nothing."""
+    n = linear.in_features
+    zeros = lambda *s: torch.zeros(s, dtype=torch.float64, device=linear.weight.device)  # noqa: E731
+    stats = PairedInputStats(0, zeros(n), zeros(n), zeros(n, n), zeros(n, n))
+    same = dense_linear is linear
+    seen = {}
+
+    def grab(*keys):
+        def hook(module, args, output):
+            seen.update(dict.fromkeys(keys, args[0].detach()))
+            raise StopForward
+        return hook
+
+    handles = [dense_linear.register_forward_hook(grab("dense", "compressed") if same
+                                                  else grab("dense"))]
+    if not same:
+        handles.append(linear.register_forward_hook(grab("compressed")))
+    try:
+        for mask, run_dense, run in tqdm(passes, desc=desc, leave=False):
+            seen.clear()
+            for forward in (run_dense,) if same else (run_dense, run):
+                try:
+                    forward()
+                except StopForward:
+                    pass
+            if len(seen) != 2:
+                raise ValueError(f"calibration did not reach {name!r} in both the dense and "
+                                 f"the compressed model")
+            x = _real_tokens(seen["dense"], mask).double()
+            x_hat = _real_tokens(seen["compressed"], mask).double()
+            if x.shape != x_hat.shape:
+                raise ValueError(f"{name!r} saw inputs of shape {tuple(x.shape)} in the dense "
+                                 f"model but {tuple(x_hat.shape)} in the compressed one")
+            stats.tokens += x.shape[0]
+            stats.sum += x_hat.sum(0)
+            stats.dense_sum += x.sum(0)
+            stats.gram += x_hat.T @ x_hat
+            stats.cross += x.T @ x_hat
+    finally:
+        for handle in handles:
+            handle.remove()
+    for field in ("sum", "dense_sum", "gram", "cross"):
+        if not torch.isfinite(getattr(stats, field)).all():
+            raise ValueError(f"calibration statistics of {name!r} hold NaN or Inf in {field}: "
+                             f"check the model's weights and the calibration inputs")
+    if stats.tokens == 0:
+        raise ValueError(f"calibration never reached {name!r}: no tokens were recorded")
+    return stats
+
+
 def is_causal_lm(model: nn.Module) -> bool:
     from transformers import GenerationMixin
     return isinstance(model, GenerationMixin) and hasattr(model, "get_output_embeddings") and \
@@ -192,6 +284,34 @@ def calibration_loss(model: nn.Module, batch: dict, generator: torch.Generator) 
     return 0.5 * ((hidden - (hidden.detach() + noise)) ** 2).sum(-1).mean()
 
 
+@contextmanager
+def _gradients_for(model: nn.Module, params: Iterable[nn.Parameter]):
+    """Eval mode (dropout off: the statistics are those of the deployed model) with gradients
+    only for `params`; the flags and the mode are restored afterwards."""
+    was_training = model.training
+    model.eval()
+    requires = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = None
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires[name])
+            p.grad = None
+        model.train(was_training)
+
+
+def _calibration_backward(model: nn.Module, batch: dict, generator: torch.Generator) -> None:
+    loss = calibration_loss(model, batch, generator)
+    if not torch.isfinite(loss):
+        raise ValueError("the calibration loss is NaN or Inf: cannot take its gradient")
+    loss.backward()
+
+
 def first_order_importance(model: nn.Module, targets: dict[str, nn.Linear],
                            batches: Iterable[dict], *, seed: int = 0,
                            desc: str = "importance") -> dict[str, torch.Tensor]:
@@ -199,31 +319,58 @@ def first_order_importance(model: nn.Module, targets: dict[str, nn.Linear],
     first-order (movement-style) estimate of the loss change from zeroing each entry."""
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
-    was_training = model.training
-    model.eval()  # dropout off: the importance is that of the deployed model
-    requires = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for linear in targets.values():
-        linear.weight.requires_grad_(True)
-        linear.weight.grad = None
     sums = {name: torch.zeros_like(linear.weight, dtype=torch.float64)
             for name, linear in targets.items()}
     count = 0
-    try:
+    with _gradients_for(model, [linear.weight for linear in targets.values()]):
         for batch in tqdm(batches, desc=desc, leave=False):
-            loss = calibration_loss(model, to_device(batch, device), generator)
-            if not torch.isfinite(loss):
-                raise ValueError("the calibration loss is NaN or Inf: cannot score importance")
-            loss.backward()
+            _calibration_backward(model, to_device(batch, device), generator)
             for name, linear in targets.items():
                 sums[name] += (linear.weight.detach().double() * linear.weight.grad.double()).abs()
                 linear.weight.grad = None
             count += 1
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires[name])
-        model.train(was_training)
     if count == 0:
         raise ValueError("calib held no batches: cannot score importance")
     return {name: total / count for name, total in sums.items()}
+
+
+def output_fisher(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict], *,
+                  seed: int = 0, desc: str = "output fisher") -> dict[str, torch.Tensor]:
+    """E[ggᵀ] (m×m, fp64) of each target's output gradient g = ∂L/∂y per real token, with L
+    the `calibration_loss` summed over tokens. This is the Fisher (Gauss–Newton) metric of the
+    Linear's outputs: a small change Δy of one token's output costs about ½·ΔyᵀE[ggᵀ]Δy of
+    loss — what the output side of a layer's approximation error should be weighed by."""
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    sums = {name: torch.zeros(linear.out_features, linear.out_features, dtype=torch.float64,
+                              device=linear.weight.device) for name, linear in targets.items()}
+    tokens, mask = 0, None
+
+    def keep_gradient(name):
+        def forward_hook(module, args, output):
+            def gradient_hook(grad):
+                # the loss is a mean over the real tokens: undo it, one gradient a token
+                g = _real_tokens(grad.detach(), mask).double() * count
+                sums[name].add_(g.T @ g)
+            output.register_hook(gradient_hook)
+        return forward_hook
+
+    handles = [linear.register_forward_hook(keep_gradient(name))
+               for name, linear in targets.items()]
+    try:
+        with _gradients_for(model, [linear.weight for linear in targets.values()]):
+            for batch in tqdm(batches, desc=desc, leave=False):
+                batch = to_device(batch, device)
+                mask = token_mask(batch)
+                count = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                _calibration_backward(model, batch, generator)
+                tokens += count
+    finally:
+        for handle in handles:
+            handle.remove()
+    if tokens == 0:
+        raise ValueError("calib held no batches: cannot estimate the output Fisher")
+    for name, total in sums.items():
+        if not torch.isfinite(total).all():
+            raise ValueError(f"the output gradients of {name!r} hold NaN or Inf")
+    return {name: total / tokens for name, total in sums.items()}

@@ -61,20 +61,24 @@ def bias_of(linear: nn.Linear) -> torch.Tensor | None:
 
 
 def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], keep: float,
-                   multiple: int = 1) -> dict[str, int]:
+                   multiple: int = 1, relative: bool = True) -> dict[str, int]:
     """Ranks that share one budget, keep·Σmn entries, across modules instead of giving each
     the same share. `spectra[name] = (σ², m, n)` with σ² the descending squared singular values
     whose truncation error the module pays; component k of a module removes a fraction
     σ_k²/Σσ² of its error and costs m + n entries, and components are taken greedily by that
-    fraction per entry (a prefix per module, as σ² is sorted). Every module keeps at least
-    `multiple` components; ranks are rounded down to `multiple`."""
+    fraction per entry (a prefix per module, as σ² is sorted). With `relative=False` the σ²
+    are compared as they are (when every module's spectrum is in the same units, e.g. of the
+    loss). Every module keeps at least `multiple` components; ranks are rounded down to
+    `multiple`."""
     budget = keep * sum(m * n for _, m, n in spectra.values())
     ranks = {name: min(multiple, m, n) for name, (_, m, n) in spectra.items()}
     spent = sum(r * (m + n) for r, (_, m, n) in zip(ranks.values(), spectra.values(),
                                                      strict=True))
     candidates = []
     for name, (sigma_sq, m, n) in spectra.items():
-        share = sigma_sq.double() / sigma_sq.double().sum().clamp_min(1e-300)
+        share = sigma_sq.double()
+        if relative:
+            share = share / share.sum().clamp_min(1e-300)
         candidates += [(float(share[k]) / (m + n), name) for k in range(ranks[name], len(share))]
     for _, name in sorted(candidates, key=lambda c: -c[0]):
         _, m, n = spectra[name]

@@ -1,60 +1,194 @@
 """SVD-LLM (Wang et al. 2024): truncation-aware whitening. With XᵀX = LLᵀ (Cholesky of the
 damped input Gram matrix), the singular values of W·L are exactly the output errors
 ‖(W − Ŵ)X‖ each truncated component costs, so truncating the SVD of W·L is optimal for the
-calibration outputs: W ≈ (U_r√Σ)·(√ΣV_rᵀL⁻¹)."""
+calibration outputs: W ≈ (U_r√Σ)·(√ΣV_rᵀL⁻¹).
+
+`sequential=True` calibrates block by block, in forward order, as ROM does: each Linear sees
+the inputs x̂ produced by the already-compressed layers before it, and its factors fit the
+*dense* layer's outputs on the same tokens, min ‖Wx + b − (Ŵx̂ + b̂)‖² over rank-r Ŵ and b̂.
+With E[x̂x̂ᵀ] = LLᵀ and M = W·E[x x̂ᵀ]·L⁻ᵀ the objective is ‖Ŵ·L − M‖² + const, so the
+truncated SVD of M gives Ŵ = M_r·L⁻¹ (reduced-rank regression; for x̂ = x, M = W·L and this
+is SVD-LLM itself). The damping adds δ‖Ŵ − W‖²: directions the data leaves unexcited keep
+the dense weight. A bias absorbs the mean: the moments are then centred and
+b̂ = b + W·E[x] − Ŵ·E[x̂]. Errors made early are thus corrected downstream instead of
+compounded (the dense twin of each block is kept while the block is compressed).
+"""
+
+import copy
 
 import torch
 from torch import nn
 
-from .calibration import collect_linear_stats
+from .calibration import (
+    PairedInputStats,
+    collect_linear_stats,
+    model_device,
+    output_fisher,
+    paired_input_stats,
+    to_device,
+    token_mask,
+)
+from .layer_selection import block_list
 from .lowrank import allocate_ranks, bias_of, replace_with_low_rank
+from .replay import (
+    block_passes,
+    capture_block_inputs,
+    forward_order,
+    next_block_inputs,
+    targets_in_block,
+)
 from .report import ModuleReport
 
 
 def whitening_factor(second_moment: torch.Tensor, damping: float) -> torch.Tensor:
     """Lower Cholesky factor of E[xxᵀ] + damping·mean(diag)·I (fp64). The damping keeps
     it positive definite when some input directions are never excited."""
-    n = second_moment.shape[0]
-    gram = second_moment.double()
+    return damped_cholesky(second_moment, damping)[0]
+
+
+def damped_cholesky(moment: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
+    """(L, δ) with LLᵀ = moment + δ·I, δ = damping·mean(diag), raised tenfold while rounding
+    leaves the matrix indefinite."""
+    n = moment.shape[0]
+    gram = moment.double()
     scale = float(gram.diagonal().mean().clamp_min(1e-12))
     shift = damping * scale
     eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
     factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
-    while int(info) > 0:  # still indefinite (rounding): raise the damping tenfold
+    while int(info) > 0:
         shift = max(shift * 10, 1e-10 * scale)
         factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
-    return factor
+    return factor, shift
+
+
+def unwhitened_factors(whitened_svd, L: torch.Tensor, rank: int):
+    """(A, B) with A·B = (the rank-r truncation of the whitened matrix)·L⁻¹."""
+    left, sigma, right_t = whitened_svd
+    root = sigma[:rank].sqrt()
+    A, B_white = left[:, :rank] * root, root[:, None] * right_t[:rank]
+    # B = B_white·L⁻¹, i.e. Bᵀ = L⁻ᵀ·B_whiteᵀ: a triangular solve, no inverse formed
+    return A, torch.linalg.solve_triangular(L.T, B_white.T, upper=True).T
+
+
+def fitted_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairedInputStats,
+                   rank: int, damping: float):
+    """(A, B, b̂) minimising E‖Wx + b − (ABx̂ + b̂)‖² over the paired calibration tokens
+    (b̂ = b when there is no bias to absorb the mean), fp64."""
+    w = weight.detach().double()
+    second, cross = stats.second_moment, stats.cross_moment
+    if bias is not None:
+        second = second - torch.outer(stats.mean, stats.mean)
+        cross = cross - torch.outer(stats.dense_mean, stats.mean)
+    L, shift = damped_cholesky(second, damping)
+    # the damping δ also pulls Ŵ towards W (not towards 0) where x̂ barely varies: the term
+    # δ‖Ŵ − W‖² turns C into C + δI, so for x̂ = x, M = W·L exactly as in SVD-LLM.
+    # M = W·(C + δI)·L⁻ᵀ, i.e. Mᵀ = L⁻¹·(W·(C + δI))ᵀ
+    cross = cross + shift * torch.eye(cross.shape[0], dtype=cross.dtype, device=cross.device)
+    target = torch.linalg.solve_triangular(L, (w @ cross).T, upper=False).T
+    A, B = unwhitened_factors(torch.linalg.svd(target, full_matrices=False), L, rank)
+    if bias is not None:
+        bias = bias.double() + w @ stats.dense_mean - A @ (B @ stats.mean)
+    return A, B, bias
 
 
 def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
                     rank_multiple: int = 1, damping: float = 1e-4, allocation: str = "uniform",
-                    **_) -> list[ModuleReport]:
+                    sequential: bool = False, weighting: str = "inputs",
+                    fisher_damping: float = 1e-2, **_) -> list[ModuleReport]:
     """`allocation="uniform"`: every module keeps `keep` of its entries. `"global"`: ranks share
     the whole budget (`allocate_ranks` on the whitened spectra, which measure each module's
-    output error; the SVDs are kept in memory until all modules are factored)."""
-    if damping < 0:
-        raise ValueError(f"damping must be ≥ 0, got {damping}")
+    output error; the SVDs are kept in memory until all modules are factored). With
+    `sequential=True` the global ranks come from a first, dense calibration pass.
+
+    `weighting="fisher"` whitens the output side too: with E[ggᵀ] + δ_F·I = KKᵀ the output
+    Fisher (`output_fisher`, δ_F = `fisher_damping`·mean(diag)), the loss increase of an error
+    Δ is ≈ ½‖KᵀΔL‖² (the Kronecker-factored curvature E[xxᵀ] ⊗ E[ggᵀ]), so the truncated SVD
+    of KᵀWL is optimal for it: W ≈ (K⁻ᵀU_r√Σ)·(√ΣV_rᵀL⁻¹). Its squared singular values are
+    in loss units in every module, so global allocation ranks them as they are instead of as
+    shares of each module's error."""
+    if damping < 0 or fisher_damping < 0:
+        raise ValueError(f"damping and fisher_damping must be ≥ 0, got {damping} and "
+                         f"{fisher_damping}")
     if allocation not in ("uniform", "global"):
         raise ValueError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
-    stats = collect_linear_stats(model, targets, calib, gram=True, desc="svd-llm calibration")
+    if not isinstance(sequential, bool):
+        raise ValueError(f"sequential must be True or False, got {sequential!r}")
+    if weighting not in ("inputs", "fisher"):
+        raise ValueError(f"weighting must be 'inputs' or 'fisher', got {weighting!r}")
+    if weighting == "fisher" and sequential:
+        raise ValueError("weighting='fisher' is one-shot: it cannot be combined with "
+                         "sequential=True")
+    stats = None
+    if allocation == "global" or not sequential:
+        stats = collect_linear_stats(model, targets, calib, gram=True,
+                                     desc="svd-llm calibration")
+    fisher = output_fisher(model, targets, calib) if weighting == "fisher" else {}
 
     def whitened_svd(name, linear):
         L = whitening_factor(stats[name].second_moment, damping)
-        return L, torch.linalg.svd(linear.weight.detach().double() @ L, full_matrices=False)
+        K = whitening_factor(fisher[name], fisher_damping) if fisher else None
+        whitened = linear.weight.detach().double() @ L
+        if K is not None:
+            whitened = K.T @ whitened
+        return L, K, torch.linalg.svd(whitened, full_matrices=False)
 
     svds = {name: whitened_svd(name, linear) for name, linear in targets.items()} \
         if allocation == "global" else {}
     ranks = None
     if svds:
         ranks = allocate_ranks({name: (svd.S ** 2, *targets[name].weight.shape)
-                                for name, (_, svd) in svds.items()}, keep, rank_multiple)
+                                for name, (_, _, svd) in svds.items()}, keep, rank_multiple,
+                               relative=not fisher)
+    if sequential:
+        svds.clear()  # only the ranks are needed: the sequential fit redoes each SVD
+        return _compress_sequential(model, targets, keep, calib, rank_multiple, damping, ranks)
 
     def factorize(name, linear, rank):
-        L, (left, sigma, right_t) = svds.pop(name) if svds else whitened_svd(name, linear)
-        root = sigma[:rank].sqrt()
-        A, B_white = left[:, :rank] * root, root[:, None] * right_t[:rank]
-        # B = B_white·L⁻¹, i.e. Bᵀ = L⁻ᵀ·B_whiteᵀ: a triangular solve, no inverse formed
-        B = torch.linalg.solve_triangular(L.T, B_white.T, upper=True).T
+        L, K, svd = svds.pop(name) if svds else whitened_svd(name, linear)
+        A, B = unwhitened_factors(svd, L, rank)
+        if K is not None:  # A = K⁻ᵀ·U_r√Σ
+            A = torch.linalg.solve_triangular(K.T, A, upper=True)
         return A, B, bias_of(linear)
 
     return replace_with_low_rank(model, targets, keep, rank_multiple, factorize, stats, ranks)
+
+
+def _compress_sequential(model, targets, keep, calib, rank_multiple, damping, ranks
+                         ) -> list[ModuleReport]:
+    """Two streams of cached block inputs, dense and compressed; each block is copied before
+    its first target is replaced so the dense stream stays dense. Targets outside the blocks
+    are done last from whole-model passes of the compressed model (x̂ on both sides)."""
+    prefix, blocks = block_list(model)
+    inputs = capture_block_inputs(model, blocks[0], calib)
+    dense_inputs = inputs
+    reports = []
+    remaining = dict(targets)
+
+    def replace(name, linear, stats):
+        return replace_with_low_rank(
+            model, {name: linear}, keep, rank_multiple,
+            lambda _, lin, rank: fitted_factors(lin.weight, bias_of(lin), stats, rank, damping),
+            {name: stats}, None if ranks is None else {name: ranks[name]})
+
+    for index, block in enumerate(blocks):
+        inside = targets_in_block(remaining, prefix, index)
+        dense_block = copy.deepcopy(block) if inside else block
+        for name in forward_order(block, inside, *inputs[0][1:]):
+            linear = remaining.pop(name)
+            twin = dense_block.get_submodule(name[len(f"{prefix}.{index}."):])
+            passes = ((mask, run_dense, run) for (mask, run_dense), (_, run) in zip(
+                block_passes(dense_block, dense_inputs), block_passes(block, inputs),
+                strict=True))
+            stats = paired_input_stats(name, twin, linear, passes, desc=f"svd-llm {name}")
+            reports += replace(name, linear, stats)
+        if not remaining:
+            break
+        dense_inputs = next_block_inputs(dense_block, dense_inputs)
+        inputs = next_block_inputs(block, inputs)
+    device = model_device(model)
+    for name, linear in remaining.items():  # outside the blocks: the compressed model's inputs
+        passes = ((token_mask(batch), lambda batch=batch: model(**batch), None)
+                  for batch in (to_device(batch, device) for batch in calib))
+        reports += replace(name, linear, paired_input_stats(name, linear, linear, passes,
+                                                            desc=f"svd-llm {name}"))
+    return reports

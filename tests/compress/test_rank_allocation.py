@@ -35,3 +35,15 @@ def test_svdllm_global_allocation_keeps_the_budget(tiny_bert, batches):
 def test_bad_allocation(tiny_bert, batches):
     with pytest.raises(ValueError, match="allocation"):
         ck.compress(tiny_bert, "svdllm", 0.4, batches, allocation="best")
+
+
+def test_absolute_allocation_compares_spectra_as_they_are():
+    """Same shape of spectrum, ten times the scale: as shares they tie, as absolute σ² (loss
+    units, e.g. Fisher-weighted) the louder module takes more of the budget."""
+    spectrum = 0.8 ** torch.arange(32, dtype=torch.float64)
+    spectra = {"quiet": (spectrum, 32, 32), "loud": (10 * spectrum, 32, 32)}
+    shares = allocate_ranks(spectra, keep=0.4)
+    assert shares["quiet"] == shares["loud"]
+    absolute = allocate_ranks(spectra, keep=0.4, relative=False)
+    assert absolute["loud"] > absolute["quiet"]
+    assert sum(absolute.values()) * 64 <= 0.4 * 2 * 32 * 32
