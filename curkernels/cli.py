@@ -48,7 +48,10 @@ def compress(
     model: str = typer.Argument(..., help="model folder (or hub name when online)"),
     out: Path = typer.Argument(..., help="output folder for the compressed checkpoint"),
     method: str = typer.Option("svd", help="svd | asvd | svdllm | curing | rom | lpaf"),
-    keep: float = typer.Option(0.5, help="fraction of the targeted weights kept, in (0, 1]"),
+    keep: float = typer.Option(None, help="fraction of the targeted weights kept, in (0, 1] "
+                               "(default 0.5)"),
+    preset: str = typer.Option(None, help="ROM paper setting '90%', '80%' or '50%' (sets keep "
+                               "and layers; method rom)"),
     targets: list[str] = typer.Option(None, "--target", help="name pattern of Linears to "
                                       "factor (repeatable); method default when omitted"),
     layers: str = typer.Option(None, help="block indices '3,5,7', or a count N to pick the N "
@@ -104,7 +107,7 @@ def compress(
             raise ValueError(f"{model} ships no tokenizer: calibration needs one")
         texts = calibration_texts(calib, num_samples, split=calib_split)
     report = run_compress(loaded, method=method, keep=keep, calib=texts, tokenizer=tokenizer,
-                          targets=targets or None, layers=parse_layers(layers),
+                          targets=targets or None, layers=parse_layers(layers), preset=preset,
                           rank_multiple=rank_multiple, seq_len=seq_len, batch_size=batch_size,
                           **parse_options(option or []))
     console.print(str(report), highlight=False)

@@ -43,3 +43,19 @@ def test_compress_command_rejects_a_bad_keep(tmp_path):
     assert result.returncode != 0
     assert "keep" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_compress_command_takes_a_rom_preset(tmp_path):
+    """A preset sets keep and the blocks (here on a 2-block model: 3/4 of 2 rounds to both);
+    an unknown preset, or one given with --keep, is refused before anything is written."""
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    result = run_cli("compress", str(tmp_path / "dense"), str(tmp_path / "out"),
+                     "--method", "svd", "--preset", "50%", "--target", "q_proj")
+    assert result.returncode == 0, result.stderr
+    block = read_compression_config(tmp_path / "out")
+    assert sorted(block["modules"]) == [f"model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    for name, wrong in (("bad", ("--preset", "70%")), ("both", ("--preset", "50%", "--keep", "0.4"))):
+        result = run_cli("compress", str(tmp_path / "dense"), str(tmp_path / name),
+                         "--method", "svd", *wrong)
+        assert result.returncode != 0 and "preset" in result.stderr
+        assert not (tmp_path / name).exists()
