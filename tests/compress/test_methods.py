@@ -30,18 +30,25 @@ def test_error_falls_as_keep_grows(method, tiny_bert, batches):
     assert errors == sorted(errors, reverse=True) and errors[-1] < errors[0]
 
 
-@pytest.mark.parametrize("method", ALL)
-def test_exactly_low_rank_weights_recovered(method, tiny_bert, batches):
+# (method, options, tolerance). Sequential SVD-LLM fits each layer to inputs that carry the
+# fp32 rounding of the upstream factors (~1e-7), conditioned down to the damping (1e-4), so it
+# recovers to 1e-4, not 1e-5.
+EXACT_RECOVERY = [(method, {"sparsity": 0.0} if method == "lpaf" else {}, 1e-5)
+                  for method in ALL] + [("svdllm", {"sequential": True}, 1e-4),
+                                        ("svdllm", {"weighting": "fisher"}, 1e-5)]
+
+
+@pytest.mark.parametrize("method, options, tolerance", EXACT_RECOVERY)
+def test_exactly_low_rank_weights_recovered(method, options, tolerance, tiny_bert, batches):
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for linear in block_linears(tiny_bert).values():
             m, n = linear.weight.shape
             linear.weight.copy_(torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g)
                                 / n ** 0.5)
-    options = {"sparsity": 0.0} if method == "lpaf" else {}
     report = ck.compress(tiny_bert, method, 0.4, batches, **options)
     assert all(m.rank >= 3 for m in report.modules)
-    assert max(m.relative_error for m in report.modules) < 1e-5
+    assert max(m.relative_error for m in report.modules) < tolerance
 
 
 @pytest.mark.parametrize("method", ALL)

@@ -110,19 +110,6 @@ def test_sequential_error_falls_as_keep_grows(fixture, batches, request):
     assert errors == sorted(errors, reverse=True)
 
 
-def test_sequential_recovers_exactly_low_rank_weights(tiny_bert, batches):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for linear in block_linears(tiny_bert).values():
-            m, n = linear.weight.shape
-            linear.weight.copy_(torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g)
-                                / n ** 0.5)
-    report = ck.compress(tiny_bert, "svdllm", 0.4, batches, sequential=True)
-    # x̂ equals x only up to fp32 rounding of the upstream factors (~1e-7), which the fit sees
-    # through inputs conditioned down to the damping (1e-4): 1e-4, not the one-shot 1e-5
-    assert max(m.relative_error for m in report.modules) < 1e-4
-
-
 def test_sequential_with_global_ranks(tiny_bert, batches):
     report = ck.compress(tiny_bert, "svdllm", 0.4, batches, sequential=True,
                          allocation="global")
@@ -190,17 +177,6 @@ def test_fisher_weighting_error_falls_as_keep_grows(fixture, batches, request):
         assert report.params_after <= keep * report.params_before
         errors.append(sum(m.relative_error for m in report.modules))
     assert errors == sorted(errors, reverse=True)
-
-
-def test_fisher_weighting_recovers_exactly_low_rank_weights(tiny_bert, batches):
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for linear in block_linears(tiny_bert).values():
-            m, n = linear.weight.shape
-            linear.weight.copy_(torch.randn(m, 3, generator=g) @ torch.randn(3, n, generator=g)
-                                / n ** 0.5)
-    report = ck.compress(tiny_bert, "svdllm", 0.4, batches, weighting="fisher")
-    assert max(m.relative_error for m in report.modules) < 1e-5
 
 
 def test_fisher_weighting_global_allocation_keeps_the_budget(tiny_bert, batches):
