@@ -53,7 +53,7 @@ RUNS = {  # label -> (method, options)
 }
 
 
-def fine_tune(method, model, dense, data, steps, lr):
+def fine_tune(method, model, dense, data, steps, lr, mse_weight=0.9, pooled_weight=0.0):
     """With --train: CURing heals U (as the paper), LPAF runs its mixed-rank fine-tuning, the
     two-factor methods heal A and B; returns the label suffix."""
     if method == "lpaf":
@@ -62,7 +62,8 @@ def fine_tune(method, model, dense, data, steps, lr):
                             full_rank_steps=max(1, steps // 10))
         return "+mixed-rank"
     ck.heal(model, dense, data, steps=steps, lr=lr,
-            trainable=("U",) if method == "curing" else ("A", "B"))
+            trainable=("U",) if method == "curing" else ("A", "B"),
+            mse_weight=mse_weight, pooled_weight=pooled_weight)
     return "+heal"
 
 
@@ -88,6 +89,10 @@ def main():
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--mse-weight", type=float, default=0.9,
+                        help="heal: weight of the hidden-state MSE")
+    parser.add_argument("--pooled-weight", type=float, default=0.0,
+                        help="heal: weight of 1 − cosine of the mean-pooled embedding")
     parser.add_argument("--train-tag", default="",
                         help="appended to the fine-tuned rows' labels (e.g. ' (600 steps)')")
     parser.add_argument("--split-seed", type=int, default=0)
@@ -137,8 +142,9 @@ def main():
                            f"≤ {args.seq_len} tokens, batches of 32",
             "fine_tuning": f"{args.train_steps} steps, batches of {args.train_batch} × "
                            f"≤ {args.train_seq_len} tokens of the same lines, lr {args.lr}, "
-                           f"AdamW + cosine", "device": "cpu", "threads": args.threads,
-            "baseline": BASELINE}
+                           f"AdamW + cosine, heal loss {args.mse_weight:g}·hidden MSE + "
+                           f"{args.pooled_weight:g}·pooled cosine distance",
+            "device": "cpu", "threads": args.threads, "baseline": BASELINE}
     name = f"compress_fidelity_minilm{'' if args.keep == 0.5 else f'_keep{args.keep:g}'}"
 
     def record(label, model, method, options, report, seconds, train_steps=0):
@@ -150,6 +156,8 @@ def main():
                           "params_after": report.params_after, "seconds": seconds,
                           "train_steps": train_steps, "lr": args.lr if train_steps else None,
                           "threads": args.threads}
+        if train_steps and method != "lpaf":  # heal's loss weights
+            results[label].update(mse_weight=args.mse_weight, pooled_weight=args.pooled_weight)
         print(f"{label}: {show(scores)} (cos {cosine:.4f}, kept {report.kept:.3f}, "
               f"{seconds:.0f} s)", flush=True)
         write_results(out / name, meta, results)
@@ -162,7 +170,8 @@ def main():
         record(label, model, method, options, report, time.perf_counter() - start)
         if args.train:
             start = time.perf_counter()
-            suffix = fine_tune(method, model, dense, train, args.train_steps, args.lr)
+            suffix = fine_tune(method, model, dense, train, args.train_steps, args.lr,
+                               args.mse_weight, args.pooled_weight)
             record(label + suffix + args.train_tag, model, method, options, report,
                    time.perf_counter() - start, args.train_steps)
 
@@ -176,7 +185,11 @@ def write_results(stem: Path, meta: dict, results: dict) -> None:
     path.write_text(json.dumps({**meta, "results": results}, indent=2))
 
     def schedule(row):
-        return f"{row['train_steps']} steps, lr {row['lr']:g}" if row.get("train_steps") else "—"
+        if not row.get("train_steps"):
+            return "—"
+        loss = (f", {row['mse_weight']:g}·MSE + {row['pooled_weight']:g}·pooled cos"
+                if row.get("pooled_weight") else "")
+        return f"{row['train_steps']} steps, lr {row['lr']:g}{loss}"
 
     def score(row, key):
         return f"{row[key]:.2f}" if key in row else "—"
