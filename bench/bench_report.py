@@ -1,14 +1,19 @@
 """Reports of bench/layer_bench.py: JSON (all numbers), markdown table, PNG plot, named by GPU."""
 
+import argparse
 import json
 import re
 from pathlib import Path
+
+import torch
+
+from curkernels.ops import decode_table
 
 FUSED = ("triton", "cuda")
 DECODE_MAX_ROWS = 16
 
 
-def _slug(device: str) -> str:
+def device_slug(device: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device).strip("_") or "device"
 
 
@@ -57,25 +62,30 @@ def markdown_table(results: list[dict], floors: dict, meta: dict) -> str:
 
 
 def decode_winner_lines(results: list[dict], meta: dict) -> list[str]:
-    """Entries for curkernels.ops.dispatch.GRAPH_DECODE_WINNERS: a fused backend qualifies for
-    a decode M only where it beat chain2 in CUDA graphs at every shape and rank measured."""
-    groups = _grouped(results)
-    decode_rows = sorted({M for (_, _, _, M) in groups if M <= DECODE_MAX_ROWS})
-    lines = []
-    for M in decode_rows:
-        keys = [key for key in groups if key[3] == M]
-        for backend in FUSED:
-            wins = [groups[key].get(backend) and groups[key][backend]["graph_us"] is not None
-                    and groups[key].get("chain2") and groups[key]["chain2"]["graph_us"] is not None
-                    and groups[key][backend]["graph_us"] < groups[key]["chain2"]["graph_us"]
-                    for key in keys]
-            if keys and all(wins):
-                lines.append(f"- GRAPH_DECODE_WINNERS[{meta['device']!r}][(torch.{meta['dtype']}, "
-                             f"{M})] = {backend!r}  (beat chain2 at all {len(keys)} shapes×ranks)")
-                break
-        else:
-            lines.append(f"- M = {M}: no fused backend beat chain2 everywhere in CUDA graphs")
+    """What curkernels.ops.decode_table reads from this run: per decode point, whether the fused
+    Triton kernel took at most WIN_RATIO of chain2's CUDA-graph time."""
+    dtype = getattr(torch, meta["dtype"])
+    points = decode_table.points_from_benchmark({"meta": meta, "results": results}, dtype,
+                                                DECODE_MAX_ROWS)
+    wins = [p for p in points if p.fused_wins]
+    lines = [f"Decode table (triton ≤ {decode_table.WIN_RATIO}× chain2 in CUDA graphs): "
+             f"{len(wins)} of {len(points)} points"]
+    lines += [f"- triton: M = {p.rows}, {p.m}×{p.n}, r = {p.r}" for p in wins]
     return lines
+
+
+def ship_decode_table(report_path: Path, into: Path = decode_table.MEASURED_DIR) -> Path:
+    """Copies the decode rows (chain2 and triton, M ≤ 16) of a layer-bench JSON into the
+    package's measured tables, named by GPU; written whole or not at all."""
+    report = json.loads(report_path.read_text())
+    keep = (decode_table.BASELINE_VARIANT, decode_table.FUSED_BACKEND)
+    rows = [row for row in report["results"]
+            if row["M"] <= DECODE_MAX_ROWS and row["variant"] in keep]
+    target = into / f"{device_slug(report['meta']['device'])}.json"
+    partial = target.with_suffix(".json.partial")
+    partial.write_text(json.dumps({"meta": report["meta"], "results": rows}, indent=1) + "\n")
+    partial.replace(target)
+    return target
 
 
 def plot(results: list[dict], floors: dict, meta: dict, path: Path) -> bool:
@@ -118,7 +128,7 @@ def plot(results: list[dict], floors: dict, meta: dict, path: Path) -> bool:
 def write_reports(results: list[dict], floors: dict, meta: dict, out_dir: Path) -> str:
     """Writes <gpu>.json, <gpu>.md and <gpu>.png into out_dir; returns the markdown table."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / _slug(meta["device"])
+    stem = out_dir / device_slug(meta["device"])
     table = markdown_table(results, floors, meta)
     floor_rows = [{"m": m, "n": n, "r": r, "M": M, "floor_us": us}
                   for (m, n, r, M), us in floors.items()]
@@ -128,3 +138,10 @@ def write_reports(results: list[dict], floors: dict, meta: dict, out_dir: Path) 
     if not plot(results, floors, meta, Path(f"{stem}.png")):
         table += "\n(matplotlib is not installed: no PNG)"
     return table
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(
+        description="Ship a layer-bench run's decode measurements as the package's dispatch table")
+    parser.add_argument("report", type=Path, help="<gpu>.json written by bench/layer_bench.py")
+    print(f"wrote {ship_decode_table(parser.parse_args().report)}")

@@ -40,6 +40,9 @@ def info(as_json: bool = typer.Option(False, "--json", help="machine-readable ou
     table.add_row("GPUs", ", ".join(report["gpus"]) or "none")
     for name, state in report["backends"].items():
         table.add_row(f"backend {name} ({report['device']})", state)
+    for gpu, state in report["graph_decode"].items():
+        table.add_row(f"CUDA-graph decode on {gpu}", state)
+    table.add_row("decode tables", ", ".join(report["decode_tables"]) or "none")
     console.print(table)
 
 

@@ -6,6 +6,7 @@ import platform
 import torch
 
 from .ops import BACKENDS, extension_status, unavailable_reason
+from .ops.decode_table import ENV_DECODE_TABLE, measured_devices
 
 
 def _version(package: str) -> str:
@@ -21,6 +22,7 @@ def environment_report() -> dict:
         if torch.cuda.is_available() else []
     device = torch.device("cuda") if gpus else torch.device("cpu")
     backends = {name: unavailable_reason(name, device) for name in BACKENDS}
+    measured = measured_devices()
     return {
         "curkernels": _version("curkernels"),
         "python": platform.python_version(),
@@ -34,4 +36,9 @@ def environment_report() -> dict:
         "device": str(device),
         "backends": {name: "live" if why is None else f"unavailable: {why}"
                      for name, why in backends.items()},
+        "decode_tables": measured,
+        "graph_decode": {gpu: "measured: fused Triton decode where it won" if gpu in measured
+                         else f"not measured: CUDA graphs keep the cuBLAS chain (run "
+                              f"bench/layer_bench.py, then set {ENV_DECODE_TABLE})"
+                         for gpu in gpus},
     }

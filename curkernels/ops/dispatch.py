@@ -2,9 +2,10 @@
 
 A named backend (argument or CURKERNELS_BACKEND) runs or raises; it never falls back. 'auto'
 follows an explicit table, by device, execution mode (eager or CUDA graph / compile), M, the
-layer's shape and dtype. Every entry that picks a fused kernel rests on a measurement
-(bench/results/NVIDIA_H100_80GB_HBM3.md: H100, bf16, cold weights, U folded); elsewhere the
-cuBLAS chain (the torch backend) is kept.
+layer's shape and dtype. Every choice of a fused kernel rests on a measurement
+(bench/results/<gpu>.md: bf16, cold weights, U folded); elsewhere the cuBLAS chain (the torch
+backend) is kept. The eager rules were measured on the H100 and hold where host time per
+launch dominates; the CUDA-graph rule reads each GPU's own measurements.
 
 - Eager decode: host time per launch dominates. The CUDA extension (one C++ op launch) took
   13.7–34.7 µs a call where chain2 took 45–58 µs at M ≤ 4 on every Llama-3.1-8B shape and
@@ -13,21 +14,23 @@ cuBLAS chain (the torch backend) is kept.
   ≤ 4096. Without the extension, eager Triton (53–80 µs) does not beat chain2.
 - Decode inside a CUDA graph being captured (torch.cuda.graph, torch.compile's
   "reduce-overhead" mode; the op resolves its backend when it runs): the single-launch Triton
-  kernel beat chain2 inside the boxes of GRAPH_DECODE_WINNERS (0.68–0.86× its time) and tied
-  or lost outside them (r = 1024, or 14336 output rows).
+  kernel where the GPU's measured decode table (decode_table.py) says it beat chain2, else
+  chain2. On the H100 it won (0.68–0.86× chain2's time) up to r = 512 with 4096 output rows,
+  and tied or lost at r = 1024 or with 14336 output rows.
 - Prefill (M > 16): the fused prefill kernel was 3–26× slower than chain2; cuBLAS chain.
 
 The table is cheap to consult but not free (availability checks, the GPU's name): execute.py
 memoizes each choice under `choice_key`, everything the choice reads that can change from one
 call to the next. CURKERNELS_BACKEND is part of that key, so it is read on every call and a
-change takes effect at the next call.
+change takes effect at the next call; CURKERNELS_DECODE_TABLE counts as it was at a key's
+first call.
 """
 
 import os
-from dataclasses import dataclass
 
 import torch
 
+from . import decode_table
 from .backends import BACKENDS, unavailable_reason
 from .errors import BackendUnavailableError
 
@@ -37,33 +40,6 @@ DECODE_MAX_ROWS = 16
 EAGER_CUDA_ALWAYS_ROWS = 4
 EAGER_CUDA_MAX_RANK = 512
 EAGER_CUDA_MAX_SIDE = 4096
-
-
-@dataclass(frozen=True)
-class DecodeBox:
-    """Layers with at most these sizes (M rows, m outputs, n inputs, rank r)."""
-    max_rows: int
-    max_out: int
-    max_in: int
-    max_rank: int
-
-    def holds(self, rows: int, shape: tuple[int, int, int]) -> bool:
-        m, n, r = shape
-        return (rows <= self.max_rows and m <= self.max_out and n <= self.max_in
-                and r <= self.max_rank)
-
-
-# (GPU name, dtype) -> boxes where the single-launch Triton kernel beat chain2 at every
-# benchmarked shape inside the box in CUDA graphs, U folded (no link): a fused backend goes
-# here only from bench/results/<gpu>.json. The link stays out: it was not benchmarked, and its
-# one GPU accuracy failure (stale sums left by the barrier-free form, fixed since; see
-# bench/NOTES.md) has not been rerun on a GPU.
-GRAPH_DECODE_WINNERS: dict[tuple[str, torch.dtype], tuple[DecodeBox, ...]] = {
-    ("NVIDIA H100 80GB HBM3", torch.bfloat16): (
-        DecodeBox(max_rows=16, max_out=4096, max_in=4096, max_rank=512),
-        DecodeBox(max_rows=16, max_out=4096, max_in=14336, max_rank=256),
-    ),
-}
 
 
 # os.environ.get costs about a microsecond a call (the key is encoded through the Mapping
@@ -87,7 +63,7 @@ def choice_key(backend: str, x: torch.Tensor, device: torch.device, dtype: torch
     if num_rows > DECODE_MAX_ROWS:
         return (backend, environment, device, dtype, DECODE_MAX_ROWS + 1, False, m, n, r, linked)
     # x.is_cuda, not device.type: building the type's name string costs most of a microsecond.
-    graph = x.is_cuda and _graph_mode()
+    graph = x.is_cuda and graph_mode()
     return (backend, environment, device, dtype, num_rows, graph, m, n, r, linked)
 
 
@@ -101,7 +77,7 @@ def requested_backend(backend: str) -> str:
     return backend
 
 
-def _graph_mode() -> bool:
+def graph_mode() -> bool:
     return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
 
 
@@ -117,12 +93,14 @@ def _eager_decode_backend(x: torch.Tensor, num_rows: int,
     return "torch"
 
 
-def _graph_decode_backend(x: torch.Tensor, num_rows: int, shape: tuple[int, int, int] | None,
-                          linked: bool) -> str:
+def graph_decode_backend(x: torch.Tensor, num_rows: int, shape: tuple[int, int, int] | None,
+                         linked: bool) -> str:
+    """The backend of a decode call (num_rows ≤ DECODE_MAX_ROWS) inside a CUDA graph: the fused
+    Triton kernel where the measured table says it wins, else the cuBLAS chain."""
     if shape is None or linked:
         return "torch"
-    boxes = GRAPH_DECODE_WINNERS.get((torch.cuda.get_device_name(x.device), x.dtype), ())
-    if any(box.holds(num_rows, shape) for box in boxes) \
+    if decode_table.fused_decode_wins(torch.cuda.get_device_name(x.device), x.dtype, num_rows,
+                                      shape, DECODE_MAX_ROWS) \
             and unavailable_reason("triton", x.device) is None:
         return "triton"
     return "torch"
@@ -142,6 +120,6 @@ def choose_backend(backend: str, x: torch.Tensor, num_rows: int,
         return backend
     if x.device.type != "cuda" or num_rows > DECODE_MAX_ROWS:
         return "torch"
-    if _graph_mode():
-        return _graph_decode_backend(x, num_rows, shape, linked)
+    if graph_mode():
+        return graph_decode_backend(x, num_rows, shape, linked)
     return _eager_decode_backend(x, num_rows, shape)

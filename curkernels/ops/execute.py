@@ -6,17 +6,20 @@ factor makes another key, never a stale hit). A call then costs the key, one dic
 and the backend's own launch.
 """
 
+import functools
 import math
 from collections.abc import Callable
 
 import torch
 
+from . import dispatch
 from .backends import FLAT_INPUT_BACKENDS, backend_function
 from .dispatch import choice_key, choose_backend, requested_backend
 from .validation import check_input
 
-# key -> (backend function, whether it takes only a contiguous (M, n) input)
-_choices: dict[tuple, tuple[Callable, bool]] = {}
+# key -> (backend function, whether it takes only a contiguous (M, n) input, and what to run
+# before it: None, or the reservation of a CUDA-graph workspace, see `_graph_reservation`)
+_choices: dict[tuple, tuple[Callable, bool, Callable | None]] = {}
 
 
 def resolve_backend(backend: str, x: torch.Tensor, num_rows: int,
@@ -31,6 +34,21 @@ def resolve_backend(backend: str, x: torch.Tensor, num_rows: int,
                             f"backend='torch' or a float32/float16/bfloat16 input")
         return "torch"
     return chosen
+
+
+def _graph_reservation(backend: str, x: torch.Tensor, num_rows: int,
+                       shape: tuple[int, int, int], linked: bool,
+                       chosen: str) -> Callable | None:
+    """For an eager decode call of a layer that CUDA graphs would run on the fused Triton kernel:
+    reserving that kernel's workspace on every eager call's stream (a dictionary lookup once it
+    exists) means torch.compile's warm-up, which runs eagerly on its capture stream, leaves the
+    capture a kept workspace instead of a temporary that each replay zeroes again."""
+    if (not x.is_cuda or chosen == "triton" or num_rows > dispatch.DECODE_MAX_ROWS
+            or requested_backend(backend) != "auto" or dispatch.graph_mode()
+            or dispatch.graph_decode_backend(x, num_rows, shape, linked) != "triton"):
+        return None
+    from .triton_backend import reserve_decode_workspace
+    return functools.partial(reserve_decode_workspace, x.device, shape[2], shape[2])
 
 
 def run_cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,
@@ -51,8 +69,12 @@ def run_cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: 
         # A named backend that cannot run raises here, and nothing is memoized: it raises again
         # on the next call.
         chosen = resolve_backend(backend, x, num_rows, (m, n, r), U is not None)
-        choice = _choices[key] = (backend_function(chosen), chosen in FLAT_INPUT_BACKENDS)
-    function, flat = choice
+        choice = _choices[key] = (
+            backend_function(chosen), chosen in FLAT_INPUT_BACKENDS,
+            _graph_reservation(backend, x, num_rows, (m, n, r), U is not None, chosen))
+    function, flat, before = choice
+    if before is not None:
+        before()
     if not flat:
         return function(x, C, U, R, bias, rows)
     # An explicit row count: reshape(-1, 0) is ambiguous when the feature dimension is empty.

@@ -79,6 +79,14 @@ def _decode_workspace(device: torch.device, r: int, c: int) -> _DecodeWorkspace:
     return workspace
 
 
+def reserve_decode_workspace(device: torch.device, r: int, c: int) -> None:
+    """Makes the current stream's kept workspace for rank r (and link width c) now, outside any
+    capture. torch.compile's CUDA graphs warm up on the stream they then capture on, and their
+    warm-up calls run the eager backend; a workspace first met during the capture would be a
+    graph temporary, zeroed by extra memset nodes on every replay."""
+    _decode_workspace(device, r, c)
+
+
 def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: int, m: int,
                  u_kind: str, has_bias: bool, gather: bool, persistent: bool) -> _DecodePlan:
     key = (device, dtype, n, r, c, m, u_kind, has_bias, gather, persistent)

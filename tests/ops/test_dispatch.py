@@ -1,5 +1,7 @@
 """Backend choice: named backends run or raise with the reason; 'auto' follows the table."""
 
+import json
+
 import pytest
 import torch
 
@@ -61,7 +63,7 @@ LAYER = (4096, 4096, 256)  # (m, n, r)
                                              (3, None)])
 def test_eager_decode_goes_to_the_cuda_extension(num_rows, shape, all_backends_available,
                                                  monkeypatch):
-    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows, shape) == "cuda"
 
 
@@ -70,13 +72,13 @@ def test_eager_decode_at_16_rows_rank_1024_wide_layers_keeps_the_chain(shape,
                                                                        all_backends_available,
                                                                        monkeypatch):
     """Measured on the H100: the CUDA kernel lost to chain2 there (77–89 vs 54–58 µs)."""
-    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 16, shape) == "torch"
 
 
 def test_eager_decode_without_the_extension_keeps_the_chain(monkeypatch):
     """Eager Triton (53–80 µs a call) did not beat chain2 (45–58 µs) on the H100."""
-    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
     monkeypatch.setattr(dispatch, "unavailable_reason",
                         lambda backend, device: "not built" if backend == "cuda" else None)
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER) == "torch"
@@ -84,13 +86,13 @@ def test_eager_decode_without_the_extension_keeps_the_chain(monkeypatch):
 
 @pytest.mark.parametrize("num_rows", (17, 128, 4096))
 def test_prefill_keeps_the_cublas_chain(num_rows, all_backends_available, monkeypatch):
-    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows, LAYER) == "torch"
 
 
 def test_graph_decode_keeps_the_chain_where_nothing_was_measured(all_backends_available,
                                                                  monkeypatch):
-    monkeypatch.setattr(dispatch, "_graph_mode", lambda: True)
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A100")
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER) == "torch"
 
@@ -106,20 +108,26 @@ def test_graph_decode_keeps_the_chain_where_nothing_was_measured(all_backends_av
 ])
 def test_graph_decode_follows_the_h100_measurements(shape, linked, expected,
                                                      all_backends_available, monkeypatch):
-    monkeypatch.setattr(dispatch, "_graph_mode", lambda: True)
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name",
                         lambda device=None: "NVIDIA H100 80GB HBM3")
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, shape, linked) == expected
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 17, shape, linked) == "torch"
 
 
-def test_row_counts_past_the_decode_limit_are_all_prefill():
-    """choice_key folds every M > DECODE_MAX_ROWS into one entry: sound only while no threshold
-    of the table lies above it."""
-    thresholds = [dispatch.EAGER_CUDA_ALWAYS_ROWS]
-    thresholds += [box.max_rows for boxes in dispatch.GRAPH_DECODE_WINNERS.values()
-                   for box in boxes]
-    assert max(thresholds) <= dispatch.DECODE_MAX_ROWS
+def test_graph_decode_on_a_gpu_measured_by_the_user(all_backends_available, monkeypatch,
+                                                   tmp_path):
+    """A GPU the package ships no table for gets the fused kernel once its own layer-bench run is
+    named by CURKERNELS_DECODE_TABLE."""
+    report = {"meta": {"device": "Some GPU", "dtype": "bfloat16"}, "results": [
+        {"M": 1, "m": 4096, "n": 4096, "r": 256, "variant": "chain2", "graph_us": 10.0},
+        {"M": 1, "m": 4096, "n": 4096, "r": 256, "variant": "triton", "graph_us": 7.0}]}
+    (tmp_path / "some.json").write_text(json.dumps(report))
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER) == "torch"
+    monkeypatch.setenv("CURKERNELS_DECODE_TABLE", str(tmp_path / "some.json"))
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER) == "triton"
 
 
 class _FakeCudaInput(_FakeCudaTensor):
@@ -131,9 +139,9 @@ def _key(x, num_rows):
 
 
 def test_choice_key_tells_cuda_graph_capture_apart(monkeypatch):
-    monkeypatch.setattr(dispatch, "_graph_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
     eager = _key(_FakeCudaInput(), 1)
-    monkeypatch.setattr(dispatch, "_graph_mode", lambda: True)
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: True)
     assert _key(_FakeCudaInput(), 1) != eager
     assert _key(_FakeCudaInput(), 100) == _key(_FakeCudaInput(), 17)  # prefill: no capture query
 
@@ -141,7 +149,7 @@ def test_choice_key_tells_cuda_graph_capture_apart(monkeypatch):
 def test_choice_key_asks_about_capture_only_for_cuda_inputs(monkeypatch):
     def fail():
         raise AssertionError("capture queried for a CPU input")
-    monkeypatch.setattr(dispatch, "_graph_mode", fail)
+    monkeypatch.setattr(dispatch, "graph_mode", fail)
     _key(torch.randn(1, 4), 1)
 
 

@@ -113,3 +113,47 @@ def test_the_registered_op_checks_x_against_the_factors(make_x, error, message):
     with pytest.raises(error, match=message):
         torch.ops.curkernels.cur_linear(make_x(), case["C"], None, case["R"], None, None,
                                         "auto")
+
+
+class _FakeCudaInput:
+    is_cuda = True
+    device = torch.device("cuda", 0)
+    dtype = torch.bfloat16
+
+
+@pytest.fixture
+def graphs_pick_triton(monkeypatch):
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "graph_decode_backend", lambda *args: "triton")
+
+
+def test_eager_decode_reserves_the_workspace_cuda_graphs_will_use(graphs_pick_triton):
+    pytest.importorskip("triton")
+    from curkernels.ops import triton_backend
+    before = execute._graph_reservation("auto", _FakeCudaInput(), 1, (64, 32, 8), False, "cuda")
+    assert before.func is triton_backend.reserve_decode_workspace
+    assert before.args == (torch.device("cuda", 0), 8, 8)
+
+
+@pytest.mark.parametrize("backend, rows, chosen", (
+    ("auto", 1, "triton"),   # the eager call makes the workspace itself
+    ("cuda", 1, "cuda"),     # a named backend runs in graphs too
+    ("auto", 17, "torch"),   # prefill: no decode workspace
+))
+def test_no_reservation_where_graphs_need_none(graphs_pick_triton, backend, rows, chosen):
+    assert execute._graph_reservation(backend, _FakeCudaInput(), rows, (64, 32, 8), False,
+                                      chosen) is None
+
+
+def test_no_reservation_where_graphs_keep_the_chain(monkeypatch):
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
+    monkeypatch.setattr(dispatch, "graph_decode_backend", lambda *args: "torch")
+    assert execute._graph_reservation("auto", _FakeCudaInput(), 1, (64, 32, 8), False,
+                                      "cuda") is None
+
+
+def test_cpu_calls_reserve_nothing():
+    case = make_case(1, 24, 16, 4, torch.float32)
+    execute._choices.clear()
+    _run(case)
+    assert all(before is None for _, _, before in execute._choices.values())

@@ -83,3 +83,31 @@ def test_reduce_overhead_compile_keeps_workspaces_out_of_the_graph_pool(backend)
         for _ in range(4):
             x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
             _assert_close(compiled(x).clone(), _reference(model, x))
+
+
+def test_capture_finds_the_workspace_its_eager_warm_up_reserved(monkeypatch):
+    """Eager decode calls on a stream reserve the Triton workspace that CUDA graphs on that
+    stream will use, so the capture keeps it rather than adding zeroing nodes to each replay."""
+    from curkernels.ops import decode_table, execute, triton_backend
+    monkeypatch.setattr(execute, "_choices", {})
+    monkeypatch.setattr(decode_table, "fused_decode_wins", lambda *args: True)
+    model = _model("auto")  # frozen U: folded into C at the call, so the op gets two factors
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        model(x)
+        raw = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+    torch.cuda.current_stream().wait_stream(stream)
+    kept = {key for key in triton_backend._workspaces if key[1] == raw}
+    assert {(key[2], key[3]) for key in kept} == {(64, 64), (32, 32)}
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
+        y = model(x)
+    assert {key for key in triton_backend._workspaces if key[1] == raw} == kept
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_close(y, _reference(model, x))
