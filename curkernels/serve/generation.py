@@ -38,6 +38,10 @@ class StaticCacheGenerator:
         compile_prefill: compile the prefill too (one graph per prompt length until torch
             switches to a dynamic-shape graph; no CUDA graphs).
         mode, compile_backend: passed to torch.compile.
+        prefill_chunk_tokens: the most prompt tokens (all rows together) one prefill forward
+            takes; longer prompts run in chunks of positions, as serving engines' chunked
+            prefill does, so activation memory stays bounded by the chunk (a batch-32 prompt
+            of 512 tokens holds 16k tokens' activations at once otherwise). None: one forward.
 
     Generators over models of one structure share compiled graphs; each other structure or
     shape adds a graph to the same step function, up to torch._dynamo.config.recompile_limit.
@@ -45,15 +49,21 @@ class StaticCacheGenerator:
 
     def __init__(self, model: nn.Module, *, batch_size: int = 1, max_seq_len: int,
                  compile: bool = False, compile_prefill: bool = False, mode: str | None = None,
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", prefill_chunk_tokens: int | None = None):
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if prefill_chunk_tokens is not None and prefill_chunk_tokens < 1:
+            raise ValueError(f"prefill_chunk_tokens must be None or at least 1, got "
+                             f"{prefill_chunk_tokens}")
         if max_seq_len < 2:
             raise ValueError(f"max_seq_len must be at least 2 (a prompt token and a new "
                              f"one), got {max_seq_len}")
         self.model = model
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
+        # positions per prefill forward: at least one, however many rows the batch has
+        self._prefill_positions = (None if prefill_chunk_tokens is None
+                                   else max(1, prefill_chunk_tokens // batch_size))
         self.device = model.device
         self.cache = new_static_cache(model, batch_size, max_seq_len)
         self._forward_arguments = CachedForwardArguments(model)
@@ -89,10 +99,17 @@ class StaticCacheGenerator:
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Empty the cache and run the prompt; returns the last position's (B, V) logits."""
+        """Empty the cache and run the prompt (in chunks of positions when the generator has
+        a prefill_chunk_tokens); returns the last position's (B, V) logits."""
         self.cache.reset()
-        positions = torch.arange(input_ids.shape[1], device=self.device)
-        return self._prefill(input_ids.to(self.device), positions)
+        input_ids = input_ids.to(self.device)
+        length = input_ids.shape[1]
+        chunk = self._prefill_positions or length
+        for start in range(0, length, chunk):
+            end = min(start + chunk, length)
+            logits = self._prefill(input_ids[:, start:end],
+                                   torch.arange(start, end, device=self.device))
+        return logits
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, position: torch.Tensor) -> torch.Tensor:

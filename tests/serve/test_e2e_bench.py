@@ -50,3 +50,17 @@ def test_compiled_settings_must_include_dense(tmp_path):
                "--settings", "dense,keep0.5", "--compiled-settings", "keep0.5"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert done.returncode != 0 and "--compiled-settings must include dense" in done.stderr
+
+
+def test_headline_jobs_first_then_eager_before_compiled():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import e2e
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    args = e2e.parse_args(["--paths", "compiled,eager", "--batch-sizes", "1,8,32"])
+    assert e2e.planned_jobs(args) == [
+        ("compiled", "decode_tokens_per_s", 1), ("compiled", "prefill_ms", 1),
+        ("eager", "prefill_ms", 1), ("eager", "decode_tokens_per_s", 1),
+        ("eager", "decode_tokens_per_s", 8), ("eager", "decode_tokens_per_s", 32),
+        ("compiled", "decode_tokens_per_s", 8), ("compiled", "decode_tokens_per_s", 32)]

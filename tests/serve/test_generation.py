@@ -74,6 +74,24 @@ def test_static_cache_eager_matches_generate(compressed, tokenizer):
     assert torch.equal(generator.generate(input_ids, NEW_TOKENS), expected)
 
 
+@pytest.mark.parametrize("chunk_tokens", (1, 6, 7))  # 1 and 3 positions a chunk, uneven ends
+def test_chunked_prefill_matches_one_forward(compressed, tokenizer, chunk_tokens):
+    _, model, _ = compressed
+    input_ids = prompt(len(tokenizer), batch=2)
+    whole = StaticCacheGenerator(model, batch_size=2, max_seq_len=32)
+    chunked = StaticCacheGenerator(model, batch_size=2, max_seq_len=32,
+                                   prefill_chunk_tokens=chunk_tokens)
+    torch.testing.assert_close(chunked.prefill(input_ids), whole.prefill(input_ids))
+    assert torch.equal(chunked.generate(input_ids, NEW_TOKENS),
+                       whole.generate(input_ids, NEW_TOKENS))
+
+
+def test_prefill_chunk_must_be_positive(compressed):
+    _, model, _ = compressed
+    with pytest.raises(ValueError, match="prefill_chunk_tokens"):
+        StaticCacheGenerator(model, max_seq_len=32, prefill_chunk_tokens=0)
+
+
 def test_compiled_fullgraph_matches_eager_generate(compressed, tokenizer):
     """aot_eager traces exactly what inductor would (fullgraph: any graph break raises) and
     stays fast on CPU; the inductor test below compiles one model for real."""
