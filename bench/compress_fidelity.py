@@ -47,6 +47,9 @@ RUNS = {  # label -> (method, options)
     "svdllm-seq": ("svdllm", {"sequential": True}),
     "svdllm-fisher": ("svdllm", {"weighting": "fisher"}),
     "svdllm-fisher-global": ("svdllm", {"weighting": "fisher", "allocation": "global"}),
+    "svdllm-fisher-pooled": ("svdllm", {"weighting": "fisher", "encoder_target": "pooled"}),
+    "svdllm-fisher-pooled-global": ("svdllm", {"weighting": "fisher", "allocation": "global",
+                                               "encoder_target": "pooled"}),
     "rom": ("rom", {}),
     "curing": ("curing", {}),
     "lpaf": ("lpaf", {"sweeps": 2}),  # two ALS sweeps: the CPU budget
@@ -86,6 +89,8 @@ def main():
                              "score it again")
     parser.add_argument("--train-steps", type=int, default=120,
                         help="steps of healing / mixed-rank fine-tuning")
+    parser.add_argument("--train-lines", type=int, default=None,
+                        help="WikiText lines fine-tuning draws from (default: --calib-lines)")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -108,8 +113,9 @@ def main():
     lines = [line.strip() for line in open(args.wikitext, encoding="utf-8") if line.strip()]
     calib = tokenize_batches(lines[:args.calib_lines], tokenizer, seq_len=args.seq_len,
                              batch_size=32)
-    # fine-tuning sees the same lines in small, short batches (a CPU budget)
-    train = tokenize_batches(lines[:args.calib_lines], tokenizer, seq_len=args.train_seq_len,
+    # fine-tuning sees the same lines (or --train-lines of them) in small, short batches
+    train_lines = args.train_lines or args.calib_lines
+    train = tokenize_batches(lines[:train_lines], tokenizer, seq_len=args.train_seq_len,
                              batch_size=args.train_batch)
     random.Random(0).shuffle(train)  # tokenize_batches groups by length; mix for training
 
@@ -141,7 +147,8 @@ def main():
             "calibration": f"first {args.calib_lines} non-empty lines of wikitext-2 valid.txt, "
                            f"≤ {args.seq_len} tokens, batches of 32",
             "fine_tuning": f"{args.train_steps} steps, batches of {args.train_batch} × "
-                           f"≤ {args.train_seq_len} tokens of the same lines, lr {args.lr}, "
+                           f"≤ {args.train_seq_len} tokens of the first {train_lines} lines, "
+                           f"lr {args.lr}, "
                            f"AdamW + cosine, heal loss {args.mse_weight:g}·hidden MSE + "
                            f"{args.pooled_weight:g}·pooled cosine distance",
             "device": "cpu", "threads": args.threads, "baseline": BASELINE}
@@ -156,6 +163,8 @@ def main():
                           "params_after": report.params_after, "seconds": seconds,
                           "train_steps": train_steps, "lr": args.lr if train_steps else None,
                           "threads": args.threads}
+        if train_steps:
+            results[label]["train_lines"] = train_lines
         if train_steps and method != "lpaf":  # heal's loss weights
             results[label].update(mse_weight=args.mse_weight, pooled_weight=args.pooled_weight)
         print(f"{label}: {show(scores)} (cos {cosine:.4f}, kept {report.kept:.3f}, "

@@ -265,11 +265,37 @@ def is_causal_lm(model: nn.Module) -> bool:
         model.get_output_embeddings() is not None
 
 
-def calibration_loss(model: nn.Module, batch: dict, generator: torch.Generator) -> torch.Tensor:
+ENCODER_TARGETS = ("tokens", "pooled")
+
+
+def check_encoder_target(model: nn.Module, encoder_target: str) -> None:
+    if encoder_target not in ENCODER_TARGETS:
+        raise ValueError(f"encoder_target must be one of {ENCODER_TARGETS}, got "
+                         f"{encoder_target!r}")
+    if encoder_target == "pooled" and is_causal_lm(model):
+        raise ValueError("encoder_target='pooled' is for sentence encoders; a causal LM is "
+                         "calibrated on its next-token loss")
+
+
+def _pooled_embedding(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The sentence-transformers embedding: mean over the real tokens, L2-normalised."""
+    if mask is None:
+        pooled = hidden.mean(1)
+    else:
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def calibration_loss(model: nn.Module, batch: dict, generator: torch.Generator,
+                     encoder_target: str = "tokens") -> torch.Tensor:
     """Next-token cross-entropy for causal LMs. For encoders, distillation to the dense
     model's own outputs with targets sampled around them (y ~ N(h, σ²)): at the dense point a
     plain MSE to itself has zero gradient, while the sampled-target loss gives gradients whose
-    magnitudes follow the output Fisher information — what first-order importance needs."""
+    magnitudes follow the output Fisher information — what first-order importance needs.
+    `encoder_target` picks the output distilled: every token's last hidden state ("tokens"),
+    or the normalised mean-pooled sentence embedding that similarity search and STS read
+    ("pooled"), so that errors which do not move that embedding cost nothing."""
     if is_causal_lm(model):
         labels = batch["input_ids"].clone()
         mask = token_mask(batch)
@@ -278,10 +304,13 @@ def calibration_loss(model: nn.Module, batch: dict, generator: torch.Generator) 
         return model(**batch, labels=labels).loss
     hidden = model(**batch).last_hidden_state
     mask = token_mask(batch)
-    hidden = _real_tokens(hidden, mask)
-    noise = torch.randn(hidden.shape, generator=generator, dtype=hidden.dtype,
-                        device="cpu").to(hidden.device) * hidden.detach().std()
-    return 0.5 * ((hidden - (hidden.detach() + noise)) ** 2).sum(-1).mean()
+    if encoder_target == "pooled":
+        output = _pooled_embedding(hidden, mask)
+    else:
+        output = _real_tokens(hidden, mask)
+    noise = torch.randn(output.shape, generator=generator, dtype=output.dtype,
+                        device="cpu").to(output.device) * output.detach().std()
+    return 0.5 * ((output - (output.detach() + noise)) ** 2).sum(-1).mean()
 
 
 @contextmanager
@@ -305,8 +334,9 @@ def _gradients_for(model: nn.Module, params: Iterable[nn.Parameter]):
         model.train(was_training)
 
 
-def _calibration_backward(model: nn.Module, batch: dict, generator: torch.Generator) -> None:
-    loss = calibration_loss(model, batch, generator)
+def _calibration_backward(model: nn.Module, batch: dict, generator: torch.Generator,
+                          encoder_target: str = "tokens") -> None:
+    loss = calibration_loss(model, batch, generator, encoder_target)
     if not torch.isfinite(loss):
         raise ValueError("the calibration loss is NaN or Inf: cannot take its gradient")
     loss.backward()
@@ -335,11 +365,14 @@ def first_order_importance(model: nn.Module, targets: dict[str, nn.Linear],
 
 
 def output_fisher(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict], *,
-                  seed: int = 0, desc: str = "output fisher") -> dict[str, torch.Tensor]:
+                  seed: int = 0, desc: str = "output fisher",
+                  encoder_target: str = "tokens") -> dict[str, torch.Tensor]:
     """E[ggᵀ] (m×m, fp64) of each target's output gradient g = ∂L/∂y per real token, with L
     the `calibration_loss` summed over tokens. This is the Fisher (Gauss–Newton) metric of the
     Linear's outputs: a small change Δy of one token's output costs about ½·ΔyᵀE[ggᵀ]Δy of
-    loss — what the output side of a layer's approximation error should be weighed by."""
+    loss — what the output side of a layer's approximation error should be weighed by.
+    `encoder_target`: see `calibration_loss`."""
+    check_encoder_target(model, encoder_target)
     device = model_device(model)
     generator = torch.Generator().manual_seed(seed)
     sums = {name: torch.zeros(linear.out_features, linear.out_features, dtype=torch.float64,
@@ -349,8 +382,8 @@ def output_fisher(model: nn.Module, targets: dict[str, nn.Linear], batches: Iter
     def keep_gradient(name):
         def forward_hook(module, args, output):
             def gradient_hook(grad):
-                # the loss is a mean over the real tokens: undo it, one gradient a token
-                g = _real_tokens(grad.detach(), mask).double() * count
+                # the loss is a mean over the real tokens (over the sentences, pooled): undo it
+                g = _real_tokens(grad.detach(), mask).double() * averaged_over
                 sums[name].add_(g.T @ g)
             output.register_hook(gradient_hook)
         return forward_hook
@@ -363,7 +396,9 @@ def output_fisher(model: nn.Module, targets: dict[str, nn.Linear], batches: Iter
                 batch = to_device(batch, device)
                 mask = token_mask(batch)
                 count = int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-                _calibration_backward(model, batch, generator)
+                averaged_over = batch["input_ids"].shape[0] if encoder_target == "pooled" \
+                    else count
+                _calibration_backward(model, batch, generator, encoder_target)
                 tokens += count
     finally:
         for handle in handles:

@@ -94,7 +94,8 @@ def fitted_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: Paire
 def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
                     rank_multiple: int = 1, damping: float = 1e-4, allocation: str = "uniform",
                     sequential: bool = False, weighting: str = "inputs",
-                    fisher_damping: float = 1e-2, **_) -> list[ModuleReport]:
+                    fisher_damping: float = 1e-2, encoder_target: str = "tokens",
+                    **_) -> list[ModuleReport]:
     """`allocation="uniform"`: every module keeps `keep` of its entries. `"global"`: ranks share
     the whole budget (`allocate_ranks` on the whitened spectra, which measure each module's
     output error; the SVDs are kept in memory until all modules are factored). With
@@ -105,7 +106,9 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
     Δ is ≈ ½‖KᵀΔL‖² (the Kronecker-factored curvature E[xxᵀ] ⊗ E[ggᵀ]), so the truncated SVD
     of KᵀWL is optimal for it: W ≈ (K⁻ᵀU_r√Σ)·(√ΣV_rᵀL⁻¹). Its squared singular values are
     in loss units in every module, so global allocation ranks them as they are instead of as
-    shares of each module's error."""
+    shares of each module's error. For sentence encoders `encoder_target="pooled"` takes that
+    Fisher from the normalised mean-pooled embedding instead of every token's hidden state
+    (`calibration_loss`)."""
     if damping < 0 or fisher_damping < 0:
         raise ValueError(f"damping and fisher_damping must be ≥ 0, got {damping} and "
                          f"{fisher_damping}")
@@ -122,7 +125,11 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
     if allocation == "global" or not sequential:
         stats = collect_linear_stats(model, targets, calib, gram=True,
                                      desc="svd-llm calibration")
-    fisher = output_fisher(model, targets, calib) if weighting == "fisher" else {}
+    if encoder_target != "tokens" and weighting != "fisher":
+        raise ValueError(f"encoder_target={encoder_target!r} sets the Fisher's loss: it needs "
+                         f"weighting='fisher'")
+    fisher = (output_fisher(model, targets, calib, encoder_target=encoder_target)
+              if weighting == "fisher" else {})
 
     def whitened_svd(name, linear):
         L = whitening_factor(stats[name].second_moment, damping)

@@ -167,13 +167,33 @@ def test_output_fisher_is_the_noise_metric_at_the_output():
     assert all(p.requires_grad for p in model.parameters())  # flags restored
 
 
-@pytest.mark.parametrize("fixture", ["tiny_bert", "tiny_llama"])
-def test_fisher_weighting_error_falls_as_keep_grows(fixture, batches, request):
+def test_pooled_output_fisher_ignores_what_leaves_the_embedding_unchanged():
+    """With the normalised mean-pooled embedding e as the target, an output change along e
+    (a rescaling, which normalisation undoes) costs nothing: eᵀFe = 0 for one fixed sentence.
+    The token-wise target charges that direction like any other."""
+    torch.manual_seed(0)
+    model = ProjectionEncoder()
+    sentence = torch.randint(0, 50, (1, 12))
+    batches = [{"input_ids": sentence.repeat(4, 1),
+                "attention_mask": torch.ones(4, 12, dtype=torch.int64)} for _ in range(20)]
+    with torch.no_grad():
+        e = torch.nn.functional.normalize(model(sentence).last_hidden_state.mean(1), dim=-1)
+    e = e.double().reshape(-1)
+    for target, blind in (("pooled", True), ("tokens", False)):
+        fisher = output_fisher(model, {"proj": model.proj}, batches,
+                               encoder_target=target)["proj"]
+        along_e = float(e @ fisher @ e) / float(fisher.trace())
+        assert (along_e < 1e-9) == blind, (target, along_e)
+
+
+@pytest.mark.parametrize("fixture, options", [
+    ("tiny_bert", {}), ("tiny_llama", {}), ("tiny_bert", {"encoder_target": "pooled"})])
+def test_fisher_weighting_error_falls_as_keep_grows(fixture, options, batches, request):
     dense = request.getfixturevalue(fixture)
     errors = []
     for keep in (0.2, 0.5, 0.9):
         model = copy.deepcopy(dense)
-        report = ck.compress(model, "svdllm", keep, batches, weighting="fisher")
+        report = ck.compress(model, "svdllm", keep, batches, weighting="fisher", **options)
         assert report.params_after <= keep * report.params_before
         errors.append(sum(m.relative_error for m in report.modules))
     assert errors == sorted(errors, reverse=True)
@@ -189,7 +209,16 @@ def test_fisher_weighting_global_allocation_keeps_the_budget(tiny_bert, batches)
 @pytest.mark.parametrize("options,match", [({"weighting": "hessian"}, "weighting"),
                                            ({"weighting": "fisher", "sequential": True},
                                             "one-shot"),
-                                           ({"fisher_damping": -1.0}, "damping")])
+                                           ({"fisher_damping": -1.0}, "damping"),
+                                           ({"encoder_target": "pooled"}, "weighting='fisher'"),
+                                           ({"weighting": "fisher", "encoder_target": "cls"},
+                                            "encoder_target")])
 def test_bad_weighting(tiny_bert, batches, options, match):
     with pytest.raises(ValueError, match=match):
         ck.compress(tiny_bert, "svdllm", 0.4, batches, **options)
+
+
+def test_pooled_target_is_for_encoders(tiny_llama, batches):
+    with pytest.raises(ValueError, match="sentence encoders"):
+        ck.compress(tiny_llama, "svdllm", 0.4, batches, weighting="fisher",
+                    encoder_target="pooled")
