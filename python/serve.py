@@ -33,6 +33,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
+                        help="run long prompts through prefill in chunks of this many tokens "
+                             "(bounds activation memory); default: one forward")
     parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
     return parser.parse_args()
 
@@ -41,7 +44,8 @@ def main() -> None:
     args = parse_args()
     model, tokenizer = load_for_inference(args.checkpoint, args.device, parse_dtype(args.dtype),
                                           args.tokenizer)
-    generator = StaticCacheGenerator(model, max_seq_len=args.max_seq_len, compile=args.compile)
+    generator = StaticCacheGenerator(model, max_seq_len=args.max_seq_len, compile=args.compile,
+                                     prefill_chunk_tokens=args.prefill_chunk_tokens)
     engine = CompletionEngine(generator, tokenizer, max_queued=args.max_queued)
     engine.warm_up()  # compile before the first request rather than during it
     app = create_app(engine, args.model_name or Path(args.checkpoint).resolve().name)
