@@ -38,6 +38,16 @@ def _assert_close(y, expected):
     assert ((y.double() - expected).norm() / expected.norm()).item() < 2e-2
 
 
+def _assert_replays_match(graph, model, x, y):
+    """Replays on fresh inputs, the output poisoned before each, match the float64 reference."""
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        y.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        _assert_close(y, _reference(model, x))
+
+
 @pytest.mark.parametrize("backend,rows", (("cuda", 1), ("triton", 1), ("auto", 1), ("auto", 40),
                                           ("triton", 40)))
 def test_compiled_model_fullgraph(backend, rows):
@@ -61,12 +71,7 @@ def test_model_replays_in_a_cuda_graph(backend):
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
         y = model(x)
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        y.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        _assert_close(y, _reference(model, x))
+    _assert_replays_match(graph, model, x, y)
 
 
 @pytest.mark.parametrize("backend", ("auto", "cuda", "triton"))
@@ -105,9 +110,4 @@ def test_capture_finds_the_workspace_its_eager_warm_up_reserved(monkeypatch):
     with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
         y = model(x)
     assert {key for key in triton_backend._workspaces if key[1] == raw} == kept
-    for _ in range(3):
-        x.copy_(torch.randn_like(x))
-        y.fill_(float("nan"))
-        graph.replay()
-        torch.cuda.synchronize()
-        _assert_close(y, _reference(model, x))
+    _assert_replays_match(graph, model, x, y)
