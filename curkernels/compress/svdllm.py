@@ -70,10 +70,17 @@ def unwhitened_factors(whitened_svd, L: torch.Tensor, rank: int):
     return A, torch.linalg.solve_triangular(L.T, B_white.T, upper=True).T
 
 
+def fisher_unwhitened(A: torch.Tensor, K: torch.Tensor | None) -> torch.Tensor:
+    """A = K⁻ᵀ·A_white: the expand factor back from the output-Fisher-whitened space."""
+    return A if K is None else torch.linalg.solve_triangular(K.T, A, upper=True)
+
+
 def fitted_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairedInputStats,
-                   rank: int, damping: float):
-    """(A, B, b̂) minimising E‖Wx + b − (ABx̂ + b̂)‖² over the paired calibration tokens
-    (b̂ = b when there is no bias to absorb the mean), fp64."""
+                   rank: int, damping: float, output_factor: torch.Tensor | None = None):
+    """(A, B, b̂) minimising E‖Kᵀ(Wx + b − (ABx̂ + b̂))‖² over the paired calibration tokens
+    (b̂ = b when there is no bias to absorb the mean), fp64. K = `output_factor` (KKᵀ the
+    output Fisher, see `compress_svdllm`), or the identity: the rank-r truncation is then of
+    Kᵀ·M, and A comes back as K⁻ᵀ·A. The bias needs no K: it zeroes the mean error."""
     w = weight.detach().double()
     second, cross = stats.second_moment, stats.cross_moment
     if bias is not None:
@@ -85,7 +92,10 @@ def fitted_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: Paire
     # M = W·(C + δI)·L⁻ᵀ, i.e. Mᵀ = L⁻¹·(W·(C + δI))ᵀ
     cross = cross + shift * torch.eye(cross.shape[0], dtype=cross.dtype, device=cross.device)
     target = torch.linalg.solve_triangular(L, (w @ cross).T, upper=False).T
+    if output_factor is not None:
+        target = output_factor.T @ target
     A, B = unwhitened_factors(torch.linalg.svd(target, full_matrices=False), L, rank)
+    A = fisher_unwhitened(A, output_factor)
     if bias is not None:
         bias = bias.double() + w @ stats.dense_mean - A @ (B @ stats.mean)
     return A, B, bias
@@ -106,9 +116,10 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
     Δ is ≈ ½‖KᵀΔL‖² (the Kronecker-factored curvature E[xxᵀ] ⊗ E[ggᵀ]), so the truncated SVD
     of KᵀWL is optimal for it: W ≈ (K⁻ᵀU_r√Σ)·(√ΣV_rᵀL⁻¹). Its squared singular values are
     in loss units in every module, so global allocation ranks them as they are instead of as
-    shares of each module's error. For sentence encoders `encoder_target="pooled"` takes that
-    Fisher from the normalised mean-pooled embedding instead of every token's hidden state
-    (`calibration_loss`)."""
+    shares of each module's error. With `sequential=True` each fit weighs its output error by
+    the dense model's K the same way (`fitted_factors`). For sentence encoders
+    `encoder_target="pooled"` takes that Fisher from the normalised mean-pooled embedding
+    instead of every token's hidden state (`calibration_loss`)."""
     if damping < 0 or fisher_damping < 0:
         raise ValueError(f"damping and fisher_damping must be ≥ 0, got {damping} and "
                          f"{fisher_damping}")
@@ -118,16 +129,13 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
         raise ValueError(f"sequential must be True or False, got {sequential!r}")
     if weighting not in ("inputs", "fisher"):
         raise ValueError(f"weighting must be 'inputs' or 'fisher', got {weighting!r}")
-    if weighting == "fisher" and sequential:
-        raise ValueError("weighting='fisher' is one-shot: it cannot be combined with "
-                         "sequential=True")
+    if encoder_target != "tokens" and weighting != "fisher":
+        raise ValueError(f"encoder_target={encoder_target!r} sets the Fisher's loss: it needs "
+                         f"weighting='fisher'")
     stats = None
     if allocation == "global" or not sequential:
         stats = collect_linear_stats(model, targets, calib, gram=True,
                                      desc="svd-llm calibration")
-    if encoder_target != "tokens" and weighting != "fisher":
-        raise ValueError(f"encoder_target={encoder_target!r} sets the Fisher's loss: it needs "
-                         f"weighting='fisher'")
     fisher = (output_fisher(model, targets, calib, encoder_target=encoder_target)
               if weighting == "fisher" else {})
 
@@ -148,23 +156,25 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
                                relative=not fisher)
     if sequential:
         svds.clear()  # only the ranks are needed: the sequential fit redoes each SVD
-        return _compress_sequential(model, targets, keep, calib, rank_multiple, damping, ranks)
+        output_factors = {name: whitening_factor(f, fisher_damping)
+                          for name, f in fisher.items()}
+        return _compress_sequential(model, targets, keep, calib, rank_multiple, damping, ranks,
+                                    output_factors)
 
     def factorize(name, linear, rank):
         L, K, svd = svds.pop(name) if svds else whitened_svd(name, linear)
         A, B = unwhitened_factors(svd, L, rank)
-        if K is not None:  # A = K⁻ᵀ·U_r√Σ
-            A = torch.linalg.solve_triangular(K.T, A, upper=True)
-        return A, B, bias_of(linear)
+        return fisher_unwhitened(A, K), B, bias_of(linear)
 
     return replace_with_low_rank(model, targets, keep, rank_multiple, factorize, stats, ranks)
 
 
-def _compress_sequential(model, targets, keep, calib, rank_multiple, damping, ranks
-                         ) -> list[ModuleReport]:
+def _compress_sequential(model, targets, keep, calib, rank_multiple, damping, ranks,
+                         output_factors) -> list[ModuleReport]:
     """Two streams of cached block inputs, dense and compressed; each block is copied before
     its first target is replaced so the dense stream stays dense. Targets outside the blocks
-    are done last from whole-model passes of the compressed model (x̂ on both sides)."""
+    are done last from whole-model passes of the compressed model (x̂ on both sides).
+    `output_factors`: each target's output-Fisher factor K (of the dense model), or empty."""
     prefix, blocks = block_list(model)
     inputs = capture_block_inputs(model, blocks[0], calib)
     dense_inputs = inputs
@@ -174,7 +184,8 @@ def _compress_sequential(model, targets, keep, calib, rank_multiple, damping, ra
     def replace(name, linear, stats):
         return replace_with_low_rank(
             model, {name: linear}, keep, rank_multiple,
-            lambda _, lin, rank: fitted_factors(lin.weight, bias_of(lin), stats, rank, damping),
+            lambda _, lin, rank: fitted_factors(lin.weight, bias_of(lin), stats, rank, damping,
+                                                output_factors.get(name)),
             {name: stats}, None if ranks is None else {name: ranks[name]})
 
     for index, block in enumerate(blocks):

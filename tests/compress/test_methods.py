@@ -35,7 +35,9 @@ def test_error_falls_as_keep_grows(method, tiny_bert, batches):
 # recovers to 1e-4, not 1e-5.
 EXACT_RECOVERY = [(method, {"sparsity": 0.0} if method == "lpaf" else {}, 1e-5)
                   for method in ALL] + [("svdllm", {"sequential": True}, 1e-4),
-                                        ("svdllm", {"weighting": "fisher"}, 1e-5)]
+                                        ("svdllm", {"weighting": "fisher"}, 1e-5),
+                                        ("svdllm", {"weighting": "fisher", "sequential": True},
+                                         1e-4)]
 
 
 @pytest.mark.parametrize("method, options, tolerance", EXACT_RECOVERY)

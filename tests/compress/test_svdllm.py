@@ -31,6 +31,23 @@ def test_same_inputs_give_svdllm_factors_damping_included():
     torch.testing.assert_close(A @ B, A0 @ B0)
 
 
+def test_same_inputs_with_an_output_factor_give_fisher_svdllm_factors():
+    """x̂ = x: the Fisher-weighted fit is one-shot Fisher SVD-LLM, W ≈ K⁻ᵀ[KᵀWL]_r L⁻¹."""
+    torch.manual_seed(0)
+    weight, x = torch.randn(24, 16), torch.randn(400, 16) * torch.linspace(0.1, 3, 16)
+    g = torch.randn(24, 24).double()
+    K = whitening_factor(g @ g.T / 24, 0.01)
+    stats = paired_stats(x, x)
+    A, B, _ = fitted_factors(weight, None, stats, 5, damping=0.05, output_factor=K)
+    L = whitening_factor(stats.second_moment, 0.05)
+    A0, B0 = unwhitened_factors(
+        torch.linalg.svd(K.T @ weight.double() @ L, full_matrices=False), L, 5)
+    A0 = torch.linalg.solve_triangular(K.T, A0, upper=True)
+    torch.testing.assert_close(A @ B, A0 @ B0)
+    plain_A, plain_B, _ = fitted_factors(weight, None, stats, 5, damping=0.05)
+    assert not torch.allclose(A @ B, plain_A @ plain_B, atol=1e-3)  # K changed the truncation
+
+
 def test_error_falls_with_rank_and_beats_refitting_the_weight():
     torch.manual_seed(0)
     weight, x = torch.randn(24, 16).double(), torch.randn(400, 16).double()
@@ -187,7 +204,8 @@ def test_pooled_output_fisher_ignores_what_leaves_the_embedding_unchanged():
 
 
 @pytest.mark.parametrize("fixture, options", [
-    ("tiny_bert", {}), ("tiny_llama", {}), ("tiny_bert", {"encoder_target": "pooled"})])
+    ("tiny_bert", {}), ("tiny_llama", {}), ("tiny_bert", {"encoder_target": "pooled"}),
+    ("tiny_bert", {"sequential": True})])
 def test_fisher_weighting_error_falls_as_keep_grows(fixture, options, batches, request):
     dense = request.getfixturevalue(fixture)
     errors = []
@@ -207,8 +225,6 @@ def test_fisher_weighting_global_allocation_keeps_the_budget(tiny_bert, batches)
 
 
 @pytest.mark.parametrize("options,match", [({"weighting": "hessian"}, "weighting"),
-                                           ({"weighting": "fisher", "sequential": True},
-                                            "one-shot"),
                                            ({"fisher_damping": -1.0}, "damping"),
                                            ({"encoder_target": "pooled"}, "weighting='fisher'"),
                                            ({"weighting": "fisher", "encoder_target": "cls"},
