@@ -90,7 +90,9 @@ def markdown(summary: dict) -> str:
              "",
              f"{env['device']}; torch {env['torch']}, transformers {env['transformers']}; "
              f"{summary['dtype']}, attention {summary['attention']}; "
-             f"{summary['options']['rounds']} alternating rounds after "
+             f"{summary['options']['rounds']} alternating rounds "
+             f"({summary['options'].get('eager_decode_rounds') or summary['options']['rounds']}"
+             f" for eager decode) after "
              f"{summary['options']['warmup']} warm-ups, medians. Cells: value (speedup over "
              f"dense / its bound: bytes per decode step, FLOPs per prefill).",
              "",

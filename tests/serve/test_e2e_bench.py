@@ -11,7 +11,8 @@ REPO = Path(__file__).resolve().parents[2]
 def test_small_benchmark_writes_results(tmp_path):
     command = [sys.executable, str(REPO / "bench" / "e2e.py"), "--small", "--out", str(tmp_path),
                "--settings", "dense,curing,keep0.5", "--batch-sizes", "1,2", "--rounds", "1",
-               "--warmup", "1", "--compiled-settings", "dense,curing"]
+               "--warmup", "1", "--compiled-settings", "dense,curing",
+               "--eager-decode-rounds", "2"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "e2e_small.json").read_text())
@@ -21,6 +22,9 @@ def test_small_benchmark_writes_results(tmp_path):
     assert len(measured) == 3 * (3 + 2)
     assert not any(p == "compiled" and s == "keep0.5" for p, _, _, s in measured)
     assert all(r["value"] > 0 for r in summary["results"])
+    assert all(len(r["seconds"]) == (2 if (r["path"], r["metric"]) == ("eager",
+                                                                       "decode_tokens_per_s")
+                                     else 1) for r in summary["results"])
     bounds = {c["setting"]: c["bound"] for c in summary["comparisons"]
               if c["metric"] == "decode_tokens_per_s" and c["path"] == "eager" and c["batch"] == 1}
     assert 1 < bounds["curing"] < bounds["keep0.5"]  # fewer bytes per step, more so at keep 0.5
