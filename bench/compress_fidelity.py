@@ -93,7 +93,8 @@ def main():
     parser.add_argument("--train-steps", type=int, default=120,
                         help="steps of healing / mixed-rank fine-tuning")
     parser.add_argument("--train-lines", type=int, default=None,
-                        help="WikiText lines fine-tuning draws from (default: --calib-lines)")
+                        help="non-empty WikiText lines fine-tuning draws from (default: "
+                             "--calib-lines; valid.txt holds 2461)")
     parser.add_argument("--train-batch", type=int, default=8)
     parser.add_argument("--train-seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-4)
@@ -117,7 +118,7 @@ def main():
     calib = tokenize_batches(lines[:args.calib_lines], tokenizer, seq_len=args.seq_len,
                              batch_size=32)
     # fine-tuning sees the same lines (or --train-lines of them) in small, short batches
-    train_lines = args.train_lines or args.calib_lines
+    train_lines = len(lines[:args.train_lines or args.calib_lines])  # what the file holds
     train = tokenize_batches(lines[:train_lines], tokenizer, seq_len=args.train_seq_len,
                              batch_size=args.train_batch)
     random.Random(0).shuffle(train)  # tokenize_batches groups by length; mix for training
@@ -201,7 +202,8 @@ def write_results(stem: Path, meta: dict, results: dict) -> None:
             return "—"
         loss = (f", {row['mse_weight']:g}·MSE + {row['pooled_weight']:g}·pooled cos"
                 if row.get("pooled_weight") else "")
-        return f"{row['train_steps']} steps, lr {row['lr']:g}{loss}"
+        lines = f", {row['train_lines']} lines" if row.get("train_lines") else ""
+        return f"{row['train_steps']} steps, lr {row['lr']:g}{lines}{loss}"
 
     def score(row, key):
         return f"{row[key]:.2f}" if key in row else "—"
