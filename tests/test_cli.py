@@ -23,6 +23,9 @@ def test_info_reports_versions_extension_and_backends():
     assert report["backends"]["torch"] == "live"
     if not report["extension_built"]:
         assert "unavailable" in report["backends"]["cuda"]
+    # the package ships its measured CUDA-graph decode tables (package data)
+    assert {"NVIDIA H100 80GB HBM3", "NVIDIA H200"} <= set(report["decode_tables"])
+    assert set(report["graph_decode"]) == set(report["gpus"])
 
 
 def test_compress_command_writes_a_loadable_checkpoint(tmp_path):
