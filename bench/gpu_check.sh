@@ -2,6 +2,7 @@
 # The one prepared GPU check (DESIGN.md). Sections, in this order:
 #   kernels   run the GPU tests, the CUDA and Triton kernels under compute-sanitizer memcheck,
 #             and time the Llama-3.1-8B layer shapes (issue 4; under 8 minutes on an H100)
+#   sweep     bench/decode_sweep.py: tile configs of the Triton decode kernel side by side
 #   capture   only the GPU tests of torch.compile / CUDA-graph capture and of compiled serving
 #   compress  CURing's 30 matrices of the 8B shape decomposed on the GPU (issue 3)
 #   e2e       bench/e2e.py: dense vs compressed 8B-shaped Llama, eager and compiled (issue 5)
@@ -12,7 +13,9 @@
 # Knobs: PYTHON (default: .venv/bin/python if present, else python3), TORCH_CUDA_ARCH_LIST
 # (default: this GPU's architecture only, to keep the build short), MAX_JOBS,
 # E2E_BUDGET (seconds for bench/e2e.py's jobs, default 420), E2E_ARGS (more e2e.py options),
-# MEMCHECK=0 (skip compute-sanitizer), GPU_TEST_WORKERS (pytest-xdist processes, default 8).
+# MEMCHECK=0 (skip compute-sanitizer), MEMCHECK_BACKENDS (default "cuda triton"),
+# GPU_TEST_WORKERS (pytest-xdist processes, default 8), LAYER_BENCH_ARGS (more layer_bench.py
+# options, e.g. --ranks 256,512,1024,2048).
 # The kernels section's layer benchmark becomes CURKERNELS_DECODE_TABLE for later sections.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +23,8 @@ OUT="${1:-bench/results}"
 shift || true
 SECTIONS=("${@:-kernels}")
 for section in "${SECTIONS[@]}"; do
-  case "$section" in kernels|capture|compress|e2e) ;; *)
-    echo "unknown section '$section': expected kernels, capture, compress or e2e" >&2
+  case "$section" in kernels|sweep|capture|compress|e2e) ;; *)
+    echo "unknown section '$section': expected kernels, sweep, capture, compress or e2e" >&2
     exit 2;; esac
 done
 wants() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
@@ -57,13 +60,14 @@ if wants kernels; then
   workers=()
   if "$PYTHON" -c 'import xdist' 2> /dev/null; then workers=(-n "${GPU_TEST_WORKERS:-8}"); fi
   CURKERNELS_REQUIRE_EXTENSION=1 timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider \
-    "${workers[@]}" --durations=10 tests/ops tests/serve/test_generation.py -m gpu > "$OUT/gpu_tests.log" 2>&1
+    "${workers[@]}" --durations=10 tests/ops tests/serve/test_generation.py \
+    -m "gpu or anydevice" > "$OUT/gpu_tests.log" 2>&1
   summary+=("gpu tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.log" | tail -1)")
 
   step "compute-sanitizer memcheck"
   # One run per backend: a hang in one (the Triton grid barrier) cannot hide the other's result.
   # MEMCHECK=0 skips it where the sanitizer cannot attach (gVisor machines).
-  for backend in cuda triton; do
+  for backend in ${MEMCHECK_BACKENDS:-cuda triton}; do
     if [[ "${MEMCHECK:-1}" == 0 ]]; then
       summary+=("memcheck $backend: skipped (MEMCHECK=0)")
     elif command -v compute-sanitizer > /dev/null; then
@@ -78,7 +82,9 @@ if wants kernels; then
   done
 
   step "layer benchmark"
-  timeout 330 "$PYTHON" bench/layer_bench.py --out "$OUT" --budget 210 > "$OUT/bench.log" 2>&1
+  # shellcheck disable=SC2086
+  timeout 330 "$PYTHON" bench/layer_bench.py --out "$OUT" --budget 210 ${LAYER_BENCH_ARGS:-} \
+    > "$OUT/bench.log" 2>&1
   summary+=("benchmark: exit $? ($(grep -o '"seconds": [0-9.]*' "$OUT"/*.json | tail -1))")
   # Later sections dispatch CUDA-graph decode by this run's own measurements.
   table="$OUT/$("$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import torch, bench_report
@@ -87,6 +93,12 @@ print(bench_report.device_slug(torch.cuda.get_device_name()))').json"
     export CURKERNELS_DECODE_TABLE="$table"
     summary+=("decode table for later sections: $table")
   fi
+fi
+
+if wants sweep; then
+  step "decode config sweep"
+  timeout 200 "$PYTHON" bench/decode_sweep.py --out "$OUT" --budget 110 > "$OUT/sweep.log" 2>&1
+  summary+=("sweep: exit $?")
 fi
 
 if wants capture; then
@@ -116,5 +128,6 @@ fi
 echo
 printf '%s\n' "${summary[@]}"
 echo
+if wants sweep; then tail -n 40 "$OUT/sweep.log"; fi
 if wants kernels; then tail -n 90 "$OUT/bench.log"; fi
 if wants e2e; then tail -n 40 "$OUT/e2e.log"; fi

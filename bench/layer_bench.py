@@ -221,6 +221,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds after which the remaining sizes are skipped")
+    parser.add_argument("--ranks", default=None,
+                        help=f"comma-separated ranks (default {','.join(map(str, RANKS))})")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -230,6 +232,8 @@ def main(argv=None) -> int:
     if args.smoke and device.type == "cpu":
         dtype = torch.float32  # CPU matmuls and the Triton interpreter lack bf16 arithmetic
     shapes, ranks, rows = (SMOKE_SHAPES, SMOKE_RANKS, SMOKE_ROWS) if args.smoke else (SHAPES, RANKS, ROWS)
+    if args.ranks:
+        ranks = tuple(int(rank) for rank in args.ranks.split(","))
     repeats = args.repeats or (2 if args.smoke else 7)
     started = time.perf_counter()
     # The smoke run checks the pipeline, not speed: the interpreter takes ~0.1 s a launch.

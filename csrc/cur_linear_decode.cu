@@ -43,7 +43,10 @@ constexpr int kMaxRowsPerLaunch = 16;  // larger M is processed in launches of 1
 // in flight per chunk.
 constexpr int kShrinkRowsPerWarp = 4;
 constexpr int kLinkRowsPerWarp = 2;
-constexpr int kExpandRowsPerWarp = 2;
+// Each staged input value feeds ROWS weight rows: at 16 input rows the expand takes 4 rows a
+// warp so that shared-memory reads do not outnumber the weight loads' work.
+template <int MAXM>
+__host__ __device__ constexpr int expand_rows_per_warp() { return MAXM >= 16 ? 4 : 2; }
 constexpr int kVectorsPerLane = 2;
 constexpr int kSyncWords = 4;  // arrivals, generation, epoch, padding
 // Shared memory for staged inputs: 64 KB, so that at M ≤ 4 a whole rank or K slice fits and
@@ -168,6 +171,26 @@ __device__ __forceinline__ void stage_inputs(float* stage, int stride, const TIn
   __syncthreads();
 }
 
+// A lane's VEC consecutive staged inputs, in 16-byte reads where VEC allows (stage rows and
+// lane offsets are multiples of 4 floats then). One float at a time, lanes VEC floats apart
+// would hit the same banks VEC-fold.
+template <int VEC>
+__device__ __forceinline__ void load_staged(const float* p, float (&out)[VEC]) {
+  if constexpr (VEC % 4 == 0) {
+#pragma unroll
+    for (int e = 0; e < VEC; e += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(p + e);
+      out[e] = v.x;
+      out[e + 1] = v.y;
+      out[e + 2] = v.z;
+      out[e + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] = p[e];
+  }
+}
+
 // acc[i][row] += Σ_k A_i[k] · stage[row][k − k_begin] over [k_begin, k_end): the warp streams
 // its weight rows with ROWS × kVectorsPerLane 16-byte loads per lane in flight and no block
 // synchronisation.
@@ -194,14 +217,15 @@ __device__ __forceinline__ void accumulate_staged(const WarpRows<T, ROWS>& rows,
     const float* staged = stage + (k0 - k_begin);
 #pragma unroll
     for (int j = 0; j < kVectorsPerLane; ++j) {
+      const int kk = (j * 32 + lane) * VEC;  // this lane's VEC columns, contiguous in the stage
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        const int kk = (j * 32 + lane) * VEC + e;
+      for (int row = 0; row < MAXM; ++row) {
+        float xv[VEC];
+        load_staged<VEC>(staged + row * stride + kk, xv);
 #pragma unroll
-        for (int row = 0; row < MAXM; ++row) {
-          const float xv = staged[row * stride + kk];
+        for (int e = 0; e < VEC; ++e) {
 #pragma unroll
-          for (int i = 0; i < ROWS; ++i) acc[i][row] = fmaf(a[i][j][e], xv, acc[i][row]);
+          for (int i = 0; i < ROWS; ++i) acc[i][row] = fmaf(a[i][j][e], xv[e], acc[i][row]);
         }
       }
     }
@@ -312,7 +336,7 @@ __device__ __forceinline__ void output_rows_phase(const T* A, int num_rows, int 
 
 template <typename T, int VEC, int MAXM>
 __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParams p) {
-  extern __shared__ float stage[];  // MAXM × p.stage_capacity fp32
+  extern __shared__ __align__(16) float stage[];  // MAXM × p.stage_capacity fp32
   __shared__ unsigned epoch_shared;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -364,7 +388,7 @@ __global__ void __launch_bounds__(kThreads) cur_linear_decode_kernel(DecodeParam
     ld_t = p.c;
   }
   // Expand: y[row, i] = C[i, :] · (t[row, :] · diag U) + bias[i].
-  output_rows_phase<T, float, T, VEC, MAXM, kExpandRowsPerWarp>(
+  output_rows_phase<T, float, T, VEC, MAXM, expand_rows_per_warp<MAXM>()>(
       static_cast<const T*>(p.C), p.m, p.c, t, ld_t, p.link_mode == kDiagonalLink ? U : nullptr,
       static_cast<const T*>(p.bias), static_cast<T*>(p.y), p.m, p.M, stage, p.stage_capacity);
 }
@@ -452,7 +476,7 @@ void launch_decode(DecodeParams p, int device, cudaStream_t stream) {
   p.shrink_k_tiles = ceil_div(p.n, p.shrink_tile_k);
   const int most_tiles = std::max({groups * p.shrink_k_tiles,
                                    ceil_div(p.c, kWarps * kLinkRowsPerWarp),
-                                   ceil_div(p.m, kWarps * kExpandRowsPerWarp)});
+                                   ceil_div(p.m, kWarps * expand_rows_per_warp<MAXM>())});
   grid = std::max(1, std::min(grid, most_tiles));
   // Stage the longest K extent of any phase whole when it fits.
   const int widest = std::max({p.shrink_tile_k, p.r, p.c});

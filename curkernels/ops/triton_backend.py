@@ -20,18 +20,46 @@ from .triton_autotune import PrefillConfig, tuned_config
 from .triton_prefill import cur_linear_prefill_kernel
 from .workspace import capturing, persistent_zeros, zeros
 
-# Decode tiles: WORKSPACE_ROWS input rows (the tensor-core minimum, 16); a shrink tile is
-# BLOCK_R rank rows × a K slice; expand and link tiles are BLOCK_OUT rows over BLOCK_IN columns.
-# Each step loads 8 KB of bf16 weights; 32-row expand tiles give 128 tiles at m = 4096, about
-# one per SM.
-DECODE_BLOCKS = {"BLOCK_M": DECODE_MAX_ROWS, "BLOCK_R": 32, "BLOCK_K": 128, "BLOCK_OUT": 32,
-                 "BLOCK_IN": 128, "WORKSPACE_ROWS": DECODE_MAX_ROWS}
-DECODE_NUM_WARPS = 4
+
+def _next_pow2(value: int) -> int:
+    return 1 << max(value - 1, 0).bit_length()
+
+
+def _floor_pow2(value: int) -> int:
+    return 1 << (max(value, 1).bit_length() - 1)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tiles of the decode kernel. A shrink tile is block_r rank rows × a K slice, read
+    block_k columns a step; expand and link tiles are block_out rows, read block_in columns a
+    step. Before the first barrier each program loads up to prefetch_bytes of its first expand
+    tile's C (0: none). The persistent grid has programs_per_sm programs on each SM: all of
+    them must be resident at once for the grid barrier. The input rows are padded to 16, the
+    tensor-core minimum."""
+    block_r: int = 32
+    block_k: int = 128
+    block_out: int = 32
+    block_in: int = 128
+    num_warps: int = 4
+    prefetch_bytes: int = 16384
+    programs_per_sm: int = 1
+
+    def prefetch_columns(self, c: int, element_size: int) -> int:
+        """Columns of C loaded ahead: a power of two ≥ 16 (a tl.dot's minimum K), at most c's."""
+        fits = self.prefetch_bytes // (self.block_out * element_size)
+        return max(16, min(_floor_pow2(fits), _next_pow2(c)))
+
+
+# 8 KB of bf16 weights a step; 32-row expand tiles give 128 tiles at m = 4096, about one per SM;
+# 16 KB of C ahead is 32 registers a thread at 4 warps.
+DEFAULT_DECODE_CONFIG = DecodeConfig()
+WORKSPACE_ROWS = DECODE_MAX_ROWS
 
 
 @dataclass(frozen=True)
 class _DecodeWorkspace:
-    sync: torch.Tensor        # int32 [arrivals, generation, epoch, pad]
+    sync: torch.Tensor        # int32 [arrivals, release flag, epoch, pad]
     sums: torch.Tensor        # fp32, two WORKSPACE_ROWS × r shrink buffers
     first_sums: torch.Tensor  # view of the first buffer (the barrier-free path zeroes it)
     link: torch.Tensor        # fp32, WORKSPACE_ROWS × c (full U)
@@ -68,7 +96,7 @@ def _decode_workspace(device: torch.device, r: int, c: int) -> _DecodeWorkspace:
     workspace = _workspaces.get(key)
     if workspace is not None:
         return workspace
-    rows = DECODE_BLOCKS["WORKSPACE_ROWS"]
+    rows = WORKSPACE_ROWS
     numels = (decode.SYNC_WORDS, 2 * rows * r, rows * c)
     dtypes = (torch.int32, torch.float32, torch.float32)
     kept = not capturing(device)
@@ -88,26 +116,33 @@ def reserve_decode_workspace(device: torch.device, r: int, c: int) -> None:
 
 
 def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: int, m: int,
-                 u_kind: str, has_bias: bool, gather: bool, persistent: bool) -> _DecodePlan:
-    key = (device, dtype, n, r, c, m, u_kind, has_bias, gather, persistent)
+                 u_kind: str, has_bias: bool, gather: bool, persistent: bool,
+                 config: DecodeConfig) -> _DecodePlan:
+    key = (device, dtype, n, r, c, m, u_kind, has_bias, gather, persistent, config)
     plan = _decode_plans.get(key)
     if plan is not None:
         return plan
-    blocks = DECODE_BLOCKS
-    groups = triton.cdiv(r, blocks["BLOCK_R"])
-    chunks = triton.cdiv(n, blocks["BLOCK_K"])
+    groups = triton.cdiv(r, config.block_r)
+    chunks = triton.cdiv(n, config.block_k)
     # A persistent grid of one program per SM; the shrink is cut into enough K slices that
     # (rank blocks × slices) covers it. Barrier-free, a launch has one program per tile.
-    programs = _multiprocessors(device.index) if persistent else groups * chunks
+    programs = (_multiprocessors(device.index) * config.programs_per_sm if persistent
+                else groups * chunks)
     slices = min(chunks, max(1, programs // groups))
-    tile_k = triton.cdiv(chunks, slices) * blocks["BLOCK_K"]
+    tile_k = triton.cdiv(chunks, slices) * config.block_k
     k_tiles = triton.cdiv(n, tile_k)
     full_u = u_kind == "full"
-    tiles = {"DO_SHRINK": groups * k_tiles, "DO_LINK": triton.cdiv(c, blocks["BLOCK_OUT"]),
-             "DO_EXPAND": triton.cdiv(m, blocks["BLOCK_OUT"])}
+    tiles = {"DO_SHRINK": groups * k_tiles, "DO_LINK": triton.cdiv(c, config.block_out),
+             "DO_EXPAND": triton.cdiv(m, config.block_out)}
     phases = ["DO_SHRINK"] + (["DO_LINK"] if full_u else []) + ["DO_EXPAND"]
-    common = dict(blocks, DIAGONAL_U=u_kind == "diagonal", FULL_U=full_u, HAS_BIAS=has_bias,
-                  GATHER=gather, DOT_FP32=dtype == torch.float32, num_warps=DECODE_NUM_WARPS)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    common = dict(BLOCK_M=WORKSPACE_ROWS, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
+                  BLOCK_OUT=config.block_out, BLOCK_IN=config.block_in,
+                  PREFETCH=config.prefetch_bytes > 0,
+                  PREFETCH_IN=config.prefetch_columns(c, element_size),
+                  WORKSPACE_ROWS=WORKSPACE_ROWS, DIAGONAL_U=u_kind == "diagonal", FULL_U=full_u,
+                  HAS_BIAS=has_bias, GATHER=gather, DOT_FP32=dtype == torch.float32,
+                  num_warps=config.num_warps)
     if persistent:
         grid = min(programs, max(tiles[phase] for phase in phases))
         launches = ((grid, dict(common, PERSISTENT=True, DO_SHRINK=True, DO_LINK=full_u,
@@ -127,13 +162,16 @@ def _u_kind(U: torch.Tensor | None) -> str:
     return "diagonal" if U.dim() == 1 else "full"
 
 
-def _cur_linear_decode(x2d, C, U, R, bias, rows, y) -> None:
+def cur_linear_decode(x2d, C, U, R, bias, rows, y,
+                      config: DecodeConfig = DEFAULT_DECODE_CONFIG) -> None:
+    """Writes y (M ≤ 16 rows) with the decode kernel; `config` picks its tiles (benchmarks
+    compare configs through it)."""
     M, n = x2d.shape
     m, c = C.shape
     r = rows.shape[0] if rows is not None else R.shape[0]
     persistent = _single_launch(x2d.device)
     plan = _decode_plan(x2d.device, x2d.dtype, n, r, c, m, _u_kind(U), bias is not None,
-                        rows is not None, persistent)
+                        rows is not None, persistent, config)
     workspace = _decode_workspace(x2d.device, r, c)
     # The barrier-free form sums into the first buffer, which the single launch may have left
     # full; the workspace is shared with the single launch, which reads the buffer of the
@@ -146,10 +184,6 @@ def _cur_linear_decode(x2d, C, U, R, bias, rows, y) -> None:
         decode.cur_linear_decode_kernel[(grid,)](*args, **constants)
     if not persistent:
         workspace.first_sums.zero_()
-
-
-def _next_pow2(value: int) -> int:
-    return 1 << max(value - 1, 0).bit_length()
 
 
 def _cur_linear_prefill(x2d, C, U, R, bias, rows, y) -> None:
@@ -196,7 +230,7 @@ def cur_linear_triton(x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None
     if n == 0:  # an empty input dimension: R·x = 0
         return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
     if M <= DECODE_MAX_ROWS:
-        _cur_linear_decode(x2d, C, U, R, bias, rows, y)
+        cur_linear_decode(x2d, C, U, R, bias, rows, y)
     else:
         _cur_linear_prefill(x2d, C, U, R, bias, rows, y)
     return y

@@ -5,9 +5,12 @@ Three phases over a persistent grid of one program per SM:
                        are added into an fp32 workspace with atomics;
   link    s = U·sums   full U only (a diagonal U scales the intermediate while it is loaded);
   expand  y = C·s + b  tiles of output rows.
-Phases are separated by a grid barrier (atomics with acquire/release). The shrink buffer is
-double-buffered by an epoch counter kept in the workspace: every launch zeroes the buffer of the
-next one, so nothing changes on the host between calls and CUDA-graph replays stay correct.
+Phases are separated by a grid barrier (atomics with acquire/release). With PREFETCH, each
+program loads the first PREFETCH_IN columns of its first expand tile before the first barrier:
+those weight reads overlap the shrink and the barrier instead of following them. The shrink
+buffer is double-buffered by an epoch counter kept in the workspace: every launch zeroes the
+buffer of the next one once it is done, so nothing changes on the host between calls and
+CUDA-graph replays stay correct.
 
 A spin barrier deadlocks where programs run one after another (TRITON_INTERPRET=1), so the same
 kernel also runs barrier-free (PERSISTENT=False): one launch per phase, chosen by the DO_*
@@ -18,24 +21,51 @@ share one workspace, and the persistent form expects the buffer of the current e
 import triton
 import triton.language as tl
 
-SYNC_WORDS = 4  # arrivals, generation, epoch, padding (int32 each)
+SYNC_WORDS = 4  # arrivals, release flag, epoch, padding (int32 each)
 
 
 @triton.jit
-def _grid_barrier(sync_ptr, num_programs, BUMP_EPOCH: tl.constexpr):
-    """All programs wait here; the last to arrive resets the count, then releases the others."""
+def _grid_barrier(sync_ptr, num_programs, flag, BUMP_EPOCH: tl.constexpr):
+    """All programs wait here; the last to arrive resets the count and publishes `flag`, a value
+    that no earlier barrier wrote (it grows with the epoch), so waiting takes no extra read."""
     tl.debug_barrier()  # every warp of this program has issued its phase's stores
-    seen = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
     arrived = tl.atomic_add(sync_ptr, 1, sem="acq_rel")
     if arrived == num_programs - 1:
         tl.atomic_xchg(sync_ptr, 0, sem="relaxed")
         if BUMP_EPOCH:
             tl.atomic_add(sync_ptr + 2, 1, sem="relaxed")
-        tl.atomic_add(sync_ptr + 1, 1, sem="release")
+        tl.atomic_xchg(sync_ptr + 1, flag, sem="release")
     else:
-        while tl.atomic_add(sync_ptr + 1, 0, sem="acquire") == seen:
+        while tl.atomic_add(sync_ptr + 1, 0, sem="acquire") != flag:
             pass
     tl.debug_barrier()
+
+
+@triton.jit
+def _load_inputs(in_ptr, ld_in, offs_k, k_mask, scale_ptr, M, IN_IS_WORKSPACE: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """in[:, offs_k] for the first M rows (zero beyond), times scale[offs_k] if given."""
+    offs_m = tl.arange(0, BLOCK_M)
+    in_mask = (offs_m[:, None] < M) & k_mask[None, :]
+    in_ptrs = in_ptr + offs_m[:, None] * ld_in + offs_k[None, :]
+    if IN_IS_WORKSPACE:  # written by other programs in this launch: skip the L1
+        inputs = tl.load(in_ptrs, mask=in_mask, other=0.0, cache_modifier=".cg")
+    else:
+        inputs = tl.load(in_ptrs, mask=in_mask, other=0.0)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
+        inputs = inputs * scale.to(tl.float32)[None, :]
+    return inputs
+
+
+@triton.jit
+def _dot(acc, inputs, weights, DOT_FP32: tl.constexpr):
+    """acc += inputs · weightsᵀ with fp32 accumulation."""
+    if DOT_FP32:
+        return tl.dot(inputs.to(tl.float32), tl.trans(weights.to(tl.float32)), acc,
+                      input_precision="ieee")
+    # half-precision operands on the tensor cores, as the cuBLAS chain rounds them
+    return tl.dot(inputs.to(weights.dtype), tl.trans(weights), acc)
 
 
 @triton.jit
@@ -43,27 +73,41 @@ def _row_block_dot(acc, a_ptr, a_rows, a_row_mask, lda, in_ptr, ld_in, scale_ptr
                    k_end, IN_IS_WORKSPACE: tl.constexpr, HAS_SCALE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
     """acc[i, j] += Σ_k in[i, k]·scale[k]·A[a_rows[j], k] over k in [k_begin, k_end)."""
-    offs_m = tl.arange(0, BLOCK_M)
     for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < k_end
-        in_mask = (offs_m[:, None] < M) & k_mask[None, :]
-        in_ptrs = in_ptr + offs_m[:, None] * ld_in + offs_k[None, :]
-        if IN_IS_WORKSPACE:  # written by other programs in this launch: skip the L1
-            inputs = tl.load(in_ptrs, mask=in_mask, other=0.0, cache_modifier=".cg")
-        else:
-            inputs = tl.load(in_ptrs, mask=in_mask, other=0.0)
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr + offs_k, mask=k_mask, other=0.0)
-            inputs = inputs * scale.to(tl.float32)[None, :]
+        inputs = _load_inputs(in_ptr, ld_in, offs_k, k_mask, scale_ptr, M, IN_IS_WORKSPACE,
+                              HAS_SCALE, BLOCK_M)
         weights = tl.load(a_ptr + a_rows[:, None] * lda + offs_k[None, :],
                           mask=a_row_mask[:, None] & k_mask[None, :], other=0.0)
-        if DOT_FP32:
-            acc = tl.dot(inputs.to(tl.float32), tl.trans(weights.to(tl.float32)), acc,
-                         input_precision="ieee")
-        else:  # half-precision operands on the tensor cores, as the cuBLAS chain rounds them
-            acc = tl.dot(inputs.to(weights.dtype), tl.trans(weights), acc)
+        acc = _dot(acc, inputs, weights, DOT_FP32)
     return acc
+
+
+@triton.jit
+def _expand_tile(tile, head, c_ptr, in_ptr, ld_in, u_ptr, bias_ptr, y_ptr, M, c, m,
+                 USE_HEAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr,
+                 BLOCK_IN: tl.constexpr, PREFETCH_IN: tl.constexpr):
+    """y[:, tile rows] = in · C[tile rows, :]ᵀ (+ b); `head` holds C's first PREFETCH_IN
+    columns of these rows when USE_HEAD, loaded earlier by the caller."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_out = tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+    out_mask = offs_out < m
+    acc = tl.zeros((BLOCK_M, BLOCK_OUT), tl.float32)
+    k_begin = 0
+    if USE_HEAD:
+        offs_k = tl.arange(0, PREFETCH_IN)
+        inputs = _load_inputs(in_ptr, ld_in, offs_k, offs_k < c, u_ptr, M, True, HAS_SCALE,
+                              BLOCK_M)
+        acc = _dot(acc, inputs, head, DOT_FP32)
+        k_begin = PREFETCH_IN
+    acc = _row_block_dot(acc, c_ptr, offs_out.to(tl.int64), out_mask, c, in_ptr, ld_in, u_ptr,
+                         M, k_begin, c, True, HAS_SCALE, BLOCK_M, BLOCK_IN, DOT_FP32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_out, mask=out_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * m + offs_out[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=(offs_m[:, None] < M) & out_mask[None, :])
 
 
 @triton.jit
@@ -75,20 +119,18 @@ def cur_linear_decode_kernel(
         HAS_BIAS: tl.constexpr, GATHER: tl.constexpr, DOT_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
-        BLOCK_IN: tl.constexpr, WORKSPACE_ROWS: tl.constexpr):
+        BLOCK_IN: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_IN: tl.constexpr,
+        WORKSPACE_ROWS: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_m = tl.arange(0, BLOCK_M)
     sums_size = WORKSPACE_ROWS * r
     sums = sums_ptr
+    epoch = 0
     if PERSISTENT:
         # Read before the first barrier, whose last arriver bumps it: every program agrees.
         epoch = tl.atomic_add(sync_ptr + 2, 0, sem="relaxed")
         sums = sums_ptr + (epoch % 2) * sums_size
-        next_sums = sums_ptr + ((epoch + 1) % 2) * sums_size
-        for start in range(pid * BLOCK_IN, sums_size, num_programs * BLOCK_IN):
-            offs = start + tl.arange(0, BLOCK_IN)
-            tl.store(next_sums + offs, tl.zeros((BLOCK_IN,), tl.float32), mask=offs < sums_size)
 
     if DO_SHRINK:
         tiles = tl.cdiv(r, BLOCK_R) * shrink_k_tiles
@@ -107,8 +149,15 @@ def cur_linear_decode_kernel(
                                  k_begin, k_end, False, False, BLOCK_M, BLOCK_K, DOT_FP32)
             tl.atomic_add(sums + offs_m[:, None] * r + offs_r[None, :], acc,
                           mask=(offs_m[:, None] < M) & r_mask[None, :], sem="relaxed")
+
+    head = tl.zeros((BLOCK_OUT, PREFETCH_IN), c_ptr.dtype.element_ty)
+    if DO_EXPAND and PREFETCH:  # C does not depend on the shrink: start reading it now
+        head_rows = pid * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
+        head_cols = tl.arange(0, PREFETCH_IN)
+        head = tl.load(c_ptr + head_rows.to(tl.int64)[:, None] * c + head_cols[None, :],
+                       mask=(head_rows < m)[:, None] & (head_cols < c)[None, :], other=0.0)
     if PERSISTENT:
-        _grid_barrier(sync_ptr, num_programs, True)
+        _grid_barrier(sync_ptr, num_programs, epoch * 2 + 1, True)
 
     if FULL_U:
         if DO_LINK:
@@ -121,22 +170,27 @@ def cur_linear_decode_kernel(
                 tl.store(link_ptr + offs_m[:, None] * c + offs_out[None, :], acc,
                          mask=(offs_m[:, None] < M) & out_mask[None, :])
         if PERSISTENT:
-            _grid_barrier(sync_ptr, num_programs, False)
+            _grid_barrier(sync_ptr, num_programs, epoch * 2 + 2, False)
 
     if DO_EXPAND:
-        for tile in range(pid, tl.cdiv(m, BLOCK_OUT), num_programs):
-            offs_out = tile * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
-            out_mask = offs_out < m
-            acc = tl.zeros((BLOCK_M, BLOCK_OUT), tl.float32)
-            if FULL_U:
-                acc = _row_block_dot(acc, c_ptr, offs_out.to(tl.int64), out_mask, c, link_ptr, c,
-                                     u_ptr, M, 0, c, True, False, BLOCK_M, BLOCK_IN, DOT_FP32)
-            else:
-                acc = _row_block_dot(acc, c_ptr, offs_out.to(tl.int64), out_mask, c, sums, r,
-                                     u_ptr, M, 0, c, True, DIAGONAL_U, BLOCK_M,
-                                     BLOCK_IN, DOT_FP32)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_out, mask=out_mask, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptr + offs_m[:, None] * m + offs_out[None, :],
-                     acc.to(y_ptr.dtype.element_ty),
-                     mask=(offs_m[:, None] < M) & out_mask[None, :])
+        if FULL_U:
+            expand_in = link_ptr
+            ld_in = c
+        else:
+            expand_in = sums
+            ld_in = r
+        expand_tiles = tl.cdiv(m, BLOCK_OUT)
+        if pid < expand_tiles:
+            _expand_tile(pid, head, c_ptr, expand_in, ld_in, u_ptr, bias_ptr, y_ptr, M, c, m,
+                         PREFETCH, DIAGONAL_U, HAS_BIAS, DOT_FP32, BLOCK_M, BLOCK_OUT,
+                         BLOCK_IN, PREFETCH_IN)
+        for tile in range(pid + num_programs, expand_tiles, num_programs):
+            _expand_tile(tile, head, c_ptr, expand_in, ld_in, u_ptr, bias_ptr, y_ptr, M, c, m,
+                         False, DIAGONAL_U, HAS_BIAS, DOT_FP32, BLOCK_M, BLOCK_OUT, BLOCK_IN,
+                         PREFETCH_IN)
+
+    if PERSISTENT:  # the next launch sums into the other buffer: zero it for that launch
+        next_sums = sums_ptr + ((epoch + 1) % 2) * sums_size
+        for start in range(pid * BLOCK_IN, sums_size, num_programs * BLOCK_IN):
+            offs = start + tl.arange(0, BLOCK_IN)
+            tl.store(next_sums + offs, tl.zeros((BLOCK_IN,), tl.float32), mask=offs < sums_size)

@@ -10,7 +10,7 @@ from curkernels.ops.triton_backend import cur_linear_triton
 DEVICE = kernel_device()
 
 
-@pytest.mark.parametrize("M,kernel", ((16, "_cur_linear_decode"), (17, "_cur_linear_prefill")))
+@pytest.mark.parametrize("M,kernel", ((16, "cur_linear_decode"), (17, "_cur_linear_prefill")))
 def test_rows_pick_the_kernel(M, kernel, monkeypatch):
     called = []
     original = getattr(triton_backend, kernel)

@@ -11,16 +11,17 @@ import torch
 from cur_linear_cases import LINKS, assert_matches_reference, kernel_device, make_case
 
 from curkernels.ops import triton_backend
-from curkernels.ops.triton_backend import _cur_linear_decode
+from curkernels.ops.triton_backend import DecodeConfig, cur_linear_decode
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = kernel_device()
 N, M_OUT = 300, 130  # not multiples of any block size
 
 
-def run_decode(case, poisoned):
+def run_decode(case, poisoned, config=triton_backend.DEFAULT_DECODE_CONFIG):
     y = poisoned(case["x"].shape[0], case["C"].shape[0], case["x"].dtype, case["x"].device)
-    _cur_linear_decode(case["x"], case["C"], case["U"], case["R"], case["bias"], case["rows"], y)
+    cur_linear_decode(case["x"], case["C"], case["U"], case["R"], case["bias"], case["rows"], y,
+                      config)
     return y
 
 
@@ -47,6 +48,43 @@ def test_decode_repeated_calls_reuse_workspace(poisoned):
     for seed in range(3):
         case = make_case(3, N, M_OUT, 16, torch.float32, link="full", device=DEVICE, seed=seed)
         assert_matches_reference(run_decode(case, poisoned), case)
+
+
+# Tiles other than the default: prefetching none of C, part of it (the rest of the first
+# expand tile read after the barrier), narrow expand tiles, and more warps.
+CONFIGS = (DecodeConfig(prefetch_bytes=0), DecodeConfig(prefetch_bytes=2048),
+           DecodeConfig(block_out=16, block_r=16, block_k=64, block_in=64, prefetch_bytes=1024),
+           DecodeConfig(num_warps=8, prefetch_bytes=32768))
+
+
+@pytest.mark.anydevice
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("single_launch", (False, True))
+def test_decode_configs(config, single_launch, poisoned, monkeypatch):
+    """Every form of the kernel with each config; the persistent form on one program, which
+    the interpreter can run (on a GPU, on every SM), so that one program takes every tile."""
+    if single_launch and not torch.cuda.is_available():
+        monkeypatch.setattr(triton_backend, "_single_launch", lambda device: True)
+        monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
+        monkeypatch.setattr(triton_backend, "_workspaces", {})
+        monkeypatch.setattr(triton_backend, "_decode_plans", {})
+    elif not single_launch:
+        monkeypatch.setattr(triton_backend, "_single_launch", lambda device: False)
+    for seed, (M, r, link) in enumerate(((1, 100, "none"), (16, 37, "diagonal"),
+                                         (3, 70, "full"))):
+        case = make_case(M, N, M_OUT, r, torch.float32, link=link, gather=seed == 1,
+                         device=DEVICE, seed=seed)
+        assert_matches_reference(run_decode(case, poisoned, config), case)
+
+
+def test_prefetch_columns():
+    """A power of two between 16 (a tl.dot's smallest K) and the width of C, within the bytes."""
+    config = DecodeConfig(block_out=32, prefetch_bytes=16384)
+    assert config.prefetch_columns(4096, 2) == 256
+    assert config.prefetch_columns(100, 2) == 128
+    assert config.prefetch_columns(4096, 4) == 128
+    assert config.prefetch_columns(1, 2) == 16
+    assert DecodeConfig(prefetch_bytes=3000).prefetch_columns(4096, 2) == 32
 
 
 def test_decode_clamps_out_of_range_rows(poisoned):
@@ -82,11 +120,11 @@ def test_decode_single_launch_in_cuda_graph():
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):  # warm-up on the capture stream: compile and create its workspace
-            _cur_linear_decode(*args, y)
+            cur_linear_decode(*args, y)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        _cur_linear_decode(*args, y)
+        cur_linear_decode(*args, y)
     for seed in range(5):
         case["x"].copy_(make_case(4, 2048, 1024, 64, torch.bfloat16, device="cuda",
                                   seed=seed + 10)["x"])
@@ -110,9 +148,10 @@ def test_single_launch_form_with_one_program(poisoned, monkeypatch):
                          device=DEVICE, seed=call)
         assert_matches_reference(run_decode(case, poisoned), case)
     sync_words = sorted(tuple(w.sync.tolist()) for w in triton_backend._workspaces.values())
-    # [arrivals, generation, epoch, pad]: (r, c) = (40, 43) ran one call with two barriers,
-    # (40, 40) two calls with one barrier each; every barrier left its count at zero.
-    assert sync_words == [(0, 2, 1, 0), (0, 2, 2, 0)]
+    # [arrivals, release flag, epoch, pad]: (r, c) = (40, 43) ran one call with two barriers at
+    # epoch 0 (flags 1, 2); (40, 40) two calls with one barrier each, at epochs 0 and 1 (flags
+    # 1, 3). Every barrier left its count at zero and every call bumped the epoch once.
+    assert sync_words == [(0, 2, 1, 0), (0, 3, 2, 0)]
 
 
 # Not bf16, where the GPU test failed: the interpreter's bf16 tl.dot is wrong (Triton 3.8).

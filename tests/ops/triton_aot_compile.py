@@ -43,7 +43,7 @@ def compile_for(kernel, pointers, constants, num_warps, num_stages, arch):
     return shared
 
 
-def decode_kernels(dtype):
+def decode_kernels(dtype, config=triton_backend.DEFAULT_DECODE_CONFIG):
     triton_backend._multiprocessors = lambda device_index: 132
     ptr = "*" + TRITON_TYPES[dtype]
     for persistent in (True, False):
@@ -51,7 +51,7 @@ def decode_kernels(dtype):
             with_extras = u_kind == "full"  # gather rows and bias with the full U
             plan = triton_backend._decode_plan(torch.device("cuda", 0), dtype, 4096, 256,
                                                264 if u_kind == "full" else 256, 4096, u_kind,
-                                               with_extras, with_extras, persistent)
+                                               with_extras, with_extras, persistent, config)
             pointers = {"x_ptr": ptr, "r_ptr": ptr, "c_ptr": ptr, "y_ptr": ptr,
                         "sums_ptr": "*fp32", "link_ptr": "*fp32", "sync_ptr": "*i32"}
             nones = {}
