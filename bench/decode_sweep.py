@@ -22,18 +22,16 @@ from layer_bench import SHAPES, _calls_for, _weight_sets, floor_us, measure_ceil
 
 from curkernels.ops.triton_backend import DecodeConfig, cur_linear_decode  # noqa: E402
 
-# Ordered so that the riskiest (two programs per SM: the barrier needs both resident) run last.
+# Two programs per SM run last: the grid barrier needs both resident. The backend lowers the
+# count to what fits (triton_backend._programs_per_sm), but a GPU running other work could
+# still hold one back.
 CONFIGS = {
-    "no-prefetch": DecodeConfig(prefetch_bytes=0),
     "default": DecodeConfig(),
-    "prefetch32k": DecodeConfig(prefetch_bytes=32768),
-    "w8": DecodeConfig(num_warps=8, prefetch_bytes=32768),
-    "w8-out16": DecodeConfig(num_warps=8, block_out=16),
-    "r16": DecodeConfig(block_r=16),
-    "k64": DecodeConfig(block_k=64, block_in=64),
-    "w8-r64": DecodeConfig(num_warps=8, block_r=64, block_out=64, prefetch_bytes=32768),
+    "prefetch16k": DecodeConfig(prefetch_bytes=16384),
+    "w8-r64": DecodeConfig(num_warps=8, block_r=64, block_out=64),
     "2/sm": DecodeConfig(programs_per_sm=2),
-    "2/sm-k64": DecodeConfig(block_k=64, block_in=64, programs_per_sm=2),
+    "2/sm-r64": DecodeConfig(block_r=64, block_out=64, programs_per_sm=2),
+    "2/sm-prefetch16k": DecodeConfig(prefetch_bytes=16384, programs_per_sm=2),
 }
 ROWS = (1, 16)
 RANKS = (256, 1024, 2048, 512)  # 2048: keep 0.5 of a 14336×4096 projection is r ≈ 1536

@@ -152,21 +152,35 @@ template <int VEC>
 __host__ __device__ constexpr int step_columns() { return 32 * VEC * kVectorsPerLane; }
 
 // Stages in[0:M, k_begin:k_end) · scale[k] as fp32 rows of `stride` columns, zero-padded, for
-// the whole block.
+// the whole block. Each thread issues kStageBatch loads before its first store: one load, then
+// its store, per iteration put a memory latency per element on the critical path (16 input
+// rows × 512 columns is 32 elements a thread).
+constexpr int kStageBatch = 8;
+
 template <typename TIn, typename T, int MAXM>
 __device__ __forceinline__ void stage_inputs(float* stage, int stride, const TIn* in,
                                              int64_t ld_in, const T* scale, int M, int k_begin,
                                              int k_end) {
   __syncthreads();  // the previous readers of the stage are done
-  for (int idx = threadIdx.x; idx < MAXM * stride; idx += kThreads) {
-    const int row = idx / stride;
-    const int k = k_begin + idx % stride;
-    float v = 0.f;
-    if (row < M && k < k_end) {
-      v = load_input(in + row * ld_in + k);
-      if (scale != nullptr) v *= static_cast<float>(scale[k]);
+  const int total = MAXM * stride;
+  for (int base = threadIdx.x; base < total; base += kThreads * kStageBatch) {
+    float v[kStageBatch];
+#pragma unroll
+    for (int b = 0; b < kStageBatch; ++b) {
+      const int idx = base + b * kThreads;
+      const int row = idx / stride;
+      const int k = k_begin + (idx - row * stride);
+      v[b] = 0.f;
+      if (idx < total && row < M && k < k_end) {
+        v[b] = load_input(in + row * ld_in + k);
+        if (scale != nullptr) v[b] *= static_cast<float>(scale[k]);
+      }
     }
-    stage[idx] = v;
+#pragma unroll
+    for (int b = 0; b < kStageBatch; ++b) {
+      const int idx = base + b * kThreads;
+      if (idx < total) stage[idx] = v[b];
+    }
   }
   __syncthreads();
 }

@@ -1,8 +1,11 @@
-"""Where the single-launch Triton decode kernel beats the cuBLAS chain inside CUDA graphs, per GPU.
+"""Where a fused decode kernel beats the cuBLAS chain, per GPU and execution mode.
 
+Two modes: inside CUDA graphs the single-launch Triton kernel is compared with chain2 by their
+graph-replay times; eagerly the CUDA extension's one C++ launch is compared with chain2 by
+their eager times (host overhead included, which is what decides an eager call).
 The answer comes from measurements, never from a guess: `bench/layer_bench.py` times chain2 (U
-folded) and the fused kernels in CUDA graphs with cold weights over a grid of layer shapes,
-ranks and row counts, and writes `<GPU name>.json`. The decode rows of such a file
+folded) and the fused kernels eagerly and in CUDA graphs with cold weights over a grid of layer
+shapes, ranks and row counts, and writes `<GPU name>.json`. The decode rows of such a file
 (M ≤ DECODE_MAX_ROWS) are the table. The package ships the files measured so far
 (`measured/`); CURKERNELS_DECODE_TABLE names another layer-bench JSON, which then answers for
 the GPU it was measured on (its `meta.device`), so that a user of a GPU not shipped can run the
@@ -12,7 +15,8 @@ A call (M rows, m outputs, n inputs, rank r) is answered by the smallest measure
 covers it (M' ≥ M, m' ≥ m, n' ≥ n, r' ≥ r; smallest by M', then r', then m'·n'): the fused
 kernel runs when it took at most WIN_RATIO of chain2's time there. Rounding up is the cautious
 direction: the fused kernel's margin shrinks as the factors grow (its fixed cost is a grid-wide
-barrier, chain2's a second launch). A call past every measured point keeps chain2.
+barrier, chain2's a second launch). A call past every measured point gets no verdict: the
+caller decides (graphs keep chain2; eager calls fall back to dispatch's rules).
 """
 
 import functools
@@ -27,8 +31,10 @@ ENV_DECODE_TABLE = "CURKERNELS_DECODE_TABLE"
 MEASURED_DIR = Path(__file__).with_name("measured")
 # A win must clear timing noise: ties (0.95–1.05×) happen between replays of one graph.
 WIN_RATIO = 0.9
-FUSED_BACKEND = "triton"
 BASELINE_VARIANT = "chain2"
+# mode -> (the fused variant it compares with chain2, the timing it compares)
+MODES = {"graph": ("triton", "graph_us"), "eager": ("cuda", "eager_us")}
+FUSED_BACKEND = MODES["graph"][0]
 
 
 @dataclass(frozen=True)
@@ -46,20 +52,22 @@ class MeasuredPoint:
         return (self.rows, self.r, self.m * self.n)
 
 
-def points_from_benchmark(report: dict, dtype: torch.dtype, max_rows: int) -> list[MeasuredPoint]:
+def points_from_benchmark(report: dict, dtype: torch.dtype, max_rows: int,
+                          mode: str = "graph") -> list[MeasuredPoint]:
     """The decode points of a layer-bench report measured in `dtype`: every (M, m, n, r) with a
-    CUDA-graph time for both chain2 and the fused Triton kernel."""
+    time in `mode` (see MODES) for both chain2 and the mode's fused kernel."""
+    fused, timing = MODES[mode]
     meta = report.get("meta", {})
     if meta.get("dtype") != str(dtype).removeprefix("torch."):
         return []
     times: dict[tuple, dict[str, float]] = {}
     for row in report.get("results", []):
-        if row.get("M", max_rows + 1) <= max_rows and row.get("graph_us") is not None:
+        if row.get("M", max_rows + 1) <= max_rows and row.get(timing) is not None:
             key = (row["M"], row["m"], row["n"], row["r"])
-            times.setdefault(key, {})[row["variant"]] = row["graph_us"]
-    return [MeasuredPoint(*key, fused_wins=t[FUSED_BACKEND] <= WIN_RATIO * t[BASELINE_VARIANT])
+            times.setdefault(key, {})[row["variant"]] = row[timing]
+    return [MeasuredPoint(*key, fused_wins=t[fused] <= WIN_RATIO * t[BASELINE_VARIANT])
             for key, t in sorted(times.items())
-            if FUSED_BACKEND in t and BASELINE_VARIANT in t]
+            if fused in t and BASELINE_VARIANT in t]
 
 
 def _read(path: Path, what: str) -> dict:
@@ -86,19 +94,27 @@ def _reports(override: str | None) -> dict[str, dict]:
 
 
 @functools.cache
-def _points(override: str | None, device_name: str, dtype: torch.dtype,
-            max_rows: int) -> tuple[MeasuredPoint, ...]:
+def _points(override: str | None, device_name: str, dtype: torch.dtype, max_rows: int,
+            mode: str) -> tuple[MeasuredPoint, ...]:
     report = _reports(override).get(device_name)
-    return tuple(points_from_benchmark(report, dtype, max_rows)) if report else ()
+    return tuple(points_from_benchmark(report, dtype, max_rows, mode)) if report else ()
+
+
+def decode_verdict(device_name: str, dtype: torch.dtype, rows: int, shape: tuple[int, int, int],
+                   max_rows: int, mode: str = "graph") -> bool | None:
+    """Whether the fused kernel won at the measured point covering this call (see the module
+    docstring), or None when no point covers it."""
+    points = _points(os.environ.get(ENV_DECODE_TABLE) or None, device_name, dtype, max_rows,
+                     mode)
+    m, n, r = shape
+    covering = [p for p in points if p.covers(rows, m, n, r)]
+    return min(covering, key=MeasuredPoint.size).fused_wins if covering else None
 
 
 def fused_decode_wins(device_name: str, dtype: torch.dtype, rows: int,
                       shape: tuple[int, int, int], max_rows: int) -> bool:
-    """Whether the measured point covering this call (see the module docstring) was a win."""
-    points = _points(os.environ.get(ENV_DECODE_TABLE) or None, device_name, dtype, max_rows)
-    m, n, r = shape
-    covering = [p for p in points if p.covers(rows, m, n, r)]
-    return bool(covering) and min(covering, key=MeasuredPoint.size).fused_wins
+    """Whether the single-launch Triton kernel won in CUDA graphs where this call falls."""
+    return decode_verdict(device_name, dtype, rows, shape, max_rows, "graph") is True
 
 
 def measured_devices() -> list[str]:

@@ -4,19 +4,21 @@ A named backend (argument or CURKERNELS_BACKEND) runs or raises; it never falls 
 follows an explicit table, by device, execution mode (eager or CUDA graph / compile), M, the
 layer's shape and dtype. Every choice of a fused kernel rests on a measurement
 (bench/results/<gpu>.md: bf16, cold weights, U folded); elsewhere the cuBLAS chain (the torch
-backend) is kept. The eager rules were measured on the H100 and hold where host time per
-launch dominates; the CUDA-graph rule reads each GPU's own measurements.
+backend) is kept. Both decode rules read the GPU's own measured table (decode_table.py) where
+one covers the call.
 
-- Eager decode: host time per launch dominates. The CUDA extension (one C++ op launch) took
-  13.7–34.7 µs a call where chain2 took 45–58 µs at M ≤ 4 on every Llama-3.1-8B shape and
-  r ≤ 1024; at M = 16 it loses at r = 1024 on the 14336-wide shapes (77–89 vs 54–58 µs) and
-  wins on the 4096-wide ones (44–49 vs 53–54 µs), so M > 4 needs r ≤ 512 or both sides
-  ≤ 4096. Without the extension, eager Triton (53–80 µs) does not beat chain2.
+- Eager decode: host time per launch dominates. The CUDA extension (one C++ op launch) runs
+  where the GPU's table says its eager time was at most 0.9× chain2's. Where no table covers
+  the call, the rules measured on the first H100 run apply: the extension took 13.7–34.7 µs a
+  call where chain2 took 45–58 µs at M ≤ 4 on every Llama-3.1-8B shape and r ≤ 1024; at
+  M = 16 it lost at r = 1024 on the 14336-wide shapes (77–89 vs 54–58 µs) and won on the
+  4096-wide ones (44–49 vs 53–54 µs), so M > 4 needs r ≤ 512 or both sides ≤ 4096. Without
+  the extension, eager Triton (53–80 µs) does not beat chain2.
 - Decode inside a CUDA graph being captured (torch.cuda.graph, torch.compile's
   "reduce-overhead" mode; the op resolves its backend when it runs): the single-launch Triton
   kernel where the GPU's measured decode table (decode_table.py) says it beat chain2, else
-  chain2. On the H100 it won (0.68–0.86× chain2's time) up to r = 512 with 4096 output rows,
-  and tied or lost at r = 1024 or with 14336 output rows.
+  chain2. On the H100 it won (0.69–0.87× chain2's time) up to r = 512 with at most 4096
+  output rows, and tied or lost at r ≥ 1024 or with 14336 output rows.
 - Prefill (M > 16): the fused prefill kernel was 3–26× slower than chain2; cuBLAS chain.
 
 The table is cheap to consult but not free (availability checks, the GPU's name): execute.py
@@ -85,6 +87,11 @@ def _eager_decode_backend(x: torch.Tensor, num_rows: int,
                           shape: tuple[int, int, int] | None) -> str:
     if unavailable_reason("cuda", x.device) is not None:
         return "torch"
+    if shape is not None:
+        verdict = decode_table.decode_verdict(torch.cuda.get_device_name(x.device), x.dtype,
+                                              num_rows, shape, DECODE_MAX_ROWS, "eager")
+        if verdict is not None:
+            return "cuda" if verdict else "torch"
     if num_rows <= EAGER_CUDA_ALWAYS_ROWS:
         return "cuda"
     if shape is not None and (shape[2] <= EAGER_CUDA_MAX_RANK

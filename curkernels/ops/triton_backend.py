@@ -42,7 +42,7 @@ class DecodeConfig:
     block_out: int = 32
     block_in: int = 128
     num_warps: int = 4
-    prefetch_bytes: int = 16384
+    prefetch_bytes: int = 0
     programs_per_sm: int = 1
 
     def prefetch_columns(self, c: int, element_size: int) -> int:
@@ -51,8 +51,9 @@ class DecodeConfig:
         return max(16, min(_floor_pow2(fits), _next_pow2(c)))
 
 
-# 8 KB of bf16 weights a step; 32-row expand tiles give 128 tiles at m = 4096, about one per SM;
-# 16 KB of C ahead is 32 registers a thread at 4 warps.
+# 8 KB of bf16 weights a step; 32-row expand tiles give 128 tiles at m = 4096, about one per SM.
+# No C ahead of the barrier: on the H100 (bench/results/decode_sweep_h100.md) loading 16 KB of
+# it ahead took longer at 30 of 32 points (by up to 1.4 µs).
 DEFAULT_DECODE_CONFIG = DecodeConfig()
 WORKSPACE_ROWS = DECODE_MAX_ROWS
 
@@ -115,6 +116,29 @@ def reserve_decode_workspace(device: torch.device, r: int, c: int) -> None:
     _decode_workspace(device, r, c)
 
 
+def _shared_bytes_bound(config: DecodeConfig, element_size: int) -> int:
+    """An upper bound on a decode program's shared memory: three pipeline stages of the input
+    and weight tiles (Triton takes two at this kernel's sizes, bench/NOTES.md)."""
+    width = max(config.block_k, config.block_in)
+    return 3 * (WORKSPACE_ROWS + max(config.block_r, config.block_out)) * width * element_size
+
+
+@functools.cache
+def _programs_per_sm(device_index: int, config: DecodeConfig, element_size: int) -> int:
+    """config.programs_per_sm, lowered until that many programs fit on an SM together whatever
+    the compiler gives them (up to 255 registers a thread, allocated 256 at a time; the shared
+    memory bound above): the grid barrier deadlocks unless every program is resident."""
+    if config.programs_per_sm == 1:
+        return 1
+    props = torch.cuda.get_device_properties(device_index)
+    threads = 32 * config.num_warps
+    fits = min(getattr(props, "regs_per_multiprocessor", 65536) // (256 * threads),
+               props.max_threads_per_multi_processor // threads,
+               props.shared_memory_per_multiprocessor
+               // (_shared_bytes_bound(config, element_size) + 1024))
+    return max(1, min(config.programs_per_sm, fits))
+
+
 def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: int, m: int,
                  u_kind: str, has_bias: bool, gather: bool, persistent: bool,
                  config: DecodeConfig) -> _DecodePlan:
@@ -124,10 +148,13 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
         return plan
     groups = triton.cdiv(r, config.block_r)
     chunks = triton.cdiv(n, config.block_k)
-    # A persistent grid of one program per SM; the shrink is cut into enough K slices that
-    # (rank blocks × slices) covers it. Barrier-free, a launch has one program per tile.
-    programs = (_multiprocessors(device.index) * config.programs_per_sm if persistent
-                else groups * chunks)
+    element_size = torch.empty((), dtype=dtype).element_size()
+    # A persistent grid of programs_per_sm programs per SM; the shrink is cut into enough K
+    # slices that (rank blocks × slices) covers it. Barrier-free, a launch has one program per
+    # tile.
+    programs = (_multiprocessors(device.index) * _programs_per_sm(device.index, config,
+                                                                  element_size)
+                if persistent else groups * chunks)
     slices = min(chunks, max(1, programs // groups))
     tile_k = triton.cdiv(chunks, slices) * config.block_k
     k_tiles = triton.cdiv(n, tile_k)
@@ -135,7 +162,6 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
     tiles = {"DO_SHRINK": groups * k_tiles, "DO_LINK": triton.cdiv(c, config.block_out),
              "DO_EXPAND": triton.cdiv(m, config.block_out)}
     phases = ["DO_SHRINK"] + (["DO_LINK"] if full_u else []) + ["DO_EXPAND"]
-    element_size = torch.empty((), dtype=dtype).element_size()
     common = dict(BLOCK_M=WORKSPACE_ROWS, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
                   BLOCK_OUT=config.block_out, BLOCK_IN=config.block_in,
                   PREFETCH=config.prefetch_bytes > 0,

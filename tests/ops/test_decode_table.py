@@ -79,3 +79,27 @@ def test_a_bad_table_file_names_the_variable(tmp_path, monkeypatch, content):
     monkeypatch.setenv(decode_table.ENV_DECODE_TABLE, str(path))
     with pytest.raises(ValueError, match=decode_table.ENV_DECODE_TABLE):
         _wins(H100, 1, (4096, 4096, 256))
+
+
+def test_eager_mode_compares_the_cuda_extension_by_eager_time(tmp_path, monkeypatch):
+    """Eager calls are decided by eager times (host overhead included) of cuda against chain2;
+    graph times and the Triton kernel play no part there."""
+    results = []
+    for r, chain2_eager, cuda_eager in ((256, 40.0, 15.0), (1024, 30.0, 45.0)):
+        results += [
+            {"M": 1, "m": 64, "n": 64, "r": r, "variant": "chain2", "graph_us": 10.0,
+             "eager_us": chain2_eager},
+            {"M": 1, "m": 64, "n": 64, "r": r, "variant": "cuda", "graph_us": 99.0,
+             "eager_us": cuda_eager},
+            {"M": 1, "m": 64, "n": 64, "r": r, "variant": "triton", "graph_us": 1.0,
+             "eager_us": 99.0}]
+    _use(tmp_path, monkeypatch, {"meta": {"device": "G", "dtype": "bfloat16"},
+                                 "results": results})
+
+    def verdict(r, mode):
+        return decode_table.decode_verdict("G", torch.bfloat16, 1, (64, 64, r), 16, mode)
+
+    assert (verdict(100, "eager"), verdict(1024, "eager")) == (True, False)
+    assert (verdict(100, "graph"), verdict(1024, "graph")) == (True, True)
+    assert verdict(2048, "eager") is None and verdict(2048, "graph") is None  # past the table
+    assert not _wins("G", 1, (64, 64, 2048))

@@ -58,22 +58,49 @@ def all_backends_available(monkeypatch):
 LAYER = (4096, 4096, 256)  # (m, n, r)
 
 
+@pytest.fixture
+def unmeasured_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A100")
+
+
+@pytest.fixture
+def h100(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+
+
 @pytest.mark.parametrize("num_rows, shape", [(1, LAYER), (4, (14336, 4096, 1024)),
                                              (16, (4096, 14336, 512)), (16, (4096, 4096, 1024)),
                                              (3, None)])
-def test_eager_decode_goes_to_the_cuda_extension(num_rows, shape, all_backends_available,
-                                                 monkeypatch):
+def test_eager_decode_on_an_unmeasured_gpu_goes_to_the_cuda_extension(
+        num_rows, shape, all_backends_available, unmeasured_gpu, monkeypatch):
+    """No table for this GPU: the rules measured on the first H100 run apply."""
     monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows, shape) == "cuda"
 
 
 @pytest.mark.parametrize("shape", [(14336, 4096, 1024), (4096, 14336, 1024)])
-def test_eager_decode_at_16_rows_rank_1024_wide_layers_keeps_the_chain(shape,
-                                                                       all_backends_available,
-                                                                       monkeypatch):
-    """Measured on the H100: the CUDA kernel lost to chain2 there (77–89 vs 54–58 µs)."""
+def test_eager_decode_on_an_unmeasured_gpu_at_16_rows_rank_1024_wide_layers_keeps_the_chain(
+        shape, all_backends_available, unmeasured_gpu, monkeypatch):
+    """Measured on the first H100 run: the CUDA kernel lost to chain2 there (77–89 vs 54–58 µs)."""
     monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 16, shape) == "torch"
+
+
+@pytest.mark.parametrize("num_rows, shape, expected", [
+    (1, (4096, 4096, 256), "cuda"),        # 14.6 vs 47.5 µs eager
+    (1, (4096, 14336, 1536), "torch"),     # r = 2048 covers it: 49.0 vs 35.8
+    (4, (4096, 4096, 2048), "cuda"),       # 40.0 vs 45.0: 0.89
+    (16, (4096, 4096, 1024), "torch"),     # 45.1 vs 31.6
+    (16, (1024, 4096, 512), "cuda"),       # 26.9 vs 45.4
+    (1, (4096, 4096, 4096), "cuda"),       # past every measured rank: the rules above
+    (3, None, "cuda"),                     # shape unknown: the rules above
+])
+def test_eager_decode_follows_the_h100_measurements(num_rows, shape, expected,
+                                                    all_backends_available, h100, monkeypatch):
+    """bench/results/NVIDIA_H100_80GB_HBM3.md, eager times of cuda and chain2."""
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
+    monkeypatch.delenv("CURKERNELS_DECODE_TABLE", raising=False)
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows, shape) == expected
 
 
 def test_eager_decode_without_the_extension_keeps_the_chain(monkeypatch):

@@ -5,6 +5,7 @@ persistent single-launch form with its grid barrier is tested as well.
 """
 
 import itertools
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -50,9 +51,9 @@ def test_decode_repeated_calls_reuse_workspace(poisoned):
         assert_matches_reference(run_decode(case, poisoned), case)
 
 
-# Tiles other than the default: prefetching none of C, part of it (the rest of the first
+# Tiles other than the default: prefetching all of C, part of it (the rest of the first
 # expand tile read after the barrier), narrow expand tiles, and more warps.
-CONFIGS = (DecodeConfig(prefetch_bytes=0), DecodeConfig(prefetch_bytes=2048),
+CONFIGS = (DecodeConfig(prefetch_bytes=16384), DecodeConfig(prefetch_bytes=2048),
            DecodeConfig(block_out=16, block_r=16, block_k=64, block_in=64, prefetch_bytes=1024),
            DecodeConfig(num_warps=8, prefetch_bytes=32768))
 
@@ -85,6 +86,24 @@ def test_prefetch_columns():
     assert config.prefetch_columns(4096, 4) == 128
     assert config.prefetch_columns(1, 2) == 16
     assert DecodeConfig(prefetch_bytes=3000).prefetch_columns(4096, 2) == 32
+
+
+@pytest.mark.parametrize("asked,num_warps,shared_per_sm,expected", (
+    (2, 4, 228 * 1024, 2),   # 2 × 4 warps × 32 × 256 registers: exactly 64 K
+    (2, 8, 228 * 1024, 1),   # 8 warps at up to 255 registers fill the SM alone
+    (3, 4, 228 * 1024, 2),
+    (2, 4, 40 * 1024, 1),    # shared memory for one program only
+    (1, 8, 1024, 1)))
+def test_programs_per_sm_fit_together(asked, num_warps, shared_per_sm, expected, monkeypatch):
+    """The persistent grid's programs must all be resident (grid barrier): a config asking for
+    more per SM than surely fit gets fewer."""
+    props = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+                            shared_memory_per_multiprocessor=shared_per_sm)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    triton_backend._programs_per_sm.cache_clear()
+    config = DecodeConfig(num_warps=num_warps, programs_per_sm=asked)
+    assert triton_backend._programs_per_sm(0, config, 2) == expected
+    triton_backend._programs_per_sm.cache_clear()
 
 
 def test_decode_clamps_out_of_range_rows(poisoned):
