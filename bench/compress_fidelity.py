@@ -115,8 +115,11 @@ def main():
     dense, tokenizer = load_minilm()
     left, right, gold = read_sts_pairs(args.sts)
     lines = [line.strip() for line in open(args.wikitext, encoding="utf-8") if line.strip()]
-    calib = tokenize_batches(lines[:args.calib_lines], tokenizer, seq_len=args.seq_len,
+    calib_lines = len(lines[:args.calib_lines])  # what the file holds
+    calib = tokenize_batches(lines[:calib_lines], tokenizer, seq_len=args.seq_len,
                              batch_size=32)
+    # rows calibrated on other than the default 512 lines say so in their label
+    calib_tag = "" if calib_lines == 512 else f" ({calib_lines} calibration lines)"
     # fine-tuning sees the same lines (or --train-lines of them) in small, short batches
     train_lines = len(lines[:args.train_lines or args.calib_lines])  # what the file holds
     train = tokenize_batches(lines[:train_lines], tokenizer, seq_len=args.train_seq_len,
@@ -166,7 +169,7 @@ def main():
                           "params_before": report.params_before,
                           "params_after": report.params_after, "seconds": seconds,
                           "train_steps": train_steps, "lr": args.lr if train_steps else None,
-                          "threads": args.threads}
+                          "calib_lines": calib_lines, "threads": args.threads}
         if train_steps:
             results[label]["train_lines"] = train_lines
         if train_steps and method != "lpaf":  # heal's loss weights
@@ -180,12 +183,12 @@ def main():
         model = copy.deepcopy(dense)
         start = time.perf_counter()
         report = ck.compress(model, method, args.keep, calib, **options)
-        record(label, model, method, options, report, time.perf_counter() - start)
+        record(label + calib_tag, model, method, options, report, time.perf_counter() - start)
         if args.train:
             start = time.perf_counter()
             suffix = fine_tune(method, model, dense, train, args.train_steps, args.lr,
                                args.mse_weight, args.pooled_weight)
-            record(label + suffix + args.train_tag, model, method, options, report,
+            record(label + calib_tag + suffix + args.train_tag, model, method, options, report,
                    time.perf_counter() - start, args.train_steps)
 
 

@@ -29,9 +29,11 @@ CONFIGS = {
     "default": DecodeConfig(),
     "prefetch16k": DecodeConfig(prefetch_bytes=16384),
     "w8-r64": DecodeConfig(num_warps=8, block_r=64, block_out=64),
+    "pdl": DecodeConfig(pdl=True),
     "2/sm": DecodeConfig(programs_per_sm=2),
     "2/sm-r64": DecodeConfig(block_r=64, block_out=64, programs_per_sm=2),
     "2/sm-prefetch16k": DecodeConfig(prefetch_bytes=16384, programs_per_sm=2),
+    "2/sm-pdl": DecodeConfig(programs_per_sm=2, pdl=True),
 }
 ROWS = (1, 16)
 RANKS = (256, 1024, 2048, 512)  # 2048: keep 0.5 of a 14336×4096 projection is r ≈ 1536

@@ -35,8 +35,10 @@ class DecodeConfig:
     block_k columns a step; expand and link tiles are block_out rows, read block_in columns a
     step. Before the first barrier each program loads up to prefetch_bytes of its first expand
     tile's C (0: none). The persistent grid has programs_per_sm programs on each SM: all of
-    them must be resident at once for the grid barrier. The input rows are padded to 16, the
-    tensor-core minimum."""
+    them must be resident at once for the grid barrier. With pdl the kernel is a programmatic
+    dependent launch (Hopper on; Triton ≥ 3.4): it loads its first shrink weights while the
+    previous kernel finishes and lets the next one launch during its expand. The input rows are
+    padded to 16, the tensor-core minimum."""
     block_r: int = 32
     block_k: int = 128
     block_out: int = 32
@@ -44,6 +46,7 @@ class DecodeConfig:
     num_warps: int = 4
     prefetch_bytes: int = 0
     programs_per_sm: int = 1
+    pdl: bool = False
 
     def prefetch_columns(self, c: int, element_size: int) -> int:
         """Columns of C loaded ahead: a power of two ≥ 16 (a tl.dot's minimum K), at most c's."""
@@ -162,13 +165,18 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
     tiles = {"DO_SHRINK": groups * k_tiles, "DO_LINK": triton.cdiv(c, config.block_out),
              "DO_EXPAND": triton.cdiv(m, config.block_out)}
     phases = ["DO_SHRINK"] + (["DO_LINK"] if full_u else []) + ["DO_EXPAND"]
+    pdl = config.pdl and persistent and device.type == "cuda" and not triton_interpreting()
+    if pdl and not hasattr(triton.language.extra.cuda, "gdc_wait"):
+        raise ValueError(f"DecodeConfig(pdl=True) needs Triton ≥ 3.4 (griddepcontrol); this is "
+                         f"Triton {triton.__version__}")
     common = dict(BLOCK_M=WORKSPACE_ROWS, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
                   BLOCK_OUT=config.block_out, BLOCK_IN=config.block_in,
                   PREFETCH=config.prefetch_bytes > 0,
                   PREFETCH_IN=config.prefetch_columns(c, element_size),
+                  SHRINK_HEAD=config.pdl, PDL=pdl,
                   WORKSPACE_ROWS=WORKSPACE_ROWS, DIAGONAL_U=u_kind == "diagonal", FULL_U=full_u,
                   HAS_BIAS=has_bias, GATHER=gather, DOT_FP32=dtype == torch.float32,
-                  num_warps=config.num_warps)
+                  num_warps=config.num_warps, **({"launch_pdl": True} if pdl else {}))
     if persistent:
         grid = min(programs, max(tiles[phase] for phase in phases))
         launches = ((grid, dict(common, PERSISTENT=True, DO_SHRINK=True, DO_LINK=full_u,

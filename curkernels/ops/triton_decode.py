@@ -5,6 +5,10 @@ Three phases over a persistent grid of one program per SM:
                        are added into an fp32 workspace with atomics;
   link    s = U·sums   full U only (a diagonal U scales the intermediate while it is loaded);
   expand  y = C·s + b  tiles of output rows.
+With PDL the kernel is launched as a programmatic dependent launch: each program loads its
+first shrink weights (SHRINK_HEAD), then waits for the previous kernel (griddepcontrol.wait)
+before reading anything that kernel may write (x, the workspace), and once past its last grid
+barrier lets the next kernel launch. SHRINK_HEAD also runs alone, which the interpreter can.
 Phases are separated by a grid barrier (atomics with acquire/release). With PREFETCH, each
 program loads the first PREFETCH_IN columns of its first expand tile before the first barrier:
 those weight reads overlap the shrink and the barrier instead of following them. The shrink
@@ -85,6 +89,46 @@ def _row_block_dot(acc, a_ptr, a_rows, a_row_mask, lda, in_ptr, ld_in, scale_ptr
 
 
 @triton.jit
+def _shrink_rows(rows_ptr, tile, r, base_rows, shrink_k_tiles, GATHER: tl.constexpr,
+                 BLOCK_R: tl.constexpr):
+    """The rank rows of a shrink tile, their mask, and the rows of R (or of the base weight,
+    clamped so that no index reads outside it) they read."""
+    offs_r = (tile // shrink_k_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = offs_r < r
+    if GATHER:
+        rows = tl.load(rows_ptr + offs_r, mask=r_mask, other=0)
+        rows = tl.minimum(tl.maximum(rows, 0), base_rows - 1)
+    else:
+        rows = offs_r
+    return offs_r, r_mask, rows.to(tl.int64)
+
+
+@triton.jit
+def _shrink_tile(tile, head, x_ptr, r_ptr, rows_ptr, sums, M, n, r, base_rows, shrink_tile_k,
+                 shrink_k_tiles, USE_HEAD: tl.constexpr, GATHER: tl.constexpr,
+                 DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """sums[:, tile's rank rows] += x[:, tile's K slice] · R[rows, slice]ᵀ; `head` holds the
+    slice's first BLOCK_K columns of R when USE_HEAD, loaded earlier by the caller."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_r, r_mask, rows = _shrink_rows(rows_ptr, tile, r, base_rows, shrink_k_tiles, GATHER,
+                                        BLOCK_R)
+    k_begin = (tile % shrink_k_tiles) * shrink_tile_k
+    k_end = tl.minimum(k_begin + shrink_tile_k, n)
+    acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
+    if USE_HEAD:
+        offs_k = k_begin + tl.arange(0, BLOCK_K)
+        inputs = _load_inputs(x_ptr, n, offs_k, offs_k < k_end, x_ptr, M, False, False,
+                              BLOCK_M)
+        acc = _dot(acc, inputs, head, DOT_FP32)
+        k_begin += BLOCK_K
+    acc = _row_block_dot(acc, r_ptr, rows, r_mask, n, x_ptr, n, x_ptr, M, k_begin, k_end,
+                         False, False, BLOCK_M, BLOCK_K, DOT_FP32)
+    tl.atomic_add(sums + offs_m[:, None] * r + offs_r[None, :], acc,
+                  mask=(offs_m[:, None] < M) & r_mask[None, :], sem="relaxed")
+
+
+@triton.jit
 def _expand_tile(tile, head, c_ptr, in_ptr, ld_in, u_ptr, bias_ptr, y_ptr, M, c, m,
                  USE_HEAD: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
                  DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_OUT: tl.constexpr,
@@ -120,11 +164,24 @@ def cur_linear_decode_kernel(
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
         BLOCK_IN: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_IN: tl.constexpr,
-        WORKSPACE_ROWS: tl.constexpr):
+        SHRINK_HEAD: tl.constexpr, PDL: tl.constexpr, WORKSPACE_ROWS: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_m = tl.arange(0, BLOCK_M)
     sums_size = WORKSPACE_ROWS * r
+    shrink_tiles = tl.cdiv(r, BLOCK_R) * shrink_k_tiles
+    shrink_head = tl.zeros((BLOCK_R, BLOCK_K), r_ptr.dtype.element_ty)
+    if DO_SHRINK and SHRINK_HEAD:  # weights only: nothing an earlier kernel writes
+        head_r, head_mask, head_rows = _shrink_rows(rows_ptr, pid, r, base_rows, shrink_k_tiles,
+                                                    GATHER, BLOCK_R)
+        head_k0 = (pid % shrink_k_tiles) * shrink_tile_k
+        head_k = head_k0 + tl.arange(0, BLOCK_K)
+        head_kmask = head_k < tl.minimum(head_k0 + shrink_tile_k, n)
+        shrink_head = tl.load(r_ptr + head_rows[:, None] * n + head_k[None, :],
+                              mask=(head_mask & (pid < shrink_tiles))[:, None]
+                              & head_kmask[None, :], other=0.0)
+    if PDL:  # launched early beside the previous kernel: wait for it before touching its data
+        tl.extra.cuda.gdc_wait()
     sums = sums_ptr
     epoch = 0
     if PERSISTENT:
@@ -133,22 +190,14 @@ def cur_linear_decode_kernel(
         sums = sums_ptr + (epoch % 2) * sums_size
 
     if DO_SHRINK:
-        tiles = tl.cdiv(r, BLOCK_R) * shrink_k_tiles
-        for tile in range(pid, tiles, num_programs):
-            offs_r = (tile // shrink_k_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-            r_mask = offs_r < r
-            if GATHER:  # rows of the base weight, clamped so that no index reads outside it
-                rows = tl.load(rows_ptr + offs_r, mask=r_mask, other=0)
-                rows = tl.minimum(tl.maximum(rows, 0), base_rows - 1)
-            else:
-                rows = offs_r
-            k_begin = (tile % shrink_k_tiles) * shrink_tile_k
-            k_end = tl.minimum(k_begin + shrink_tile_k, n)
-            acc = tl.zeros((BLOCK_M, BLOCK_R), tl.float32)
-            acc = _row_block_dot(acc, r_ptr, rows.to(tl.int64), r_mask, n, x_ptr, n, u_ptr, M,
-                                 k_begin, k_end, False, False, BLOCK_M, BLOCK_K, DOT_FP32)
-            tl.atomic_add(sums + offs_m[:, None] * r + offs_r[None, :], acc,
-                          mask=(offs_m[:, None] < M) & r_mask[None, :], sem="relaxed")
+        if pid < shrink_tiles:
+            _shrink_tile(pid, shrink_head, x_ptr, r_ptr, rows_ptr, sums, M, n, r, base_rows,
+                         shrink_tile_k, shrink_k_tiles, SHRINK_HEAD, GATHER, DOT_FP32, BLOCK_M,
+                         BLOCK_R, BLOCK_K)
+        for tile in range(pid + num_programs, shrink_tiles, num_programs):
+            _shrink_tile(tile, shrink_head, x_ptr, r_ptr, rows_ptr, sums, M, n, r, base_rows,
+                         shrink_tile_k, shrink_k_tiles, False, GATHER, DOT_FP32, BLOCK_M,
+                         BLOCK_R, BLOCK_K)
 
     head = tl.zeros((BLOCK_OUT, PREFETCH_IN), c_ptr.dtype.element_ty)
     if DO_EXPAND and PREFETCH:  # C does not depend on the shrink: start reading it now
@@ -171,6 +220,9 @@ def cur_linear_decode_kernel(
                          mask=(offs_m[:, None] < M) & out_mask[None, :])
         if PERSISTENT:
             _grid_barrier(sync_ptr, num_programs, epoch * 2 + 2, False)
+
+    if PDL:  # every program is past its last barrier: the next kernel may start launching
+        tl.extra.cuda.gdc_launch_dependents()
 
     if DO_EXPAND:
         if FULL_U:

@@ -52,10 +52,12 @@ def test_decode_repeated_calls_reuse_workspace(poisoned):
 
 
 # Tiles other than the default: prefetching all of C, part of it (the rest of the first
-# expand tile read after the barrier), narrow expand tiles, and more warps.
+# expand tile read after the barrier), narrow expand tiles, more warps, and the programmatic
+# dependent launch (on the CPU its first shrink weights loaded ahead, without the launch).
 CONFIGS = (DecodeConfig(prefetch_bytes=16384), DecodeConfig(prefetch_bytes=2048),
            DecodeConfig(block_out=16, block_r=16, block_k=64, block_in=64, prefetch_bytes=1024),
-           DecodeConfig(num_warps=8, prefetch_bytes=32768))
+           DecodeConfig(num_warps=8, prefetch_bytes=32768), DecodeConfig(pdl=True),
+           DecodeConfig(pdl=True, block_k=64, prefetch_bytes=2048))
 
 
 @pytest.mark.anydevice
@@ -130,29 +132,42 @@ def test_decode_gpu_both_forms(single_launch, dtype, link, poisoned, monkeypatch
 
 @gpu
 @pytest.mark.gpu
-def test_decode_single_launch_in_cuda_graph():
-    """The barrier counters and the epoch live on the device: replays stay correct."""
+@pytest.mark.parametrize("config", (triton_backend.DEFAULT_DECODE_CONFIG, DecodeConfig(pdl=True)),
+                         ids=("default", "pdl"))
+def test_decode_single_launch_in_cuda_graph(config):
+    """The barrier counters and the epoch live on the device: replays stay correct. Two layers
+    in a row, the second reading the first's output, as in a model: with a programmatic
+    dependent launch the second starts early and must still wait for that output."""
     case = make_case(4, 2048, 1024, 64, torch.bfloat16, link="diagonal", device="cuda")
-    args = (case["x"], case["C"], case["U"], case["R"], case["bias"], case["rows"])
+    second = make_case(4, 1024, 512, 32, torch.bfloat16, device="cuda", seed=1)
     y = torch.empty((4, 1024), dtype=torch.bfloat16, device="cuda")
+    z = torch.empty((4, 512), dtype=torch.bfloat16, device="cuda")
+
+    def layers():
+        cur_linear_decode(case["x"], case["C"], case["U"], case["R"], case["bias"],
+                          case["rows"], y, config)
+        cur_linear_decode(y, second["C"], second["U"], second["R"], second["bias"],
+                          second["rows"], z, config)
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):  # warm-up on the capture stream: compile and create its workspace
-            cur_linear_decode(*args, y)
+            layers()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=stream):
-        cur_linear_decode(*args, y)
+        layers()
     for seed in range(5):
         case["x"].copy_(make_case(4, 2048, 1024, 64, torch.bfloat16, device="cuda",
                                   seed=seed + 10)["x"])
         y.fill_(float("nan"))
+        z.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
         assert_matches_reference(y, case)
+        assert_matches_reference(z, dict(second, x=y.clone()))
     assert triton_backend._workspaces, "the decode workspace is cached for graph replays"
-
 
 
 def test_single_launch_form_with_one_program(poisoned, monkeypatch):

@@ -33,8 +33,11 @@ def signature(kernel, pointers: dict, constants: dict) -> dict:
     return sig
 
 
-def compile_for(kernel, pointers, constants, num_warps, num_stages, arch):
-    options = {"num_warps": num_warps, "num_stages": num_stages}
+LAUNCH_OPTIONS = ("num_warps", "launch_pdl")  # launch arguments that are compile options
+
+
+def compile_for(kernel, pointers, constants, num_warps, num_stages, arch, launch_pdl=False):
+    options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": launch_pdl}
     src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constants),
                     constexprs=constants)
     compiled = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
@@ -63,9 +66,10 @@ def decode_kernels(dtype, config=triton_backend.DEFAULT_DECODE_CONFIG):
                 else:
                     nones[name] = None
             for _, launch in plan.launches:
-                constants = {k: v for k, v in launch.items() if k != "num_warps"} | nones
+                constants = {k: v for k, v in launch.items() if k not in LAUNCH_OPTIONS} | nones
                 yield (f"decode {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
-                       f"U={u_kind}", pointers, constants, launch["num_warps"], 3)
+                       f"U={u_kind}{' pdl' if launch.get('launch_pdl') else ''}", pointers,
+                       constants, launch["num_warps"], 3, launch.get("launch_pdl", False))
 
 
 def prefill_kernels(dtype):
@@ -79,7 +83,7 @@ def prefill_kernels(dtype):
                          R_CHUNK=config.r_chunk, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
                          SPLIT_N=config.split_n)
         yield (f"prefill {TRITON_TYPES[dtype]} {config}", pointers, constants, config.num_warps,
-               config.num_stages)
+               config.num_stages, False)
 
 
 def main() -> int:
@@ -87,16 +91,19 @@ def main() -> int:
     quick = "--quick" in sys.argv  # one dtype, sm_90 and the prefill default only
     failures = 0
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
-        kernels = list(decode_kernels(dtype)) + list(prefill_kernels(dtype))
+        kernels = (list(decode_kernels(dtype))
+                   + list(decode_kernels(dtype, triton_backend.DecodeConfig(pdl=True)))
+                   + list(prefill_kernels(dtype)))
         if quick:
             kernels = [k for k in kernels if not k[0].startswith("prefill")
                        or str(default_config(4096, 1024, False, dtype)) in k[0]]
-        for name, pointers, constants, num_warps, num_stages in kernels:
+        for name, pointers, constants, num_warps, num_stages, launch_pdl in kernels:
             decode = name.startswith("decode")
             kernel = cur_linear_decode_kernel if decode else cur_linear_prefill_kernel
             for arch in (90,) if quick else (80, 90):
                 try:
-                    shared = compile_for(kernel, pointers, constants, num_warps, num_stages, arch)
+                    shared = compile_for(kernel, pointers, constants, num_warps, num_stages, arch,
+                                         launch_pdl)
                     print(f"ok   sm_{arch} {name}: {shared} B shared")
                 except Exception as exc:  # report every failing kernel, then fail
                     failures += 1
