@@ -59,9 +59,11 @@ RUNS = {  # label -> (method, options)
 }
 
 
-def fine_tune(method, model, dense, data, steps, lr, mse_weight=0.9, pooled_weight=0.0):
+def fine_tune(method, model, dense, data, steps, lr, mse_weight=0.9, pooled_weight=0.0,
+              train_norms=False):
     """With --train: CURing heals U (as the paper), LPAF runs its mixed-rank fine-tuning, the
-    two-factor methods heal A and B; returns the label suffix."""
+    two-factor methods heal A and B (and, with train_norms, the LayerNorms too); returns the
+    label suffix."""
     if method == "lpaf":
         modules = [m for m in model.modules() if isinstance(m, ck.LowRankLinear)]
         mixed_rank_finetune(model, dense, modules, data, steps, lr=lr, min_rank_fraction=0.5,
@@ -69,8 +71,8 @@ def fine_tune(method, model, dense, data, steps, lr, mse_weight=0.9, pooled_weig
         return "+mixed-rank"
     ck.heal(model, dense, data, steps=steps, lr=lr,
             trainable=("U",) if method == "curing" else ("A", "B"),
-            mse_weight=mse_weight, pooled_weight=pooled_weight)
-    return "+heal"
+            mse_weight=mse_weight, pooled_weight=pooled_weight, train_norms=train_norms)
+    return "+heal" + (" +norms" if train_norms else "")
 
 
 def load_minilm():
@@ -102,6 +104,8 @@ def main():
                         help="heal: weight of the hidden-state MSE")
     parser.add_argument("--pooled-weight", type=float, default=0.0,
                         help="heal: weight of 1 − cosine of the mean-pooled embedding")
+    parser.add_argument("--train-norms", action="store_true",
+                        help="healing also trains the LayerNorm weights and biases")
     parser.add_argument("--train-tag", default="",
                         help="appended to the fine-tuned rows' labels (e.g. ' (600 steps)')")
     parser.add_argument("--split-seed", type=int, default=0)
@@ -173,7 +177,8 @@ def main():
         if train_steps:
             results[label]["train_lines"] = train_lines
         if train_steps and method != "lpaf":  # heal's loss weights
-            results[label].update(mse_weight=args.mse_weight, pooled_weight=args.pooled_weight)
+            results[label].update(mse_weight=args.mse_weight, pooled_weight=args.pooled_weight,
+                                  train_norms=args.train_norms)
         print(f"{label}: {show(scores)} (cos {cosine:.4f}, kept {report.kept:.3f}, "
               f"{seconds:.0f} s)", flush=True)
         write_results(out / name, meta, results)
@@ -187,7 +192,7 @@ def main():
         if args.train:
             start = time.perf_counter()
             suffix = fine_tune(method, model, dense, train, args.train_steps, args.lr,
-                               args.mse_weight, args.pooled_weight)
+                               args.mse_weight, args.pooled_weight, args.train_norms)
             record(label + calib_tag + suffix + args.train_tag, model, method, options, report,
                    time.perf_counter() - start, args.train_steps)
 

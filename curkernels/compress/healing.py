@@ -36,6 +36,14 @@ def factor_parameters_named(model: nn.Module, trainable: Iterable[str]) -> list[
     return params
 
 
+def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The weights and biases of the model's normalisation layers (LayerNorm, and the RMSNorm
+    classes of transformers, which are not nn.LayerNorm subclasses)."""
+    return [p for module in model.modules()
+            if isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+            for p in module.parameters(recurse=False)]
+
+
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean of `hidden` (batch, tokens, width) over the tokens where `mask` is true (all of
     them when mask is None), in float32: the sentence embedding of a mean-pooling encoder."""
@@ -142,9 +150,11 @@ def train_factors(model: nn.Module, teacher: nn.Module, data: Iterable[dict], pa
 def heal(model: nn.Module, teacher: nn.Module, data: Iterable[dict], steps: int = 200, *,
          lr: float = 1e-4, weight_decay: float = 0.0, warmup: int = 0,
          trainable: tuple[str, ...] = ("U",), mse_weight: float = 0.9,
-         pooled_weight: float = 0.0) -> list[float]:
+         pooled_weight: float = 0.0, train_norms: bool = False) -> list[float]:
     """Distil `model` (compressed, in place) towards `teacher` (the dense model) on `data`
-    (input dicts), training only the factors named in `trainable`. Returns per-step losses.
+    (input dicts), training only the factors named in `trainable` (the paper's CURing heals U
+    alone) and, with `train_norms`, the normalisation layers' weights and biases, which adapt
+    to the shifted statistics of the compressed layers' outputs. Returns per-step losses.
 
     The loss is 0.1·next-token CE (causal LMs only) + `mse_weight`·hidden-state MSE +
     `pooled_weight`·(1 − cosine) of the attention-mask mean-pooled last hidden state against
@@ -152,6 +162,8 @@ def heal(model: nn.Module, teacher: nn.Module, data: Iterable[dict], steps: int 
     Both weights must be finite and ≥ 0, and not both 0."""
     check_weights(mse_weight, pooled_weight)
     params = factor_parameters_named(model, trainable)
+    if train_norms:
+        params += norm_parameters(model)
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)

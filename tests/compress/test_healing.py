@@ -24,6 +24,20 @@ def test_healing_trains_only_u_and_lowers_loss(fixture, batches, request):
     assert any(not torch.equal(dict(model.named_parameters())[n], u) for n, u in us.items())
 
 
+def test_heal_can_also_train_the_norms(tiny_bert, batches):
+    """train_norms adds the LayerNorm weights and biases to the factors; nothing else moves."""
+    dense = copy.deepcopy(tiny_bert)
+    ck.compress(tiny_bert, "svd", 0.5, batches)
+    before = {n: p.detach().clone() for n, p in tiny_bert.named_parameters()}
+    flags = [p.requires_grad for p in tiny_bert.parameters()]
+    ck.heal(tiny_bert, dense, batches, steps=4, lr=1e-2, trainable=("A", "B"), train_norms=True)
+    moved = {n for n, p in tiny_bert.named_parameters() if not torch.equal(p, before[n])}
+    norms = {n for n in before if "LayerNorm" in n}
+    assert norms and norms <= moved
+    assert all(n.endswith((".A", ".B")) or n in norms for n in moved), sorted(moved)
+    assert [p.requires_grad for p in tiny_bert.parameters()] == flags  # restored afterwards
+
+
 def test_heal_needs_factored_model(tiny_bert, batches):
     with pytest.raises(ValueError, match="trainable"):
         ck.heal(tiny_bert, copy.deepcopy(tiny_bert), batches, steps=1)
