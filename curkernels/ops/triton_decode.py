@@ -5,16 +5,17 @@ Three phases over a persistent grid of one program per SM:
                        are added into an fp32 workspace with atomics;
   link    s = U·sums   full U only (a diagonal U scales the intermediate while it is loaded);
   expand  y = C·s + b  tiles of output rows.
-With PDL the kernel is launched as a programmatic dependent launch: each program loads its
-first shrink weights (SHRINK_HEAD), then waits for the previous kernel (griddepcontrol.wait)
-before reading anything that kernel may write (x, the workspace), and once past its last grid
-barrier lets the next kernel launch. SHRINK_HEAD also runs alone, which the interpreter can.
 Phases are separated by a grid barrier (atomics with acquire/release). With PREFETCH, each
 program loads the first PREFETCH_IN columns of its first expand tile before the first barrier:
 those weight reads overlap the shrink and the barrier instead of following them. The shrink
 buffer is double-buffered by an epoch counter kept in the workspace: every launch zeroes the
 buffer of the next one once it is done, so nothing changes on the host between calls and
 CUDA-graph replays stay correct.
+
+With PDL the kernel is launched as a programmatic dependent launch: each program loads its
+first shrink weights (SHRINK_HEAD), then waits for the previous kernel (griddepcontrol.wait)
+before reading anything that kernel may write (x, the workspace), and once past its last grid
+barrier lets the next kernel launch. SHRINK_HEAD also runs alone, which the interpreter can.
 
 A spin barrier deadlocks where programs run one after another (TRITON_INTERPRET=1), so the same
 kernel also runs barrier-free (PERSISTENT=False): one launch per phase, chosen by the DO_*
