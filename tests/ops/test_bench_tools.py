@@ -1,0 +1,52 @@
+"""The benchmark tools the dispatch tables come from: shipping a layer-bench run as a table, and
+the decode config sweep's correctness check (the timing itself needs a GPU)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from cur_linear_cases import kernel_device
+
+from curkernels.ops import decode_table
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
+    """chain2 and each mode's fused kernel (triton in graphs, cuda eagerly) at M ≤ 16; other
+    variants and prefill rows stay out; named by the GPU; no partial file left behind."""
+    results = [{"M": M, "m": 8, "n": 8, "r": 2, "variant": variant, "graph_us": 1.0,
+                "eager_us": 2.0}
+               for M in (1, 16, 17) for variant in ("dense", "chain2", "triton", "cuda", "module")]
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"meta": {"device": "Some GPU 80GB", "dtype": "bfloat16"},
+                               "results": results}))
+    shipped = _load("bench_report").ship_decode_table(run, into=tmp_path)
+    assert shipped == tmp_path / "Some_GPU_80GB.json"
+    rows = json.loads(shipped.read_text())["results"]
+    assert {(row["M"], row["variant"]) for row in rows} == {
+        (M, variant) for M in (1, 16) for variant in ("chain2", "triton", "cuda")}
+    assert not list(tmp_path.glob("*.partial"))
+    assert {fused for fused, _ in decode_table.MODES.values()} == {"triton", "cuda"}
+
+
+def test_sweep_configs_compute_the_layer(monkeypatch):
+    """Every config the sweep times gives the fp64 result (here through the interpreter, on a
+    GPU on the device); the timing run itself refuses to start without a GPU."""
+    sweep = _load("decode_sweep")
+    for name, config in sweep.CONFIGS.items():
+        error = sweep.relative_error(config, 70, 90, 33, 3, torch.float32,
+                                     torch.device(kernel_device()))
+        assert error < 1e-5, name
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            sweep.main(["--out", "unused"])
