@@ -34,7 +34,6 @@ WIN_RATIO = 0.9
 BASELINE_VARIANT = "chain2"
 # mode -> (the fused variant it compares with chain2, the timing it compares)
 MODES = {"graph": ("triton", "graph_us"), "eager": ("cuda", "eager_us")}
-FUSED_BACKEND = MODES["graph"][0]
 
 
 @dataclass(frozen=True)
