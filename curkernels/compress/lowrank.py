@@ -69,9 +69,11 @@ def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], keep: floa
     fraction per entry (a prefix per module, as σ² is sorted). With `relative=False` the σ²
     are compared as they are (when every module's spectrum is in the same units, e.g. of the
     loss). Every module keeps at least `multiple` components; ranks are rounded down to
-    `multiple`."""
+    `multiple`. No module gets more components than fit in its own m·n entries (the
+    breakeven rank): past it the factors would be larger, and slower, than the dense weight."""
     budget = keep * sum(m * n for _, m, n in spectra.values())
     ranks = {name: min(multiple, m, n) for name, (_, m, n) in spectra.items()}
+    breakeven = {name: rank_for_keep(m, n, 1.0) for name, (_, m, n) in spectra.items()}
     spent = sum(r * (m + n) for r, (_, m, n) in zip(ranks.values(), spectra.values(),
                                                      strict=True))
     candidates = []
@@ -79,7 +81,8 @@ def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], keep: floa
         share = sigma_sq.double()
         if relative:
             share = share / share.sum().clamp_min(1e-300)
-        candidates += [(float(share[k]) / (m + n), name) for k in range(ranks[name], len(share))]
+        candidates += [(float(share[k]) / (m + n), name)
+                       for k in range(ranks[name], min(len(share), breakeven[name]))]
     for _, name in sorted(candidates, key=lambda c: -c[0]):
         _, m, n = spectra[name]
         if spent + m + n > budget:

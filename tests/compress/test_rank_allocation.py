@@ -47,3 +47,15 @@ def test_absolute_allocation_compares_spectra_as_they_are():
     absolute = allocate_ranks(spectra, keep=0.4, relative=False)
     assert absolute["loud"] > absolute["quiet"]
     assert sum(absolute.values()) * 64 <= 0.4 * 2 * 32 * 32
+
+
+def test_global_allocation_stops_at_the_breakeven_rank():
+    """A flat spectrum next to a steep one would take every component; past 16 (32·32 entries
+    = 16·(32 + 32)) its factors would outgrow the dense weight, so it stops there and the
+    steep module gets the rest."""
+    flat = torch.ones(32, dtype=torch.float64)
+    steep = 1e-3 * 0.5 ** torch.arange(64, dtype=torch.float64)
+    ranks = allocate_ranks({"flat": (flat, 32, 32), "steep": (steep, 64, 64)}, keep=0.9,
+                           relative=False)
+    assert ranks["flat"] == 16
+    assert ranks["steep"] == int((0.9 * (32 * 32 + 64 * 64) - 16 * 64) // 128)
