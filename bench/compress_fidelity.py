@@ -53,6 +53,10 @@ RUNS = {  # label -> (method, options)
     "svdllm-fisher-pooled": ("svdllm", {"weighting": "fisher", "encoder_target": "pooled"}),
     "svdllm-fisher-pooled-global": ("svdllm", {"weighting": "fisher", "allocation": "global",
                                                "encoder_target": "pooled"}),
+    "svdllm-centered": ("svdllm", {"centered": True}),
+    "svdllm-fisher-centered": ("svdllm", {"weighting": "fisher", "centered": True}),
+    "svdllm-fisher-global-centered": ("svdllm", {"weighting": "fisher", "allocation": "global",
+                                                 "centered": True}),
     "rom": ("rom", {}),
     "curing": ("curing", {}),
     "lpaf": ("lpaf", {"sweeps": 2}),  # two ALS sweeps: the CPU budget

@@ -19,14 +19,21 @@ from tqdm.auto import tqdm
 class LinearStats:
     """Sums over the calibration tokens seen by one Linear (pads excluded).
 
-    `gram` is Σ xxᵀ (n×n), `out_sum` / `out_outer` are Σ y and Σ yyᵀ of the Linear's output.
+    `in_sum` is Σ x, `gram` is Σ xxᵀ (n×n), `out_sum` / `out_outer` are Σ y and Σ yyᵀ of the
+    Linear's output.
     """
     tokens: int
+    in_sum: torch.Tensor
     sq_sum: torch.Tensor
     abs_sum: torch.Tensor
     gram: torch.Tensor | None = None
     out_sum: torch.Tensor | None = None
     out_outer: torch.Tensor | None = None
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """E[x] per input channel."""
+        return self.in_sum / max(self.tokens, 1)
 
     @property
     def mean_sq(self) -> torch.Tensor:
@@ -59,7 +66,7 @@ class LinearStats:
 
 def check_finite_stats(name: str, stats: LinearStats) -> None:
     """NaN/Inf in calibration statistics would silently poison every factor built from them."""
-    for field in ("sq_sum", "abs_sum", "gram", "out_sum", "out_outer"):
+    for field in ("in_sum", "sq_sum", "abs_sum", "gram", "out_sum", "out_outer"):
         value = getattr(stats, field)
         if value is not None and not torch.isfinite(value).all():
             raise ValueError(f"calibration statistics of {name!r} hold NaN or Inf in {field}: "
@@ -97,7 +104,7 @@ class _StatsHook:
         n, m = linear.in_features, linear.out_features
         device = linear.weight.device
         zeros = lambda *s: torch.zeros(s, dtype=torch.float64, device=device)  # noqa: E731
-        self.stats = LinearStats(0, zeros(n), zeros(n), zeros(n, n) if gram else None,
+        self.stats = LinearStats(0, zeros(n), zeros(n), zeros(n), zeros(n, n) if gram else None,
                                  zeros(m) if outputs else None,
                                  zeros(m, m) if outputs else None)
         self.mask = None
@@ -106,6 +113,7 @@ class _StatsHook:
         x = _real_tokens(args[0].detach(), self.mask).double()
         s = self.stats
         s.tokens += x.shape[0]
+        s.in_sum += x.sum(0)
         s.sq_sum += (x * x).sum(0)
         s.abs_sum += x.abs().sum(0)
         if s.gram is not None:

@@ -105,7 +105,7 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
                     rank_multiple: int = 1, damping: float = 1e-4, allocation: str = "uniform",
                     sequential: bool = False, weighting: str = "inputs",
                     fisher_damping: float = 1e-2, encoder_target: str = "tokens",
-                    **_) -> list[ModuleReport]:
+                    centered: bool = False, **_) -> list[ModuleReport]:
     """`allocation="uniform"`: every module keeps `keep` of its entries. `"global"`: ranks share
     the whole budget (`allocate_ranks` on the whitened spectra, which measure each module's
     output error; the SVDs are kept in memory until all modules are factored). With
@@ -119,7 +119,13 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
     shares of each module's error. With `sequential=True` each fit weighs its output error by
     the dense model's K the same way (`fitted_factors`). For sentence encoders
     `encoder_target="pooled"` takes that Fisher from the normalised mean-pooled embedding
-    instead of every token's hidden state (`calibration_loss`)."""
+    instead of every token's hidden state (`calibration_loss`).
+
+    `centered=True` (one-shot): a Linear with a bias is whitened by the input covariance
+    E[xxᵀ] − μμᵀ instead of the second moment, and the bias absorbs the mean error,
+    b̂ = b + (W − AB)·μ — the rank is then not spent on the mean input μ, and the
+    calibration output error E‖(W − AB)(x − μ)‖² is the minimum over rank-r AB and b̂
+    (the sequential fit always centres this way)."""
     if damping < 0 or fisher_damping < 0:
         raise ValueError(f"damping and fisher_damping must be ≥ 0, got {damping} and "
                          f"{fisher_damping}")
@@ -129,6 +135,8 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
         raise ValueError(f"sequential must be True or False, got {sequential!r}")
     if weighting not in ("inputs", "fisher"):
         raise ValueError(f"weighting must be 'inputs' or 'fisher', got {weighting!r}")
+    if not isinstance(centered, bool):
+        raise ValueError(f"centered must be True or False, got {centered!r}")
     if encoder_target != "tokens" and weighting != "fisher":
         raise ValueError(f"encoder_target={encoder_target!r} sets the Fisher's loss: it needs "
                          f"weighting='fisher'")
@@ -139,8 +147,15 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
     fisher = (output_fisher(model, targets, calib, encoder_target=encoder_target)
               if weighting == "fisher" else {})
 
+    def input_moment(name, linear):
+        moment = stats[name].second_moment
+        if centered and linear.bias is not None:
+            mean = stats[name].mean
+            moment = moment - torch.outer(mean, mean)
+        return moment
+
     def whitened_svd(name, linear):
-        L = whitening_factor(stats[name].second_moment, damping)
+        L = whitening_factor(input_moment(name, linear), damping)
         K = whitening_factor(fisher[name], fisher_damping) if fisher else None
         whitened = linear.weight.detach().double() @ L
         if K is not None:
@@ -164,7 +179,11 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
     def factorize(name, linear, rank):
         L, K, svd = svds.pop(name) if svds else whitened_svd(name, linear)
         A, B = unwhitened_factors(svd, L, rank)
-        return fisher_unwhitened(A, K), B, bias_of(linear)
+        A, bias = fisher_unwhitened(A, K), bias_of(linear)
+        if centered and bias is not None:
+            mean = stats[name].mean
+            bias = bias + linear.weight.detach().double() @ mean - A @ (B @ mean)
+        return A, B, bias
 
     return replace_with_low_rank(model, targets, keep, rank_multiple, factorize, stats, ranks)
 

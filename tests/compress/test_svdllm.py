@@ -9,7 +9,12 @@ import torch
 from conftest import random_batches
 
 import curkernels as ck
-from curkernels.compress.calibration import PairedInputStats, output_fisher, paired_input_stats
+from curkernels.compress.calibration import (
+    PairedInputStats,
+    collect_linear_stats,
+    output_fisher,
+    paired_input_stats,
+)
 from curkernels.compress.svdllm import fitted_factors, unwhitened_factors, whitening_factor
 from curkernels.compress.targets import block_linears
 
@@ -228,7 +233,8 @@ def test_fisher_weighting_global_allocation_keeps_the_budget(tiny_bert, batches)
                                            ({"fisher_damping": -1.0}, "damping"),
                                            ({"encoder_target": "pooled"}, "weighting='fisher'"),
                                            ({"weighting": "fisher", "encoder_target": "cls"},
-                                            "encoder_target")])
+                                            "encoder_target"),
+                                           ({"centered": 1}, "centered")])
 def test_bad_weighting(tiny_bert, batches, options, match):
     with pytest.raises(ValueError, match=match):
         ck.compress(tiny_bert, "svdllm", 0.4, batches, **options)
@@ -238,3 +244,47 @@ def test_pooled_target_is_for_encoders(tiny_llama, batches):
     with pytest.raises(ValueError, match="sentence encoders"):
         ck.compress(tiny_llama, "svdllm", 0.4, batches, weighting="fisher",
                     encoder_target="pooled")
+
+
+def test_centered_one_shot_is_the_bias_absorbing_fit(tiny_bert, batches):
+    """centered=True: each Linear's factors and bias are the closed-form minimiser of
+    E‖Wx + b − (ABx + b̂)‖² over the calibration tokens — `fitted_factors` with x̂ = x."""
+    dense = copy.deepcopy(tiny_bert)
+    targets = block_linears(dense)
+    stats = collect_linear_stats(dense, targets, batches, gram=True)
+    report = ck.compress(tiny_bert, "svdllm", 0.4, batches, centered=True)
+    for module in report.modules:
+        linear, s = targets[module.name], stats[module.name]
+        paired = PairedInputStats(s.tokens, s.in_sum, s.in_sum, s.gram, s.gram)
+        A, B, bias = fitted_factors(linear.weight, linear.bias.detach(), paired, module.rank,
+                                    damping=1e-4)
+        low = tiny_bert.get_submodule(module.name)
+        torch.testing.assert_close(low.A.double() @ low.B.double(), A @ B, rtol=1e-4,
+                                   atol=1e-5)
+        torch.testing.assert_close(low.bias.double(), bias, rtol=1e-4, atol=1e-5)
+
+
+def test_centering_lowers_the_output_error_when_inputs_have_a_mean():
+    """Centred, the fit does not see a constant shift of the inputs (the bias takes it);
+    uncentred whitening spends part of the rank on the mean input and does worse, more so
+    the larger the mean."""
+    batches = random_batches(count=6, batch=8, length=16)
+    for b in batches:
+        b["input_ids"] = b["input_ids"] % 50
+
+    def output_error(shift, **options):
+        torch.manual_seed(0)
+        dense = ProjectionEncoder(width=16, out=16)
+        with torch.no_grad():
+            dense.embed.weight.add_(torch.randn(16) * shift)
+        model = copy.deepcopy(dense)
+        ck.compress(model, "svdllm", 0.5, batches, targets=["proj"], **options)
+        with torch.no_grad():
+            return sum(float((model(**b).last_hidden_state - dense(**b).last_hidden_state)
+                             [b["attention_mask"].bool()].pow(2).sum()) for b in batches)
+
+    centered = [output_error(shift, centered=True) for shift in (0, 10)]
+    plain = [output_error(shift) for shift in (0, 10)]
+    assert abs(centered[1] - centered[0]) < 1e-3 * centered[0], centered
+    assert centered[0] < plain[0] < plain[1], (centered, plain)
+    assert centered[1] < 0.95 * plain[1], (centered, plain)
