@@ -62,7 +62,10 @@ def compress(
     calib: str = typer.Option(None, help="calibration text file or datasets name "
                               "('name' or 'name:config'); offline default text when omitted"),
     calib_split: str = typer.Option("train", help="split of a datasets calibration source"),
-    num_samples: int = typer.Option(128, help="calibration texts"),
+    num_samples: int = typer.Option(128, help="calibration texts (or sentences)"),
+    calib_unit: str = typer.Option("text", help="'text': each line / row is one sample; "
+                                   "'sentence': each of their sentences is (suits sentence "
+                                   "encoders)"),
     seq_len: int = typer.Option(256, help="calibration tokens per text (truncated)"),
     batch_size: int = typer.Option(8, help="calibration batch size"),
     rank_multiple: int = typer.Option(1, help="round ranks down to a multiple"),
@@ -108,7 +111,7 @@ def compress(
     if needs_calibration or calib is not None or picks_layers:
         if tokenizer is None:
             raise ValueError(f"{model} ships no tokenizer: calibration needs one")
-        texts = calibration_texts(calib, num_samples, split=calib_split)
+        texts = calibration_texts(calib, num_samples, split=calib_split, unit=calib_unit)
     report = run_compress(loaded, method=method, keep=keep, calib=texts, tokenizer=tokenizer,
                           targets=targets or None, layers=parse_layers(layers), preset=preset,
                           rank_multiple=rank_multiple, seq_len=seq_len, batch_size=batch_size,

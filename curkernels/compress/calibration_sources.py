@@ -4,10 +4,17 @@ Sources: a list of strings, a text file (one sample a non-empty line), a Hugging
 `datasets` name (online; 'name' or 'name:config'), or — when none is given — the offline
 default: English prose from the docstrings of Python's own standard library, which ships
 with every interpreter, so compression works on a machine with no network and no data.
+
+`unit="sentence"` calibrates on the sentences of those texts instead of whole texts. A
+sentence encoder embeds single sentences; calibrated on paragraphs cut at the sequence
+length, it only ever sees paragraph openings (all-MiniLM-L6-v2 at keep 0.5, SVD-LLM: STS-B
+dev 82.8 from WikiText lines, 84.1 from the same lines' sentences; bench/results).
 """
 
 import importlib
 import inspect
+import itertools
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -41,6 +48,18 @@ def default_calibration_texts(num_samples: int = 256, min_words: int = 12) -> li
     return texts[:num_samples]
 
 
+_SENTENCE_BREAK = re.compile(r'(?<=[.!?])\s+(?=[A-Z"])')
+UNITS = ("text", "sentence")
+
+
+def split_sentences(texts: Iterable[str], min_words: int = 4) -> list[str]:
+    """The sentences of `texts`, in order: a break after '.', '!' or '?' where the next word
+    starts with a capital or a quote ("H. americanus" stays whole); pieces of fewer than
+    `min_words` words (short headings, fragments) are dropped."""
+    return [sentence for text in texts for sentence in _SENTENCE_BREAK.split(text.strip())
+            if len(sentence.split()) >= min_words]
+
+
 def read_text_file(path: str | Path, num_samples: int) -> list[str]:
     lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     texts = [line for line in lines if line]
@@ -72,11 +91,30 @@ def load_dataset_texts(name: str, num_samples: int, split: str = "train",
 
 
 def calibration_texts(source=None, num_samples: int = 256, *, split: str = "train",
-                      column: str = "text") -> list[str]:
+                      column: str = "text", unit: str = "text") -> list[str]:
     """Texts from a list of strings, a text-file path, a datasets name, or the offline
-    default (source None)."""
+    default (source None): `num_samples` of them, or with `unit="sentence"` `num_samples`
+    sentences (`split_sentences`) of as many texts as it takes."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
+    if unit not in UNITS:
+        raise ValueError(f"unit must be one of {UNITS}, got {unit!r}")
+    if unit == "sentence":
+        sentences = []
+        # a text holds at least one sentence or none: read more texts until there are enough
+        for wanted in itertools.count():
+            texts = _source_texts(source, num_samples << wanted, split, column)
+            sentences = split_sentences(texts)
+            if len(sentences) >= num_samples or len(texts) < num_samples << wanted:
+                break
+        if not sentences:
+            raise ValueError(f"calibration source {source!r} holds no sentence of 4 words or "
+                             f"more")
+        return sentences[:num_samples]
+    return _source_texts(source, num_samples, split, column)
+
+
+def _source_texts(source, num_samples: int, split: str, column: str) -> list[str]:
     if source is None:
         return default_calibration_texts(num_samples)
     if isinstance(source, (list, tuple)):

@@ -6,6 +6,7 @@ from curkernels.compress.calibration_sources import (
     as_batches,
     calibration_texts,
     default_calibration_texts,
+    split_sentences,
 )
 from curkernels.compress.targets import block_linears
 
@@ -120,3 +121,36 @@ def test_bad_calib_raises(bad):
 def test_missing_calibration_file_is_not_taken_for_a_dataset(tmp_path):
     with pytest.raises(FileNotFoundError, match="calibration file"):
         calibration_texts(str(tmp_path / "missing.txt"), 4)
+
+
+def test_sentences_are_split_where_the_next_word_starts_a_sentence():
+    texts = ["It is related to the American lobster, H. americanus. It may grow quite large! "
+             "\"Cutters\" hold the prey. Short one.", "  A heading  ",
+             "Is this the one? yes, it is this one."]
+    assert split_sentences(texts) == [
+        "It is related to the American lobster, H. americanus.", "It may grow quite large!",
+        "\"Cutters\" hold the prey.", "Is this the one? yes, it is this one."]
+
+
+def test_sentence_unit_counts_sentences_and_reads_on_for_them(tmp_path):
+    path = tmp_path / "calib.txt"
+    path.write_text("The title\n" + "\n".join(
+        f"Paragraph {i} opens here today. Paragraph {i} goes on here. Paragraph {i} ends here."
+        for i in range(4)))
+    sentences = calibration_texts(str(path), 7, unit="sentence")
+    assert len(sentences) == 7  # of 12, from the first 3 paragraphs
+    assert sentences[0] == "Paragraph 0 opens here today." and sentences[6].startswith(
+        "Paragraph 2 opens")
+    assert len(calibration_texts(str(path), 50, unit="sentence")) == 12  # all there is
+    headed = [t for i in range(6) for t in (f"Heading {i}", f"Sentence {i} stands alone.")]
+    assert calibration_texts(headed, 3, unit="sentence") == [
+        f"Sentence {i} stands alone." for i in range(3)]  # 3 texts held 1: it read on
+    defaults = calibration_texts(None, 20, unit="sentence")
+    assert len(defaults) == 20 and all(len(s.split()) >= 4 for s in defaults)
+
+
+def test_bad_unit_and_sentenceless_source_raise(tmp_path):
+    with pytest.raises(ValueError, match="unit must be one of"):
+        calibration_texts(["A whole text here."], 2, unit="paragraph")
+    with pytest.raises(ValueError, match="no sentence"):
+        calibration_texts(["too short", "A heading"], 2, unit="sentence")

@@ -23,11 +23,13 @@ def test_compress_with_calibration_file_then_eval_sts(tmp_path):
     model.save_pretrained(tmp_path / "dense")
     tokenizer.save_pretrained(tmp_path / "dense")
     (tmp_path / "calib.txt").write_text("\n".join(
-        f"Sentence number {i} talks about lobsters, ships and the weather." for i in range(12)))
+        f"Sentence number {i} talks about lobsters and ships. Then it turns to the weather."
+        for i in range(12)))
     result = run_cli("compress", str(tmp_path / "dense"), str(tmp_path / "out"),
                      "--method", "curing", "--keep", "0.5", "--calib",
-                     str(tmp_path / "calib.txt"), "--num-samples", "8", "--seq-len", "16",
-                     "--layers", "0,2", "--option", "selection=qdeim")
+                     str(tmp_path / "calib.txt"), "--num-samples", "8", "--calib-unit",
+                     "sentence", "--seq-len", "16", "--layers", "0,2", "--option",
+                     "selection=qdeim")
     assert result.returncode == 0, result.stderr
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     modules = config["compression_config"]["modules"]
