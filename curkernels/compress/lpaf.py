@@ -57,7 +57,10 @@ def weighted_objective(target: torch.Tensor, weights: torch.Tensor, A: torch.Ten
 
 def _weighted_rows(target: torch.Tensor, weights: torch.Tensor, basis: torch.Tensor,
                    ridge: float, chunk: int = 256) -> torch.Tensor:
-    """Rows a_i = argmin Σ_j w_ij (t_ij − a_i·b_j)² for basis B (r×n): (B W_i Bᵀ) a_i = B W_i t_i."""
+    """Rows a_i = argmin Σ_j w_ij (t_ij − a_i·b_j)² for basis B (r×n): (B W_i Bᵀ) a_i = B W_i t_i.
+    The normal matrices are symmetric positive definite (w > 0 and the ridge), so Cholesky
+    solves them; batched LU (torch.linalg.solve) failed inside oneMKL on some of them
+    ("Parameter 6 was incorrect on entry to DLASWP", torch 2.14 CPU)."""
     r = basis.shape[0]
     eye = ridge * torch.eye(r, dtype=basis.dtype, device=basis.device)
     rows = []
@@ -65,7 +68,8 @@ def _weighted_rows(target: torch.Tensor, weights: torch.Tensor, basis: torch.Ten
         w, t = weights[start:start + chunk], target[start:start + chunk]
         gram = torch.einsum("ij,rj,sj->irs", w, basis, basis) + eye
         rhs = (w * t) @ basis.T
-        rows.append(torch.linalg.solve(gram, rhs))
+        rows.append(torch.cholesky_solve(rhs.unsqueeze(-1), torch.linalg.cholesky(gram))
+                    .squeeze(-1))
     return torch.cat(rows)
 
 
