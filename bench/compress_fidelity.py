@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import random
+import re
 import time
 from pathlib import Path
 
@@ -27,7 +28,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import curkernels as ck  # noqa: E402
-from curkernels.compress.calibration_sources import tokenize_batches  # noqa: E402
+from curkernels.compress.calibration_sources import (  # noqa: E402
+    split_sentences,
+    tokenize_batches,
+)
 from curkernels.compress.lpaf import mixed_rank_finetune  # noqa: E402
 from curkernels.eval import (  # noqa: E402
     embedding_cosine,
@@ -63,6 +67,24 @@ RUNS = {  # label -> (method, options)
 }
 
 
+def wikitext_sentences(lines: list[str]) -> list[str]:
+    """WikiText's article lines as plain sentences (`split_sentences`): headings dropped, its
+    tokenisation undone (" , " → ", ", " @-@ " → "-", ...) and its <unk> made the
+    tokenizer's [UNK]. STS pairs are single short sentences; whole lines, cut at the
+    sequence length, are paragraph openings only."""
+    texts = []
+    for line in map(str.strip, lines):
+        if line.startswith("="):
+            continue
+        text = line.replace(" @-@ ", "-").replace(" @,@ ", ",").replace(" @.@ ", ".")
+        text = text.replace("<unk>", "[UNK]")
+        text = re.sub(r" ([,.;:!?%)\]])", r"\1", text)
+        text = re.sub(r"([(\[$]) ", r"\1", text)
+        text = re.sub(r" (n't|'s|'re|'ve|'m|'ll|'d)\b", r"\1", text)
+        texts.append(re.sub(r'" ([^"]*?) "', r'"\1"', text))
+    return split_sentences(texts)
+
+
 def fine_tune(method, model, dense, data, steps, lr, mse_weight=0.9, pooled_weight=0.0,
               train_norms=False):
     """With --train: CURing heals U (as the paper), LPAF runs its mixed-rank fine-tuning, the
@@ -91,7 +113,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep", type=float, default=0.5)
     parser.add_argument("--methods", default=",".join(RUNS))
-    parser.add_argument("--calib-lines", type=int, default=512)
+    parser.add_argument("--calib-lines", type=int, default=512,
+                        help="calibration texts: the first N lines (or sentences)")
+    parser.add_argument("--text-unit", choices=("line", "sentence"), default="line",
+                        help="one calibration / fine-tuning text is a WikiText line, or one "
+                             "sentence of it (wikitext_sentences)")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--train", action="store_true",
                         help="also fine-tune each compressed model (heal / mixed-rank) and "
@@ -123,11 +149,14 @@ def main():
     dense, tokenizer = load_minilm()
     left, right, gold = read_sts_pairs(args.sts)
     lines = [line.strip() for line in open(args.wikitext, encoding="utf-8") if line.strip()]
+    if args.text_unit == "sentence":
+        lines = wikitext_sentences(lines)
     calib_lines = len(lines[:args.calib_lines])  # what the file holds
     calib = tokenize_batches(lines[:calib_lines], tokenizer, seq_len=args.seq_len,
                              batch_size=32)
     # rows calibrated on other than the default 512 lines say so in their label
-    calib_tag = "" if calib_lines == 512 else f" ({calib_lines} calibration lines)"
+    calib_tag = "" if calib_lines == 512 and args.text_unit == "line" else \
+        f" ({calib_lines} calibration {args.text_unit}s)"
     # fine-tuning sees the same lines (or --train-lines of them) in small, short batches
     train_lines = len(lines[:args.train_lines or args.calib_lines])  # what the file holds
     train = tokenize_batches(lines[:train_lines], tokenizer, seq_len=args.train_seq_len,
@@ -177,9 +206,10 @@ def main():
                           "params_before": report.params_before,
                           "params_after": report.params_after, "seconds": seconds,
                           "train_steps": train_steps, "lr": args.lr if train_steps else None,
-                          "calib_lines": calib_lines, "threads": args.threads}
+                          "calib_lines": calib_lines, "text_unit": args.text_unit,
+                          "threads": args.threads}
         if train_steps:
-            results[label]["train_lines"] = train_lines
+            results[label].update(train_lines=train_lines, train_batch=args.train_batch)
         if train_steps and method != "lpaf":  # heal's loss weights
             results[label].update(mse_weight=args.mse_weight, pooled_weight=args.pooled_weight,
                                   train_norms=args.train_norms)
@@ -214,7 +244,8 @@ def write_results(stem: Path, meta: dict, results: dict) -> None:
             return "—"
         loss = (f", {row['mse_weight']:g}·MSE + {row['pooled_weight']:g}·pooled cos"
                 if row.get("pooled_weight") else "")
-        lines = f", {row['train_lines']} lines" if row.get("train_lines") else ""
+        unit = row.get("text_unit", "line")
+        lines = f", {row['train_lines']} {unit}s" if row.get("train_lines") else ""
         return f"{row['train_steps']} steps, lr {row['lr']:g}{lines}{loss}"
 
     def score(row, key):
