@@ -75,6 +75,13 @@ def fisher_unwhitened(A: torch.Tensor, K: torch.Tensor | None) -> torch.Tensor:
     return A if K is None else torch.linalg.solve_triangular(K.T, A, upper=True)
 
 
+def mean_absorbing_bias(bias: torch.Tensor, weight: torch.Tensor, dense_mean: torch.Tensor,
+                        A: torch.Tensor, B: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """b̂ = b + W·E[x] − AB·E[x̂]: the mean output error of the factored layer moved into its
+    bias (fp64)."""
+    return bias.double() + weight.detach().double() @ dense_mean - A @ (B @ mean)
+
+
 def fitted_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: PairedInputStats,
                    rank: int, damping: float, output_factor: torch.Tensor | None = None):
     """(A, B, b̂) minimising E‖Kᵀ(Wx + b − (ABx̂ + b̂))‖² over the paired calibration tokens
@@ -97,7 +104,7 @@ def fitted_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: Paire
     A, B = unwhitened_factors(torch.linalg.svd(target, full_matrices=False), L, rank)
     A = fisher_unwhitened(A, output_factor)
     if bias is not None:
-        bias = bias.double() + w @ stats.dense_mean - A @ (B @ stats.mean)
+        bias = mean_absorbing_bias(bias, w, stats.dense_mean, A, B, stats.mean)
     return A, B, bias
 
 
@@ -182,7 +189,7 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
         A, bias = fisher_unwhitened(A, K), bias_of(linear)
         if centered and bias is not None:
             mean = stats[name].mean
-            bias = bias + linear.weight.detach().double() @ mean - A @ (B @ mean)
+            bias = mean_absorbing_bias(bias, linear.weight, mean, A, B, mean)
         return A, B, bias
 
     return replace_with_low_rank(model, targets, keep, rank_multiple, factorize, stats, ranks)
