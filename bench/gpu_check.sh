@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (DESIGN.md). Sections, in this order:
-#   kernels   run the GPU tests, the CUDA and Triton kernels under compute-sanitizer memcheck,
-#             and time the Llama-3.1-8B layer shapes (issue 4; under 8 minutes on an H100)
+#   kernels   run the GPU tests, time the host cost of an eager call of each layer form, run
+#             the CUDA and Triton kernels under compute-sanitizer memcheck, and time the
+#             Llama-3.1-8B layer shapes (issue 4; under 8 minutes on an H100)
 #   sweep     bench/decode_sweep.py: tile configs of the Triton decode kernel side by side
 #   capture   only the GPU tests of torch.compile / CUDA-graph capture and of compiled serving
 #   compress  CURing's 30 matrices of the 8B shape decomposed on the GPU (issue 3)
@@ -63,6 +64,14 @@ if wants kernels; then
     "${workers[@]}" --durations=10 tests/ops tests/serve/test_generation.py \
     -m "gpu or anydevice" > "$OUT/gpu_tests.log" 2>&1
   summary+=("gpu tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.log" | tail -1)")
+
+  step "host time per eager call"
+  # Enqueue cost of each layer form against nn.Linear's (bench/host_overhead.py), printed.
+  for rows in 1 8; do
+    timeout 60 "$PYTHON" bench/host_overhead.py --device cuda --size 4096 --rank 256 \
+      --dtype bfloat16 --rows "$rows" --rounds 50
+  done > "$OUT/host_overhead.log" 2>&1
+  summary+=("host overhead: exit $? (see $OUT/host_overhead.log)")
 
   step "compute-sanitizer memcheck"
   # One run per backend: a hang in one (the Triton grid barrier) cannot hide the other's result.
@@ -129,5 +138,5 @@ echo
 printf '%s\n' "${summary[@]}"
 echo
 if wants sweep; then tail -n 40 "$OUT/sweep.log"; fi
-if wants kernels; then tail -n 90 "$OUT/bench.log"; fi
+if wants kernels; then cat "$OUT/host_overhead.log"; tail -n 90 "$OUT/bench.log"; fi
 if wants e2e; then tail -n 40 "$OUT/e2e.log"; fi

@@ -59,14 +59,17 @@ def _variants(size: int, rank: int, rows: int, dtype: torch.dtype, device: str,
         "CURLinear (frozen full U)": lambda: cur_full(x),
     }
     if device == "cuda":
+        x2d = x.reshape(-1, size)
         try:
             import curkernels._C  # noqa: F401
         except ImportError:
             pass
         else:
             op = torch.ops.curkernels_C.cur_linear.default
-            x2d = x.reshape(-1, size)
             variants["raw CUDA op"] = lambda: op(x2d, A, None, B, None, None)
+        if rows <= 16:
+            from curkernels.ops.triton_backend import cur_linear_triton
+            variants["raw Triton decode"] = lambda: cur_linear_triton(x2d, A, None, B, None, None)
     return variants
 
 

@@ -3,7 +3,8 @@
 Decode (M ≤ 16) runs the persistent single-launch kernel on a GPU and its barrier-free form
 (one launch per phase) under the interpreter or with CURKERNELS_TRITON_SINGLE_LAUNCH=0.
 Prefill runs the chained-GEMM kernel with a tuned config. Launch parameters are computed once
-per shape and cached: the per-call host path is a few dictionary lookups and the launches.
+per shape and cached, and decode launches skip Triton's per-call argument binding
+(triton_launch.py): the per-call host path is a few dictionary lookups and the launches.
 """
 
 import functools
@@ -17,6 +18,7 @@ from . import triton_decode as decode
 from .backends import triton_interpreting
 from .dispatch import DECODE_MAX_ROWS
 from .triton_autotune import PrefillConfig, tuned_config
+from .triton_launch import CachedLaunch, pointers_aligned
 from .triton_prefill import cur_linear_prefill_kernel
 from .workspace import capturing, persistent_zeros, zeros
 
@@ -73,7 +75,7 @@ class _DecodeWorkspace:
 class _DecodePlan:
     shrink_tile_k: int
     shrink_k_tiles: int
-    launches: tuple[tuple[int, dict], ...]  # (grid, constexpr arguments) of each launch
+    launches: tuple[CachedLaunch, ...]
 
 
 _workspaces: dict[tuple, _DecodeWorkspace] = {}
@@ -177,13 +179,15 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
                   WORKSPACE_ROWS=WORKSPACE_ROWS, DIAGONAL_U=u_kind == "diagonal", FULL_U=full_u,
                   HAS_BIAS=has_bias, GATHER=gather, DOT_FP32=dtype == torch.float32,
                   num_warps=config.num_warps, **({"launch_pdl": True} if pdl else {}))
+    kernel = decode.cur_linear_decode_kernel
     if persistent:
         grid = min(programs, max(tiles[phase] for phase in phases))
-        launches = ((grid, dict(common, PERSISTENT=True, DO_SHRINK=True, DO_LINK=full_u,
-                                DO_EXPAND=True)),)
+        launches = (CachedLaunch(kernel, grid, dict(common, PERSISTENT=True, DO_SHRINK=True,
+                                                    DO_LINK=full_u, DO_EXPAND=True)),)
     else:
-        launches = tuple((tiles[phase], dict(common, PERSISTENT=False,
-                                             **{flag: flag == phase for flag in tiles}))
+        launches = tuple(CachedLaunch(kernel, tiles[phase],
+                                      dict(common, PERSISTENT=False,
+                                           **{flag: flag == phase for flag in tiles}))
                          for phase in phases)
     plan = _DecodePlan(tile_k, k_tiles, launches)
     _decode_plans[key] = plan
@@ -214,8 +218,11 @@ def cur_linear_decode(x2d, C, U, R, bias, rows, y,
         workspace.first_sums.zero_()
     args = (x2d, R, rows, U, C, bias, y, workspace.sums, workspace.link, workspace.sync,
             M, n, r, c, m, R.shape[0], plan.shrink_tile_k, plan.shrink_k_tiles)
-    for grid, constants in plan.launches:
-        decode.cur_linear_decode_kernel[(grid,)](*args, **constants)
+    # What Triton specialises on that the plan does not fix (all factors share x's dtype).
+    specialization = ((M, R.shape[0]) if pointers_aligned(x2d, R, rows, U, C, bias, y)
+                      else None)
+    for launch in plan.launches:
+        launch(specialization, *args)
     if not persistent:
         workspace.first_sums.zero_()
 

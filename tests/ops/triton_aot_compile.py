@@ -65,7 +65,8 @@ def decode_kernels(dtype, config=triton_backend.DEFAULT_DECODE_CONFIG):
                     pointers[name] = kind
                 else:
                     nones[name] = None
-            for _, launch in plan.launches:
+            for cached in plan.launches:
+                launch = cached.constexprs
                 constants = {k: v for k, v in launch.items() if k not in LAUNCH_OPTIONS} | nones
                 yield (f"decode {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
                        f"U={u_kind}{' pdl' if launch.get('launch_pdl') else ''}", pointers,
