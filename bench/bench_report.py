@@ -62,26 +62,27 @@ def markdown_table(results: list[dict], floors: dict, meta: dict) -> str:
 
 
 def decode_winner_lines(results: list[dict], meta: dict) -> list[str]:
-    """What curkernels.ops.decode_table reads from this run: per decode point and mode, whether
-    the mode's fused kernel took at most WIN_RATIO of chain2's time."""
+    """What curkernels.ops.decode_table reads from this run: per decode point and mode, the
+    fused kernels that took at most WIN_RATIO of chain2's time, fastest first."""
     dtype = getattr(torch, meta["dtype"])
     lines = []
-    for mode, (fused, timing) in decode_table.MODES.items():
+    for mode, timing in decode_table.MODES.items():
         points = decode_table.points_from_benchmark({"meta": meta, "results": results}, dtype,
                                                     DECODE_MAX_ROWS, mode)
-        wins = [p for p in points if p.fused_wins]
-        lines += ["", f"Decode table, {mode} ({fused} ≤ {decode_table.WIN_RATIO}× chain2 by "
-                  f"{timing}): {len(wins)} of {len(points)} points"]
-        lines += [f"- {fused}: M = {p.rows}, {p.m}×{p.n}, r = {p.r}" for p in wins]
+        wins = [p for p in points if p.winners]
+        lines += ["", f"Decode table, {mode} (a fused kernel ≤ {decode_table.WIN_RATIO}× chain2 "
+                  f"by {timing}): {len(wins)} of {len(points)} points"]
+        lines += [f"- {', '.join(p.winners)}: M = {p.rows}, {p.m}×{p.n}, r = {p.r}"
+                  for p in wins]
     return lines[1:]
 
 
 def ship_decode_table(report_path: Path, into: Path = decode_table.MEASURED_DIR) -> Path:
-    """Copies the decode rows (M ≤ 16) of chain2 and of each mode's fused kernel in a
+    """Copies the decode rows (M ≤ 16) of chain2 and of the fused kernels in a
     layer-bench JSON into the package's measured tables, named by GPU; written whole or not at
     all."""
     report = json.loads(report_path.read_text())
-    keep = {decode_table.BASELINE_VARIANT} | {fused for fused, _ in decode_table.MODES.values()}
+    keep = {decode_table.BASELINE_VARIANT, *decode_table.FUSED_VARIANTS}
     rows = [row for row in report["results"]
             if row["M"] <= DECODE_MAX_ROWS and row["variant"] in keep]
     target = into / f"{device_slug(report['meta']['device'])}.json"

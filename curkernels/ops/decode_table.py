@@ -1,8 +1,8 @@
 """Where a fused decode kernel beats the cuBLAS chain, per GPU and execution mode.
 
-Two modes: inside CUDA graphs the single-launch Triton kernel is compared with chain2 by their
-graph-replay times; eagerly the CUDA extension's one C++ launch is compared with chain2 by
-their eager times (host overhead included, which is what decides an eager call).
+Two modes: inside CUDA graphs the fused kernels (the single-launch Triton kernel, the CUDA
+extension's) are compared with chain2 by their graph-replay times; eagerly by their eager times
+(host overhead included, which is what decides an eager call).
 The answer comes from measurements, never from a guess: `bench/layer_bench.py` times chain2 (U
 folded) and the fused kernels eagerly and in CUDA graphs with cold weights over a grid of layer
 shapes, ranks and row counts, and writes `<GPU name>.json`. The decode rows of such a file
@@ -12,8 +12,8 @@ the GPU it was measured on (its `meta.device`), so that a user of a GPU not ship
 benchmark once and get the fused kernels where they win.
 
 A call (M rows, m outputs, n inputs, rank r) is answered by the smallest measured point that
-covers it (M' ≥ M, m' ≥ m, n' ≥ n, r' ≥ r; smallest by M', then r', then m'·n'): the fused
-kernel runs when it took at most WIN_RATIO of chain2's time there. Rounding up is the cautious
+covers it (M' ≥ M, m' ≥ m, n' ≥ n, r' ≥ r; smallest by M', then r', then m'·n'): its winners
+are the fused kernels that took at most WIN_RATIO of chain2's time there, fastest first. Rounding up is the cautious
 direction: the fused kernel's margin shrinks as the factors grow (its fixed cost is a grid-wide
 barrier, chain2's a second launch). A call past every measured point gets no verdict: the
 caller decides (graphs keep chain2; eager calls fall back to dispatch's rules).
@@ -32,8 +32,9 @@ MEASURED_DIR = Path(__file__).with_name("measured")
 # A win must clear timing noise: ties (0.95–1.05×) happen between replays of one graph.
 WIN_RATIO = 0.9
 BASELINE_VARIANT = "chain2"
-# mode -> (the fused variant it compares with chain2, the timing it compares)
-MODES = {"graph": ("triton", "graph_us"), "eager": ("cuda", "eager_us")}
+FUSED_VARIANTS = ("triton", "cuda")
+# mode -> the timing it compares
+MODES = {"graph": "graph_us", "eager": "eager_us"}
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class MeasuredPoint:
     m: int
     n: int
     r: int
-    fused_wins: bool
+    winners: tuple[str, ...]  # fused variants within WIN_RATIO of chain2, fastest first
 
     def covers(self, rows: int, m: int, n: int, r: int) -> bool:
         return self.rows >= rows and self.m >= m and self.n >= n and self.r >= r
@@ -54,8 +55,8 @@ class MeasuredPoint:
 def points_from_benchmark(report: dict, dtype: torch.dtype, max_rows: int,
                           mode: str = "graph") -> list[MeasuredPoint]:
     """The decode points of a layer-bench report measured in `dtype`: every (M, m, n, r) with a
-    time in `mode` (see MODES) for both chain2 and the mode's fused kernel."""
-    fused, timing = MODES[mode]
+    time in `mode` (see MODES) for chain2 and for at least one fused kernel."""
+    timing = MODES[mode]
     meta = report.get("meta", {})
     if meta.get("dtype") != str(dtype).removeprefix("torch."):
         return []
@@ -64,9 +65,15 @@ def points_from_benchmark(report: dict, dtype: torch.dtype, max_rows: int,
         if row.get("M", max_rows + 1) <= max_rows and row.get(timing) is not None:
             key = (row["M"], row["m"], row["n"], row["r"])
             times.setdefault(key, {})[row["variant"]] = row[timing]
-    return [MeasuredPoint(*key, fused_wins=t[fused] <= WIN_RATIO * t[BASELINE_VARIANT])
-            for key, t in sorted(times.items())
-            if fused in t and BASELINE_VARIANT in t]
+    points = []
+    for key, t in sorted(times.items()):
+        fused = [variant for variant in FUSED_VARIANTS if variant in t]
+        if BASELINE_VARIANT not in t or not fused:
+            continue
+        winners = sorted((v for v in fused if t[v] <= WIN_RATIO * t[BASELINE_VARIANT]),
+                         key=t.__getitem__)
+        points.append(MeasuredPoint(*key, winners=tuple(winners)))
+    return points
 
 
 def _read(path: Path, what: str) -> dict:
@@ -99,21 +106,15 @@ def _points(override: str | None, device_name: str, dtype: torch.dtype, max_rows
     return tuple(points_from_benchmark(report, dtype, max_rows, mode)) if report else ()
 
 
-def decode_verdict(device_name: str, dtype: torch.dtype, rows: int, shape: tuple[int, int, int],
-                   max_rows: int, mode: str = "graph") -> bool | None:
-    """Whether the fused kernel won at the measured point covering this call (see the module
-    docstring), or None when no point covers it."""
+def decode_winners(device_name: str, dtype: torch.dtype, rows: int, shape: tuple[int, int, int],
+                   max_rows: int, mode: str) -> tuple[str, ...] | None:
+    """The fused kernels that won at the measured point covering this call, fastest first (see
+    the module docstring; empty: chain2 was not beaten), or None when no point covers it."""
     points = _points(os.environ.get(ENV_DECODE_TABLE) or None, device_name, dtype, max_rows,
                      mode)
     m, n, r = shape
     covering = [p for p in points if p.covers(rows, m, n, r)]
-    return min(covering, key=MeasuredPoint.size).fused_wins if covering else None
-
-
-def fused_decode_wins(device_name: str, dtype: torch.dtype, rows: int,
-                      shape: tuple[int, int, int], max_rows: int) -> bool:
-    """Whether the single-launch Triton kernel won in CUDA graphs where this call falls."""
-    return decode_verdict(device_name, dtype, rows, shape, max_rows, "graph") is True
+    return min(covering, key=MeasuredPoint.size).winners if covering else None
 
 
 def measured_devices() -> list[str]:

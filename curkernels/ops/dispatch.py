@@ -7,18 +7,20 @@ layer's shape and dtype. Every choice of a fused kernel rests on a measurement
 backend) is kept. Both decode rules read the GPU's own measured table (decode_table.py) where
 one covers the call.
 
-- Eager decode: host time per launch dominates. The CUDA extension (one C++ op launch) runs
-  where the GPU's table says its eager time was at most 0.9× chain2's. Where no table covers
-  the call, the rules measured on the first H100 run apply: the extension took 13.7–34.7 µs a
-  call where chain2 took 45–58 µs at M ≤ 4 on every Llama-3.1-8B shape and r ≤ 1024; at
-  M = 16 it lost at r = 1024 on the 14336-wide shapes (77–89 vs 54–58 µs) and won on the
-  4096-wide ones (44–49 vs 53–54 µs), so M > 4 needs r ≤ 512 or both sides ≤ 4096. Without
-  the extension, eager Triton (53–80 µs) does not beat chain2.
+- Eager decode: host time per launch dominates. The fastest fused kernel among those whose
+  eager time the GPU's table puts at most 0.9× chain2's: the CUDA extension (one C++ op
+  launch), or the Triton kernel, whose launches skip Triton's per-call argument binding
+  (triton_launch.py; the shipped tables timed it before that, at 38–80 µs a call). Where no
+  table covers the call, the rules measured on the first H100 run apply: the extension took
+  13.7–34.7 µs a call where chain2 took 45–58 µs at M ≤ 4 on every Llama-3.1-8B shape and
+  r ≤ 1024; at M = 16 it lost at r = 1024 on the 14336-wide shapes (77–89 vs 54–58 µs) and
+  won on the 4096-wide ones (44–49 vs 53–54 µs), so M > 4 needs r ≤ 512 or both sides
+  ≤ 4096.
 - Decode inside a CUDA graph being captured (torch.cuda.graph, torch.compile's
-  "reduce-overhead" mode; the op resolves its backend when it runs): the single-launch Triton
-  kernel where the GPU's measured decode table (decode_table.py) says it beat chain2, else
-  chain2. On the H100 it won (0.69–0.87× chain2's time) up to r = 512 with at most 4096
-  output rows, and tied or lost at r ≥ 1024 or with 14336 output rows.
+  "reduce-overhead" mode; the op resolves its backend when it runs): the fused kernel the
+  GPU's table says beat chain2 by graph-replay time, else chain2. On the H100 the Triton
+  kernel won (0.69–0.87× chain2's time) up to r = 512 with at most 4096 output rows, and tied
+  or lost at r ≥ 1024 or with 14336 output rows; the CUDA kernel never won in graphs.
 - Prefill (M > 16): the fused prefill kernel was 3–26× slower than chain2; cuBLAS chain.
 
 The table is cheap to consult but not free (availability checks, the GPU's name): execute.py
@@ -83,15 +85,29 @@ def graph_mode() -> bool:
     return torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing()
 
 
+def _measured_backend(x: torch.Tensor, num_rows: int, shape: tuple[int, int, int],
+                      mode: str) -> str | None:
+    """The fastest fused kernel that can run among those the GPU's table says beat chain2 where
+    this call falls ('torch' when none did or none can run), or None when no table covers it."""
+    if all(unavailable_reason(fused, x.device) is not None
+           for fused in decode_table.FUSED_VARIANTS):
+        return "torch"
+    winners = decode_table.decode_winners(torch.cuda.get_device_name(x.device), x.dtype,
+                                          num_rows, shape, DECODE_MAX_ROWS, mode)
+    if winners is None:
+        return None
+    return next((fused for fused in winners if unavailable_reason(fused, x.device) is None),
+                "torch")
+
+
 def _eager_decode_backend(x: torch.Tensor, num_rows: int,
                           shape: tuple[int, int, int] | None) -> str:
+    if shape is not None:
+        measured = _measured_backend(x, num_rows, shape, "eager")
+        if measured is not None:
+            return measured
     if unavailable_reason("cuda", x.device) is not None:
         return "torch"
-    if shape is not None:
-        verdict = decode_table.decode_verdict(torch.cuda.get_device_name(x.device), x.dtype,
-                                              num_rows, shape, DECODE_MAX_ROWS, "eager")
-        if verdict is not None:
-            return "cuda" if verdict else "torch"
     if num_rows <= EAGER_CUDA_ALWAYS_ROWS:
         return "cuda"
     if shape is not None and (shape[2] <= EAGER_CUDA_MAX_RANK
@@ -103,14 +119,10 @@ def _eager_decode_backend(x: torch.Tensor, num_rows: int,
 def graph_decode_backend(x: torch.Tensor, num_rows: int, shape: tuple[int, int, int] | None,
                          linked: bool) -> str:
     """The backend of a decode call (num_rows ≤ DECODE_MAX_ROWS) inside a CUDA graph: the fused
-    Triton kernel where the measured table says it wins, else the cuBLAS chain."""
+    kernel the measured table says won, else the cuBLAS chain."""
     if shape is None or linked:
         return "torch"
-    if decode_table.fused_decode_wins(torch.cuda.get_device_name(x.device), x.dtype, num_rows,
-                                      shape, DECODE_MAX_ROWS) \
-            and unavailable_reason("triton", x.device) is None:
-        return "triton"
-    return "torch"
+    return _measured_backend(x, num_rows, shape, "graph") or "torch"
 
 
 def choose_backend(backend: str, x: torch.Tensor, num_rows: int,

@@ -1,4 +1,5 @@
-"""The measured CUDA-graph decode table: which benchmark points count, and which point answers."""
+"""The measured decode tables: which benchmark points count, which point answers, and which
+fused kernels won there."""
 
 import json
 
@@ -27,20 +28,22 @@ def _use(tmp_path, monkeypatch, report) -> None:
 
 
 def _wins(device, rows, shape, dtype=torch.bfloat16):
-    return decode_table.fused_decode_wins(device, dtype, rows, shape, 16)
+    """Whether the Triton kernel won in CUDA graphs where the call falls."""
+    winners = decode_table.decode_winners(device, dtype, rows, shape, 16, "graph")
+    return winners is not None and "triton" in winners
 
 
 def test_only_clear_wins_count():
     report = _report("G", {(1, 64, 64, 8): (10.0, 9.0), (1, 64, 64, 16): (10.0, 9.5),
                            (1, 64, 64, 32): (10.0, 12.0)})
     points = decode_table.points_from_benchmark(report, torch.bfloat16, 16)
-    assert [p.fused_wins for p in points] == [True, False, False]  # 0.9, 0.95 (a tie), 1.2
+    assert [p.winners for p in points] == [("triton",), (), ()]  # 0.9, 0.95 (a tie), 1.2
 
 
 def test_prefill_rows_other_dtypes_and_half_measured_points_are_left_out():
     report = _report("G", {(1, 64, 64, 8): (10.0, 5.0), (32, 64, 64, 8): (10.0, 5.0)})
     report["results"].append({"M": 4, "m": 64, "n": 64, "r": 8, "variant": "chain2",
-                              "graph_us": 3.0})  # no triton time at this point
+                              "graph_us": 3.0})  # no fused time at this point
     assert [p.rows for p in decode_table.points_from_benchmark(report, torch.bfloat16, 16)] == [1]
     assert decode_table.points_from_benchmark(report, torch.float16, 16) == []
 
@@ -81,25 +84,25 @@ def test_a_bad_table_file_names_the_variable(tmp_path, monkeypatch, content):
         _wins(H100, 1, (4096, 4096, 256))
 
 
-def test_eager_mode_compares_the_cuda_extension_by_eager_time(tmp_path, monkeypatch):
-    """Eager calls are decided by eager times (host overhead included) of cuda against chain2;
-    graph times and the Triton kernel play no part there."""
+def test_each_mode_ranks_the_fused_kernels_by_its_own_timing(tmp_path, monkeypatch):
+    """Eager calls are decided by eager times (host overhead included), graphs by replay times;
+    at a point both kernels may win, fastest first."""
     results = []
-    for r, chain2_eager, cuda_eager in ((256, 40.0, 15.0), (1024, 30.0, 45.0)):
-        results += [
-            {"M": 1, "m": 64, "n": 64, "r": r, "variant": "chain2", "graph_us": 10.0,
-             "eager_us": chain2_eager},
-            {"M": 1, "m": 64, "n": 64, "r": r, "variant": "cuda", "graph_us": 99.0,
-             "eager_us": cuda_eager},
-            {"M": 1, "m": 64, "n": 64, "r": r, "variant": "triton", "graph_us": 1.0,
-             "eager_us": 99.0}]
+    for r, chain2, cuda, triton in ((256, (10.0, 40.0), (99.0, 15.0), (1.0, 20.0)),
+                                    (1024, (10.0, 30.0), (99.0, 45.0), (1.0, 99.0)),
+                                    (4096, (10.0, 40.0), (8.0, 30.0), (12.0, 20.0))):
+        for variant, (graph_us, eager_us) in (("chain2", chain2), ("cuda", cuda),
+                                              ("triton", triton)):
+            results.append({"M": 1, "m": 64, "n": 64, "r": r, "variant": variant,
+                            "graph_us": graph_us, "eager_us": eager_us})
     _use(tmp_path, monkeypatch, {"meta": {"device": "G", "dtype": "bfloat16"},
                                  "results": results})
 
-    def verdict(r, mode):
-        return decode_table.decode_verdict("G", torch.bfloat16, 1, (64, 64, r), 16, mode)
+    def winners(r, mode):
+        return decode_table.decode_winners("G", torch.bfloat16, 1, (64, 64, r), 16, mode)
 
-    assert (verdict(100, "eager"), verdict(1024, "eager")) == (True, False)
-    assert (verdict(100, "graph"), verdict(1024, "graph")) == (True, True)
-    assert verdict(2048, "eager") is None and verdict(2048, "graph") is None  # past the table
-    assert not _wins("G", 1, (64, 64, 2048))
+    assert winners(100, "eager") == ("cuda", "triton") and winners(100, "graph") == ("triton",)
+    assert winners(1024, "eager") == () and winners(1024, "graph") == ("triton",)
+    assert winners(4096, "eager") == ("triton", "cuda") and winners(4096, "graph") == ("cuda",)
+    assert winners(8192, "eager") is None and winners(8192, "graph") is None  # past the table
+    assert not _wins("G", 1, (64, 64, 8192))

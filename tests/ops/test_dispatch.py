@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from curkernels.ops import dispatch
+from curkernels.ops import backends, dispatch
 from curkernels.ops.errors import BackendUnavailableError
 
 
@@ -33,7 +33,9 @@ def test_cuda_backend_on_cpu_tensors_says_why():
 
 
 def test_triton_on_cpu_without_interpreter_says_why(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    # Not TRITON_INTERPRET itself: Triton reads it too, and kernels run later in this process
+    # (under the interpreter) fail after it was switched off and on again.
+    monkeypatch.setattr(backends, "triton_interpreting", lambda: False)
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         dispatch.choose_backend("triton", torch.randn(1, 4), 1)
 
@@ -89,7 +91,7 @@ def test_eager_decode_on_an_unmeasured_gpu_at_16_rows_rank_1024_wide_layers_keep
 @pytest.mark.parametrize("num_rows, shape, expected", [
     (1, (4096, 4096, 256), "cuda"),        # 14.6 vs 47.5 µs eager
     (1, (4096, 14336, 1536), "torch"),     # r = 2048 covers it: 49.0 vs 35.8
-    (4, (4096, 4096, 2048), "cuda"),       # 40.0 vs 45.0: 0.89
+    (4, (4096, 4096, 2048), "triton"),     # triton 38.7, cuda 40.0, chain2 45.0
     (16, (4096, 4096, 1024), "torch"),     # 45.1 vs 31.6
     (16, (1024, 4096, 512), "cuda"),       # 26.9 vs 45.4
     (1, (4096, 4096, 4096), "cuda"),       # past every measured rank: the rules above
@@ -97,14 +99,15 @@ def test_eager_decode_on_an_unmeasured_gpu_at_16_rows_rank_1024_wide_layers_keep
 ])
 def test_eager_decode_follows_the_h100_measurements(num_rows, shape, expected,
                                                     all_backends_available, h100, monkeypatch):
-    """bench/results/NVIDIA_H100_80GB_HBM3.md, eager times of cuda and chain2."""
+    """bench/results/NVIDIA_H100_80GB_HBM3.md, eager times of cuda, triton and chain2."""
     monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
     monkeypatch.delenv("CURKERNELS_DECODE_TABLE", raising=False)
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows, shape) == expected
 
 
-def test_eager_decode_without_the_extension_keeps_the_chain(monkeypatch):
-    """Eager Triton (53–80 µs a call) did not beat chain2 (45–58 µs) on the H100."""
+def test_eager_decode_without_the_extension_keeps_the_chain(h100, monkeypatch):
+    """Eager Triton (63.9 µs a call, before its launches skipped Triton's binding) did not beat
+    chain2 (47.5 µs) there on the H100."""
     monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
     monkeypatch.setattr(dispatch, "unavailable_reason",
                         lambda backend, device: "not built" if backend == "cuda" else None)
@@ -155,6 +158,28 @@ def test_graph_decode_on_a_gpu_measured_by_the_user(all_backends_available, monk
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER) == "torch"
     monkeypatch.setenv("CURKERNELS_DECODE_TABLE", str(tmp_path / "some.json"))
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER) == "triton"
+
+
+@pytest.mark.parametrize("graph", (False, True))
+def test_decode_takes_the_fastest_measured_winner_that_can_run(graph, monkeypatch, tmp_path):
+    """Both fused kernels beat chain2 at this point (Triton by more): Triton runs; without it,
+    the CUDA extension; with neither, the chain."""
+    times = {"chain2": 10.0, "triton": 6.0, "cuda": 8.0}
+    report = {"meta": {"device": "Some GPU", "dtype": "bfloat16"}, "results": [
+        {"M": 1, "m": 4096, "n": 4096, "r": 256, "variant": variant, "graph_us": us,
+         "eager_us": 3 * us} for variant, us in times.items()]}
+    (tmp_path / "some.json").write_text(json.dumps(report))
+    monkeypatch.setenv("CURKERNELS_DECODE_TABLE", str(tmp_path / "some.json"))
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: graph)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    missing = set()
+    monkeypatch.setattr(dispatch, "unavailable_reason",
+                        lambda backend, device: "missing" if backend in missing else None)
+    chosen = []
+    for gone in ("", "triton", "cuda"):
+        missing.add(gone)
+        chosen.append(dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER))
+    assert chosen == ["triton", "cuda", "torch"]
 
 
 class _FakeCudaInput(_FakeCudaTensor):

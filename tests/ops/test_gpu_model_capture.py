@@ -95,7 +95,8 @@ def test_capture_finds_the_workspace_its_eager_warm_up_reserved(monkeypatch):
     stream will use, so the capture keeps it rather than adding zeroing nodes to each replay."""
     from curkernels.ops import decode_table, execute, triton_backend
     monkeypatch.setattr(execute, "_choices", {})
-    monkeypatch.setattr(decode_table, "fused_decode_wins", lambda *args: True)
+    monkeypatch.setattr(decode_table, "decode_winners",  # Triton in graphs, chain2 eagerly
+                        lambda *args: ("triton",) if args[-1] == "graph" else ())
     model = _model("auto")  # frozen U: folded into C at the call, so the op gets two factors
     x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
