@@ -69,7 +69,7 @@ def _variants(size: int, rank: int, rows: int, dtype: torch.dtype, device: str,
             variants["raw CUDA op"] = lambda: op(x2d, A, None, B, None, None)
         if rows <= 16:
             from curkernels.ops.triton_backend import cur_linear_triton
-            variants["raw Triton decode"] = lambda: cur_linear_triton(x2d, A, None, B, None, None)
+            variants["raw Triton decode"] = lambda: cur_linear_triton(x, A, None, B, None, None)
     return variants
 
 

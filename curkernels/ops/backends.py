@@ -1,9 +1,9 @@
 """The backends of `cur_linear` and why each one can or cannot run.
 
-Each backend is a function `(x, C, U, R, bias, rows) -> y`. The Triton backend
-(FLAT_INPUT_BACKENDS) takes a contiguous (M, n) input, which execute.py flattens for it; the
-torch and CUDA backends take any leading dimensions, as `F.linear` does (a view costs
-microseconds of host time on every eager call). The torch backend always runs; triton needs the triton package and a CUDA tensor
+Each backend is a function `(x, C, U, R, bias, rows) -> y` with x (..., n) and y (..., m), as
+`F.linear` takes and gives them: flattening x and reshaping y around a call would cost
+microseconds of host time on every eager call. The Triton backend (CONTIGUOUS_INPUT_BACKENDS)
+needs x contiguous, which execute.py makes it; the torch and CUDA backends take any strides. The torch backend always runs; triton needs the triton package and a CUDA tensor
 (or the interpreter, TRITON_INTERPRET=1, on CPU tensors); cuda needs the compiled extension
 `curkernels._C`.
 """
@@ -18,7 +18,7 @@ import torch
 from .reference import cur_linear_torch
 
 BACKENDS = ("torch", "triton", "cuda")
-FLAT_INPUT_BACKENDS = ("triton",)
+CONTIGUOUS_INPUT_BACKENDS = ("triton",)
 
 
 @functools.cache

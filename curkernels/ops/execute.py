@@ -13,11 +13,11 @@ from collections.abc import Callable
 import torch
 
 from . import dispatch
-from .backends import FLAT_INPUT_BACKENDS, backend_function
+from .backends import CONTIGUOUS_INPUT_BACKENDS, backend_function
 from .dispatch import choice_key, choose_backend, requested_backend
 from .validation import check_input
 
-# key -> (backend function, whether it takes only a contiguous (M, n) input, and what to run
+# key -> (backend function, whether it takes only a contiguous input, and what to run
 # before it: None, or the reservation of a CUDA-graph workspace, see `_graph_reservation`)
 _choices: dict[tuple, tuple[Callable, bool, Callable | None]] = {}
 
@@ -54,13 +54,12 @@ def _graph_reservation(backend: str, x: torch.Tensor, num_rows: int,
 def run_cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,
                    bias: torch.Tensor | None, rows: torch.Tensor | None,
                    backend: str) -> torch.Tensor:
-    """Check x against the factors (a kernel must never read past it), dispatch and run; the
-    kernel backends get x flattened to (M, n), contiguous."""
+    """Check x against the factors (a kernel must never read past it), dispatch and run; x
+    keeps its leading dimensions, and is made contiguous for the backends that need it."""
     x_shape, device, dtype = x.shape, x.device, x.dtype
     if not x_shape or x_shape[-1] != R.shape[1] or dtype != C.dtype or device != C.device:
         check_input(x, C, R)
-    two_d = len(x_shape) == 2
-    num_rows = x_shape[0] if two_d else math.prod(x_shape[:-1])
+    num_rows = x_shape[0] if len(x_shape) == 2 else math.prod(x_shape[:-1])
     n, m = x_shape[-1], C.shape[0]
     r = (R if rows is None else rows).shape[0]
     key = choice_key(backend, x, device, dtype, num_rows, m, n, r, U is not None)
@@ -70,16 +69,11 @@ def run_cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: 
         # on the next call.
         chosen = resolve_backend(backend, x, num_rows, (m, n, r), U is not None)
         choice = _choices[key] = (
-            backend_function(chosen), chosen in FLAT_INPUT_BACKENDS,
+            backend_function(chosen), chosen in CONTIGUOUS_INPUT_BACKENDS,
             _graph_reservation(backend, x, num_rows, (m, n, r), U is not None, chosen))
-    function, flat, before = choice
+    function, contiguous_only, before = choice
     if before is not None:
         before()
-    if not flat:
-        return function(x, C, U, R, bias, rows)
-    # An explicit row count: reshape(-1, 0) is ambiguous when the feature dimension is empty.
-    x2d = x if two_d else x.reshape(num_rows, n)
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
-    y2d = function(x2d, C, U, R, bias, rows)
-    return y2d if two_d else y2d.reshape(*x_shape[:-1], m)
+    if contiguous_only and not x.is_contiguous():
+        x = x.contiguous()
+    return function(x, C, U, R, bias, rows)

@@ -200,26 +200,27 @@ def _u_kind(U: torch.Tensor | None) -> str:
     return "diagonal" if U.dim() == 1 else "full"
 
 
-def cur_linear_decode(x2d, C, U, R, bias, rows, y,
+def cur_linear_decode(x, C, U, R, bias, rows, y,
                       config: DecodeConfig = DEFAULT_DECODE_CONFIG) -> None:
-    """Writes y (M ≤ 16 rows) with the decode kernel; `config` picks its tiles (benchmarks
-    compare configs through it)."""
-    M, n = x2d.shape
+    """Writes y (..., m) from a contiguous x (..., n) of at most 16 rows with the decode kernel;
+    `config` picks its tiles (benchmarks compare configs through it)."""
+    n = x.shape[-1]
+    M = x.numel() // n
     m, c = C.shape
     r = rows.shape[0] if rows is not None else R.shape[0]
-    persistent = _single_launch(x2d.device)
-    plan = _decode_plan(x2d.device, x2d.dtype, n, r, c, m, _u_kind(U), bias is not None,
+    persistent = _single_launch(x.device)
+    plan = _decode_plan(x.device, x.dtype, n, r, c, m, _u_kind(U), bias is not None,
                         rows is not None, persistent, config)
-    workspace = _decode_workspace(x2d.device, r, c)
+    workspace = _decode_workspace(x.device, r, c)
     # The barrier-free form sums into the first buffer, which the single launch may have left
     # full; the workspace is shared with the single launch, which reads the buffer of the
     # current epoch (either one) as zero, so the first buffer is zeroed again afterwards.
     if not persistent:
         workspace.first_sums.zero_()
-    args = (x2d, R, rows, U, C, bias, y, workspace.sums, workspace.link, workspace.sync,
+    args = (x, R, rows, U, C, bias, y, workspace.sums, workspace.link, workspace.sync,
             M, n, r, c, m, R.shape[0], plan.shrink_tile_k, plan.shrink_k_tiles)
     # What Triton specialises on that the plan does not fix (all factors share x's dtype).
-    specialization = ((M, R.shape[0]) if pointers_aligned(x2d, R, rows, U, C, bias, y)
+    specialization = ((M, R.shape[0]) if pointers_aligned(x, R, rows, U, C, bias, y)
                       else None)
     for launch in plan.launches:
         launch(specialization, *args)
@@ -260,18 +261,20 @@ def _cur_linear_prefill(x2d, C, U, R, bias, rows, y) -> None:
     run(tuned_config(key, x2d.device, x2d.dtype, M, r, triton_interpreting(), run))
 
 
-def cur_linear_triton(x2d: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
+def cur_linear_triton(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
                       R: torch.Tensor, bias: torch.Tensor | None,
                       rows: torch.Tensor | None) -> torch.Tensor:
-    """y = ((x·Rᵀ)·Uᵀ)·Cᵀ + b for x2d (M, n); the backend contract of ops/backends.py."""
-    M, n = x2d.shape
-    y = torch.empty((M, C.shape[0]), dtype=x2d.dtype, device=x2d.device)
+    """y = ((x·Rᵀ)·Uᵀ)·Cᵀ + b for a contiguous x (..., n); the backend contract of
+    ops/backends.py."""
+    n, m = x.shape[-1], C.shape[0]
+    y = torch.empty((*x.shape[:-1], m), dtype=x.dtype, device=x.device)
     if y.numel() == 0:
         return y
     if n == 0:  # an empty input dimension: R·x = 0
         return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
+    M = y.numel() // m
     if M <= DECODE_MAX_ROWS:
-        cur_linear_decode(x2d, C, U, R, bias, rows, y)
+        cur_linear_decode(x, C, U, R, bias, rows, y)
     else:
-        _cur_linear_prefill(x2d, C, U, R, bias, rows, y)
+        _cur_linear_prefill(x.view(M, n), C, U, R, bias, rows, y.view(M, m))
     return y

@@ -22,6 +22,21 @@ def test_batched_input_through_each_backend(backend, rows):
     assert_matches_reference(y.reshape(2 * rows, 80), case)
 
 
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+@pytest.mark.parametrize("rows", (1, 20))
+def test_strided_batched_input_through_each_backend(backend, rows, poisoned):
+    """Rows of x 192 elements apart (a slice of a wider tensor): made contiguous where a kernel
+    needs it, never read as if they were packed."""
+    case = make_case(2 * rows, 96, 80, 16, torch.float32, device=DEVICE)
+    wide = poisoned(2 * rows, 192, torch.float32, DEVICE).reshape(2, rows, 192)
+    wide[..., :96] = case["x"].reshape(2, rows, 96)
+    x = wide[..., :96]
+    assert not x.is_contiguous()
+    y = cur_linear(x, case["C"], case["U"], case["R"], case["bias"], backend=backend)
+    assert y.shape == (2, rows, 80)
+    assert_matches_reference(y.reshape(2 * rows, 80), case)
+
+
 def test_cuda_backend_without_a_cuda_input_says_why():
     case = make_case(1, 32, 16, 4, torch.float32)
     with pytest.raises(BackendUnavailableError, match="cuda"):
