@@ -107,6 +107,9 @@ def _extension_modules():
     if link_dir is not None:
         library_dirs.insert(0, str(link_dir))
     sources = sorted(str(p.relative_to(ROOT)) for p in CSRC.glob("*.c*"))
+    if not sources:
+        raise SystemExit(f"curkernels setup: {CSRC} holds no CUDA sources; this source tree is "
+                         "incomplete (CURKERNELS_SKIP_CUDA_BUILD=1 installs without curkernels._C)")
     _notice(f"building curkernels._C with {toolkit} for TORCH_CUDA_ARCH_LIST="
             f"{os.environ['TORCH_CUDA_ARCH_LIST']} from {len(sources)} sources")
     extension = CUDAExtension(
