@@ -1,0 +1,114 @@
+"""Runs the decode kernel's launches through the installed Triton's own `run` and through
+`CachedLaunch`'s direct path, on a stand-in CUDA driver, and checks that the compiled kernel's
+launcher receives the same arguments from both. Nothing runs on a GPU: the stand-in driver
+reports an sm_90 device, Triton compiles for it (its own ptxas), and the launcher only records
+its call. Run as a script: TRITON_INTERPRET must be unset when the kernels are defined.
+Prints one line per checked launch; exits non-zero on any difference."""
+
+import os
+import sys
+
+import torch
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+from curkernels.ops import triton_backend, triton_launch
+
+DEVICE, STREAM = 0, 0x5EED
+
+
+class RecordingLauncher:
+    """Stands in for the compiled kernel's launcher: records each call."""
+    calls: list[tuple] = []
+
+    def __init__(self, src, metadata):
+        pass
+
+    def __call__(self, *args):
+        RecordingLauncher.calls.append(args)
+
+
+class StandInUtils:
+    def get_device_properties(self, device):
+        return {"max_shared_mem": 227 * 1024, "multiprocessor_count": 132}
+
+    def load_binary(self, name, kernel, shared, device):
+        return ("module", f"function:{name}", 128, 0, 1024)
+
+    def unload_module(self, module):
+        pass
+
+
+class StandInDriver:
+    """What `JITFunction.run` and `CompiledKernel` ask of the active driver."""
+    launcher_cls = RecordingLauncher
+    utils = StandInUtils()
+
+    def get_current_device(self):
+        return DEVICE
+
+    def get_current_stream(self, device):
+        return STREAM
+
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+
+def comparable(call: tuple) -> tuple:
+    """A launcher call without the launch metadata and hooks, which Triton builds (empty hook
+    chains, metadata for them) and CachedLaunch leaves out (None) when no hook is installed."""
+    return call[:6] + call[9:]
+
+
+def describe_difference(through_triton: tuple, direct: tuple) -> str:
+    if len(through_triton) != len(direct):
+        return f"{len(through_triton)} arguments through Triton, {len(direct)} direct"
+
+    def short(value):
+        return f"tensor{tuple(value.shape)}" if isinstance(value, torch.Tensor) else repr(value)
+    return "; ".join(f"argument {i}: {short(a)} through Triton, {short(b)} direct"
+                     for i, (a, b) in enumerate(zip(through_triton, direct, strict=True))
+                     if a is not b and (isinstance(a, torch.Tensor) or a != b))
+
+
+def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET to compile"
+    if not triton_launch.SUPPORTED:
+        print(f"skip: Triton {triton_launch.triton.__version__} launches through its own path")
+        return 0
+    driver.set_active(StandInDriver())
+    triton_launch._current_device = lambda: DEVICE
+    triton_launch._current_stream = lambda device: STREAM
+    triton_backend._multiprocessors = lambda device_index: 132
+    n, r, m, dtype = 256, 64, 128, torch.bfloat16
+    failures = 0
+    for u_kind, M in (("none", 1), ("none", 3), ("diagonal", 16)):
+        plan = triton_backend._decode_plan(torch.device("cuda", DEVICE), dtype, n, r, r, m,
+                                           u_kind, True, False, True,
+                                           triton_backend.DEFAULT_DECODE_CONFIG)
+        (launch,) = plan.launches
+        x, R = torch.zeros(M, n, dtype=dtype), torch.zeros(r, n, dtype=dtype)
+        C, y = torch.zeros(m, r, dtype=dtype), torch.zeros(M, m, dtype=dtype)
+        U = torch.ones(r, dtype=dtype) if u_kind == "diagonal" else None
+        bias = torch.zeros(m, dtype=dtype)
+        sums, link = torch.zeros(2 * 16 * r), torch.zeros(16 * r)
+        sync = torch.zeros(4, dtype=torch.int32)
+        args = (x, R, None, U, C, bias, y, sums, link, sync, M, n, r, r, m, r,
+                plan.shrink_tile_k, plan.shrink_k_tiles)
+        RecordingLauncher.calls.clear()
+        known = launch.specializations  # plans are shared across row counts
+        for _ in range(2):  # Triton's run (compiles), then the cached kernel's launcher
+            launch((M, r), *args)
+        through_triton, direct = RecordingLauncher.calls
+        if launch.specializations == known + 1 and comparable(through_triton) == comparable(direct) \
+                and direct[6:9] == (None, None, None):
+            print(f"ok   U={u_kind} M={M}: {len(direct)} launcher arguments alike")
+        else:
+            failures += 1
+            print(f"FAIL U={u_kind} M={M}: {launch.specializations - known} kernels kept; "
+                  f"{describe_difference(comparable(through_triton), comparable(direct))}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
