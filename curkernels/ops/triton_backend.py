@@ -38,7 +38,7 @@ class DecodeConfig:
     step. Before the first barrier each program loads up to prefetch_bytes of its first expand
     tile's C (0: none). The persistent grid has programs_per_sm programs on each SM: all of
     them must be resident at once for the grid barrier. With pdl the kernel is a programmatic
-    dependent launch (Hopper on; Triton ≥ 3.4): it loads its first shrink weights while the
+    dependent launch (Hopper on; Triton ≥ 3.5): it loads its first shrink weights while the
     previous kernel finishes and lets the next one launch during its expand. The input rows are
     padded to 16, the tensor-core minimum."""
     block_r: int = 32
@@ -168,8 +168,8 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
              "DO_EXPAND": triton.cdiv(m, config.block_out)}
     phases = ["DO_SHRINK"] + (["DO_LINK"] if full_u else []) + ["DO_EXPAND"]
     pdl = config.pdl and persistent and device.type == "cuda" and not triton_interpreting()
-    if pdl and not hasattr(triton.language.extra.cuda, "gdc_wait"):
-        raise ValueError(f"DecodeConfig(pdl=True) needs Triton ≥ 3.4 (griddepcontrol); this is "
+    if pdl and not decode.PDL_SUPPORTED:
+        raise ValueError(f"DecodeConfig(pdl=True) needs Triton ≥ 3.5 (griddepcontrol); this is "
                          f"Triton {triton.__version__}")
     common = dict(BLOCK_M=WORKSPACE_ROWS, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
                   BLOCK_OUT=config.block_out, BLOCK_IN=config.block_in,

@@ -27,6 +27,29 @@ import triton
 import triton.language as tl
 
 SYNC_WORDS = 4  # arrivals, release flag, epoch, padding (int32 each)
+# griddepcontrol compiles from Triton 3.5 on (3.4.0's gdc_wait takes `_builder` where its
+# compiler passes `_semantic`; 3.3 has none). The kernel names it only through these helpers:
+# Triton hashes every function a kernel's source names, PDL or not, and an attribute missing
+# from tl.extra.cuda would fail every launch. The launch plan refuses PDL before 3.5.
+PDL_SUPPORTED = (tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 5)
+                 and hasattr(tl.extra.cuda, "gdc_wait"))
+
+if PDL_SUPPORTED:
+    @triton.jit
+    def _wait_for_previous_kernel():
+        tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def _let_next_kernel_launch():
+        tl.extra.cuda.gdc_launch_dependents()
+else:
+    @triton.jit
+    def _wait_for_previous_kernel():
+        pass
+
+    @triton.jit
+    def _let_next_kernel_launch():
+        pass
 
 
 @triton.jit
@@ -182,7 +205,7 @@ def cur_linear_decode_kernel(
                               mask=(head_mask & (pid < shrink_tiles))[:, None]
                               & head_kmask[None, :], other=0.0)
     if PDL:  # launched early beside the previous kernel: wait for it before touching its data
-        tl.extra.cuda.gdc_wait()
+        _wait_for_previous_kernel()
     sums = sums_ptr
     epoch = 0
     if PERSISTENT:
@@ -223,7 +246,7 @@ def cur_linear_decode_kernel(
             _grid_barrier(sync_ptr, num_programs, epoch * 2 + 2, False)
 
     if PDL:  # every program is past its last barrier: the next kernel may start launching
-        tl.extra.cuda.gdc_launch_dependents()
+        _let_next_kernel_launch()
 
     if DO_EXPAND:
         if FULL_U:

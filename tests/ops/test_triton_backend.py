@@ -28,3 +28,24 @@ def test_empty_dimensions(M):
     torch.testing.assert_close(y, case["bias"].expand(M, 6))
     no_outputs = cur_linear_triton(case["x"], case["C"][:0], None, case["R"], None, None)
     assert no_outputs.shape == (M, 0)
+
+
+@pytest.mark.parametrize("supported", (False, True))
+def test_pdl_is_refused_where_triton_cannot_compile_it(supported, monkeypatch):
+    """Triton 3.4.0's griddepcontrol does not compile and 3.3 has none: the plan says so rather
+    than launching a kernel that fails to build."""
+    monkeypatch.setattr(triton_backend.decode, "PDL_SUPPORTED", supported)
+    monkeypatch.setattr(triton_backend, "triton_interpreting", lambda: False)
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 132)
+    monkeypatch.setattr(triton_backend, "_decode_plans", {})
+
+    def plan():
+        return triton_backend._decode_plan(torch.device("cuda", 0), torch.bfloat16, 256, 64, 64,
+                                           128, "none", False, False, True,
+                                           triton_backend.DecodeConfig(pdl=True))
+    if supported:
+        (launch,) = plan().launches
+        assert launch.constexprs["PDL"] and launch.constexprs["launch_pdl"]
+    else:
+        with pytest.raises(ValueError, match=r"Triton ≥ 3\.5"):
+            plan()

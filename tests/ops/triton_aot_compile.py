@@ -13,7 +13,7 @@ from triton.compiler import ASTSource, compile
 
 from curkernels.ops import triton_backend
 from curkernels.ops.triton_autotune import candidate_configs, default_config
-from curkernels.ops.triton_decode import cur_linear_decode_kernel
+from curkernels.ops.triton_decode import PDL_SUPPORTED, cur_linear_decode_kernel
 from curkernels.ops.triton_prefill import cur_linear_prefill_kernel
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -92,9 +92,9 @@ def main() -> int:
     quick = "--quick" in sys.argv  # one dtype, sm_90 and the prefill default only
     failures = 0
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
-        kernels = (list(decode_kernels(dtype))
-                   + list(decode_kernels(dtype, triton_backend.DecodeConfig(pdl=True)))
-                   + list(prefill_kernels(dtype)))
+        kernels = list(decode_kernels(dtype)) + list(prefill_kernels(dtype))
+        if PDL_SUPPORTED:  # the launch plan refuses PDL before Triton 3.5
+            kernels += list(decode_kernels(dtype, triton_backend.DecodeConfig(pdl=True)))
         if quick:
             kernels = [k for k in kernels if not k[0].startswith("prefill")
                        or str(default_config(4096, 1024, False, dtype)) in k[0]]

@@ -33,7 +33,8 @@ class StandInUtils:
         return {"max_shared_mem": 227 * 1024, "multiprocessor_count": 132}
 
     def load_binary(self, name, kernel, shared, device):
-        return ("module", f"function:{name}", 128, 0, 1024)
+        handles = ("module", f"function:{name}", 128, 0)  # module, function, registers, spills
+        return handles + (1024,) if triton_launch._VERSION >= (3, 4) else handles  # max threads
 
     def unload_module(self, module):
         pass
