@@ -17,9 +17,11 @@ import triton
 from . import triton_decode as decode
 from .backends import triton_interpreting
 from .dispatch import DECODE_MAX_ROWS
+from .errors import BackendUnavailableError
 from .triton_autotune import PrefillConfig, tuned_config
 from .triton_launch import CachedLaunch, pointers_aligned
 from .triton_prefill import cur_linear_prefill_kernel
+from .triton_version import TRITON_VERSION
 from .workspace import capturing, persistent_zeros, zeros
 
 
@@ -228,7 +230,20 @@ def cur_linear_decode(x, C, U, R, bias, rows, y,
         workspace.first_sums.zero_()
 
 
+def _check_prefill_compiles(x2d: torch.Tensor) -> None:
+    """Triton 3.2's compiler aborts the process (an assertion in LinearLayout::reshapeOuts) on
+    the prefill kernel in half precision for sm_90 (compiled without a GPU: sm_80, fp32 and
+    Triton 3.1, 3.3 to 3.8 build it); an exception is the least a caller is owed."""
+    if (TRITON_VERSION[:2] == (3, 2) and x2d.dtype in (torch.float16, torch.bfloat16)
+            and x2d.is_cuda and torch.cuda.get_device_capability(x2d.device)[0] >= 9):
+        raise BackendUnavailableError(
+            f"the Triton prefill kernel does not compile with Triton {triton.__version__} for "
+            f"{x2d.dtype} on this GPU (sm_90); use backend='auto' or 'torch' (the cuBLAS chain) "
+            f"for more than {DECODE_MAX_ROWS} rows, or Triton ≥ 3.3")
+
+
 def _cur_linear_prefill(x2d, C, U, R, bias, rows, y) -> None:
+    _check_prefill_compiles(x2d)
     M, n = x2d.shape
     m = C.shape[0]
     scale = None

@@ -26,13 +26,14 @@ share one workspace, and the persistent form expects the buffer of the current e
 import triton
 import triton.language as tl
 
+from .triton_version import TRITON_VERSION
+
 SYNC_WORDS = 4  # arrivals, release flag, epoch, padding (int32 each)
 # griddepcontrol compiles from Triton 3.5 on (3.4.0's gdc_wait takes `_builder` where its
 # compiler passes `_semantic`; 3.3 has none). The kernel names it only through these helpers:
 # Triton hashes every function a kernel's source names, PDL or not, and an attribute missing
 # from tl.extra.cuda would fail every launch. The launch plan refuses PDL before 3.5.
-PDL_SUPPORTED = (tuple(int(part) for part in triton.__version__.split(".")[:2]) >= (3, 5)
-                 and hasattr(tl.extra.cuda, "gdc_wait"))
+PDL_SUPPORTED = TRITON_VERSION >= (3, 5) and hasattr(tl.extra.cuda, "gdc_wait")
 
 if PDL_SUPPORTED:
     @triton.jit

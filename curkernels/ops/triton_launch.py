@@ -22,12 +22,13 @@ specialisation's first call.
 import torch
 import triton
 
-_VERSION = tuple(int(part) for part in triton.__version__.split(".")[:2])
+from .triton_version import TRITON_VERSION
+
 # From Triton 3.3 on, `JITFunction.run` ends with
 #   kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,
 #              launch_metadata, enter_hook, exit_hook, *bound_args.values())
 # with every parameter, constexprs included, in signature order (checked in 3.3 to 3.8).
-SUPPORTED = _VERSION >= (3, 3)
+SUPPORTED = TRITON_VERSION >= (3, 3)
 
 
 def _current_device() -> int:

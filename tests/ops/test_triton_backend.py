@@ -49,3 +49,30 @@ def test_pdl_is_refused_where_triton_cannot_compile_it(supported, monkeypatch):
     else:
         with pytest.raises(ValueError, match=r"Triton ≥ 3\.5"):
             plan()
+
+
+class _FakeCudaInput:
+    """Stands in for a CUDA input: the compile check reads only its dtype and device."""
+    def __init__(self, dtype):
+        self.dtype, self.is_cuda, self.device = dtype, True, torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("version,capability,dtype,refused", [
+    ((3, 2), (9, 0), torch.bfloat16, True),
+    ((3, 2), (9, 0), torch.float16, True),
+    ((3, 2), (9, 0), torch.float32, False),
+    ((3, 2), (8, 0), torch.bfloat16, False),
+    ((3, 3), (9, 0), torch.bfloat16, False),
+])
+def test_prefill_on_triton_3_2_hopper_half_precision_is_refused(version, capability, dtype,
+                                                                 refused, monkeypatch):
+    """Triton 3.2's compiler aborts the whole process there (tests/ops/triton_launch_check.py
+    with Triton 3.2.0 installed): the backend raises instead."""
+    monkeypatch.setattr(triton_backend, "TRITON_VERSION", version)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    x = _FakeCudaInput(dtype)
+    if refused:
+        with pytest.raises(triton_backend.BackendUnavailableError, match="Triton ≥ 3.3"):
+            triton_backend._check_prefill_compiles(x)
+    else:
+        triton_backend._check_prefill_compiles(x)

@@ -1,9 +1,11 @@
 """Runs the decode kernel's launches through the installed Triton's own `run` and through
 `CachedLaunch`'s direct path, on a stand-in CUDA driver, and checks that the compiled kernel's
-launcher receives the same arguments from both. Nothing runs on a GPU: the stand-in driver
+launcher receives the same arguments from both (before Triton 3.3, where CachedLaunch always
+takes Triton's path, that the kernel compiles and launches through it). Nothing runs on a GPU: the stand-in driver
 reports an sm_90 device, Triton compiles for it (its own ptxas), and the launcher only records
 its call. Run as a script: TRITON_INTERPRET must be unset when the kernels are defined.
-Prints one line per checked launch; exits non-zero on any difference."""
+The prefill kernel is compiled and launched through Triton's run too. Prints one line per
+checked launch; exits non-zero on any difference."""
 
 import os
 import sys
@@ -13,6 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
 from curkernels.ops import triton_backend, triton_launch
+from curkernels.ops.triton_version import TRITON_VERSION
 
 DEVICE, STREAM = 0, 0x5EED
 
@@ -34,7 +37,7 @@ class StandInUtils:
 
     def load_binary(self, name, kernel, shared, device):
         handles = ("module", f"function:{name}", 128, 0)  # module, function, registers, spills
-        return handles + (1024,) if triton_launch._VERSION >= (3, 4) else handles  # max threads
+        return handles + (1024,) if TRITON_VERSION >= (3, 4) else handles  # max threads
 
     def unload_module(self, module):
         pass
@@ -74,9 +77,6 @@ def describe_difference(through_triton: tuple, direct: tuple) -> str:
 
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET to compile"
-    if not triton_launch.SUPPORTED:
-        print(f"skip: Triton {triton_launch.triton.__version__} launches through its own path")
-        return 0
     driver.set_active(StandInDriver())
     triton_launch._current_device = lambda: DEVICE
     triton_launch._current_stream = lambda device: STREAM
@@ -100,6 +100,12 @@ def main() -> int:
         known = launch.specializations  # plans are shared across row counts
         for _ in range(2):  # Triton's run (compiles), then the cached kernel's launcher
             launch((M, r), *args)
+        if not launch.fast:  # before Triton 3.3: both calls compile and launch through run
+            alike = len(RecordingLauncher.calls) == 2 and launch.specializations == 0
+            print(f"{'ok  ' if alike else 'FAIL'} U={u_kind} M={M}: Triton "
+                  f"{triton_launch.triton.__version__}'s own run, twice")
+            failures += not alike
+            continue
         through_triton, direct = RecordingLauncher.calls
         if launch.specializations == known + 1 and comparable(through_triton) == comparable(direct) \
                 and direct[6:9] == (None, None, None):
@@ -108,6 +114,18 @@ def main() -> int:
             failures += 1
             print(f"FAIL U={u_kind} M={M}: {launch.specializations - known} kernels kept; "
                   f"{describe_difference(comparable(through_triton), comparable(direct))}")
+    # The prefill kernel through Triton's own run (its launches are not cached): it compiles
+    # and launches on this Triton.
+    RecordingLauncher.calls.clear()
+    os.environ["CURKERNELS_TRITON_AUTOTUNE"] = "0"
+    M = 40
+    triton_backend._cur_linear_prefill(torch.zeros(M, n, dtype=dtype), torch.zeros(m, r, dtype=dtype),
+                                       None, torch.zeros(r, n, dtype=dtype), None, None,
+                                       torch.zeros(M, m, dtype=dtype))
+    launched = len(RecordingLauncher.calls) >= 1
+    print(f"{'ok  ' if launched else 'FAIL'} prefill M={M}: {len(RecordingLauncher.calls)} "
+          f"launches through Triton's run")
+    failures += not launched
     return 1 if failures else 0
 
 
