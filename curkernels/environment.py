@@ -37,7 +37,8 @@ def environment_report() -> dict:
         "backends": {name: "live" if why is None else f"unavailable: {why}"
                      for name, why in backends.items()},
         "decode_tables": measured,
-        "graph_decode": {gpu: "measured: fused Triton decode where it won" if gpu in measured
+        "graph_decode": {gpu: "measured: the fused kernel that beat the cuBLAS chain, in "
+                              "graphs and eagerly" if gpu in measured
                          else f"not measured: CUDA graphs keep the cuBLAS chain (run "
                               f"bench/layer_bench.py, then set {ENV_DECODE_TABLE})"
                          for gpu in gpus},
