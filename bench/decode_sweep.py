@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_bench import SHAPES, _calls_for, _weight_sets, floor_us, measure_ceilings, time_graph_us  # noqa: E402
 
 from curkernels.ops.triton_backend import DecodeConfig, cur_linear_decode  # noqa: E402
+from curkernels.ops.triton_decode import PDL_SUPPORTED  # noqa: E402
 
 # Two programs per SM run last: the grid barrier needs both resident. The backend lowers the
 # count to what fits (triton_backend._programs_per_sm), but a GPU running other work could
@@ -35,6 +36,8 @@ CONFIGS = {
     "2/sm-prefetch16k": DecodeConfig(prefetch_bytes=16384, programs_per_sm=2),
     "2/sm-pdl": DecodeConfig(programs_per_sm=2, pdl=True),
 }
+if not PDL_SUPPORTED:  # before Triton 3.5 the launch plan refuses PDL
+    CONFIGS = {name: config for name, config in CONFIGS.items() if not config.pdl}
 ROWS = (1, 16)
 RANKS = (256, 1024, 2048, 512)  # 2048: keep 0.5 of a 14336×4096 projection is r ≈ 1536
 
