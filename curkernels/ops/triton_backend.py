@@ -234,7 +234,7 @@ def _check_prefill_compiles(x2d: torch.Tensor) -> None:
     """Triton 3.2's compiler aborts the process (an assertion in LinearLayout::reshapeOuts) on
     the prefill kernel in half precision for sm_90 (compiled without a GPU: sm_80, fp32 and
     Triton 3.1, 3.3 to 3.8 build it); an exception is the least a caller is owed."""
-    if (TRITON_VERSION[:2] == (3, 2) and x2d.dtype in (torch.float16, torch.bfloat16)
+    if (TRITON_VERSION == (3, 2) and x2d.dtype in (torch.float16, torch.bfloat16)
             and x2d.is_cuda and torch.cuda.get_device_capability(x2d.device)[0] >= 9):
         raise BackendUnavailableError(
             f"the Triton prefill kernel does not compile with Triton {triton.__version__} for "

@@ -3,9 +3,10 @@
 `kernel[grid](*args, **constexprs)` binds every argument, specialises it and builds a cache key
 on each call: 14–24 µs of Python for the decode kernel's 38 parameters on the 2-core CI machine
 (Triton 3.8's binder and cache key timed alone), more than the GPU time of a decode call, so
-eagerly it decides the call's cost. `CachedLaunch` fixes the constexprs and the grid, goes through Triton once per
-specialisation and keeps the compiled kernel; later calls hand the arguments straight to the
-compiled kernel's launcher, which is what Triton's own `run` does last.
+eagerly it decides the call's cost. `CachedLaunch` fixes the constexprs and the grid, goes
+through Triton once per specialisation and keeps the compiled kernel; later calls hand the
+arguments straight to the compiled kernel's launcher, which is what Triton's own `run` does
+last.
 
 A compiled kernel is reused only for calls that Triton would have compiled the same way. Triton
 specialises integers on their value (1, multiples of 16) and tensors on their dtype and 16-byte
@@ -63,14 +64,14 @@ class CachedLaunch:
         grid: the number of programs (a 1-D grid).
         constexprs: every constexpr parameter of `kernel` by name, plus launch options
             (num_warps, launch_pdl, ...), which are passed to Triton as they are.
-        fast: whether later calls may bypass Triton's binding (False: always Triton's path).
     """
 
-    def __init__(self, kernel, grid: int, constexprs: dict, *, fast: bool = True):
+    def __init__(self, kernel, grid: int, constexprs: dict):
         self.kernel = kernel
         self.grid = grid
         self.constexprs = constexprs
-        self.fast = fast and SUPPORTED and not triton_interpreted(kernel)
+        # Whether later calls may bypass Triton's binding.
+        self.fast = SUPPORTED and not triton_interpreted(kernel)
         self._compiled: dict[tuple, object] = {}
         if self.fast:
             params = kernel.params
