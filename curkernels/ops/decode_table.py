@@ -13,10 +13,11 @@ benchmark once and get the fused kernels where they win.
 
 A call (M rows, m outputs, n inputs, rank r) is answered by the smallest measured point that
 covers it (M' ≥ M, m' ≥ m, n' ≥ n, r' ≥ r; smallest by M', then r', then m'·n'): its winners
-are the fused kernels that took at most WIN_RATIO of chain2's time there, fastest first. Rounding up is the cautious
-direction: the fused kernel's margin shrinks as the factors grow (its fixed cost is a grid-wide
-barrier, chain2's a second launch). A call past every measured point gets no verdict: the
-caller decides (graphs keep chain2; eager calls fall back to dispatch's rules).
+are the fused kernels that took at most WIN_RATIO of chain2's time there, fastest first.
+Rounding up is the cautious direction: a fused kernel's margin shrinks as the factors grow (its
+fixed cost is a grid-wide barrier, chain2's a second launch). A call past every measured point
+gets no verdict: the caller decides (graphs keep chain2; eager calls fall back to dispatch's
+rules).
 """
 
 import functools

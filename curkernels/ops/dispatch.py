@@ -10,7 +10,7 @@ one covers the call.
 - Eager decode: host time per launch dominates. The fastest fused kernel among those whose
   eager time the GPU's table puts at most 0.9× chain2's: the CUDA extension (one C++ op
   launch), or the Triton kernel, whose launches skip Triton's per-call argument binding
-  (triton_launch.py; the shipped tables timed it before that, at 38–80 µs a call). Where no
+  (triton_launch.py; the shipped tables timed it before that, at 37–80 µs a call). Where no
   table covers the call, the rules measured on the first H100 run apply: the extension took
   13.7–34.7 µs a call where chain2 took 45–58 µs at M ≤ 4 on every Llama-3.1-8B shape and
   r ≤ 1024; at M = 16 it lost at r = 1024 on the 14336-wide shapes (77–89 vs 54–58 µs) and
@@ -20,7 +20,8 @@ one covers the call.
   "reduce-overhead" mode; the op resolves its backend when it runs): the fused kernel the
   GPU's table says beat chain2 by graph-replay time, else chain2. On the H100 the Triton
   kernel won (0.69–0.87× chain2's time) up to r = 512 with at most 4096 output rows, and tied
-  or lost at r ≥ 1024 or with 14336 output rows; the CUDA kernel never won in graphs.
+  or lost at r ≥ 1024 or with 14336 output rows. The CUDA kernel never beat chain2 in graphs
+  on the H100; on the H200 it did at 3 points, where the Triton kernel was faster still.
 - Prefill (M > 16): the fused prefill kernel was 3–26× slower than chain2; cuBLAS chain.
 
 The table is cheap to consult but not free (availability checks, the GPU's name): execute.py
