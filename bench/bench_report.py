@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from curkernels.ops import decode_table
+from curkernels.ops import decode_configs, decode_table
 
 FUSED = ("triton", "cuda")
 DECODE_MAX_ROWS = 16
@@ -92,6 +92,24 @@ def ship_decode_table(report_path: Path, into: Path = decode_table.MEASURED_DIR)
     return target
 
 
+def ship_decode_configs(sweep_path: Path, into: Path = decode_configs.CONFIGS_DIR) -> Path:
+    """Copies a decode-sweep run (bench/decode_sweep.py) into the package's measured configs,
+    named by GPU: its configs, and per point each config's time and error; written whole or
+    not at all."""
+    sweep = json.loads(sweep_path.read_text())
+    names = list(sweep["configs"])
+    rows = [{key: row[key] for key in ("M", "m", "n", "r", "chain2", "errors", *names)
+             if key in row} for row in sweep["rows"]]
+    kept = {"device": sweep["device"], "dtype": sweep.get("dtype", "bfloat16"),
+            "torch": sweep.get("torch"), "configs": sweep["configs"], "rows": rows}
+    into.mkdir(parents=True, exist_ok=True)
+    target = into / f"{device_slug(sweep['device'])}.json"
+    partial = target.with_suffix(".json.partial")
+    partial.write_text(json.dumps(kept, indent=1) + "\n")
+    partial.replace(target)
+    return target
+
+
 def plot(results: list[dict], floors: dict, meta: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -146,6 +164,16 @@ def write_reports(results: list[dict], floors: dict, meta: dict, out_dir: Path) 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
-        description="Ship a layer-bench run's decode measurements as the package's dispatch table")
-    parser.add_argument("report", type=Path, help="<gpu>.json written by bench/layer_bench.py")
-    print(f"wrote {ship_decode_table(parser.parse_args().report)}")
+        description="Ship a layer-bench run's decode measurements as the package's dispatch "
+                    "table, and a decode sweep's as its tile configs")
+    parser.add_argument("report", type=Path, nargs="?",
+                        help="<gpu>.json written by bench/layer_bench.py")
+    parser.add_argument("--sweep", type=Path, help="decode_sweep.json written by "
+                        "bench/decode_sweep.py")
+    args = parser.parse_args()
+    if args.report is None and args.sweep is None:
+        parser.error("give a layer-bench report, --sweep, or both")
+    if args.report is not None:
+        print(f"wrote {ship_decode_table(args.report)}")
+    if args.sweep is not None:
+        print(f"wrote {ship_decode_configs(args.sweep)}")

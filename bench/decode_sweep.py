@@ -96,7 +96,8 @@ def main(argv=None) -> int:
                     # written after every point: a hang later (a barrier whose programs were
                     # not all resident) still leaves what was measured
                     (out / "decode_sweep.json").write_text(json.dumps(
-                        {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+                        {"device": torch.cuda.get_device_name(device),
+                         "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
                          "ceilings": ceilings, "configs": {k: vars(v) for k, v in CONFIGS.items()},
                          "rows": rows}, indent=1))
                 del sets

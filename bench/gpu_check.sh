@@ -90,6 +90,20 @@ if wants kernels; then
     fi
   done
 
+fi
+
+if wants sweep; then
+  step "decode config sweep"
+  timeout 200 "$PYTHON" bench/decode_sweep.py --out "$OUT" --budget 110 > "$OUT/sweep.log" 2>&1
+  summary+=("sweep: exit $?")
+  # The layer benchmark and later sections run the Triton decode kernel with this run's configs.
+  if [[ -f "$OUT/decode_sweep.json" && -z "${CURKERNELS_DECODE_CONFIGS:-}" ]]; then
+    export CURKERNELS_DECODE_CONFIGS="$OUT/decode_sweep.json"
+    summary+=("decode configs for later steps: $CURKERNELS_DECODE_CONFIGS")
+  fi
+fi
+
+if wants kernels; then
   step "layer benchmark"
   # shellcheck disable=SC2086
   timeout 330 "$PYTHON" bench/layer_bench.py --out "$OUT" --budget 210 ${LAYER_BENCH_ARGS:-} \
@@ -102,12 +116,6 @@ print(bench_report.device_slug(torch.cuda.get_device_name()))').json"
     export CURKERNELS_DECODE_TABLE="$table"
     summary+=("decode table for later sections: $table")
   fi
-fi
-
-if wants sweep; then
-  step "decode config sweep"
-  timeout 200 "$PYTHON" bench/decode_sweep.py --out "$OUT" --budget 110 > "$OUT/sweep.log" 2>&1
-  summary+=("sweep: exit $?")
 fi
 
 if wants capture; then

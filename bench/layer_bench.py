@@ -18,6 +18,7 @@ CPU:    TRITON_INTERPRET=1 python bench/layer_bench.py --smoke --out /tmp/x   (f
 """
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import write_reports  # noqa: E402
 
 from curkernels.nn import CURLinear  # noqa: E402
+from curkernels.ops.decode_configs import ENV_DECODE_CONFIGS  # noqa: E402
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # (out m, in n), Llama-3.1-8B
 RANKS = (256, 512, 1024)
@@ -243,7 +245,9 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     meta = {"device": gpu, "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
             "ceilings": ceilings, "seconds": round(time.perf_counter() - started, 1),
-            "l2_bytes": torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else None}
+            "l2_bytes": torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else None,
+            # where the Triton decode configs came from: a sweep of this run, or the shipped ones
+            "decode_configs": os.environ.get(ENV_DECODE_CONFIGS) or "shipped"}
     floors = {(m, n, r, M): floor_us(m, n, r, M, dtype, ceilings)
               for m, n in shapes for r in ranks for M in rows}
     table = write_reports([asdict(t) for t in results], floors, meta, Path(args.out))

@@ -43,6 +43,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="machine-readable ou
     for gpu, state in report["graph_decode"].items():
         table.add_row(f"CUDA-graph decode on {gpu}", state)
     table.add_row("decode tables", ", ".join(report["decode_tables"]) or "none")
+    table.add_row("Triton decode configs", ", ".join(report["decode_configs"]) or "none")
     console.print(table)
 
 

@@ -6,6 +6,7 @@ import platform
 import torch
 
 from .ops import BACKENDS, extension_status, unavailable_reason
+from .ops.decode_configs import swept_devices
 from .ops.decode_table import ENV_DECODE_TABLE, measured_devices
 
 
@@ -37,6 +38,7 @@ def environment_report() -> dict:
         "backends": {name: "live" if why is None else f"unavailable: {why}"
                      for name, why in backends.items()},
         "decode_tables": measured,
+        "decode_configs": swept_devices(),
         "graph_decode": {gpu: "measured: the fused kernel that beat the cuBLAS chain, in "
                               "graphs and eagerly" if gpu in measured
                          else f"not measured: CUDA graphs keep the cuBLAS chain (run "

@@ -59,7 +59,7 @@ def test_the_sdist_carries_the_cuda_sources_and_the_decode_tables(tmp_path):
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     expected = {str(p.relative_to(ROOT)) for p in (ROOT / "csrc").iterdir()}
     expected |= {str(p.relative_to(ROOT))
-                 for p in (ROOT / "curkernels" / "ops" / "measured").glob("*.json")}
+                 for p in (ROOT / "curkernels" / "ops" / "measured").rglob("*.json")}
     assert expected and expected <= names, sorted(expected - names)
 
 

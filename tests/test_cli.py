@@ -23,8 +23,9 @@ def test_info_reports_versions_extension_and_backends():
     assert report["backends"]["torch"] == "live"
     if not report["extension_built"]:
         assert "unavailable" in report["backends"]["cuda"]
-    # the package ships its measured CUDA-graph decode tables (package data)
+    # the package ships its measured decode tables and tile configs (package data)
     assert {"NVIDIA H100 80GB HBM3", "NVIDIA H200"} <= set(report["decode_tables"])
+    assert "NVIDIA H100 80GB HBM3" in report["decode_configs"]
     assert set(report["graph_decode"]) == set(report["gpus"])
 
 

@@ -39,18 +39,30 @@ MODES = {"graph": "graph_us", "eager": "eager_us"}
 
 
 @dataclass(frozen=True)
-class MeasuredPoint:
+class LayerPoint:
+    """A measured decode call: M rows through an m×n layer of rank r."""
     rows: int
     m: int
     n: int
     r: int
-    winners: tuple[str, ...]  # fused variants within WIN_RATIO of chain2, fastest first
 
     def covers(self, rows: int, m: int, n: int, r: int) -> bool:
         return self.rows >= rows and self.m >= m and self.n >= n and self.r >= r
 
     def size(self) -> tuple[int, int, int]:
         return (self.rows, self.r, self.m * self.n)
+
+
+def smallest_covering(points, rows: int, shape: tuple[int, int, int]):
+    """The smallest of `points` that covers this call (see the module docstring), or None."""
+    m, n, r = shape
+    covering = [p for p in points if p.covers(rows, m, n, r)]
+    return min(covering, key=LayerPoint.size) if covering else None
+
+
+@dataclass(frozen=True)
+class MeasuredPoint(LayerPoint):
+    winners: tuple[str, ...]  # fused variants within WIN_RATIO of chain2, fastest first
 
 
 def points_from_benchmark(report: dict, dtype: torch.dtype, max_rows: int,
@@ -113,9 +125,8 @@ def decode_winners(device_name: str, dtype: torch.dtype, rows: int, shape: tuple
     the module docstring; empty: chain2 was not beaten), or None when no point covers it."""
     points = _points(os.environ.get(ENV_DECODE_TABLE) or None, device_name, dtype, max_rows,
                      mode)
-    m, n, r = shape
-    covering = [p for p in points if p.covers(rows, m, n, r)]
-    return min(covering, key=MeasuredPoint.size).winners if covering else None
+    point = smallest_covering(points, rows, shape)
+    return point.winners if point is not None else None
 
 
 def measured_devices() -> list[str]:

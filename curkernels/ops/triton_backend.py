@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from . import decode_configs
 from . import triton_decode as decode
 from .backends import triton_interpreting
 from .dispatch import DECODE_MAX_ROWS
@@ -60,7 +61,8 @@ class DecodeConfig:
 
 # 8 KB of bf16 weights a step; 32-row expand tiles give 128 tiles at m = 4096, about one per SM.
 # No C ahead of the barrier: on the H100 (bench/results/decode_sweep_h100.md) loading 16 KB of
-# it ahead took longer at 30 of 32 points (by up to 1.4 µs).
+# it ahead took longer at 30 of 32 points (by up to 1.4 µs). Where a GPU's sweep measured
+# another config faster for a shape, that one runs (decode_configs.py).
 DEFAULT_DECODE_CONFIG = DecodeConfig()
 WORKSPACE_ROWS = DECODE_MAX_ROWS
 
@@ -82,6 +84,7 @@ class _DecodePlan:
 
 _workspaces: dict[tuple, _DecodeWorkspace] = {}
 _decode_plans: dict[tuple, _DecodePlan] = {}
+_measured_configs: dict[tuple, DecodeConfig] = {}
 
 
 @functools.cache
@@ -202,14 +205,36 @@ def _u_kind(U: torch.Tensor | None) -> str:
     return "diagonal" if U.dim() == 1 else "full"
 
 
-def cur_linear_decode(x, C, U, R, bias, rows, y,
-                      config: DecodeConfig = DEFAULT_DECODE_CONFIG) -> None:
+def _measured_config(device: torch.device, dtype: torch.dtype, M: int,
+                     shape: tuple[int, int, int]) -> DecodeConfig:
+    """The tile config the GPU's measured sweep chose for this call (decode_configs.py), or the
+    default one; memoized per call shape."""
+    key = (device, dtype, M, shape)
+    config = _measured_configs.get(key)
+    if config is None:
+        fields = (decode_configs.measured_fields(_device_name(device.index), dtype, M, shape,
+                                                 vars(DEFAULT_DECODE_CONFIG))
+                  if device.type == "cuda" else None)
+        config = _measured_configs[key] = (DecodeConfig(**fields) if fields is not None
+                                           else DEFAULT_DECODE_CONFIG)
+    return config
+
+
+@functools.cache
+def _device_name(device_index: int | None) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def cur_linear_decode(x, C, U, R, bias, rows, y, config: DecodeConfig | None = None) -> None:
     """Writes y (..., m) from a contiguous x (..., n) of at most 16 rows with the decode kernel;
-    `config` picks its tiles (benchmarks compare configs through it)."""
+    `config` picks its tiles (None: the measured choice for this GPU and shape; benchmarks
+    compare configs through it)."""
     n = x.shape[-1]
     M = x.numel() // n
     m, c = C.shape
     r = rows.shape[0] if rows is not None else R.shape[0]
+    if config is None:
+        config = _measured_config(x.device, x.dtype, M, (m, n, r))
     persistent = _single_launch(x.device)
     plan = _decode_plan(x.device, x.dtype, n, r, c, m, _u_kind(U), bias is not None,
                         rows is not None, persistent, config)

@@ -1,5 +1,6 @@
-"""The benchmark tools the dispatch tables come from: shipping a layer-bench run as a table, and
-the decode config sweep's correctness check (the timing itself needs a GPU)."""
+"""The benchmark tools the dispatch tables come from: shipping a layer-bench run as a table and a
+decode sweep as tile configs, and the sweep's correctness check (the timing itself needs a
+GPU)."""
 
 import importlib.util
 import json
@@ -9,7 +10,7 @@ import pytest
 import torch
 from cur_linear_cases import kernel_device
 
-from curkernels.ops import decode_table
+from curkernels.ops import decode_configs, decode_table
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
@@ -37,6 +38,26 @@ def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
         (M, variant) for M in (1, 16) for variant in ("chain2", "triton", "cuda")}
     assert not list(tmp_path.glob("*.partial"))
     assert set(decode_table.FUSED_VARIANTS) == {"triton", "cuda"}
+
+
+def test_a_shipped_sweep_answers_for_its_gpu(tmp_path, monkeypatch):
+    """What decode_sweep.py writes, shipped: named by the GPU, no partial file left behind, and
+    read back by decode_configs with the same choice."""
+    sweep = _load("decode_sweep")
+    default = vars(sweep.CONFIGS["default"])
+    configs = {"default": default, "2/sm": dict(default, programs_per_sm=2)}
+    run = tmp_path / "decode_sweep.json"
+    run.write_text(json.dumps({
+        "device": "Some GPU 80GB", "dtype": "bfloat16", "torch": "x", "ceilings": {},
+        "configs": configs, "rows": [{"m": 64, "n": 64, "r": 8, "M": 1, "floor_us": 1.0,
+                                      "chain2": 9.0, "errors": {"default": 0.0, "2/sm": 0.0},
+                                      "default": 8.0, "2/sm": 6.0}]}))
+    shipped = _load("bench_report").ship_decode_configs(run, into=tmp_path / "configs")
+    assert shipped == tmp_path / "configs" / "Some_GPU_80GB.json"
+    assert not list((tmp_path / "configs").glob("*.partial"))
+    monkeypatch.setenv(decode_configs.ENV_DECODE_CONFIGS, str(shipped))
+    assert decode_configs.measured_fields("Some GPU 80GB", torch.bfloat16, 1, (64, 64, 8),
+                                          default) == configs["2/sm"]
 
 
 def test_sweep_configs_compute_the_layer(monkeypatch):
