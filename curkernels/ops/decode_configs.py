@@ -12,14 +12,12 @@ per call shape: CURKERNELS_DECODE_CONFIGS counts as it was at a shape's first ca
 """
 
 import functools
-import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from .decode_table import MEASURED_DIR, LayerPoint, smallest_covering
+from .decode_table import MEASURED_DIR, LayerPoint, measurements_by_device, smallest_covering
 
 ENV_DECODE_CONFIGS = "CURKERNELS_DECODE_CONFIGS"
 CONFIGS_DIR = MEASURED_DIR / "decode_configs"
@@ -56,27 +54,12 @@ def points_from_sweep(report: dict, default_fields: dict) -> list[SweptPoint]:
     return points
 
 
-def _read(path: Path, what: str) -> dict:
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{what} {path} is not a readable decode-sweep JSON: {error}") from error
-    if not isinstance(report, dict) or "device" not in report or "configs" not in report:
-        raise ValueError(f"{what} {path} is not a decode-sweep JSON (no device or configs)")
-    return report
-
-
 @functools.cache
 def _sweeps(override: str | None) -> dict[str, dict]:
-    """Device name -> sweep: the shipped files, then the CURKERNELS_DECODE_CONFIGS file."""
-    sweeps = {}
-    for path in sorted(CONFIGS_DIR.glob("*.json")):
-        report = _read(path, "shipped decode configs")
-        sweeps[report["device"]] = report
-    if override:
-        report = _read(Path(override), ENV_DECODE_CONFIGS)
-        sweeps[report["device"]] = report
-    return sweeps
+    """Device name -> sweep: the shipped files, then CURKERNELS_DECODE_CONFIGS's."""
+    return measurements_by_device(sorted(CONFIGS_DIR.glob("*.json")), override,
+                                  ENV_DECODE_CONFIGS, "decode-sweep",
+                                  lambda report: "configs" in report and report.get("device"))
 
 
 @functools.cache

@@ -23,6 +23,7 @@ rules).
 import functools
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,27 +90,31 @@ def points_from_benchmark(report: dict, dtype: torch.dtype, max_rows: int,
     return points
 
 
-def _read(path: Path, what: str) -> dict:
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{what} {path} is not a readable layer-bench JSON: {error}") from error
-    if not isinstance(report, dict) or "device" not in report.get("meta", {}):
-        raise ValueError(f"{what} {path} is not a layer-bench JSON (no meta.device)")
-    return report
+def measurements_by_device(files: list[Path], override: str | None, variable: str, kind: str,
+                           device_of: Callable[[dict], str | None]) -> dict[str, dict]:
+    """Device name -> report: the shipped `files`, then the file an environment variable names
+    (`override`, the value of `variable`), which answers for its device. A file that cannot be
+    read, or is not a `kind` JSON (`device_of` finds no device in it), is an error naming it."""
+    reports = {}
+    for path, what in [(path, "shipped") for path in files] + (
+            [(Path(override), variable)] if override else []):
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"{what} {path} is not a readable {kind} JSON: {error}") from error
+        device = device_of(report) if isinstance(report, dict) else None
+        if not device:
+            raise ValueError(f"{what} {path} is not a {kind} JSON (no device)")
+        reports[device] = report
+    return reports
 
 
 @functools.cache
 def _reports(override: str | None) -> dict[str, dict]:
-    """Device name -> report: the shipped files, then the CURKERNELS_DECODE_TABLE file."""
-    reports = {}
-    for path in sorted(MEASURED_DIR.glob("*.json")):
-        report = _read(path, "shipped decode table")
-        reports[report["meta"]["device"]] = report
-    if override:
-        report = _read(Path(override), ENV_DECODE_TABLE)
-        reports[report["meta"]["device"]] = report
-    return reports
+    """Device name -> layer-bench report: the shipped files, then CURKERNELS_DECODE_TABLE's."""
+    return measurements_by_device(sorted(MEASURED_DIR.glob("*.json")), override,
+                                  ENV_DECODE_TABLE, "layer-bench",
+                                  lambda report: report.get("meta", {}).get("device"))
 
 
 @functools.cache
