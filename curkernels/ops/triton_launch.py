@@ -1,7 +1,7 @@
 """Launch a Triton kernel again without Triton's per-call argument binding.
 
 `kernel[grid](*args, **constexprs)` binds every argument, specialises it and builds a cache key
-on each call: 14–24 µs of Python for the decode kernel's 38 parameters on the 2-core CI machine
+on each call: 14–27 µs of Python for the decode kernel's 37 parameters on the 2-core CI machine
 (Triton 3.8's binder and cache key timed alone), more than the GPU time of a decode call, so
 eagerly it decides the call's cost. `CachedLaunch` fixes the constexprs and the grid, goes
 through Triton once per specialisation and keeps the compiled kernel; later calls hand the
