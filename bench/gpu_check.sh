@@ -16,7 +16,8 @@
 # E2E_BUDGET (seconds for bench/e2e.py's jobs, default 420), E2E_ARGS (more e2e.py options),
 # MEMCHECK=0 (skip compute-sanitizer), MEMCHECK_BACKENDS (default "cuda triton"),
 # GPU_TEST_WORKERS (pytest-xdist processes, default 8), LAYER_BENCH_ARGS (more layer_bench.py
-# options, e.g. --ranks 256,512,1024,2048).
+# options, e.g. --ranks 256,512,1024,2048), LAYER_BUDGET and SWEEP_BUDGET (seconds after which
+# the layer benchmark and the sweep skip the shapes left; defaults 210 and 110).
 # The kernels section's layer benchmark becomes CURKERNELS_DECODE_TABLE for later sections.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -94,7 +95,8 @@ fi
 
 if wants sweep; then
   step "decode config sweep"
-  timeout 200 "$PYTHON" bench/decode_sweep.py --out "$OUT" --budget 110 > "$OUT/sweep.log" 2>&1
+  timeout $((${SWEEP_BUDGET:-110} + 90)) "$PYTHON" bench/decode_sweep.py --out "$OUT" \
+    --budget "${SWEEP_BUDGET:-110}" > "$OUT/sweep.log" 2>&1
   summary+=("sweep: exit $?")
   # The layer benchmark and later sections run the Triton decode kernel with this run's configs.
   if [[ -f "$OUT/decode_sweep.json" && -z "${CURKERNELS_DECODE_CONFIGS:-}" ]]; then
@@ -106,8 +108,8 @@ fi
 if wants kernels; then
   step "layer benchmark"
   # shellcheck disable=SC2086
-  timeout 330 "$PYTHON" bench/layer_bench.py --out "$OUT" --budget 210 ${LAYER_BENCH_ARGS:-} \
-    > "$OUT/bench.log" 2>&1
+  timeout $((${LAYER_BUDGET:-210} + 120)) "$PYTHON" bench/layer_bench.py --out "$OUT" \
+    --budget "${LAYER_BUDGET:-210}" ${LAYER_BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   summary+=("benchmark: exit $? ($(grep -o '"seconds": [0-9.]*' "$OUT"/*.json | tail -1))")
   # Later sections dispatch CUDA-graph decode by this run's own measurements.
   table="$OUT/$("$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import torch, bench_report
