@@ -16,6 +16,7 @@ the order rotated, and medians reported beside the byte (decode) or FLOP (prefil
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -30,6 +31,8 @@ import transformers
 from e2e_models import ATTENTION, LLAMA_31_8B, SMALL, compressed_copy, dense_model, settings_for
 
 from curkernels.nn import prepare_for_inference
+from curkernels.ops.decode_configs import ENV_DECODE_CONFIGS
+from curkernels.ops.decode_table import ENV_DECODE_TABLE
 from curkernels.serve import StaticCacheGenerator
 from curkernels.serve.hf_compat import cache_bytes
 
@@ -277,7 +280,11 @@ def environment(device: torch.device) -> dict:
     return {"device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                        else f"CPU ({platform.processor() or platform.machine()})"),
             "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(),
+            # what the decode dispatch and the Triton tile configs read: a run's own files, or
+            # the ones the package ships
+            "decode_table": os.environ.get(ENV_DECODE_TABLE) or "shipped",
+            "decode_configs": os.environ.get(ENV_DECODE_CONFIGS) or "shipped"}
 
 
 def main(argv=None) -> None:

@@ -36,6 +36,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="machine-readable ou
     table = Table(title="curkernels", show_header=False)
     for key in ("curkernels", "python", "torch", "torch_cuda", "triton", "transformers"):
         table.add_row(key, str(report[key]))
+    table.add_row("Triton decode kernel", report["triton_features"])
     table.add_row("CUDA extension", report["extension"])
     table.add_row("GPUs", ", ".join(report["gpus"]) or "none")
     for name, state in report["backends"].items():

@@ -17,6 +17,17 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _triton_features() -> str:
+    """What the installed Triton lets the decode kernel do (triton_launch.py, triton_decode.py)."""
+    try:
+        from .ops.triton_decode import PDL_SUPPORTED
+        from .ops.triton_launch import SUPPORTED as CACHED_LAUNCH
+    except ImportError as error:
+        return f"unavailable ({error})"
+    return (f"cached decode launches: {'yes' if CACHED_LAUNCH else 'no (Triton < 3.3)'}; "
+            f"PDL variant: {'yes' if PDL_SUPPORTED else 'no (Triton < 3.5)'}")
+
+
 def environment_report() -> dict:
     built, extension = extension_status()
     gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
@@ -30,6 +41,7 @@ def environment_report() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": _version("triton"),
+        "triton_features": _triton_features(),
         "transformers": _version("transformers"),
         "extension_built": built,
         "extension": extension,
