@@ -34,16 +34,21 @@ def _floor_pow2(value: int) -> int:
     return 1 << (max(value, 1).bit_length() - 1)
 
 
+L2_LINE_BYTES = 128
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     """Tiles of the decode kernel. A shrink tile is block_r rank rows × a K slice, read
     block_k columns a step; expand and link tiles are block_out rows, read block_in columns a
     step. Before the first barrier each program loads up to prefetch_bytes of its first expand
-    tile's C (0: none). The persistent grid has programs_per_sm programs on each SM: all of
-    them must be resident at once for the grid barrier. With pdl the kernel is a programmatic
-    dependent launch (Hopper on; Triton ≥ 3.5): it loads its first shrink weights while the
-    previous kernel finishes and lets the next one launch during its expand. The input rows are
-    padded to 16, the tensor-core minimum."""
+    tile's C (0: none). Once its shrink is done, each program asks L2 for up to
+    l2_prefetch_bytes of its expand tiles' C, which then streams from DRAM across the barrier
+    (0: none; single launch only). The persistent grid has programs_per_sm programs on each
+    SM: all of them must be resident at once for the grid barrier. With pdl the kernel is a
+    programmatic dependent launch (Hopper on; Triton ≥ 3.5): it loads its first shrink weights
+    while the previous kernel finishes and lets the next one launch during its expand. The
+    input rows are padded to 16, the tensor-core minimum."""
     block_r: int = 32
     block_k: int = 128
     block_out: int = 32
@@ -52,6 +57,12 @@ class DecodeConfig:
     prefetch_bytes: int = 0
     programs_per_sm: int = 1
     pdl: bool = False
+    l2_prefetch_bytes: int = 0
+
+    def l2_prefetch_lines(self, step: int) -> int:
+        """Cache lines each program asks L2 for, rounded up to whole steps of `step` lines."""
+        lines = triton.cdiv(self.l2_prefetch_bytes, L2_LINE_BYTES)
+        return triton.cdiv(lines, step) * step
 
     def prefetch_columns(self, c: int, element_size: int) -> int:
         """Columns of C loaded ahead: a power of two ≥ 16 (a tl.dot's minimum K), at most c's."""
@@ -173,6 +184,11 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
              "DO_EXPAND": triton.cdiv(m, config.block_out)}
     phases = ["DO_SHRINK"] + (["DO_LINK"] if full_u else []) + ["DO_EXPAND"]
     pdl = config.pdl and persistent and device.type == "cuda" and not triton_interpreting()
+    # One line a thread a step; only the single launch has a barrier for C to stream across,
+    # and the interpreter (which runs it on one program in tests) has no inline PTX.
+    l2_step = 32 * config.num_warps
+    l2_lines = (config.l2_prefetch_lines(l2_step) if persistent and not triton_interpreting()
+                else 0)
     if pdl and not decode.PDL_SUPPORTED:
         raise ValueError(f"DecodeConfig(pdl=True) needs Triton ≥ 3.5 (griddepcontrol); this is "
                          f"Triton {triton.__version__}")
@@ -180,7 +196,8 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
                   BLOCK_OUT=config.block_out, BLOCK_IN=config.block_in,
                   PREFETCH=config.prefetch_bytes > 0,
                   PREFETCH_IN=config.prefetch_columns(c, element_size),
-                  SHRINK_HEAD=config.pdl, PDL=pdl,
+                  SHRINK_HEAD=config.pdl, PDL=pdl, L2_LINES=l2_lines, L2_STEP=l2_step,
+                  LINE_ELEMENTS=L2_LINE_BYTES // element_size,
                   WORKSPACE_ROWS=WORKSPACE_ROWS, DIAGONAL_U=u_kind == "diagonal", FULL_U=full_u,
                   HAS_BIAS=has_bias, GATHER=gather, DOT_FP32=dtype == torch.float32,
                   num_warps=config.num_warps, **({"launch_pdl": True} if pdl else {}))

@@ -7,7 +7,10 @@ Three phases over a persistent grid of one program per SM:
   expand  y = C·s + b  tiles of output rows.
 Phases are separated by a grid barrier (atomics with acquire/release). With PREFETCH, each
 program loads the first PREFETCH_IN columns of its first expand tile before the first barrier:
-those weight reads overlap the shrink and the barrier instead of following them. The shrink
+those weight reads overlap the shrink and the barrier instead of following them. With L2_LINES,
+each program instead asks L2 for the first L2_LINES cache lines of its expand tiles once its
+shrink is done (`prefetch.global.L2`: no register holds them and nothing waits on them), so that
+DRAM streams C while the grid waits at the barrier. The shrink
 buffer is double-buffered by an epoch counter kept in the workspace: every launch zeroes the
 buffer of the next one once it is done, so nothing changes on the host between calls and
 CUDA-graph replays stay correct.
@@ -51,6 +54,27 @@ else:
     @triton.jit
     def _let_next_kernel_launch():
         pass
+
+
+@triton.jit
+def _prefetch_l2(ptrs):
+    """Asks L2 for the cache line holding each pointer. Not pure, so it is kept although its
+    (unwritten) result is unused; PTX, so never under the interpreter."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _expand_line_offsets(line, pid, num_programs, m, c, BLOCK_OUT: tl.constexpr,
+                         LINE_ELEMENTS: tl.constexpr):
+    """Element offsets into C, one per cache line, of the `line`-th lines of this program's
+    expand tiles taken in the order it expands them (tile pid, pid + num_programs, ...): a
+    tile's rows are one contiguous range of C. Clamped to C's last element."""
+    tile_elements = BLOCK_OUT * c.to(tl.int64)
+    lines_per_tile = tl.cdiv(tile_elements, LINE_ELEMENTS)
+    tile = pid + (line // lines_per_tile) * num_programs
+    offsets = tile * tile_elements + (line % lines_per_tile) * LINE_ELEMENTS
+    return tl.minimum(offsets, m.to(tl.int64) * c - 1)
 
 
 @triton.jit
@@ -189,7 +213,8 @@ def cur_linear_decode_kernel(
         BLOCK_M: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_OUT: tl.constexpr,
         BLOCK_IN: tl.constexpr, PREFETCH: tl.constexpr, PREFETCH_IN: tl.constexpr,
-        SHRINK_HEAD: tl.constexpr, PDL: tl.constexpr, WORKSPACE_ROWS: tl.constexpr):
+        SHRINK_HEAD: tl.constexpr, PDL: tl.constexpr, WORKSPACE_ROWS: tl.constexpr,
+        L2_LINES: tl.constexpr, L2_STEP: tl.constexpr, LINE_ELEMENTS: tl.constexpr):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -223,6 +248,12 @@ def cur_linear_decode_kernel(
             _shrink_tile(tile, shrink_head, x_ptr, r_ptr, rows_ptr, sums, M, n, r, base_rows,
                          shrink_tile_k, shrink_k_tiles, False, GATHER, DOT_FP32, BLOCK_M,
                          BLOCK_R, BLOCK_K)
+
+    if DO_EXPAND and L2_LINES > 0:  # C does not depend on the shrink: stream it meanwhile
+        for start in range(0, L2_LINES, L2_STEP):
+            line = start + tl.arange(0, L2_STEP)
+            _prefetch_l2(c_ptr + _expand_line_offsets(line, pid, num_programs, m, c, BLOCK_OUT,
+                                                      LINE_ELEMENTS))
 
     head = tl.zeros((BLOCK_OUT, PREFETCH_IN), c_ptr.dtype.element_ty)
     if DO_EXPAND and PREFETCH:  # C does not depend on the shrink: start reading it now

@@ -9,9 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from cur_linear_cases import LINKS, assert_matches_reference, kernel_device, make_case
 
 from curkernels.ops import triton_backend
+from curkernels.ops import triton_decode as decode
 from curkernels.ops.triton_backend import DecodeConfig, cur_linear_decode
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -54,10 +57,14 @@ def test_decode_repeated_calls_reuse_workspace(poisoned):
 # Tiles other than the default: prefetching all of C, part of it (the rest of the first
 # expand tile read after the barrier), narrow expand tiles, more warps, and the programmatic
 # dependent launch (on the CPU its first shrink weights loaded ahead, without the launch).
+# The L2 prefetch of C runs in the single launch only (a GPU): a part of C, and more than all
+# of it.
 CONFIGS = (DecodeConfig(prefetch_bytes=16384), DecodeConfig(prefetch_bytes=2048),
            DecodeConfig(block_out=16, block_r=16, block_k=64, block_in=64, prefetch_bytes=1024),
            DecodeConfig(num_warps=8, prefetch_bytes=32768), DecodeConfig(pdl=True),
-           DecodeConfig(pdl=True, block_k=64, prefetch_bytes=2048))
+           DecodeConfig(pdl=True, block_k=64, prefetch_bytes=2048),
+           DecodeConfig(l2_prefetch_bytes=4096),
+           DecodeConfig(l2_prefetch_bytes=1 << 20, block_out=16, num_warps=8))
 
 
 @pytest.mark.anydevice
@@ -88,6 +95,45 @@ def test_prefetch_columns():
     assert config.prefetch_columns(4096, 4) == 128
     assert config.prefetch_columns(1, 2) == 16
     assert DecodeConfig(prefetch_bytes=3000).prefetch_columns(4096, 2) == 32
+
+
+@triton.jit
+def _line_offsets_kernel(out_ptr, pid, num_programs, m, c, LINES: tl.constexpr,
+                         BLOCK_OUT: tl.constexpr, LINE_ELEMENTS: tl.constexpr):
+    line = tl.arange(0, LINES)
+    tl.store(out_ptr + line, decode._expand_line_offsets(line, pid, num_programs, m, c,
+                                                         BLOCK_OUT, LINE_ELEMENTS))
+
+
+@pytest.mark.parametrize("m,c,block_out,num_programs,pid,lines", (
+    (4096, 1024, 32, 132, 0, 512),      # a tile is 32 K elements: the first tile's 512 lines
+    (4096, 1024, 32, 132, 127, 1024),   # the last of 128 tiles, then past C: clamped
+    (130, 7, 16, 3, 2, 64),             # tiles and lines that do not divide C
+    (1, 1, 32, 1, 0, 16)))
+def test_l2_prefetch_lines_cover_the_programs_expand_tiles(m, c, block_out, num_programs, pid,
+                                                           lines):
+    """The lines a program asks L2 for are those of its own expand tiles, taken in the order
+    it expands them, one per 128 bytes, and never an address outside C."""
+    line_elements = triton_backend.L2_LINE_BYTES // 2
+    out = torch.full((lines,), -1, dtype=torch.int64, device=DEVICE)
+    _line_offsets_kernel[(1,)](out, pid, num_programs, m, c, LINES=lines, BLOCK_OUT=block_out,
+                               LINE_ELEMENTS=line_elements)
+    tile_elements = block_out * c
+    expected = []
+    for tile in range(pid, triton.cdiv(m, block_out), num_programs):
+        start, stop = tile * tile_elements, min((tile + 1) * tile_elements, m * c)
+        expected += range(start, stop, line_elements)
+    expected = expected[:lines]
+    offsets = out.tolist()
+    assert offsets[:len(expected)] == expected
+    assert all(0 <= offset < m * c for offset in offsets)
+
+
+def test_l2_prefetch_lines_round_up_to_whole_steps():
+    assert DecodeConfig().l2_prefetch_lines(128) == 0
+    assert DecodeConfig(l2_prefetch_bytes=65536).l2_prefetch_lines(128) == 512
+    assert DecodeConfig(l2_prefetch_bytes=1000).l2_prefetch_lines(128) == 128
+    assert DecodeConfig(l2_prefetch_bytes=65536 + 1).l2_prefetch_lines(256) == 768
 
 
 @pytest.mark.parametrize("asked,num_warps,shared_per_sm,expected", (

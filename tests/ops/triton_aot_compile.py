@@ -69,7 +69,8 @@ def decode_kernels(dtype, config=triton_backend.DEFAULT_DECODE_CONFIG):
                 launch = cached.constexprs
                 constants = {k: v for k, v in launch.items() if k not in LAUNCH_OPTIONS} | nones
                 yield (f"decode {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
-                       f"U={u_kind}{' pdl' if launch.get('launch_pdl') else ''}", pointers,
+                       f"U={u_kind}{' pdl' if launch.get('launch_pdl') else ''}"
+                       f"{' l2' if launch['L2_LINES'] else ''}", pointers,
                        constants, launch["num_warps"], 3, launch.get("launch_pdl", False))
 
 
@@ -95,6 +96,9 @@ def main() -> int:
         kernels = list(decode_kernels(dtype)) + list(prefill_kernels(dtype))
         if PDL_SUPPORTED:  # the launch plan refuses PDL before Triton 3.5
             kernels += list(decode_kernels(dtype, triton_backend.DecodeConfig(pdl=True)))
+        kernels += [kernel for kernel in decode_kernels(
+            dtype, triton_backend.DecodeConfig(l2_prefetch_bytes=65536, num_warps=8))
+            if "persistent" in kernel[0]]
         if quick:
             kernels = [k for k in kernels if not k[0].startswith("prefill")
                        or str(default_config(4096, 1024, False, dtype)) in k[0]]
