@@ -14,6 +14,7 @@ the order rotated, and medians reported beside the byte (decode) or FLOP (prefil
 """
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -28,7 +29,15 @@ import e2e_bounds as bounds
 import e2e_report as report
 import torch
 import transformers
-from e2e_models import ATTENTION, LLAMA_31_8B, SMALL, compressed_copy, dense_model, settings_for
+from e2e_models import (
+    ATTENTION,
+    LLAMA_31_8B,
+    SMALL,
+    Setting,
+    compressed_copy,
+    dense_model,
+    settings_for,
+)
 
 from curkernels.nn import prepare_for_inference
 from curkernels.ops.decode_configs import ENV_DECODE_CONFIGS
@@ -79,6 +88,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="round the keep settings' ranks down to a multiple, as a server "
                              "would for tensor cores (default 64; small: 1). Unaligned ranks "
                              "(1433 at keep 0.7 on 4096×4096) made bf16 cuBLAS prefill slow")
+    parser.add_argument("--shared-shrinks", action="store_true",
+                        help="also time each compressed setting with its factored q/k/v and "
+                             "gate/up sharing one shrink GEMM (share_input_shrinks), as "
+                             "'<setting>+shared', a copy of the setting's model")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend; default inductor (small on CPU: eager, "
                              "which traces the same fullgraph without compiling C++)")
@@ -317,6 +330,14 @@ def main(argv=None) -> None:
             rank_multiple=args.rank_multiple, device=device)
         # as `load_for_inference` serves a checkpoint: frozen, CUR links folded
         models[setting.name] = prepare_for_inference(model)
+    if args.shared_shrinks:
+        for setting in [s for s in settings if s.name != "dense"]:
+            shared = Setting(f"{setting.name}+shared",
+                             f"{setting.description}; q/k/v and gate/up share one shrink GEMM")
+            models[shared.name] = prepare_for_inference(copy.deepcopy(models[setting.name]),
+                                                        share_shrinks=True)
+            notes[shared.name] = notes[setting.name]
+            settings.append(shared)
     args.compiled_settings = (args.compiled_settings.split(",") if args.compiled_settings
                               else list(models))
     unknown = set(args.compiled_settings) - set(models)

@@ -41,6 +41,8 @@ class CURLinear(nn.Module):
         backend: 'auto' | 'torch' | 'triton' | 'cuda', passed to `cur_linear`.
     """
 
+    SHRINK_FACTOR, EXPAND_FACTOR = "R", "C"  # the parameters `share_input_shrinks` works on
+
     def __init__(self, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,
                  bias: torch.Tensor | None = None, row_indices=None, col_indices=None, *,
                  trainable: tuple[str, ...] = ("U",), gather: bool = False,
@@ -59,6 +61,7 @@ class CURLinear(nn.Module):
         self.out_features = C.shape[0]
         self.gather = gather
         self.backend = backend
+        self.shared_shrink = self.shared_columns = None  # see shared_shrink.py
         self.C = nn.Parameter(C.detach().contiguous(), requires_grad="C" in trainable)
         self.U = (None if U is None
                   else nn.Parameter(U.detach().contiguous(), requires_grad="U" in trainable))
@@ -102,6 +105,8 @@ class CURLinear(nn.Module):
                    None if linear.bias is None else linear.bias.detach(), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_shrink is not None:
+            return self.shared_shrink.forward_member(self, x)
         # Direct dictionary reads: nn.Module.__getattr__ costs about a microsecond per factor.
         params = self._parameters
         C, U = params["C"], params.get("U")

@@ -3,9 +3,11 @@
 from torch import nn
 
 from .cur_linear import CURLinear
+from .shared_shrink import share_input_shrinks
 
 
-def prepare_for_inference(model: nn.Module, *, fold: bool = True) -> nn.Module:
+def prepare_for_inference(model: nn.Module, *, fold: bool = True,
+                          share_shrinks: bool = False) -> nn.Module:
     """Freeze `model` for serving, in place, and return it.
 
     - `eval()` and `requires_grad_(False)`: no autograd bookkeeping per call.
@@ -15,6 +17,8 @@ def prepare_for_inference(model: nn.Module, *, fold: bool = True) -> nn.Module:
       compiling; the fused kernels then run the two-factor form. The folded C no longer holds
       columns of W, so CUR interpretability (`col_indices`) is given up; outputs change only
       by the rounding of C·U to the model's dtype.
+    - With `share_shrinks`, factored q/k/v and gate/up siblings share one shrink GEMM
+      (`share_input_shrinks`): their calls then run the cuBLAS chain, not the fused kernels.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -24,4 +28,6 @@ def prepare_for_inference(model: nn.Module, *, fold: bool = True) -> nn.Module:
         for module in model.modules():
             if isinstance(module, CURLinear):
                 module.fold()  # the new C keeps the old one's requires_grad (False)
+    if share_shrinks:
+        share_input_shrinks(model)
     return model

@@ -10,6 +10,8 @@ from .cur_linear import _truncated_svd
 class LowRankLinear(nn.Module):
     """y = x·(A·B)ᵀ + b, computed as (x·Bᵀ)·Aᵀ + b. A is (m, r), B is (r, n)."""
 
+    SHRINK_FACTOR, EXPAND_FACTOR = "B", "A"  # the parameters `share_input_shrinks` works on
+
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None, *,
                  backend: str = "auto"):
         super().__init__()
@@ -19,6 +21,7 @@ class LowRankLinear(nn.Module):
         self.in_features = B.shape[1]
         self.out_features = A.shape[0]
         self.backend = backend
+        self.shared_shrink = self.shared_columns = None  # see shared_shrink.py
         self.A = nn.Parameter(A.detach().contiguous())
         self.B = nn.Parameter(B.detach().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous())
@@ -40,6 +43,8 @@ class LowRankLinear(nn.Module):
                    None if linear.bias is None else linear.bias.detach(), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.shared_shrink is not None:
+            return self.shared_shrink.forward_member(self, x)
         params = self._parameters  # direct: nn.Module.__getattr__ costs µs per factor
         return cur_linear(x, params["A"], None, params["B"], params.get("bias"),
                           backend=self.backend, check_factors=False)

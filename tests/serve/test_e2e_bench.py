@@ -49,6 +49,21 @@ def test_time_budget_skips_jobs_and_lists_them(tmp_path):
     assert "skipped (time budget" in (tmp_path / "e2e_small.md").read_text()
 
 
+def test_shared_shrinks_time_each_compressed_setting_beside_its_copy(tmp_path):
+    command = [sys.executable, str(REPO / "bench" / "e2e.py"), "--small", "--out", str(tmp_path),
+               "--settings", "dense,keep0.5", "--batch-sizes", "1", "--rounds", "1",
+               "--warmup", "1", "--shared-shrinks"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "e2e_small.json").read_text())
+    settings = summary["settings"]
+    assert list(settings) == ["dense", "keep0.5", "keep0.5+shared"]
+    # the stacked shrink weights are the members' own factors: no byte more
+    assert settings["keep0.5+shared"]["parameter_bytes"] == settings["keep0.5"]["parameter_bytes"]
+    measured = {(r["path"], r["setting"]) for r in summary["results"]}
+    assert {("eager", "keep0.5+shared"), ("compiled", "keep0.5+shared")} <= measured
+
+
 def test_compiled_settings_must_include_dense(tmp_path):
     command = [sys.executable, str(REPO / "bench" / "e2e.py"), "--small", "--out", str(tmp_path),
                "--settings", "dense,keep0.5", "--compiled-settings", "keep0.5"]

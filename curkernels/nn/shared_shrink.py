@@ -1,0 +1,132 @@
+"""One shrink GEMM for sibling projections that read the same input.
+
+The q, k and v projections of an attention block, and gate and up of a gated MLP, each compute
+x·Rᵀ on one x. `share_input_shrinks` stacks their shrink factors (R of a `CURLinear`, B of a
+`LowRankLinear`) into one weight, so that a single GEMM serves the group: one weight stream
+and one launch instead of three at decode, a wider and better-filled GEMM at prefill. Each
+member then expands its own columns of the product with its own factor (the second GEMM of
+the cuBLAS chain). Every member's shrink factor becomes a view of its rows of the stacked
+weight, so nothing is stored twice and state dicts keep their keys and shapes.
+
+The first member called with an input computes the stacked product and keeps it for the
+others, matched by the identity of the input (and, eagerly, by its version counter, so an
+input changed in place is not matched); the last member of the group to be served drops it.
+Nothing outlives a forward, and a compiled graph (torch.compile traces the hand-over) takes no
+extra inputs or guards. A member called with another input recomputes the product: a wrong
+grouping costs time, never correctness.
+"""
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.dispatch import requested_backend
+from ..ops.validation import check_input
+from .cur_linear import CURLinear
+from .low_rank_linear import LowRankLinear
+
+# transformers' names of the projections that read one input: Llama, Mistral, Qwen2 and most
+# decoder-only models; BERT-style encoders
+DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
+class SharedShrink:
+    """The stacked shrink weight of a group and the product it hands from member to member.
+    A plain object, not a module: the weight's storage belongs to the members' parameters."""
+
+    def __init__(self, weight: torch.Tensor, members: int):
+        self.weight = weight
+        self.members = members
+        self._drop()
+
+    def _drop(self) -> None:
+        self._input = self._product = None
+        self._input_version = -1
+        self._served = 0
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x·weightᵀ, computed once for the members that read this very x."""
+        if self._input is not x or (not torch.compiler.is_compiling()
+                                    and self._input_version != x._version):
+            if self.weight.device != x.device or self.weight.dtype != x.dtype:
+                raise RuntimeError(
+                    f"the shared shrink weight is {self.weight.dtype} on {self.weight.device}, "
+                    f"the model's factors {x.dtype} on {x.device}: moving or casting a model "
+                    f"copies each factor apart from it; call share_input_shrinks afterwards")
+            self._input, self._product, self._served = x, F.linear(x, self.weight), 0
+            if not torch.compiler.is_compiling():  # torch.compile cannot read the counter
+                self._input_version = x._version
+        product = self._product
+        self._served += 1
+        if self._served == self.members:
+            self._drop()
+        return product
+
+    def forward_member(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The member's output: its columns of the product, expanded (+ bias)."""
+        params = module._parameters
+        expand = params[module.EXPAND_FACTOR]
+        if (not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != module.in_features
+                or x.dtype != expand.dtype or x.device != expand.device):
+            check_input(x, expand, params[module.SHRINK_FACTOR])
+        return F.linear(self.product(x)[..., module.shared_columns], expand, params.get("bias"))
+
+
+def _shareable(module: nn.Module | None) -> bool:
+    """Two factors, shrink factor frozen and read in place, the backend left to dispatch."""
+    if isinstance(module, CURLinear):
+        two_factors = module.U is None and not module.gather
+    elif isinstance(module, LowRankLinear):
+        two_factors = True
+    else:
+        return False
+    return (two_factors and not module._parameters[module.SHRINK_FACTOR].requires_grad
+            and requested_backend(module.backend) == "auto")
+
+
+def _share(members: list[nn.Module], factors: list[torch.Tensor]) -> SharedShrink:
+    with torch.no_grad():
+        stacked = torch.cat([factor.detach() for factor in factors]).contiguous()
+    shared = SharedShrink(stacked, len(members))
+    start = 0
+    for member, factor in zip(members, factors, strict=True):
+        stop = start + factor.shape[0]
+        setattr(member, member.SHRINK_FACTOR, nn.Parameter(stacked[start:stop],
+                                                           requires_grad=False))
+        member.shared_columns = slice(start, stop)
+        member.shared_shrink = shared
+        start = stop
+    return shared
+
+
+def share_input_shrinks(model: nn.Module,
+                        groups: Iterable[Iterable[str]] = DEFAULT_GROUPS) -> int:
+    """Make the factored siblings of each group, children of one module, share one shrink
+    GEMM, in place (see the module docstring); returns how many groups were formed.
+
+    A member must be a two-factor module (a `CURLinear` folded, `prepare_for_inference`, and
+    not in the gather form, or a `LowRankLinear`) with a frozen shrink factor and
+    backend='auto': its calls then run the shared cuBLAS chain instead of `cur_linear`'s
+    dispatch. Members of a group must share in_features, dtype and device; a group needs two.
+    For inference: a member's shrink factor is a view of the stacked weight, which the shared
+    GEMM reads, so the factor takes no gradient. Moving or casting the model afterwards copies
+    each factor apart from the stacked weight: call this again then (it stacks them anew).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    groups = [tuple(names) for names in groups]
+    formed = 0
+    for parent in list(model.modules()):
+        for names in groups:
+            members = [module for module in (parent._modules.get(name) for name in names)
+                       if _shareable(module)]
+            if len(members) < 2:
+                continue
+            factors = [member._parameters[member.SHRINK_FACTOR] for member in members]
+            if len({(f.shape[1], f.dtype, f.device) for f in factors}) != 1:
+                continue
+            _share(members, factors)
+            formed += 1
+    return formed

@@ -1,0 +1,196 @@
+"""`share_input_shrinks`: factored q/k/v and gate/up siblings run one stacked shrink GEMM a
+forward, eagerly and compiled, with the same outputs as the unshared modules."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from model_configs import model_outputs, sample_inputs, tiny_model
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import curkernels as ck
+from curkernels import CURLinear, LowRankLinear
+from curkernels.nn import find_linears, prepare_for_inference, share_input_shrinks, swap_linears
+from curkernels.serve import StaticCacheGenerator
+
+LAYERS = 2  # tiny_model's decoder blocks
+GROUPS_PER_LAYER = 2  # q/k/v and gate/up
+
+
+def _factored_llama() -> nn.Module:
+    """Every projection factored: CUR with a full link (folded by prepare_for_inference) on
+    q, v, gate and o, two factors on k, up and down, so that groups mix both module types."""
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(5)
+
+    def factor(name: str, linear: nn.Linear) -> nn.Module:
+        m, n = linear.weight.shape
+        rank = 4 + len(name) % 5  # members of a group with different ranks
+        if name.endswith(("k_proj", "up_proj", "down_proj")):
+            return LowRankLinear.from_linear(linear, rank)
+        return CURLinear(torch.randn(m, rank + 2, generator=generator) * 0.3,
+                         torch.randn(rank + 2, rank, generator=generator),
+                         torch.randn(rank, n, generator=generator) * 0.3)
+
+    swap_linears(model, find_linears(model), factor)
+    return prepare_for_inference(model)
+
+
+def _stacked_weights(model: nn.Module) -> list[torch.Tensor]:
+    shared = {id(m.shared_shrink): m.shared_shrink for m in model.modules()
+              if getattr(m, "shared_shrink", None) is not None}
+    return [s.weight for s in shared.values()]
+
+
+class _CountLinears(TorchFunctionMode):
+    """Counts F.linear calls on the given weights, by name."""
+
+    def __init__(self, **weights: list[torch.Tensor]):
+        super().__init__()
+        self.ids = {name: {id(w) for w in group} for name, group in weights.items()}
+        self.counts = dict.fromkeys(weights, 0)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            for name, ids in self.ids.items():
+                self.counts[name] += id(args[1]) in ids
+        return func(*args, **(kwargs or {}))
+
+
+def test_siblings_share_one_weight_and_outputs_stay():
+    model = _factored_llama()
+    inputs = sample_inputs()
+    before = model_outputs(model, inputs)
+    bytes_before = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert share_input_shrinks(model) == LAYERS * GROUPS_PER_LAYER
+    torch.testing.assert_close(model_outputs(model, inputs), before, rtol=1e-5, atol=1e-5)
+    assert sum(p.numel() * p.element_size() for p in model.parameters()) == bytes_before
+    attention = model.model.layers[0].self_attn
+    stacked = attention.q_proj.shared_shrink.weight
+    members = (attention.q_proj, attention.k_proj, attention.v_proj)
+    assert [m.shared_shrink for m in members] == [attention.q_proj.shared_shrink] * 3
+    assert stacked.shape == (sum(m.rank for m in members), attention.q_proj.in_features)
+    # each member's shrink factor is a view of its rows of the stacked weight: stored once
+    for member in members:
+        factor = member._parameters[member.SHRINK_FACTOR]
+        assert factor.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
+        torch.testing.assert_close(factor, stacked[member.shared_columns])
+    assert attention.o_proj.shared_shrink is None
+
+
+def test_one_shrink_gemm_per_group_and_nothing_kept():
+    model = _factored_llama()
+    share_input_shrinks(model)
+    members = [m for m in model.modules() if getattr(m, "shared_shrink", None) is not None]
+    assert len(members) == LAYERS * 5
+    with torch.no_grad(), _CountLinears(
+            stacked=_stacked_weights(model),
+            own_shrinks=[m._parameters[m.SHRINK_FACTOR] for m in members],
+            expands=[m._parameters[m.EXPAND_FACTOR] for m in members]) as counted:
+        model(**sample_inputs())
+    assert counted.counts == {"stacked": LAYERS * GROUPS_PER_LAYER, "own_shrinks": 0,
+                              "expands": len(members)}
+    for member in members:
+        assert member.shared_shrink._input is None and member.shared_shrink._product is None
+
+
+def test_members_given_other_inputs_or_changed_inputs_stay_correct():
+    """A member matches the product to its own input: another tensor, or the same one changed
+    in place, gets a new product."""
+    model = _factored_llama()
+    attention = model.model.layers[0].self_attn
+    reference = copy.deepcopy(attention)
+    share_input_shrinks(model)
+    generator = torch.Generator().manual_seed(0)
+    x, other = (torch.randn(3, attention.q_proj.in_features, generator=generator)
+                for _ in range(2))
+    with torch.no_grad():
+        torch.testing.assert_close(attention.q_proj(x), reference.q_proj(x))
+        x.mul_(2)
+        torch.testing.assert_close(attention.k_proj(x), reference.k_proj(x))
+        torch.testing.assert_close(attention.v_proj(other), reference.v_proj(other))
+        torch.testing.assert_close(attention.q_proj(x), reference.q_proj(x))
+
+
+def test_compiled_decode_is_one_graph_with_one_shrink_per_group():
+    model = _factored_llama()
+    input_ids = sample_inputs(batch=1)["input_ids"]
+    expected = StaticCacheGenerator(model, max_seq_len=24).generate(input_ids, 6)
+    share_input_shrinks(model)
+    compiled = StaticCacheGenerator(model, max_seq_len=24, compile=True,
+                                    compile_backend="aot_eager")
+    assert torch.equal(compiled.generate(input_ids, 6), expected)
+
+    generator = StaticCacheGenerator(model, max_seq_len=24)
+    generator.prefill(input_ids[:, :4])
+    explanation = torch._dynamo.explain(generator.last_logits)(
+        torch.tensor([[5]]), torch.tensor([4]))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+    stacked_shapes = {tuple(w.shape) for w in _stacked_weights(model)}
+    shrinks = [node for graph in explanation.graphs for node in graph.graph.nodes
+               if node.target is torch._C._nn.linear
+               and tuple(node.args[1].meta["example_value"].shape) in stacked_shapes]
+    assert len(shrinks) == LAYERS * GROUPS_PER_LAYER
+
+
+def test_checkpoint_of_a_shared_model_loads_with_the_same_outputs(tmp_path):
+    model = tiny_model("llama")
+    ck.compress(model, method="svd", keep=0.5)
+    prepare_for_inference(model, share_shrinks=True)
+    assert _stacked_weights(model)
+    inputs = sample_inputs()
+    ck.save_compressed(model, tmp_path / "ckpt")
+    loaded = ck.load_compressed(tmp_path / "ckpt")
+    torch.testing.assert_close(model_outputs(loaded, inputs), model_outputs(model, inputs))
+
+
+class _Siblings(nn.Module):
+    def __init__(self, q: nn.Module, k: nn.Module):
+        super().__init__()
+        self.q_proj, self.k_proj = q, k
+
+
+def _low_rank(m: int, n: int, rank: int = 3, **kwargs) -> LowRankLinear:
+    return LowRankLinear(torch.randn(m, rank), torch.randn(rank, n), **kwargs).requires_grad_(
+        False)
+
+
+@pytest.mark.parametrize("q,k", [
+    (lambda: CURLinear(torch.randn(8, 4), torch.randn(4, 3), torch.randn(3, 6)),
+     lambda: _low_rank(8, 6)),                                  # a link not folded
+    (lambda: _low_rank(8, 6, backend="torch"), lambda: _low_rank(8, 6)),  # a named backend
+    (lambda: _low_rank(8, 6), lambda: _low_rank(8, 7)),          # different inputs
+    (lambda: _low_rank(8, 6), lambda: nn.Linear(6, 8)),          # a group of one
+    (lambda: _low_rank(8, 6).requires_grad_(True), lambda: _low_rank(8, 6)),  # being trained
+])
+def test_leaves_modules_that_cannot_share(q, k):
+    parent = _Siblings(q(), k())
+    assert share_input_shrinks(parent) == 0
+    assert all(getattr(m, "shared_shrink", None) is None for m in parent.children())
+
+
+def test_bad_input_names_x():
+    parent = _Siblings(_low_rank(8, 6), _low_rank(5, 6))
+    assert share_input_shrinks(parent) == 1
+    with pytest.raises(ValueError, match="x must have R's 6 features"):
+        parent.q_proj(torch.randn(2, 7))
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        parent.k_proj(torch.randn(2, 6, dtype=torch.float64))
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        share_input_shrinks({"q_proj": parent.q_proj})
+
+
+def test_a_model_cast_after_sharing_says_to_share_again():
+    parent = _Siblings(_low_rank(8, 6), _low_rank(5, 6))
+    share_input_shrinks(parent)
+    parent.double()
+    x = torch.randn(2, 6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="call share_input_shrinks afterwards"):
+        parent.q_proj(x)
+    assert share_input_shrinks(parent) == 1
+    expected = F.linear(F.linear(x, parent.q_proj.B), parent.q_proj.A)
+    torch.testing.assert_close(parent.q_proj(x), expected)
+    assert parent.q_proj.shared_shrink.weight.dtype == torch.float64
