@@ -35,6 +35,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--share-shrinks", action="store_true",
+                        help="factored q/k/v and gate/up run one shrink GEMM a group "
+                             "(curkernels.nn.share_input_shrinks)")
     parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
     return parser.parse_args()
 
@@ -42,7 +45,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     model, tokenizer = load_for_inference(args.checkpoint, args.device, parse_dtype(args.dtype),
-                                          args.tokenizer)
+                                          args.tokenizer, share_shrinks=args.share_shrinks)
     input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     generator = StaticCacheGenerator(model, max_seq_len=input_ids.shape[1] + args.max_new_tokens,
                                      compile=args.compile)

@@ -33,6 +33,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--device", default=None, help="default: cuda when available")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--share-shrinks", action="store_true",
+                        help="factored q/k/v and gate/up run one shrink GEMM a group "
+                             "(curkernels.nn.share_input_shrinks)")
     parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
                         help="run long prompts through prefill in chunks of this many tokens "
                              "(bounds activation memory); default: one forward")
@@ -43,7 +46,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     model, tokenizer = load_for_inference(args.checkpoint, args.device, parse_dtype(args.dtype),
-                                          args.tokenizer)
+                                          args.tokenizer, share_shrinks=args.share_shrinks)
     generator = StaticCacheGenerator(model, max_seq_len=args.max_seq_len, compile=args.compile,
                                      prefill_chunk_tokens=args.prefill_chunk_tokens)
     engine = CompletionEngine(generator, tokenizer, max_queued=args.max_queued)

@@ -25,15 +25,17 @@ def default_device() -> str:
 
 def load_for_inference(folder: str | os.PathLike, device: str | torch.device | None = None,
                        dtype: torch.dtype | None = None, tokenizer: str | None = None,
-                       fold: bool = True):
+                       fold: bool = True, share_shrinks: bool = False):
     """(model, tokenizer) from a folder written by `curkernels.save_compressed`, the model
-    frozen by `curkernels.nn.prepare_for_inference` (links folded unless `fold=False`).
+    frozen by `curkernels.nn.prepare_for_inference` (links folded unless `fold=False`;
+    sibling projections sharing one shrink GEMM with `share_shrinks=True`).
 
     The tokenizer comes from `tokenizer` (a folder or hub name) when given, else from the
     checkpoint folder, which must then hold one.
     """
     model = prepare_for_inference(
-        load_compressed(folder, device=device or default_device(), dtype=dtype), fold=fold)
+        load_compressed(folder, device=device or default_device(), dtype=dtype), fold=fold,
+        share_shrinks=share_shrinks)
     source = tokenizer or folder
     try:
         loaded = transformers.AutoTokenizer.from_pretrained(source)

@@ -55,6 +55,14 @@ def greedy_text(loaded, max_tokens: int) -> tuple[str, int]:
     return tokenizer.decode(kept, skip_special_tokens=True), len(tokens)
 
 
+def test_loaded_with_shared_shrinks_generates_the_same_text(checkpoint, loaded):
+    shared = load_for_inference(checkpoint, device="cpu", share_shrinks=True)
+    groups = {id(m.shared_shrink) for m in shared[0].modules()
+              if getattr(m, "shared_shrink", None) is not None}
+    assert len(groups) == 2 * shared[0].config.num_hidden_layers  # q/k/v and gate/up
+    assert greedy_text(shared, 12) == greedy_text(loaded, 12)
+
+
 def request(**overrides) -> dict:
     return {"model": MODEL, "prompt": PROMPT, "max_tokens": 10, "temperature": 0, **overrides}
 
