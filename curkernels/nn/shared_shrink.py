@@ -74,16 +74,19 @@ class SharedShrink:
         return F.linear(self.product(x)[..., module.shared_columns], expand, params.get("bias"))
 
 
-def _shareable(module: nn.Module | None) -> bool:
-    """Two factors, shrink factor frozen and read in place, the backend left to dispatch."""
+def _shareable(name: str, module: nn.Module | None) -> bool:
+    """Two factors, the shrink factor read in place, the backend left to dispatch; a factor
+    that still trains is an error, not a module to skip."""
     if isinstance(module, CURLinear):
         two_factors = module.U is None and not module.gather
     elif isinstance(module, LowRankLinear):
         two_factors = True
     else:
         return False
-    return (two_factors and not module._parameters[module.SHRINK_FACTOR].requires_grad
-            and requested_backend(module.backend) == "auto")
+    if module._parameters[module.SHRINK_FACTOR].requires_grad:
+        raise ValueError(f"{name}.{module.SHRINK_FACTOR} requires grad: shared shrinks are for "
+                         f"frozen models (call prepare_for_inference first)")
+    return two_factors and requested_backend(module.backend) == "auto"
 
 
 def _share(members: list[nn.Module], factors: list[torch.Tensor]) -> SharedShrink:
@@ -107,21 +110,21 @@ def share_input_shrinks(model: nn.Module,
     GEMM, in place (see the module docstring); returns how many groups were formed.
 
     A member must be a two-factor module (a `CURLinear` folded, `prepare_for_inference`, and
-    not in the gather form, or a `LowRankLinear`) with a frozen shrink factor and
-    backend='auto': its calls then run the shared cuBLAS chain instead of `cur_linear`'s
-    dispatch. Members of a group must share in_features, dtype and device; a group needs two.
-    For inference: a member's shrink factor is a view of the stacked weight, which the shared
-    GEMM reads, so the factor takes no gradient. Moving or casting the model afterwards copies
+    not in the gather form, or a `LowRankLinear`) with backend='auto': its calls then run the
+    shared cuBLAS chain instead of `cur_linear`'s dispatch. Members of a group must share
+    in_features, dtype and device; a group needs two. For inference only: a member's shrink
+    factor becomes a view of the stacked weight, which the shared GEMM reads, so a factor
+    that requires grad raises ValueError. Moving or casting the model afterwards copies
     each factor apart from the stacked weight: call this again then (it stacks them anew).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     groups = [tuple(names) for names in groups]
     formed = 0
-    for parent in list(model.modules()):
+    for prefix, parent in list(model.named_modules()):
         for names in groups:
-            members = [module for module in (parent._modules.get(name) for name in names)
-                       if _shareable(module)]
+            members = [parent._modules[name] for name in names
+                       if _shareable(f"{prefix}.{name}".lstrip("."), parent._modules.get(name))]
             if len(members) < 2:
                 continue
             factors = [member._parameters[member.SHRINK_FACTOR] for member in members]

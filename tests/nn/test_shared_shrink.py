@@ -164,12 +164,17 @@ def _low_rank(m: int, n: int, rank: int = 3, **kwargs) -> LowRankLinear:
     (lambda: _low_rank(8, 6, backend="torch"), lambda: _low_rank(8, 6)),  # a named backend
     (lambda: _low_rank(8, 6), lambda: _low_rank(8, 7)),          # different inputs
     (lambda: _low_rank(8, 6), lambda: nn.Linear(6, 8)),          # a group of one
-    (lambda: _low_rank(8, 6).requires_grad_(True), lambda: _low_rank(8, 6)),  # being trained
 ])
 def test_leaves_modules_that_cannot_share(q, k):
     parent = _Siblings(q(), k())
     assert share_input_shrinks(parent) == 0
     assert all(getattr(m, "shared_shrink", None) is None for m in parent.children())
+
+
+def test_a_factor_being_trained_is_refused_by_name():
+    parent = _Siblings(_low_rank(8, 6).requires_grad_(True), _low_rank(8, 6))
+    with pytest.raises(ValueError, match=r"q_proj\.B requires grad.*prepare_for_inference"):
+        share_input_shrinks(nn.Sequential(parent))
 
 
 def test_bad_input_names_x():

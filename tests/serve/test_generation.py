@@ -10,7 +10,7 @@ from conftest import ARCHITECTURES, tiny_causal_lm
 from transformers import AutoModelForCausalLM
 
 import curkernels as ck
-from curkernels.nn import FACTORED_MODULES
+from curkernels.nn import FACTORED_MODULES, prepare_for_inference, share_input_shrinks
 from curkernels.serve import StaticCacheGenerator
 
 NEW_TOKENS = 12
@@ -172,6 +172,22 @@ def test_cuda_graph_decode_matches_generate_on_gpu(tokenizer):
     ck.compress(model, method="svd", keep=0.5)
     input_ids = prompt(len(tokenizer)).cuda()
     expected = hf_greedy(model, input_ids)
+    generator = StaticCacheGenerator(model, max_seq_len=32, compile=True, compile_prefill=True)
+    for _ in range(3):  # warm-up, recording, then replay of the recorded graphs
+        assert torch.equal(generator.generate(input_ids, NEW_TOKENS, eos_token_ids=[0]),
+                           expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_decode_with_shared_shrinks_matches_generate_on_gpu(tokenizer):
+    """Sibling projections sharing one shrink GEMM, replayed in CUDA graphs, generate what
+    the unshared model does eagerly."""
+    model = tiny_causal_lm("llama", len(tokenizer)).cuda()
+    ck.compress(model, method="svd", keep=0.5)
+    input_ids = prompt(len(tokenizer)).cuda()
+    expected = hf_greedy(model, input_ids)
+    assert share_input_shrinks(prepare_for_inference(model)) == 2 * model.config.num_hidden_layers
     generator = StaticCacheGenerator(model, max_seq_len=32, compile=True, compile_prefill=True)
     for _ in range(3):  # warm-up, recording, then replay of the recorded graphs
         assert torch.equal(generator.generate(input_ids, NEW_TOKENS, eos_token_ids=[0]),
