@@ -39,30 +39,28 @@ class SharedShrink:
     def __init__(self, weight: torch.Tensor, members: int):
         self.weight = weight
         self.members = members
-        self._drop()
-
-    def _drop(self) -> None:
-        self._input = self._product = None
-        self._input_version = -1
+        # (input, its version, product), replaced whole and read once a call: threads running
+        # the model at once may recompute a product, but never take another input's
+        self._handed: tuple | None = None
         self._served = 0
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x·weightᵀ, computed once for the members that read this very x."""
-        if self._input is not x or (not torch.compiler.is_compiling()
-                                    and self._input_version != x._version):
+        compiling = torch.compiler.is_compiling()
+        handed = self._handed
+        if (handed is None or handed[0] is not x
+                or (not compiling and handed[1] != x._version)):  # compile cannot read it
             if self.weight.device != x.device or self.weight.dtype != x.dtype:
                 raise RuntimeError(
                     f"the shared shrink weight is {self.weight.dtype} on {self.weight.device}, "
                     f"the model's factors {x.dtype} on {x.device}: moving or casting a model "
                     f"copies each factor apart from it; call share_input_shrinks afterwards")
-            self._input, self._product, self._served = x, F.linear(x, self.weight), 0
-            if not torch.compiler.is_compiling():  # torch.compile cannot read the counter
-                self._input_version = x._version
-        product = self._product
+            handed = (x, None if compiling else x._version, F.linear(x, self.weight))
+            self._handed, self._served = handed, 0
         self._served += 1
-        if self._served == self.members:
-            self._drop()
-        return product
+        if self._served >= self.members:
+            self._handed = None
+        return handed[2]
 
     def forward_member(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The member's output: its columns of the product, expanded (+ bias)."""

@@ -92,8 +92,7 @@ def test_one_shrink_gemm_per_group_and_nothing_kept():
         model(**sample_inputs())
     assert counted.counts == {"stacked": LAYERS * GROUPS_PER_LAYER, "own_shrinks": 0,
                               "expands": len(members)}
-    for member in members:
-        assert member.shared_shrink._input is None and member.shared_shrink._product is None
+    assert all(member.shared_shrink._handed is None for member in members)
 
 
 def test_members_given_other_inputs_or_changed_inputs_stay_correct():
