@@ -29,7 +29,8 @@ from .low_rank_linear import LowRankLinear
 
 # transformers' names of the projections that read one input: Llama, Mistral, Qwen2 and most
 # decoder-only models; BERT-style encoders
-DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
+                  ("query", "key", "value"))
 
 
 class SharedShrink:

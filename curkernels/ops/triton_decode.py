@@ -9,11 +9,12 @@ Phases are separated by a grid barrier (atomics with acquire/release). With PREF
 program loads the first PREFETCH_IN columns of its first expand tile before the first barrier:
 those weight reads overlap the shrink and the barrier instead of following them. With L2_LINES,
 each program instead asks L2 for the first L2_LINES cache lines of its expand tiles once its
-shrink is done (`prefetch.global.L2`: no register holds them and nothing waits on them), so that
-DRAM streams C while the grid waits at the barrier. The shrink
-buffer is double-buffered by an epoch counter kept in the workspace: every launch zeroes the
-buffer of the next one once it is done, so nothing changes on the host between calls and
-CUDA-graph replays stay correct.
+shrink is done (`prefetch.global.L2`: no register holds them and nothing waits on them), so
+that DRAM streams C while the grid waits at the barrier.
+
+The shrink buffer is double-buffered by an epoch counter kept in the workspace: every launch
+zeroes the buffer of the next one once it is done, so nothing changes on the host between
+calls and CUDA-graph replays stay correct.
 
 With PDL the kernel is launched as a programmatic dependent launch: each program loads its
 first shrink weights (SHRINK_HEAD), then waits for the previous kernel (griddepcontrol.wait)
