@@ -250,7 +250,8 @@ def cur_linear_decode_kernel(
                          shrink_tile_k, shrink_k_tiles, False, GATHER, DOT_FP32, BLOCK_M,
                          BLOCK_R, BLOCK_K)
 
-    if DO_EXPAND and L2_LINES > 0:  # C does not depend on the shrink: stream it meanwhile
+    # C does not depend on the shrink: stream it meanwhile (programs with expand tiles only)
+    if DO_EXPAND and L2_LINES > 0 and pid < tl.cdiv(m, BLOCK_OUT):
         for start in range(0, L2_LINES, L2_STEP):
             line = start + tl.arange(0, L2_STEP)
             _prefetch_l2(c_ptr + _expand_line_offsets(line, pid, num_programs, m, c, BLOCK_OUT,
