@@ -63,6 +63,7 @@ if wants kernels; then
   if "$PYTHON" -c 'import xdist' 2> /dev/null; then workers=(-n "${GPU_TEST_WORKERS:-8}"); fi
   CURKERNELS_REQUIRE_EXTENSION=1 timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider \
     "${workers[@]}" --durations=10 tests/ops tests/serve/test_generation.py \
+    tests/nn/test_shared_shrink.py \
     -m "gpu or anydevice" > "$OUT/gpu_tests.log" 2>&1
   summary+=("gpu tests: $(grep -E '(passed|failed|error)' "$OUT/gpu_tests.log" | tail -1)")
 

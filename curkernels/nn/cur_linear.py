@@ -105,8 +105,9 @@ class CURLinear(nn.Module):
                    None if linear.bias is None else linear.bias.detach(), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shared_shrink is not None:
-            return self.shared_shrink.forward_member(self, x)
+        shared = self.shared_shrink
+        if shared is not None and shared.serves(x):
+            return shared.forward_member(self, x)
         # Direct dictionary reads: nn.Module.__getattr__ costs about a microsecond per factor.
         params = self._parameters
         C, U = params["C"], params.get("U")

@@ -18,7 +18,8 @@ def prepare_for_inference(model: nn.Module, *, fold: bool = True,
       columns of W, so CUR interpretability (`col_indices`) is given up; outputs change only
       by the rounding of C·U to the model's dtype.
     - With `share_shrinks`, factored q/k/v and gate/up siblings share one shrink GEMM
-      (`share_input_shrinks`): their calls then run the cuBLAS chain, not the fused kernels.
+      (`share_input_shrinks`): in graphs and at prefill their calls then run the cuBLAS chain
+      with one shrink a group; eager decode on a GPU keeps the fused kernels.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -43,8 +43,9 @@ class LowRankLinear(nn.Module):
                    None if linear.bias is None else linear.bias.detach(), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.shared_shrink is not None:
-            return self.shared_shrink.forward_member(self, x)
+        shared = self.shared_shrink
+        if shared is not None and shared.serves(x):
+            return shared.forward_member(self, x)
         params = self._parameters  # direct: nn.Module.__getattr__ costs µs per factor
         return cur_linear(x, params["A"], None, params["B"], params.get("bias"),
                           backend=self.backend, check_factors=False)

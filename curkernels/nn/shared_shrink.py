@@ -8,6 +8,11 @@ member then expands its own columns of the product with its own factor (the seco
 the cuBLAS chain). Every member's shrink factor becomes a view of its rows of the stacked
 weight, so nothing is stored twice and state dicts keep their keys and shapes.
 
+The shared chain runs under torch.compile and CUDA-graph capture, for prefill (more than 16
+rows, where dispatch runs the cuBLAS chain anyway) and on the CPU (whose backend is the chain).
+Eager decode on a GPU keeps each member's own dispatch: host time per launch rules there, and
+the fused kernels take one launch a member where the shared chain takes two for the first.
+
 The first member called with an input computes the stacked product and keeps it for the
 others, matched by the identity of the input (and, eagerly, by its version counter, so an
 input changed in place is not matched); the last member of the group to be served drops it.
@@ -22,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops.dispatch import requested_backend
+from ..ops.dispatch import DECODE_MAX_ROWS, graph_mode, requested_backend
 from ..ops.validation import check_input
 from .cur_linear import CURLinear
 from .low_rank_linear import LowRankLinear
@@ -44,6 +49,19 @@ class SharedShrink:
         # the model at once may recompute a product, but never take another input's
         self._handed: tuple | None = None
         self._served = 0
+
+    @staticmethod
+    def serves(x: torch.Tensor) -> bool:
+        """Whether a member's call on `x` runs the shared chain (see the module docstring);
+        a call it does not serve goes through the member's own `cur_linear`, whose checks then
+        name whatever is wrong with `x`."""
+        if torch.compiler.is_compiling():
+            return True
+        if not isinstance(x, torch.Tensor) or not x.dim():
+            return False
+        if not x.is_cuda:
+            return True
+        return x.numel() > DECODE_MAX_ROWS * x.shape[-1] or graph_mode()
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x·weightᵀ, computed once for the members that read this very x."""
@@ -110,7 +128,7 @@ def share_input_shrinks(model: nn.Module,
 
     A member must be a two-factor module (a `CURLinear` folded, `prepare_for_inference`, and
     not in the gather form, or a `LowRankLinear`) with backend='auto': its calls then run the
-    shared cuBLAS chain instead of `cur_linear`'s dispatch. Members of a group must share
+    shared cuBLAS chain instead of `cur_linear`'s dispatch, except eager decode on a GPU. Members of a group must share
     in_features, dtype and device; a group needs two. For inference only: a member's shrink
     factor becomes a view of the stacked weight, which the shared GEMM reads, so a factor
     that requires grad raises ValueError. Moving or casting the model afterwards copies

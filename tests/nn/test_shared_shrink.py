@@ -198,3 +198,31 @@ def test_a_model_cast_after_sharing_says_to_share_again():
     expected = F.linear(F.linear(x, parent.q_proj.B), parent.q_proj.A)
     torch.testing.assert_close(parent.q_proj(x), expected)
     assert parent.q_proj.shared_shrink.weight.dtype == torch.float64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eager_decode_on_a_gpu_keeps_each_members_own_dispatch():
+    """Eager decode rows on a GPU go through each member's own `cur_linear` (one fused launch
+    a member); prefill rows, and calls inside a CUDA graph capture, through the shared chain."""
+    model = _factored_llama().cuda()
+    attention = model.model.layers[0].self_attn
+    reference = copy.deepcopy(attention)
+    share_input_shrinks(model)
+    members = ("q_proj", "k_proj", "v_proj")
+    for rows, shared in ((1, 0), (16, 0), (17, 1)):
+        x = torch.randn(rows, attention.q_proj.in_features, device="cuda")
+        with torch.no_grad(), _CountLinears(
+                stacked=[attention.q_proj.shared_shrink.weight]) as counted:
+            outputs = [getattr(attention, name)(x) for name in members]
+        assert counted.counts["stacked"] == shared
+        for name, output in zip(members, outputs, strict=True):
+            torch.testing.assert_close(output, getattr(reference, name)(x), rtol=1e-4,
+                                       atol=1e-4)
+    x = torch.randn(1, attention.q_proj.in_features, device="cuda")
+    assert not attention.q_proj.shared_shrink.serves(x)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            assert attention.q_proj.shared_shrink.serves(x)
