@@ -6,7 +6,11 @@ in the factored modules the `compression_config` block describes before any weig
 Registered through transformers' public quantizer-registration API when curkernels is imported.
 """
 
+import json
+from pathlib import Path
+
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .module_specs import FORMAT_NAME, FORMAT_VERSION, CheckpointError, check_compression_config
@@ -24,6 +28,24 @@ class CurkernelsConfig(QuantizationConfigMixin):
         return {"quant_method": FORMAT_NAME, "format_version": self.format_version}
 
 
+def files_being_loaded(model, hook_kwargs: dict) -> list[str] | None:
+    """The safetensors files `from_pretrained` is loading. transformers 5 hands them to the
+    quantizer; 4.x does not, but names the folder in the config: a local folder's files are
+    found there (its shard index, else its single file). None where neither says."""
+    files = hook_kwargs.get("checkpoint_files")
+    if files:
+        return list(files)
+    folder = Path(str(getattr(model.config, "name_or_path", "") or ""))
+    if not folder.is_dir():
+        return None
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        return sorted({str(folder / shard)
+                       for shard in json.loads(index.read_text())["weight_map"].values()})
+    single = folder / SAFE_WEIGHTS_NAME
+    return [str(single)] if single.is_file() else None
+
+
 class CurkernelsHfQuantizer(HfQuantizer):
     requires_calibration = True  # factors come from a checkpoint; nothing is made on the fly
 
@@ -39,7 +61,7 @@ class CurkernelsHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, **kwargs):
         block = check_compression_config(getattr(model.config, "compression_config", None))
         apply_compression_config(model, block)
-        files = kwargs.get("checkpoint_files")
+        files = files_being_loaded(model, kwargs)
         if files:
             check_checkpoint_tensors(model, block, files)
         return model
