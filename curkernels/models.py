@@ -1,7 +1,10 @@
 """Load a dense transformers model (and its tokenizer) by folder or hub name."""
 
+from pathlib import Path
+
 import torch
 import transformers
+from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
 
 
 def model_class_for(config) -> type:
@@ -22,8 +25,18 @@ def load_dense_model(name_or_path: str, device: str | torch.device = "cpu",
                          f"curkernels.load_compressed")
     model = model_class_for(config).from_pretrained(
         name_or_path, dtype=dtype if dtype is not None else "auto").to(device).eval()
+    return model, _tokenizer_if_shipped(name_or_path)
+
+
+def _tokenizer_if_shipped(name_or_path: str):
+    """A local folder without tokenizer files ships none: asking AutoTokenizer would make it
+    try to build one from the config (transformers 4.x then raises ImportError for a missing
+    sentencepiece or protobuf), and a real tokenizer's own errors should surface."""
+    folder = Path(name_or_path)
+    if folder.is_dir() and not any((folder / name).is_file()
+                                   for name in (TOKENIZER_CONFIG_FILE, FULL_TOKENIZER_FILE)):
+        return None
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name_or_path)
+        return transformers.AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError):
-        tokenizer = None
-    return model, tokenizer
+        return None
