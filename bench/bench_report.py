@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 
 from curkernels.ops import decode_configs, decode_table
+from curkernels.ops.dispatch import FUSED_MAX_ROWS
 
 FUSED = ("triton", "cuda")
-DECODE_MAX_ROWS = 16
 
 
 def device_slug(device: str) -> str:
@@ -68,7 +68,7 @@ def decode_winner_lines(results: list[dict], meta: dict) -> list[str]:
     lines = []
     for mode, timing in decode_table.MODES.items():
         points = decode_table.points_from_benchmark({"meta": meta, "results": results}, dtype,
-                                                    DECODE_MAX_ROWS, mode)
+                                                    FUSED_MAX_ROWS, mode)
         wins = [p for p in points if p.winners]
         lines += ["", f"Decode table, {mode} (a fused kernel ≤ {decode_table.WIN_RATIO}× chain2 "
                   f"by {timing}): {len(wins)} of {len(points)} points"]
@@ -78,13 +78,13 @@ def decode_winner_lines(results: list[dict], meta: dict) -> list[str]:
 
 
 def ship_decode_table(report_path: Path, into: Path = decode_table.MEASURED_DIR) -> Path:
-    """Copies the decode rows (M ≤ 16) of chain2 and of the fused kernels in a
+    """Copies the decode rows (M ≤ FUSED_MAX_ROWS) of chain2 and of the fused kernels in a
     layer-bench JSON into the package's measured tables, named by GPU; written whole or not at
     all."""
     report = json.loads(report_path.read_text())
     keep = {decode_table.BASELINE_VARIANT, *decode_table.FUSED_VARIANTS}
     rows = [row for row in report["results"]
-            if row["M"] <= DECODE_MAX_ROWS and row["variant"] in keep]
+            if row["M"] <= FUSED_MAX_ROWS and row["variant"] in keep]
     target = into / f"{device_slug(report['meta']['device'])}.json"
     partial = target.with_suffix(".json.partial")
     partial.write_text(json.dumps({"meta": report["meta"], "results": rows}, indent=1) + "\n")

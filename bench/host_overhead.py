@@ -67,8 +67,8 @@ def _variants(size: int, rank: int, rows: int, dtype: torch.dtype, device: str,
         else:
             op = torch.ops.curkernels_C.cur_linear.default
             variants["raw CUDA op"] = lambda: op(x2d, A, None, B, None, None)
-        if rows <= 16:
-            from curkernels.ops.triton_backend import cur_linear_triton
+        from curkernels.ops.triton_backend import TRITON_DECODE_MAX_ROWS, cur_linear_triton
+        if rows <= TRITON_DECODE_MAX_ROWS:
             variants["raw Triton decode"] = lambda: cur_linear_triton(x, A, None, B, None, None)
     return variants
 

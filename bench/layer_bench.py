@@ -33,12 +33,14 @@ from bench_report import write_reports  # noqa: E402
 
 from curkernels.nn import CURLinear  # noqa: E402
 from curkernels.ops.decode_configs import ENV_DECODE_CONFIGS  # noqa: E402
+from curkernels.ops.dispatch import FUSED_MAX_ROWS  # noqa: E402
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # (out m, in n), Llama-3.1-8B
 RANKS = (256, 512, 1024)
-ROWS = (1, 4, 16, 128, 1024, 4096)
+# 32: batched decode (batch 32), which the Triton decode kernel takes in one launch
+ROWS = (1, 4, 16, 32, 128, 1024, 4096)
 VARIANTS = ("dense", "chain3", "chain2", "triton", "cuda", "module")
-SMOKE_SHAPES, SMOKE_RANKS, SMOKE_ROWS = ((96, 80),), (8,), (1, 20)
+SMOKE_SHAPES, SMOKE_RANKS, SMOKE_ROWS = ((96, 80),), (8,), (1, 20, 70)
 
 
 @dataclass
@@ -170,18 +172,18 @@ def time_graph_us(fn, x, sets, calls: int, repeats: int) -> float:
 
 def _calls_for(M: int, cold_sets: int) -> int:
     """Calls per timed sequence: every cold copy at least once, enough to average launches."""
-    return max(cold_sets, 32 if M <= 16 else 8)
+    return max(cold_sets, 32 if M <= FUSED_MAX_ROWS else 8)
 
 
 def run(shapes, ranks, rows, dtype, device, repeats, calls=None,
         budget_s=None) -> tuple[list[Timing], dict]:
-    """Decode sizes (M ≤ 16, the main target) first, then prefill; past `budget_s` seconds the
-    remaining sizes are recorded as not run."""
+    """Decode sizes (M ≤ FUSED_MAX_ROWS, the main target) first, then prefill; past `budget_s`
+    seconds the remaining sizes are recorded as not run."""
     started = time.perf_counter()
     ceilings = measure_ceilings(device)
     l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     results = []
-    passes = [[M for M in rows if M <= 16], [M for M in rows if M > 16]]
+    passes = [[M for M in rows if M <= FUSED_MAX_ROWS], [M for M in rows if M > FUSED_MAX_ROWS]]
     for group in (group for group in passes if group):
         for m, n in shapes:
             for r in ranks:

@@ -8,8 +8,9 @@ member then expands its own columns of the product with its own factor (the seco
 the cuBLAS chain). Every member's shrink factor becomes a view of its rows of the stacked
 weight, so nothing is stored twice and state dicts keep their keys and shapes.
 
-The shared chain runs under torch.compile and CUDA-graph capture, for prefill (more than 16
-rows, where dispatch runs the cuBLAS chain anyway) and on the CPU (whose backend is the chain).
+The shared chain runs under torch.compile and CUDA-graph capture, for more than 16 rows (where
+dispatch runs the cuBLAS chain unless the GPU's measured table has a fused kernel win up to
+64 rows) and on the CPU (whose backend is the chain).
 Eager decode on a GPU keeps each member's own dispatch: host time per launch rules there, and
 the fused kernels take one launch a member where the shared chain takes two for the first.
 

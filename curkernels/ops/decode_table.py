@@ -6,7 +6,7 @@ extension's) are compared with chain2 by their graph-replay times; eagerly by th
 The answer comes from measurements, never from a guess: `bench/layer_bench.py` times chain2 (U
 folded) and the fused kernels eagerly and in CUDA graphs with cold weights over a grid of layer
 shapes, ranks and row counts, and writes `<GPU name>.json`. The decode rows of such a file
-(M ≤ DECODE_MAX_ROWS) are the table. The package ships the files measured so far
+(M ≤ FUSED_MAX_ROWS) are the table. The package ships the files measured so far
 (`measured/`); CURKERNELS_DECODE_TABLE names another layer-bench JSON, which then answers for
 the GPU it was measured on (its `meta.device`), so that a user of a GPU not shipped can run the
 benchmark once and get the fused kernels where they win.

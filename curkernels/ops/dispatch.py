@@ -22,7 +22,12 @@ one covers the call.
   kernel won (0.69–0.87× chain2's time) up to r = 512 with at most 4096 output rows, and tied
   or lost at r ≥ 1024 or with 14336 output rows. The CUDA kernel never beat chain2 in graphs
   on the H100; on the H200 it did at 3 points, where the Triton kernel was faster still.
-- Prefill (M > 16): the fused prefill kernel was 3–26× slower than chain2; cuBLAS chain.
+- Batched decode (16 < M ≤ FUSED_MAX_ROWS): a fused kernel only where the GPU's table has a
+  point at that many rows or more, by the same two rules (the Triton decode kernel takes up to
+  64 rows in one launch, the CUDA extension runs launches of 16); else the cuBLAS chain. The
+  first run's eager rules were measured at M ≤ 16 and do not extend past it.
+- Prefill (M > FUSED_MAX_ROWS): the fused prefill kernel was 3–26× slower than chain2; cuBLAS
+  chain.
 
 The table is cheap to consult but not free (availability checks, the GPU's name): execute.py
 memoizes each choice under `choice_key`, everything the choice reads that can change from one
@@ -40,7 +45,8 @@ from .backends import BACKENDS, unavailable_reason
 from .errors import BackendUnavailableError
 
 ENV_BACKEND = "CURKERNELS_BACKEND"
-DECODE_MAX_ROWS = 16
+DECODE_MAX_ROWS = 16  # the first H100 run's decode sizes, where its eager rules hold
+FUSED_MAX_ROWS = 64  # the most rows a measured table may send to a fused kernel
 
 EAGER_CUDA_ALWAYS_ROWS = 4
 EAGER_CUDA_MAX_RANK = 512
@@ -56,7 +62,7 @@ def choice_key(backend: str, x: torch.Tensor, device: torch.device, dtype: torch
                num_rows: int, m: int, n: int, r: int, linked: bool) -> tuple:
     """Everything `choose_backend` reads that can change from one call to the next: the argument,
     CURKERNELS_BACKEND (raw), the input's device and dtype (passed in: the caller has read
-    them), M (the table tells row counts apart only up to DECODE_MAX_ROWS), whether a CUDA graph
+    them), M (the table tells row counts apart only up to FUSED_MAX_ROWS), whether a CUDA graph
     is being captured (asked only for CUDA decode), and the layer's shape and link. Which
     backends can run is fixed per process: the extension and triton import once, and
     TRITON_INTERPRET, which Triton reads once when its kernels are defined, counts as it was at
@@ -65,8 +71,8 @@ def choice_key(backend: str, x: torch.Tensor, device: torch.device, dtype: torch
         environment = os.environ._data.get(_ENV_BACKEND_KEY)
     except AttributeError:  # os.environ replaced by a plain mapping
         environment = os.environ.get(ENV_BACKEND)
-    if num_rows > DECODE_MAX_ROWS:
-        return (backend, environment, device, dtype, DECODE_MAX_ROWS + 1, False, m, n, r, linked)
+    if num_rows > FUSED_MAX_ROWS:
+        return (backend, environment, device, dtype, FUSED_MAX_ROWS + 1, False, m, n, r, linked)
     # x.is_cuda, not device.type: building the type's name string costs most of a microsecond.
     graph = x.is_cuda and graph_mode()
     return (backend, environment, device, dtype, num_rows, graph, m, n, r, linked)
@@ -94,7 +100,7 @@ def _measured_backend(x: torch.Tensor, num_rows: int, shape: tuple[int, int, int
            for fused in decode_table.FUSED_VARIANTS):
         return "torch"
     winners = decode_table.decode_winners(torch.cuda.get_device_name(x.device), x.dtype,
-                                          num_rows, shape, DECODE_MAX_ROWS, mode)
+                                          num_rows, shape, FUSED_MAX_ROWS, mode)
     if winners is None:
         return None
     return next((fused for fused in winners if unavailable_reason(fused, x.device) is None),
@@ -107,7 +113,7 @@ def _eager_decode_backend(x: torch.Tensor, num_rows: int,
         measured = _measured_backend(x, num_rows, shape, "eager")
         if measured is not None:
             return measured
-    if unavailable_reason("cuda", x.device) is not None:
+    if num_rows > DECODE_MAX_ROWS or unavailable_reason("cuda", x.device) is not None:
         return "torch"
     if num_rows <= EAGER_CUDA_ALWAYS_ROWS:
         return "cuda"
@@ -119,7 +125,7 @@ def _eager_decode_backend(x: torch.Tensor, num_rows: int,
 
 def graph_decode_backend(x: torch.Tensor, num_rows: int, shape: tuple[int, int, int] | None,
                          linked: bool) -> str:
-    """The backend of a decode call (num_rows ≤ DECODE_MAX_ROWS) inside a CUDA graph: the fused
+    """The backend of a decode call (num_rows ≤ FUSED_MAX_ROWS) inside a CUDA graph: the fused
     kernel the measured table says won, else the cuBLAS chain."""
     if shape is None or linked:
         return "torch"
@@ -138,7 +144,7 @@ def choose_backend(backend: str, x: torch.Tensor, num_rows: int,
         if reason is not None:
             raise BackendUnavailableError(f"backend {backend!r} is unavailable: {reason}")
         return backend
-    if x.device.type != "cuda" or num_rows > DECODE_MAX_ROWS:
+    if x.device.type != "cuda" or num_rows > FUSED_MAX_ROWS:
         return "torch"
     if graph_mode():
         return graph_decode_backend(x, num_rows, shape, linked)

@@ -43,12 +43,12 @@ def _graph_reservation(backend: str, x: torch.Tensor, num_rows: int,
     reserving that kernel's workspace on every eager call's stream (a dictionary lookup once it
     exists) means torch.compile's warm-up, which runs eagerly on its capture stream, leaves the
     capture a kept workspace instead of a temporary that each replay zeroes again."""
-    if (not x.is_cuda or chosen == "triton" or num_rows > dispatch.DECODE_MAX_ROWS
+    if (not x.is_cuda or chosen == "triton" or num_rows > dispatch.FUSED_MAX_ROWS
             or requested_backend(backend) != "auto" or dispatch.graph_mode()
             or dispatch.graph_decode_backend(x, num_rows, shape, linked) != "triton"):
         return None
     from .triton_backend import reserve_decode_workspace
-    return functools.partial(reserve_decode_workspace, x.device, shape[2], shape[2])
+    return functools.partial(reserve_decode_workspace, x.device, shape[2], shape[2], num_rows)
 
 
 def run_cur_linear(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,

@@ -1,10 +1,12 @@
 """The Triton backend of `cur_linear`: host side of the decode and prefill kernels.
 
-Decode (M ≤ 16) runs the persistent single-launch kernel on a GPU and its barrier-free form
-(one launch per phase) under the interpreter or with CURKERNELS_TRITON_SINGLE_LAUNCH=0.
-Prefill runs the chained-GEMM kernel with a tuned config. Launch parameters are computed once
-per shape and cached, and decode launches skip Triton's per-call argument binding
-(triton_launch.py): the per-call host path is a few dictionary lookups and the launches.
+Decode (M ≤ 64) runs the persistent single-launch kernel on a GPU and its barrier-free form
+(one launch per phase) under the interpreter or with CURKERNELS_TRITON_SINGLE_LAUNCH=0; its
+tiles hold 16, 32 or 64 input rows, the fewest that fit the call (batched decode at batch 32
+reads each weight once, as at batch 1). Prefill runs the chained-GEMM kernel with a tuned
+config. Launch parameters are computed once per shape and cached, and decode launches skip
+Triton's per-call argument binding (triton_launch.py): the per-call host path is a few
+dictionary lookups and the launches.
 """
 
 import functools
@@ -17,7 +19,7 @@ import triton
 from . import decode_configs
 from . import triton_decode as decode
 from .backends import triton_interpreting
-from .dispatch import DECODE_MAX_ROWS
+from .dispatch import FUSED_MAX_ROWS
 from .errors import BackendUnavailableError
 from .triton_autotune import PrefillConfig, tuned_config
 from .triton_launch import CachedLaunch, pointers_aligned
@@ -48,7 +50,7 @@ class DecodeConfig:
     SM: all of them must be resident at once for the grid barrier. With pdl the kernel is a
     programmatic dependent launch (Hopper on; Triton ≥ 3.5): it loads its first shrink weights
     while the previous kernel finishes and lets the next one launch during its expand. The
-    input rows are padded to 16, the tensor-core minimum."""
+    input rows are padded to a row block (`decode_block_rows`)."""
     block_r: int = 32
     block_k: int = 128
     block_out: int = 32
@@ -74,16 +76,30 @@ class DecodeConfig:
 # No C ahead of the barrier: on the H100 (bench/results/decode_sweep_h100.md) loading 16 KB of
 # it ahead took longer at 30 of 32 points (by up to 1.4 µs). Where a GPU's sweep measured
 # another config faster for a shape, that one runs (decode_configs.py).
-DEFAULT_DECODE_CONFIG = DecodeConfig()
-WORKSPACE_ROWS = DECODE_MAX_ROWS
+# One default per row block (16 rows: the tensor-core minimum): input tiles of more rows take
+# more registers, and with 128-column steps the 32- and 64-row kernels spilled (144 and 832
+# bytes a thread, bf16, sm_90); with 64-column steps, and 8 warps at 64 rows, none spills
+# (tests/ops/triton_aot_compile.py checks).
+DEFAULT_DECODE_CONFIGS = {16: DecodeConfig(), 32: DecodeConfig(block_k=64, block_in=64),
+                          FUSED_MAX_ROWS: DecodeConfig(block_k=64, block_in=64, num_warps=8)}
+DEFAULT_DECODE_CONFIG = DEFAULT_DECODE_CONFIGS[16]
+DECODE_ROW_BLOCKS = tuple(DEFAULT_DECODE_CONFIGS)
+TRITON_DECODE_MAX_ROWS = DECODE_ROW_BLOCKS[-1]
+
+
+def decode_block_rows(M: int) -> int:
+    """The input rows a decode tile holds for M rows: the smallest row block that fits them.
+    The kernel reads every weight once whatever the block; larger blocks cost registers and
+    tensor-core work only."""
+    return next(rows for rows in DECODE_ROW_BLOCKS if rows >= M)
 
 
 @dataclass(frozen=True)
 class _DecodeWorkspace:
     sync: torch.Tensor        # int32 [arrivals, release flag, epoch, pad]
-    sums: torch.Tensor        # fp32, two WORKSPACE_ROWS × r shrink buffers
+    sums: torch.Tensor        # fp32, two (block rows × r) shrink buffers
     first_sums: torch.Tensor  # view of the first buffer (the barrier-free path zeroes it)
-    link: torch.Tensor        # fp32, WORKSPACE_ROWS × c (full U)
+    link: torch.Tensor        # fp32, block rows × c (full U)
 
 
 @dataclass(frozen=True)
@@ -108,17 +124,17 @@ def _single_launch(device: torch.device) -> bool:
             and os.environ.get("CURKERNELS_TRITON_SINGLE_LAUNCH", "1") != "0")
 
 
-def _decode_workspace(device: torch.device, r: int, c: int) -> _DecodeWorkspace:
+def _decode_workspace(device: torch.device, r: int, c: int, rows: int) -> _DecodeWorkspace:
     """Zeroed once and kept: captured CUDA graphs hold its pointers; one per stream, so that
-    concurrent streams never share counters. While capturing, a workspace not made before is
-    a fresh temporary of the graph (see `workspace.persistent_zeros`)."""
+    concurrent streams never share counters, and one per row block, whose buffers the kernel
+    zeroes for its own next launch. While capturing, a workspace not made before is a fresh
+    temporary of the graph (see `workspace.persistent_zeros`)."""
     # The raw-stream query Triton's own launcher uses: torch.cuda.current_stream() costs µs.
     stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    key = (device, stream, r, c)
+    key = (device, stream, r, c, rows)
     workspace = _workspaces.get(key)
     if workspace is not None:
         return workspace
-    rows = WORKSPACE_ROWS
     numels = (decode.SYNC_WORDS, 2 * rows * r, rows * c)
     dtypes = (torch.int32, torch.float32, torch.float32)
     kept = not capturing(device)
@@ -129,23 +145,25 @@ def _decode_workspace(device: torch.device, r: int, c: int) -> _DecodeWorkspace:
     return workspace
 
 
-def reserve_decode_workspace(device: torch.device, r: int, c: int) -> None:
-    """Makes the current stream's kept workspace for rank r (and link width c) now, outside any
-    capture. torch.compile's CUDA graphs warm up on the stream they then capture on, and their
-    warm-up calls run the eager backend; a workspace first met during the capture would be a
-    graph temporary, zeroed by extra memset nodes on every replay."""
-    _decode_workspace(device, r, c)
+def reserve_decode_workspace(device: torch.device, r: int, c: int, M: int) -> None:
+    """Makes the current stream's kept workspace for rank r (and link width c) and M rows now,
+    outside any capture. torch.compile's CUDA graphs warm up on the stream they then capture
+    on, and their warm-up calls run the eager backend; a workspace first met during the capture
+    would be a graph temporary, zeroed by extra memset nodes on every replay."""
+    _decode_workspace(device, r, c, decode_block_rows(M))
 
 
-def _shared_bytes_bound(config: DecodeConfig, element_size: int) -> int:
+def _shared_bytes_bound(config: DecodeConfig, element_size: int, rows: int) -> int:
     """An upper bound on a decode program's shared memory: three pipeline stages of the input
-    and weight tiles (Triton takes two at this kernel's sizes, bench/NOTES.md)."""
+    (fp32 when read from the workspace) and weight tiles (Triton takes two at this kernel's
+    sizes, bench/NOTES.md)."""
     width = max(config.block_k, config.block_in)
-    return 3 * (WORKSPACE_ROWS + max(config.block_r, config.block_out)) * width * element_size
+    return 3 * (rows * 4 + max(config.block_r, config.block_out) * element_size) * width
 
 
 @functools.cache
-def _programs_per_sm(device_index: int, config: DecodeConfig, element_size: int) -> int:
+def _programs_per_sm(device_index: int, config: DecodeConfig, element_size: int,
+                     rows: int) -> int:
     """config.programs_per_sm, lowered until that many programs fit on an SM together whatever
     the compiler gives them (up to 255 registers a thread, allocated 256 at a time; the shared
     memory bound above): the grid barrier deadlocks unless every program is resident."""
@@ -156,14 +174,15 @@ def _programs_per_sm(device_index: int, config: DecodeConfig, element_size: int)
     fits = min(getattr(props, "regs_per_multiprocessor", 65536) // (256 * threads),
                props.max_threads_per_multi_processor // threads,
                props.shared_memory_per_multiprocessor
-               // (_shared_bytes_bound(config, element_size) + 1024))
+               // (_shared_bytes_bound(config, element_size, rows) + 1024))
     return max(1, min(config.programs_per_sm, fits))
 
 
 def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: int, m: int,
-                 u_kind: str, has_bias: bool, gather: bool, persistent: bool,
+                 rows: int, u_kind: str, has_bias: bool, gather: bool, persistent: bool,
                  config: DecodeConfig) -> _DecodePlan:
-    key = (device, dtype, n, r, c, m, u_kind, has_bias, gather, persistent, config)
+    """The launches of a decode call with `rows` input rows a tile (`decode_block_rows`)."""
+    key = (device, dtype, n, r, c, m, rows, u_kind, has_bias, gather, persistent, config)
     plan = _decode_plans.get(key)
     if plan is not None:
         return plan
@@ -174,7 +193,7 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
     # slices that (rank blocks × slices) covers it. Barrier-free, a launch has one program per
     # tile.
     programs = (_multiprocessors(device.index) * _programs_per_sm(device.index, config,
-                                                                  element_size)
+                                                                  element_size, rows)
                 if persistent else groups * chunks)
     slices = min(chunks, max(1, programs // groups))
     tile_k = triton.cdiv(chunks, slices) * config.block_k
@@ -192,13 +211,17 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
     if pdl and not decode.PDL_SUPPORTED:
         raise ValueError(f"DecodeConfig(pdl=True) needs Triton ≥ 3.5 (griddepcontrol); this is "
                          f"Triton {triton.__version__}")
-    common = dict(BLOCK_M=WORKSPACE_ROWS, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
+    if pdl and torch.cuda.get_device_capability(device)[0] < 9:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise ValueError(f"DecodeConfig(pdl=True) needs a Hopper or newer GPU (griddepcontrol, "
+                         f"sm_90); this one is sm_{major}{minor}")
+    common = dict(BLOCK_M=rows, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
                   BLOCK_OUT=config.block_out, BLOCK_IN=config.block_in,
                   PREFETCH=config.prefetch_bytes > 0,
                   PREFETCH_IN=config.prefetch_columns(c, element_size),
                   SHRINK_HEAD=config.pdl, PDL=pdl, L2_LINES=l2_lines, L2_STEP=l2_step,
                   LINE_ELEMENTS=L2_LINE_BYTES // element_size,
-                  WORKSPACE_ROWS=WORKSPACE_ROWS, DIAGONAL_U=u_kind == "diagonal", FULL_U=full_u,
+                  WORKSPACE_ROWS=rows, DIAGONAL_U=u_kind == "diagonal", FULL_U=full_u,
                   HAS_BIAS=has_bias, GATHER=gather, DOT_FP32=dtype == torch.float32,
                   num_warps=config.num_warps, **({"launch_pdl": True} if pdl else {}))
     kernel = decode.cur_linear_decode_kernel
@@ -225,15 +248,16 @@ def _u_kind(U: torch.Tensor | None) -> str:
 def _measured_config(device: torch.device, dtype: torch.dtype, M: int,
                      shape: tuple[int, int, int]) -> DecodeConfig:
     """The tile config the GPU's measured sweep chose for this call (decode_configs.py), or the
-    default one; memoized per call shape."""
+    default one of its row block; memoized per call shape."""
     key = (device, dtype, M, shape)
     config = _measured_configs.get(key)
     if config is None:
+        default = DEFAULT_DECODE_CONFIGS[decode_block_rows(M)]
         fields = (decode_configs.measured_fields(_device_name(device.index), dtype, M, shape,
-                                                 vars(DEFAULT_DECODE_CONFIG))
+                                                 vars(default))
                   if device.type == "cuda" else None)
         config = _measured_configs[key] = (DecodeConfig(**fields) if fields is not None
-                                           else DEFAULT_DECODE_CONFIG)
+                                           else default)
     return config
 
 
@@ -243,7 +267,8 @@ def _device_name(device_index: int | None) -> str:
 
 
 def cur_linear_decode(x, C, U, R, bias, rows, y, config: DecodeConfig | None = None) -> None:
-    """Writes y (..., m) from a contiguous x (..., n) of at most 16 rows with the decode kernel;
+    """Writes y (..., m) from a contiguous x (..., n) of at most TRITON_DECODE_MAX_ROWS rows with
+    the decode kernel;
     `config` picks its tiles (None: the measured choice for this GPU and shape; benchmarks
     compare configs through it)."""
     n = x.shape[-1]
@@ -253,9 +278,10 @@ def cur_linear_decode(x, C, U, R, bias, rows, y, config: DecodeConfig | None = N
     if config is None:
         config = _measured_config(x.device, x.dtype, M, (m, n, r))
     persistent = _single_launch(x.device)
-    plan = _decode_plan(x.device, x.dtype, n, r, c, m, _u_kind(U), bias is not None,
+    block_rows = decode_block_rows(M)
+    plan = _decode_plan(x.device, x.dtype, n, r, c, m, block_rows, _u_kind(U), bias is not None,
                         rows is not None, persistent, config)
-    workspace = _decode_workspace(x.device, r, c)
+    workspace = _decode_workspace(x.device, r, c, block_rows)
     # The barrier-free form sums into the first buffer, which the single launch may have left
     # full; the workspace is shared with the single launch, which reads the buffer of the
     # current epoch (either one) as zero, so the first buffer is zeroed again afterwards.
@@ -281,7 +307,7 @@ def _check_prefill_compiles(x2d: torch.Tensor) -> None:
         raise BackendUnavailableError(
             f"the Triton prefill kernel does not compile with Triton {triton.__version__} for "
             f"{x2d.dtype} on this GPU (sm_90); use backend='auto' or 'torch' (the cuBLAS chain) "
-            f"for more than {DECODE_MAX_ROWS} rows, or Triton ≥ 3.3")
+            f"for more than {TRITON_DECODE_MAX_ROWS} rows, or Triton ≥ 3.3")
 
 
 def _cur_linear_prefill(x2d, C, U, R, bias, rows, y) -> None:
@@ -330,7 +356,7 @@ def cur_linear_triton(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
     if n == 0:  # an empty input dimension: R·x = 0
         return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
     M = y.numel() // m
-    if M <= DECODE_MAX_ROWS:
+    if M <= TRITON_DECODE_MAX_ROWS:
         cur_linear_decode(x, C, U, R, bias, rows, y)
     else:
         _cur_linear_prefill(x.view(M, n), C, U, R, bias, rows, y.view(M, m))

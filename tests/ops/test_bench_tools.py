@@ -23,11 +23,12 @@ def _load(name: str):
 
 
 def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
-    """chain2 and the fused kernels (triton, cuda) at M ≤ 16; other
+    """chain2 and the fused kernels (triton, cuda) at M ≤ 64 (batched decode included); other
     variants and prefill rows stay out; named by the GPU; no partial file left behind."""
     results = [{"M": M, "m": 8, "n": 8, "r": 2, "variant": variant, "graph_us": 1.0,
                 "eager_us": 2.0}
-               for M in (1, 16, 17) for variant in ("dense", "chain2", "triton", "cuda", "module")]
+               for M in (1, 16, 32, 65)
+               for variant in ("dense", "chain2", "triton", "cuda", "module")]
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"meta": {"device": "Some GPU 80GB", "dtype": "bfloat16"},
                                "results": results}))
@@ -35,7 +36,7 @@ def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
     assert shipped == tmp_path / "Some_GPU_80GB.json"
     rows = json.loads(shipped.read_text())["results"]
     assert {(row["M"], row["variant"]) for row in rows} == {
-        (M, variant) for M in (1, 16) for variant in ("chain2", "triton", "cuda")}
+        (M, variant) for M in (1, 16, 32) for variant in ("chain2", "triton", "cuda")}
     assert not list(tmp_path.glob("*.partial"))
     assert set(decode_table.FUSED_VARIANTS) == {"triton", "cuda"}
 

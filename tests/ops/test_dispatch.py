@@ -114,10 +114,53 @@ def test_eager_decode_without_the_extension_keeps_the_chain(h100, monkeypatch):
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, LAYER) == "torch"
 
 
-@pytest.mark.parametrize("num_rows", (17, 128, 4096))
-def test_prefill_keeps_the_cublas_chain(num_rows, all_backends_available, monkeypatch):
-    monkeypatch.setattr(dispatch, "graph_mode", lambda: False)
+@pytest.mark.parametrize("num_rows", (65, 128, 4096))
+@pytest.mark.parametrize("graph", (False, True))
+def test_prefill_keeps_the_cublas_chain(num_rows, graph, all_backends_available, monkeypatch,
+                                        tmp_path):
+    """Past FUSED_MAX_ROWS even a table that has the fused kernels winning is not read."""
+    monkeypatch.setenv("CURKERNELS_DECODE_TABLE", str(_batched_table(tmp_path, 4096)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: graph)
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows, LAYER) == "torch"
+
+
+def _batched_table(tmp_path, rows: int):
+    """A layer-bench report of 'Some GPU' where the Triton kernel beat chain2 at `rows` rows
+    (eagerly and in graphs) and the CUDA kernel did not."""
+    times = {"chain2": 10.0, "triton": 6.0, "cuda": 12.0}
+    report = {"meta": {"device": "Some GPU", "dtype": "bfloat16"}, "results": [
+        {"M": rows, "m": 4096, "n": 4096, "r": 256, "variant": variant, "graph_us": us,
+         "eager_us": 3 * us} for variant, us in times.items()]}
+    path = tmp_path / "batched.json"
+    path.write_text(json.dumps(report))
+    return path
+
+
+@pytest.mark.parametrize("graph", (False, True))
+@pytest.mark.parametrize("num_rows, measured_rows, expected", [
+    (20, 32, "triton"),   # a point at 32 rows covers 17..32
+    (32, 32, "triton"),
+    (33, 32, "torch"),    # past the measured rows: no verdict, and no rule to fall back on
+    (64, 64, "triton"),   # the Triton decode kernel's largest row block
+    (17, 16, "torch"),    # the M ≤ 16 rules do not extend past 16 rows
+])
+def test_batched_decode_follows_a_measured_table_only(graph, num_rows, measured_rows, expected,
+                                                      all_backends_available, monkeypatch,
+                                                      tmp_path):
+    monkeypatch.setenv("CURKERNELS_DECODE_TABLE", str(_batched_table(tmp_path, measured_rows)))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: graph)
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), num_rows, LAYER) == expected
+
+
+@pytest.mark.parametrize("graph", (False, True))
+def test_batched_decode_on_the_shipped_tables_keeps_the_chain(graph, all_backends_available,
+                                                              h100, monkeypatch):
+    """The shipped H100 table has decode points up to 16 rows only: nothing covers 32."""
+    monkeypatch.delenv("CURKERNELS_DECODE_TABLE", raising=False)
+    monkeypatch.setattr(dispatch, "graph_mode", lambda: graph)
+    assert dispatch.choose_backend("auto", _FakeCudaTensor(), 32, LAYER) == "torch"
 
 
 def test_graph_decode_keeps_the_chain_where_nothing_was_measured(all_backends_available,
@@ -142,6 +185,7 @@ def test_graph_decode_follows_the_h100_measurements(shape, linked, expected,
     monkeypatch.setattr(torch.cuda, "get_device_name",
                         lambda device=None: "NVIDIA H100 80GB HBM3")
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 1, shape, linked) == expected
+    # nothing measured at 17 rows or more on the H100
     assert dispatch.choose_backend("auto", _FakeCudaTensor(), 17, shape, linked) == "torch"
 
 
@@ -195,7 +239,8 @@ def test_choice_key_tells_cuda_graph_capture_apart(monkeypatch):
     eager = _key(_FakeCudaInput(), 1)
     monkeypatch.setattr(dispatch, "graph_mode", lambda: True)
     assert _key(_FakeCudaInput(), 1) != eager
-    assert _key(_FakeCudaInput(), 100) == _key(_FakeCudaInput(), 17)  # prefill: no capture query
+    assert _key(_FakeCudaInput(), 100) == _key(_FakeCudaInput(), 65)  # prefill: no capture query
+    assert _key(_FakeCudaInput(), 32) != _key(_FakeCudaInput(), 17)  # batched decode
 
 
 def test_choice_key_asks_about_capture_only_for_cuda_inputs(monkeypatch):

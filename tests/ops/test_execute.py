@@ -36,12 +36,12 @@ def test_a_repeated_call_consults_the_table_once(consulted):
     assert consulted == [(2, (16, 24, 4), True)]
 
 
-def test_row_counts_are_told_apart_up_to_the_decode_limit_only(consulted):
+def test_row_counts_are_told_apart_up_to_the_fused_limit_only(consulted):
     case = make_case(1, 24, 16, 4, torch.float32)
-    for rows in (1, 2, dispatch.DECODE_MAX_ROWS, dispatch.DECODE_MAX_ROWS + 1, 100, 4096):
+    limit = dispatch.FUSED_MAX_ROWS
+    for rows in (1, 2, 16, 17, limit, limit + 1, 100, 4096):
         _run(case, x=torch.randn(rows, 24))
-    assert [asked[0] for asked in consulted] == [1, 2, dispatch.DECODE_MAX_ROWS,
-                                                 dispatch.DECODE_MAX_ROWS + 1]
+    assert [asked[0] for asked in consulted] == [1, 2, 16, 17, limit, limit + 1]
 
 
 def test_another_layer_shape_dtype_or_link_is_a_new_choice(consulted):
@@ -130,15 +130,17 @@ def graphs_pick_triton(monkeypatch):
 def test_eager_decode_reserves_the_workspace_cuda_graphs_will_use(graphs_pick_triton):
     pytest.importorskip("triton")
     from curkernels.ops import triton_backend
-    before = execute._graph_reservation("auto", _FakeCudaInput(), 1, (64, 32, 8), False, "cuda")
-    assert before.func is triton_backend.reserve_decode_workspace
-    assert before.args == (torch.device("cuda", 0), 8, 8)
+    for rows in (1, 40):  # batched decode too: the workspace of its row block
+        before = execute._graph_reservation("auto", _FakeCudaInput(), rows, (64, 32, 8), False,
+                                            "cuda")
+        assert before.func is triton_backend.reserve_decode_workspace
+        assert before.args == (torch.device("cuda", 0), 8, 8, rows)
 
 
 @pytest.mark.parametrize("backend, rows, chosen", (
     ("auto", 1, "triton"),   # the eager call makes the workspace itself
     ("cuda", 1, "cuda"),     # a named backend runs in graphs too
-    ("auto", 17, "torch"),   # prefill: no decode workspace
+    ("auto", 65, "torch"),   # prefill: no decode workspace
 ))
 def test_no_reservation_where_graphs_need_none(graphs_pick_triton, backend, rows, chosen):
     assert execute._graph_reservation(backend, _FakeCudaInput(), rows, (64, 32, 8), False,

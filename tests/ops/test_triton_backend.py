@@ -10,7 +10,8 @@ from curkernels.ops.triton_backend import cur_linear_triton
 DEVICE = kernel_device()
 
 
-@pytest.mark.parametrize("M,kernel", ((16, "cur_linear_decode"), (17, "_cur_linear_prefill")))
+@pytest.mark.parametrize("M,kernel", ((16, "cur_linear_decode"), (17, "cur_linear_decode"),
+                                      (64, "cur_linear_decode"), (65, "_cur_linear_prefill")))
 def test_rows_pick_the_kernel(M, kernel, monkeypatch):
     called = []
     original = getattr(triton_backend, kernel)
@@ -30,25 +31,30 @@ def test_empty_dimensions(M):
     assert no_outputs.shape == (M, 0)
 
 
-@pytest.mark.parametrize("supported", (False, True))
-def test_pdl_is_refused_where_triton_cannot_compile_it(supported, monkeypatch):
-    """Triton 3.4.0's griddepcontrol does not compile and 3.3 has none: the plan says so rather
-    than launching a kernel that fails to build."""
+@pytest.mark.parametrize("supported, capability", ((False, (9, 0)), (True, (9, 0)),
+                                                    (True, (8, 0))))
+def test_pdl_is_refused_where_triton_cannot_compile_it(supported, capability, monkeypatch):
+    """Triton 3.4.0's griddepcontrol does not compile and 3.3 has none, and before Hopper ptxas
+    rejects it: the plan says so rather than launching a kernel that fails to build."""
     monkeypatch.setattr(triton_backend.decode, "PDL_SUPPORTED", supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(triton_backend, "triton_interpreting", lambda: False)
     monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 132)
     monkeypatch.setattr(triton_backend, "_decode_plans", {})
 
     def plan():
         return triton_backend._decode_plan(torch.device("cuda", 0), torch.bfloat16, 256, 64, 64,
-                                           128, "none", False, False, True,
+                                           128, 16, "none", False, False, True,
                                            triton_backend.DecodeConfig(pdl=True))
-    if supported:
-        (launch,) = plan().launches
-        assert launch.constexprs["PDL"] and launch.constexprs["launch_pdl"]
-    else:
+    if not supported:
         with pytest.raises(ValueError, match=r"Triton ≥ 3\.5"):
             plan()
+    elif capability < (9, 0):
+        with pytest.raises(ValueError, match=r"Hopper or newer GPU .* this one is sm_80"):
+            plan()
+    else:
+        (launch,) = plan().launches
+        assert launch.constexprs["PDL"] and launch.constexprs["launch_pdl"]
 
 
 class _FakeCudaInput:

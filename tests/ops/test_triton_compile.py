@@ -21,3 +21,5 @@ def test_kernels_compile_for_sm90():
     # the persistent form that prefetches C into L2 (inline PTX, which the interpreter skips)
     assert any("persistent" in line and " l2:" in line for line in compiled)
     assert any("prefill" in line for line in compiled)
+    # batched decode: the 64-row block's default tiles (checked not to spill on sm_90)
+    assert any("persistent rows=64 default" in line for line in compiled)

@@ -1,4 +1,4 @@
-"""The Triton decode kernel (M ≤ 16) against the fp64 reference, outputs poisoned.
+"""The Triton decode kernel (M ≤ 64) against the fp64 reference, outputs poisoned.
 
 On the CPU it runs barrier-free (one launch per phase) through the interpreter; on a GPU the
 persistent single-launch form with its grid barrier is tested as well.
@@ -22,15 +22,17 @@ DEVICE = kernel_device()
 N, M_OUT = 300, 130  # not multiples of any block size
 
 
-def run_decode(case, poisoned, config=triton_backend.DEFAULT_DECODE_CONFIG):
+def run_decode(case, poisoned, config=None):
     y = poisoned(case["x"].shape[0], case["C"].shape[0], case["x"].dtype, case["x"].device)
     cur_linear_decode(case["x"], case["C"], case["U"], case["R"], case["bias"], case["rows"], y,
                       config)
     return y
 
 
-# Every (M, r) pair; dtype, link, bias and gather cycle through their values across the grid.
-GRID = [(M, r, i) for i, (M, r) in enumerate(itertools.product((1, 2, 5, 16), (1, 7, 16, 64, 100)))]
+# Every (M, r) pair, over the three row blocks (16, 32, 64) and their edges; dtype, link, bias
+# and gather cycle through their values across the grid.
+GRID = [(M, r, i) for i, (M, r) in enumerate(itertools.product((1, 2, 5, 16, 17, 33, 64),
+                                                               (1, 7, 16, 64, 100)))]
 
 
 @pytest.mark.parametrize("M,r,i", GRID)
@@ -81,7 +83,7 @@ def test_decode_configs(config, single_launch, poisoned, monkeypatch):
     elif not single_launch:
         monkeypatch.setattr(triton_backend, "_single_launch", lambda device: False)
     for seed, (M, r, link) in enumerate(((1, 100, "none"), (16, 37, "diagonal"),
-                                         (3, 70, "full"))):
+                                         (3, 70, "full"), (33, 50, "none"))):
         case = make_case(M, N, M_OUT, r, torch.float32, link=link, gather=seed == 1,
                          device=DEVICE, seed=seed)
         assert_matches_reference(run_decode(case, poisoned, config), case)
@@ -136,13 +138,16 @@ def test_l2_prefetch_lines_round_up_to_whole_steps():
     assert DecodeConfig(l2_prefetch_bytes=65536 + 1).l2_prefetch_lines(256) == 768
 
 
-@pytest.mark.parametrize("asked,num_warps,shared_per_sm,expected", (
-    (2, 4, 228 * 1024, 2),   # 2 × 4 warps × 32 × 256 registers: exactly 64 K
-    (2, 8, 228 * 1024, 1),   # 8 warps at up to 255 registers fill the SM alone
-    (3, 4, 228 * 1024, 2),
-    (2, 4, 40 * 1024, 1),    # shared memory for one program only
-    (1, 8, 1024, 1)))
-def test_programs_per_sm_fit_together(asked, num_warps, shared_per_sm, expected, monkeypatch):
+@pytest.mark.parametrize("asked,num_warps,shared_per_sm,rows,expected", (
+    (2, 4, 228 * 1024, 16, 2),   # 2 × 4 warps × 32 × 256 registers: exactly 64 K
+    (2, 8, 228 * 1024, 16, 1),   # 8 warps at up to 255 registers fill the SM alone
+    (3, 4, 228 * 1024, 16, 2),
+    (2, 4, 40 * 1024, 16, 1),    # shared memory for one program only
+    (2, 4, 120 * 1024, 16, 2),
+    (2, 4, 120 * 1024, 64, 1),   # 64-row input tiles: the same SM holds one program
+    (1, 8, 1024, 16, 1)))
+def test_programs_per_sm_fit_together(asked, num_warps, shared_per_sm, rows, expected,
+                                      monkeypatch):
     """The persistent grid's programs must all be resident (grid barrier): a config asking for
     more per SM than surely fit gets fewer."""
     props = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
@@ -150,7 +155,7 @@ def test_programs_per_sm_fit_together(asked, num_warps, shared_per_sm, expected,
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
     triton_backend._programs_per_sm.cache_clear()
     config = DecodeConfig(num_warps=num_warps, programs_per_sm=asked)
-    assert triton_backend._programs_per_sm(0, config, 2) == expected
+    assert triton_backend._programs_per_sm(0, config, 2, rows) == expected
     triton_backend._programs_per_sm.cache_clear()
 
 
@@ -170,7 +175,7 @@ def test_decode_clamps_out_of_range_rows(poisoned):
 @pytest.mark.parametrize("link", LINKS)
 def test_decode_gpu_both_forms(single_launch, dtype, link, poisoned, monkeypatch):
     monkeypatch.setenv("CURKERNELS_TRITON_SINGLE_LAUNCH", single_launch)
-    for M, seed in ((1, 0), (16, 1), (7, 2)):
+    for M, seed in ((1, 0), (16, 1), (7, 2), (32, 3), (50, 4)):
         case = make_case(M, 4096 + 8, 1000, 256, dtype, link=link, gather=seed == 1,
                          device="cuda", seed=seed)
         assert_matches_reference(run_decode(case, poisoned), case)
@@ -180,14 +185,15 @@ def test_decode_gpu_both_forms(single_launch, dtype, link, poisoned, monkeypatch
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", (triton_backend.DEFAULT_DECODE_CONFIG, DecodeConfig(pdl=True)),
                          ids=("default", "pdl"))
-def test_decode_single_launch_in_cuda_graph(config):
+@pytest.mark.parametrize("M", (4, 40))
+def test_decode_single_launch_in_cuda_graph(config, M):
     """The barrier counters and the epoch live on the device: replays stay correct. Two layers
     in a row, the second reading the first's output, as in a model: with a programmatic
     dependent launch the second starts early and must still wait for that output."""
-    case = make_case(4, 2048, 1024, 64, torch.bfloat16, link="diagonal", device="cuda")
-    second = make_case(4, 1024, 512, 32, torch.bfloat16, device="cuda", seed=1)
-    y = torch.empty((4, 1024), dtype=torch.bfloat16, device="cuda")
-    z = torch.empty((4, 512), dtype=torch.bfloat16, device="cuda")
+    case = make_case(M, 2048, 1024, 64, torch.bfloat16, link="diagonal", device="cuda")
+    second = make_case(M, 1024, 512, 32, torch.bfloat16, device="cuda", seed=1)
+    y = torch.empty((M, 1024), dtype=torch.bfloat16, device="cuda")
+    z = torch.empty((M, 512), dtype=torch.bfloat16, device="cuda")
 
     def layers():
         cur_linear_decode(case["x"], case["C"], case["U"], case["R"], case["bias"],
@@ -205,7 +211,7 @@ def test_decode_single_launch_in_cuda_graph(config):
     with torch.cuda.graph(graph, stream=stream):
         layers()
     for seed in range(5):
-        case["x"].copy_(make_case(4, 2048, 1024, 64, torch.bfloat16, device="cuda",
+        case["x"].copy_(make_case(M, 2048, 1024, 64, torch.bfloat16, device="cuda",
                                   seed=seed + 10)["x"])
         y.fill_(float("nan"))
         z.fill_(float("nan"))
@@ -232,6 +238,27 @@ def test_single_launch_form_with_one_program(poisoned, monkeypatch):
     # epoch 0 (flags 1, 2); (40, 40) two calls with one barrier each, at epochs 0 and 1 (flags
     # 1, 3). Every barrier left its count at zero and every call bumped the epoch once.
     assert sync_words == [(0, 2, 1, 0), (0, 3, 2, 0)]
+
+
+def test_row_blocks_keep_their_own_workspaces(poisoned, monkeypatch):
+    """Each row block (16, 32, 64 rows) sums into, and zeroes for its next launch, a workspace
+    of its own size: calls of other blocks in between, at either epoch parity, must leave the
+    one a call reads zeroed. The persistent form on one program, as above."""
+    monkeypatch.setattr(triton_backend, "_single_launch", lambda device: True)
+    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
+    monkeypatch.setattr(triton_backend, "_workspaces", {})
+    monkeypatch.setattr(triton_backend, "_decode_plans", {})
+    row_counts = (40, 3, 40, 20, 64, 16, 33, 17)
+    for call, M in enumerate(row_counts):
+        case = make_case(M, N, M_OUT, 24, torch.float32, link="diagonal", gather=call % 2 == 0,
+                         device=DEVICE, seed=call)
+        assert_matches_reference(run_decode(case, poisoned), case)
+    epochs = {key[-1]: workspace.sync[2].item()
+              for key, workspace in triton_backend._workspaces.items()}
+    # keys end with the row block; each block's epoch counts its own calls
+    assert epochs == {16: 2, 32: 2, 64: 4}
+    assert all(w.sums.shape == (2 * key[-1] * 24,)
+               for key, w in triton_backend._workspaces.items())
 
 
 # Not bf16, where the GPU test failed: the interpreter's bf16 tl.dot is wrong (Triton 3.8).

@@ -5,9 +5,13 @@ this catches those on a CPU-only machine. Run as a script: TRITON_INTERPRET must
 the kernels are defined. Prints one line per compiled kernel; exits non-zero on any failure."""
 
 import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import torch
+import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
@@ -43,18 +47,45 @@ def compile_for(kernel, pointers, constants, num_warps, num_stages, arch, launch
     compiled = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     shared = compiled.metadata.shared
     assert shared <= SHARED_LIMIT[arch], f"{shared} bytes of shared memory on sm_{arch}"
-    return shared
+    return compiled
 
 
-def decode_kernels(dtype, config=triton_backend.DEFAULT_DECODE_CONFIG):
+def _cuobjdump() -> str | None:
+    """The cuobjdump Triton ships (its knobs name it from 3.4 on), or None."""
+    tool = getattr(getattr(getattr(triton, "knobs", None), "nvidia", None), "cuobjdump", None)
+    path = getattr(tool, "path", None) or str(
+        Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump")
+    return path if os.access(path, os.X_OK) else None
+
+
+def registers_and_stack(compiled, cuobjdump: str) -> tuple[int, int]:
+    """Registers a thread and stack bytes a thread (spills) of a compiled kernel, from ptxas's
+    resource usage as cuobjdump reports it."""
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = Path(folder) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        report = subprocess.run([cuobjdump, "--dump-resource-usage", str(cubin)],
+                                capture_output=True, text=True, check=True).stdout
+    usage = dict(field.split(":", 1) for line in report.splitlines() if "REG:" in line
+                 for field in line.split() if ":" in field)
+    return int(usage["REG"]), int(usage["STACK"])
+
+
+def decode_kernels(dtype, config=None, rows=16):
+    """The launches of a decode call with `rows` input rows a tile, in `config` (default: the
+    row block's default config, named "default")."""
+    default = config is None
+    config = config or triton_backend.DEFAULT_DECODE_CONFIGS[rows]
     triton_backend._multiprocessors = lambda device_index: 132
+    torch.cuda.get_device_capability = lambda device=None: (9, 0)  # the plan refuses PDL before
     ptr = "*" + TRITON_TYPES[dtype]
     for persistent in (True, False):
         for u_kind in ("none", "diagonal", "full"):
             with_extras = u_kind == "full"  # gather rows and bias with the full U
             plan = triton_backend._decode_plan(torch.device("cuda", 0), dtype, 4096, 256,
-                                               264 if u_kind == "full" else 256, 4096, u_kind,
-                                               with_extras, with_extras, persistent, config)
+                                               264 if u_kind == "full" else 256, 4096, rows,
+                                               u_kind, with_extras, with_extras, persistent,
+                                               config)
             pointers = {"x_ptr": ptr, "r_ptr": ptr, "c_ptr": ptr, "y_ptr": ptr,
                         "sums_ptr": "*fp32", "link_ptr": "*fp32", "sync_ptr": "*i32"}
             nones = {}
@@ -69,7 +100,7 @@ def decode_kernels(dtype, config=triton_backend.DEFAULT_DECODE_CONFIG):
                 launch = cached.constexprs
                 constants = {k: v for k, v in launch.items() if k not in LAUNCH_OPTIONS} | nones
                 yield (f"decode {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
-                       f"U={u_kind}{' pdl' if launch.get('launch_pdl') else ''}"
+                       f"rows={rows}{' default' if default else ''} U={u_kind}{' pdl' if launch.get('launch_pdl') else ''}"
                        f"{' l2' if launch['L2_LINES'] else ''}", pointers,
                        constants, launch["num_warps"], 3, launch.get("launch_pdl", False))
 
@@ -92,6 +123,9 @@ def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET to compile"
     quick = "--quick" in sys.argv  # one dtype, sm_90 and the prefill default only
     failures = 0
+    cuobjdump = _cuobjdump()
+    if cuobjdump is None:
+        print("note: no cuobjdump beside Triton: registers and spills not checked")
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
         kernels = list(decode_kernels(dtype)) + list(prefill_kernels(dtype))
         if PDL_SUPPORTED:  # the launch plan refuses PDL before Triton 3.5
@@ -99,17 +133,30 @@ def main() -> int:
         kernels += [kernel for kernel in decode_kernels(
             dtype, triton_backend.DecodeConfig(l2_prefetch_bytes=65536, num_warps=8))
             if "persistent" in kernel[0]]
+        for rows in triton_backend.DECODE_ROW_BLOCKS[1:]:  # batched decode, both forms
+            kernels += list(decode_kernels(dtype, rows=rows))
         if quick:
             kernels = [k for k in kernels if not k[0].startswith("prefill")
                        or str(default_config(4096, 1024, False, dtype)) in k[0]]
         for name, pointers, constants, num_warps, num_stages, launch_pdl in kernels:
             decode = name.startswith("decode")
             kernel = cur_linear_decode_kernel if decode else cur_linear_prefill_kernel
-            for arch in (90,) if quick else (80, 90):
+            # griddepcontrol (PDL) is sm_90 only; the backend refuses it before Hopper
+            archs = (90,) if quick or launch_pdl else (80, 90)
+            for arch in archs:
                 try:
-                    shared = compile_for(kernel, pointers, constants, num_warps, num_stages, arch,
-                                         launch_pdl)
-                    print(f"ok   sm_{arch} {name}: {shared} B shared")
+                    compiled = compile_for(kernel, pointers, constants, num_warps, num_stages,
+                                           arch, launch_pdl)
+                    usage = ""
+                    if cuobjdump is not None and decode:
+                        registers, stack = registers_and_stack(compiled, cuobjdump)
+                        usage = f", {registers} registers, {stack} B stack"
+                        # The kernels a half-precision decode runs by default on Hopper must
+                        # not spill (sm_80's 16- and 32-row defaults do: bench/NOTES.md).
+                        assert not (stack and arch == 90 and " default" in name
+                                    and "persistent" in name and dtype != torch.float32), \
+                            f"spills{usage}"
+                    print(f"ok   sm_{arch} {name}: {compiled.metadata.shared} B shared{usage}")
                 except Exception as exc:  # report every failing kernel, then fail
                     failures += 1
                     print(f"FAIL sm_{arch} {name}: {type(exc).__name__}: {exc}")

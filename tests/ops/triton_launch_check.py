@@ -83,21 +83,22 @@ def main() -> int:
     triton_backend._multiprocessors = lambda device_index: 132
     n, r, m, dtype = 256, 64, 128, torch.bfloat16
     failures = 0
-    for u_kind, M in (("none", 1), ("none", 3), ("diagonal", 16)):
+    for u_kind, M in (("none", 1), ("none", 3), ("diagonal", 16), ("none", 40)):
+        block_rows = triton_backend.decode_block_rows(M)
         plan = triton_backend._decode_plan(torch.device("cuda", DEVICE), dtype, n, r, r, m,
-                                           u_kind, True, False, True,
+                                           block_rows, u_kind, True, False, True,
                                            triton_backend.DEFAULT_DECODE_CONFIG)
         (launch,) = plan.launches
         x, R = torch.zeros(M, n, dtype=dtype), torch.zeros(r, n, dtype=dtype)
         C, y = torch.zeros(m, r, dtype=dtype), torch.zeros(M, m, dtype=dtype)
         U = torch.ones(r, dtype=dtype) if u_kind == "diagonal" else None
         bias = torch.zeros(m, dtype=dtype)
-        sums, link = torch.zeros(2 * 16 * r), torch.zeros(16 * r)
+        sums, link = torch.zeros(2 * block_rows * r), torch.zeros(block_rows * r)
         sync = torch.zeros(4, dtype=torch.int32)
         args = (x, R, None, U, C, bias, y, sums, link, sync, M, n, r, r, m, r,
                 plan.shrink_tile_k, plan.shrink_k_tiles)
         RecordingLauncher.calls.clear()
-        known = launch.specializations  # plans are shared across row counts
+        known = launch.specializations  # plans are shared across a row block
         for _ in range(2):  # Triton's run (compiles), then the cached kernel's launcher
             launch((M, r), *args)
         if not launch.fast:  # before Triton 3.3: both calls compile and launch through run
