@@ -1,6 +1,7 @@
 """Driver for compute-sanitizer: runs one backend's kernels over the shapes that stress their
-bounds (unaligned rows, ranks off the tile sizes, gather with edge indices, > 16 rows, every
-link form and dtype) and checks each result against fp64 computed on the CPU.
+bounds (unaligned rows, ranks off the tile sizes, gather with edge indices, every row block of
+the decode kernels and past them, every link form and dtype) and checks each result against
+fp64 computed on the CPU.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python bench/sanitize_cuda_kernels.py cuda
     (or `triton`: the persistent decode kernel with its grid barrier, and the prefill kernel)
@@ -18,8 +19,10 @@ CASES = [  # (M, n, m, r)
     (1, 4096, 1024, 256),
     (5, 300, 130, 7),
     (16, 4104, 1000, 100),
-    (17, 4097, 515, 33),   # odd n: the scalar (unvectorised) path
+    (17, 4097, 515, 33),   # odd n: the scalar (unvectorised) path; Triton's 32-row block
     (3, 64, 1, 1),
+    (40, 300, 130, 70),    # Triton's 64-row block
+    (65, 1000, 515, 33),   # Triton's prefill kernel
 ]
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
