@@ -34,7 +34,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--share-shrinks", action="store_true",
-                        help="factored q/k/v and gate/up run one shrink GEMM a group "
+                        help="factored q/k/v and gate/up read their stacked shrink factors in one pass "
                              "(curkernels.nn.share_input_shrinks)")
     parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
                         help="run long prompts through prefill in chunks of this many tokens "

@@ -1,34 +1,36 @@
-"""One shrink GEMM for sibling projections that read the same input.
+"""One shrink for sibling projections that read the same input.
 
 The q, k and v projections of an attention block, and gate and up of a gated MLP, each compute
 x·Rᵀ on one x. `share_input_shrinks` stacks their shrink factors (R of a `CURLinear`, B of a
-`LowRankLinear`) into one weight, so that a single GEMM serves the group: one weight stream
-and one launch instead of three at decode, a wider and better-filled GEMM at prefill. Each
-member then expands its own columns of the product with its own factor (the second GEMM of
-the cuBLAS chain). Every member's shrink factor becomes a view of its rows of the stacked
-weight, so nothing is stored twice and state dicts keep their keys and shapes.
+`LowRankLinear`) into one weight, so that the group reads it in one pass: at decode on a GPU
+one Triton launch computes every member's output (the shrink over the stacked weight, then each
+member's expand, ops/triton_group.py), where the members alone take a launch each; elsewhere
+one GEMM over the stacked weight and one expand GEMM a member (the shared cuBLAS chain), a
+wider and better-filled GEMM at prefill. Every member's shrink factor becomes a view of its rows
+of the stacked weight, so nothing is stored twice and state dicts keep their keys and shapes.
 
-The shared chain runs under torch.compile and CUDA-graph capture, for more than 16 rows (where
-dispatch runs the cuBLAS chain unless the GPU's measured table has a fused kernel win up to
-64 rows) and on the CPU (whose backend is the chain).
-Eager decode on a GPU keeps each member's own dispatch: host time per launch rules there, and
-the fused kernels take one launch a member where the shared chain takes two for the first.
+The shared path runs under torch.compile (as the opaque op `curkernels::shared_group`, one
+node a group) and CUDA-graph capture, for prefill and on the CPU, and for eager decode on a GPU
+where the group kernel runs (ops/shared_group.py); elsewhere (no Triton, or CURKERNELS_BACKEND
+naming another backend) eager decode keeps each member's own dispatch, one fused launch a
+member where the shared chain would take one more.
 
-The first member called with an input computes the stacked product and keeps it for the
+The first member called with an input computes every member's output and keeps them for the
 others, matched by the identity of the input (and, eagerly, by its version counter, so an
-input changed in place is not matched); the last member of the group to be served drops it.
+input changed in place is not matched); the last member of the group to be served drops them.
 Nothing outlives a forward, and a compiled graph (torch.compile traces the hand-over) takes no
-extra inputs or guards. A member called with another input recomputes the product: a wrong
-grouping costs time, never correctness.
+extra inputs or guards. A member called with another input recomputes them: a wrong grouping
+costs time, never correctness.
 """
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..ops.dispatch import DECODE_MAX_ROWS, graph_mode, requested_backend
+from ..ops.shared_group import group_backend, shared_chain, shared_group, shared_group_op
 from ..ops.validation import check_input
 from .cur_linear import CURLinear
 from .low_rank_linear import LowRankLinear
@@ -40,20 +42,19 @@ DEFAULT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"),
 
 
 class SharedShrink:
-    """The stacked shrink weight of a group and the product it hands from member to member.
+    """The stacked shrink weight of a group and the outputs it hands from member to member.
     A plain object, not a module: the weight's storage belongs to the members' parameters."""
 
-    def __init__(self, weight: torch.Tensor, members: int):
+    def __init__(self, weight: torch.Tensor, members: Sequence[nn.Module]):
         self.weight = weight
-        self.members = members
-        # (input, its version, product), replaced whole and read once a call: threads running
-        # the model at once may recompute a product, but never take another input's
+        self.members = tuple(members)
+        # (input, its version, outputs), replaced whole and read once a call: threads running
+        # the model at once may recompute the outputs, but never take another input's
         self._handed: tuple | None = None
         self._served = 0
 
-    @staticmethod
-    def serves(x: torch.Tensor) -> bool:
-        """Whether a member's call on `x` runs the shared chain (see the module docstring);
+    def serves(self, x: torch.Tensor) -> bool:
+        """Whether a member's call on `x` runs the shared path (see the module docstring);
         a call it does not serve goes through the member's own `cur_linear`, whose checks then
         name whatever is wrong with `x`."""
         if torch.compiler.is_compiling():
@@ -62,10 +63,12 @@ class SharedShrink:
             return False
         if not x.is_cuda:
             return True
-        return x.numel() > DECODE_MAX_ROWS * x.shape[-1] or graph_mode()
+        num_rows = math.prod(x.shape[:-1])
+        return (num_rows > DECODE_MAX_ROWS or graph_mode()
+                or group_backend(x, num_rows, len(self.members)) == "triton")
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x·weightᵀ, computed once for the members that read this very x."""
+    def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's output on x, computed once for the members that read this very x."""
         compiling = torch.compiler.is_compiling()
         handed = self._handed
         if (handed is None or handed[0] is not x
@@ -75,21 +78,31 @@ class SharedShrink:
                     f"the shared shrink weight is {self.weight.dtype} on {self.weight.device}, "
                     f"the model's factors {x.dtype} on {x.device}: moving or casting a model "
                     f"copies each factor apart from it; call share_input_shrinks afterwards")
-            handed = (x, None if compiling else x._version, F.linear(x, self.weight))
+            handed = (x, None if compiling else x._version, self._compute(x, compiling))
             self._handed, self._served = handed, 0
         self._served += 1
-        if self._served >= self.members:
+        if self._served >= len(self.members):
             self._handed = None
         return handed[2]
 
+    def _compute(self, x: torch.Tensor, compiling: bool) -> list[torch.Tensor]:
+        expands = [m._parameters[m.EXPAND_FACTOR] for m in self.members]
+        biases = [m._parameters.get("bias") for m in self.members]
+        if torch.is_grad_enabled() and (x.requires_grad or any(
+                factor.requires_grad for factor in (*expands, *biases) if factor is not None)):
+            return shared_chain(x, self.weight, expands, biases)  # torch ops: differentiable
+        if compiling:
+            return shared_group_op(x, self.weight, expands, biases)
+        return shared_group(x, self.weight, expands, biases)
+
     def forward_member(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """The member's output: its columns of the product, expanded (+ bias)."""
+        """The member's output, from the group's outputs on x."""
         params = module._parameters
         expand = params[module.EXPAND_FACTOR]
         if (not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != module.in_features
                 or x.dtype != expand.dtype or x.device != expand.device):
             check_input(x, expand, params[module.SHRINK_FACTOR])
-        return F.linear(self.product(x)[..., module.shared_columns], expand, params.get("bias"))
+        return self.outputs(x)[module.shared_index]
 
 
 def _shareable(name: str, module: nn.Module | None) -> bool:
@@ -110,13 +123,14 @@ def _shareable(name: str, module: nn.Module | None) -> bool:
 def _share(members: list[nn.Module], factors: list[torch.Tensor]) -> SharedShrink:
     with torch.no_grad():
         stacked = torch.cat([factor.detach() for factor in factors]).contiguous()
-    shared = SharedShrink(stacked, len(members))
+    shared = SharedShrink(stacked, members)
     start = 0
-    for member, factor in zip(members, factors, strict=True):
+    for index, (member, factor) in enumerate(zip(members, factors, strict=True)):
         stop = start + factor.shape[0]
         setattr(member, member.SHRINK_FACTOR, nn.Parameter(stacked[start:stop],
                                                            requires_grad=False))
         member.shared_columns = slice(start, stop)
+        member.shared_index = index
         member.shared_shrink = shared
         start = stop
     return shared
@@ -129,11 +143,12 @@ def share_input_shrinks(model: nn.Module,
 
     A member must be a two-factor module (a `CURLinear` folded, `prepare_for_inference`, and
     not in the gather form, or a `LowRankLinear`) with backend='auto': its calls then run the
-    shared cuBLAS chain instead of `cur_linear`'s dispatch, except eager decode on a GPU. Members of a group must share
-    in_features, dtype and device; a group needs two. For inference only: a member's shrink
-    factor becomes a view of the stacked weight, which the shared GEMM reads, so a factor
-    that requires grad raises ValueError. Moving or casting the model afterwards copies
-    each factor apart from the stacked weight: call this again then (it stacks them anew).
+    group's shared path instead of `cur_linear`'s dispatch (see the module docstring). Members
+    of a group must share in_features, dtype and device; a group needs two. For inference
+    only: a member's shrink factor becomes a view of the stacked weight, which the shared
+    path reads, so a factor that requires grad raises ValueError. Moving or casting the model
+    afterwards copies each factor apart from the stacked weight: call this again then (it
+    stacks them anew).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -119,12 +119,12 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _single_launch(device: torch.device) -> bool:
+def single_launch(device: torch.device) -> bool:
     return (device.type == "cuda" and not triton_interpreting()
             and os.environ.get("CURKERNELS_TRITON_SINGLE_LAUNCH", "1") != "0")
 
 
-def _decode_workspace(device: torch.device, r: int, c: int, rows: int) -> _DecodeWorkspace:
+def decode_workspace(device: torch.device, r: int, c: int, rows: int) -> _DecodeWorkspace:
     """Zeroed once and kept: captured CUDA graphs hold its pointers; one per stream, so that
     concurrent streams never share counters, and one per row block, whose buffers the kernel
     zeroes for its own next launch. While capturing, a workspace not made before is a fresh
@@ -150,7 +150,7 @@ def reserve_decode_workspace(device: torch.device, r: int, c: int, M: int) -> No
     outside any capture. torch.compile's CUDA graphs warm up on the stream they then capture
     on, and their warm-up calls run the eager backend; a workspace first met during the capture
     would be a graph temporary, zeroed by extra memset nodes on every replay."""
-    _decode_workspace(device, r, c, decode_block_rows(M))
+    decode_workspace(device, r, c, decode_block_rows(M))
 
 
 def _shared_bytes_bound(config: DecodeConfig, element_size: int, rows: int) -> int:
@@ -178,6 +178,21 @@ def _programs_per_sm(device_index: int, config: DecodeConfig, element_size: int,
     return max(1, min(config.programs_per_sm, fits))
 
 
+def shrink_split(device: torch.device, config: DecodeConfig, element_size: int, rows: int,
+                 n: int, r: int, persistent: bool) -> tuple[int, int, int]:
+    """(programs, K slice length, K slices) of a decode launch's shrink: a persistent grid of
+    programs_per_sm programs per SM, the shrink cut into enough K slices that (rank blocks ×
+    slices) covers it; barrier-free, one program per tile."""
+    groups = triton.cdiv(r, config.block_r)
+    chunks = triton.cdiv(n, config.block_k)
+    programs = (_multiprocessors(device.index) * _programs_per_sm(device.index, config,
+                                                                  element_size, rows)
+                if persistent else groups * chunks)
+    slices = min(chunks, max(1, programs // groups))
+    tile_k = triton.cdiv(chunks, slices) * config.block_k
+    return programs, tile_k, triton.cdiv(n, tile_k)
+
+
 def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: int, m: int,
                  rows: int, u_kind: str, has_bias: bool, gather: bool, persistent: bool,
                  config: DecodeConfig) -> _DecodePlan:
@@ -186,18 +201,10 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
     plan = _decode_plans.get(key)
     if plan is not None:
         return plan
-    groups = triton.cdiv(r, config.block_r)
-    chunks = triton.cdiv(n, config.block_k)
     element_size = torch.empty((), dtype=dtype).element_size()
-    # A persistent grid of programs_per_sm programs per SM; the shrink is cut into enough K
-    # slices that (rank blocks × slices) covers it. Barrier-free, a launch has one program per
-    # tile.
-    programs = (_multiprocessors(device.index) * _programs_per_sm(device.index, config,
-                                                                  element_size, rows)
-                if persistent else groups * chunks)
-    slices = min(chunks, max(1, programs // groups))
-    tile_k = triton.cdiv(chunks, slices) * config.block_k
-    k_tiles = triton.cdiv(n, tile_k)
+    programs, tile_k, k_tiles = shrink_split(device, config, element_size, rows, n, r,
+                                             persistent)
+    groups = triton.cdiv(r, config.block_r)
     full_u = u_kind == "full"
     tiles = {"DO_SHRINK": groups * k_tiles, "DO_LINK": triton.cdiv(c, config.block_out),
              "DO_EXPAND": triton.cdiv(m, config.block_out)}
@@ -277,11 +284,11 @@ def cur_linear_decode(x, C, U, R, bias, rows, y, config: DecodeConfig | None = N
     r = rows.shape[0] if rows is not None else R.shape[0]
     if config is None:
         config = _measured_config(x.device, x.dtype, M, (m, n, r))
-    persistent = _single_launch(x.device)
+    persistent = single_launch(x.device)
     block_rows = decode_block_rows(M)
     plan = _decode_plan(x.device, x.dtype, n, r, c, m, block_rows, _u_kind(U), bias is not None,
                         rows is not None, persistent, config)
-    workspace = _decode_workspace(x.device, r, c, block_rows)
+    workspace = decode_workspace(x.device, r, c, block_rows)
     # The barrier-free form sums into the first buffer, which the single launch may have left
     # full; the workspace is shared with the single launch, which reads the buffer of the
     # current epoch (either one) as zero, so the first buffer is zeroed again afterwards.

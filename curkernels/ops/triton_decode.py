@@ -96,6 +96,23 @@ def _grid_barrier(sync_ptr, num_programs, flag, BUMP_EPOCH: tl.constexpr):
 
 
 @triton.jit
+def _epoch_sums(sync_ptr, sums_ptr, sums_size):
+    """The epoch and the shrink buffer of this launch. Read before the first barrier, whose
+    last arriver bumps the epoch: every program agrees."""
+    epoch = tl.atomic_add(sync_ptr + 2, 0, sem="relaxed")
+    return epoch, sums_ptr + (epoch % 2) * sums_size
+
+
+@triton.jit
+def _zero_next_sums(sums_ptr, epoch, sums_size, pid, num_programs, BLOCK: tl.constexpr):
+    """The next launch sums into the other buffer: this program's share of it, zeroed."""
+    next_sums = sums_ptr + ((epoch + 1) % 2) * sums_size
+    for start in range(pid * BLOCK, sums_size, num_programs * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        tl.store(next_sums + offs, tl.zeros((BLOCK,), tl.float32), mask=offs < sums_size)
+
+
+@triton.jit
 def _load_inputs(in_ptr, ld_in, offs_k, k_mask, scale_ptr, M, IN_IS_WORKSPACE: tl.constexpr,
                  HAS_SCALE: tl.constexpr, BLOCK_M: tl.constexpr):
     """in[:, offs_k] for the first M rows (zero beyond), times scale[offs_k] if given."""
@@ -236,9 +253,7 @@ def cur_linear_decode_kernel(
     sums = sums_ptr
     epoch = 0
     if PERSISTENT:
-        # Read before the first barrier, whose last arriver bumps it: every program agrees.
-        epoch = tl.atomic_add(sync_ptr + 2, 0, sem="relaxed")
-        sums = sums_ptr + (epoch % 2) * sums_size
+        epoch, sums = _epoch_sums(sync_ptr, sums_ptr, sums_size)
 
     if DO_SHRINK:
         if pid < shrink_tiles:
@@ -299,8 +314,65 @@ def cur_linear_decode_kernel(
                          False, DIAGONAL_U, HAS_BIAS, DOT_FP32, BLOCK_M, BLOCK_OUT, BLOCK_IN,
                          PREFETCH_IN)
 
-    if PERSISTENT:  # the next launch sums into the other buffer: zero it for that launch
-        next_sums = sums_ptr + ((epoch + 1) % 2) * sums_size
-        for start in range(pid * BLOCK_IN, sums_size, num_programs * BLOCK_IN):
-            offs = start + tl.arange(0, BLOCK_IN)
-            tl.store(next_sums + offs, tl.zeros((BLOCK_IN,), tl.float32), mask=offs < sums_size)
+    if PERSISTENT:
+        _zero_next_sums(sums_ptr, epoch, sums_size, pid, num_programs, BLOCK_IN)
+
+
+@triton.jit
+def cur_linear_group_decode_kernel(
+        x_ptr, r_ptr, sums_ptr, sync_ptr, c0_ptr, c1_ptr, c2_ptr, bias0_ptr, bias1_ptr,
+        bias2_ptr, y0_ptr, y1_ptr, y2_ptr, M, n, r, m0, m1, m2, col1, col2, shrink_tile_k,
+        shrink_k_tiles,
+        PERSISTENT: tl.constexpr, DO_SHRINK: tl.constexpr, DO_EXPAND: tl.constexpr,
+        MEMBERS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, WORKSPACE_ROWS: tl.constexpr):
+    """Sibling projections of one input in one launch: y_i = C_i·(R·x)[cols_i] (+ b_i) for
+    MEMBERS (2 or 3) members whose shrink factors are stacked in R (r rows; member i's are
+    rows col_i to col_{i+1}, col_0 = 0). The shrink runs once over the stacked R as in
+    `cur_linear_decode_kernel`; the expand tiles of all members are spread over the grid,
+    member 0's first. Same workspace, epoch and barrier; no link, gather or prefetch."""
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    sums_size = WORKSPACE_ROWS * r
+    shrink_tiles = tl.cdiv(r, BLOCK_R) * shrink_k_tiles
+    sums = sums_ptr
+    epoch = 0
+    if PERSISTENT:
+        epoch, sums = _epoch_sums(sync_ptr, sums_ptr, sums_size)
+    if DO_SHRINK:
+        no_head = tl.zeros((BLOCK_R, BLOCK_K), r_ptr.dtype.element_ty)
+        for tile in range(pid, shrink_tiles, num_programs):
+            _shrink_tile(tile, no_head, x_ptr, r_ptr, r_ptr, sums, M, n, r, r, shrink_tile_k,
+                         shrink_k_tiles, False, False, DOT_FP32, BLOCK_M, BLOCK_R, BLOCK_K)
+    if PERSISTENT:
+        _grid_barrier(sync_ptr, num_programs, epoch * 2 + 1, True)
+    if DO_EXPAND:
+        no_head = tl.zeros((BLOCK_OUT, 16), c0_ptr.dtype.element_ty)
+        tiles0 = tl.cdiv(m0, BLOCK_OUT)
+        tiles1 = tl.cdiv(m1, BLOCK_OUT)
+        end1 = r
+        expand_tiles = tiles0 + tiles1
+        if MEMBERS == 3:
+            end1 = col2
+            expand_tiles += tl.cdiv(m2, BLOCK_OUT)
+        for tile in range(pid, expand_tiles, num_programs):
+            # The tile's member, chosen by pointer and size: one expand loop in the kernel,
+            # not one per member (each would keep its own pipeline buffers and registers).
+            c_ptr, bias_ptr, y_ptr = c0_ptr, bias0_ptr, y0_ptr
+            col, width, m, local = col1 * 0, col1, m0, tile
+            if tile >= tiles0:
+                c_ptr, y_ptr = c1_ptr, y1_ptr
+                col, width, m, local = col1, end1 - col1, m1, tile - tiles0
+                if HAS_BIAS:
+                    bias_ptr = bias1_ptr
+            if MEMBERS == 3:
+                if tile >= tiles0 + tiles1:
+                    c_ptr, y_ptr = c2_ptr, y2_ptr
+                    col, width, m, local = col2, r - col2, m2, tile - tiles0 - tiles1
+                    if HAS_BIAS:
+                        bias_ptr = bias2_ptr
+            _expand_tile(local, no_head, c_ptr, sums + col, r, c_ptr, bias_ptr, y_ptr, M, width,
+                         m, False, False, HAS_BIAS, DOT_FP32, BLOCK_M, BLOCK_OUT, BLOCK_IN, 16)
+    if PERSISTENT:
+        _zero_next_sums(sums_ptr, epoch, sums_size, pid, num_programs, BLOCK_IN)

@@ -28,7 +28,7 @@ def load_for_inference(folder: str | os.PathLike, device: str | torch.device | N
                        fold: bool = True, share_shrinks: bool = False):
     """(model, tokenizer) from a folder written by `curkernels.save_compressed`, the model
     frozen by `curkernels.nn.prepare_for_inference` (links folded unless `fold=False`;
-    sibling projections sharing one shrink GEMM with `share_shrinks=True`).
+    sibling projections sharing one stacked shrink factor with `share_shrinks=True`).
 
     The tokenizer comes from `tokenizer` (a folder or hub name) when given, else from the
     checkpoint folder, which must then hold one.

@@ -13,6 +13,7 @@ from torch.overrides import TorchFunctionMode
 import curkernels as ck
 from curkernels import CURLinear, LowRankLinear
 from curkernels.nn import find_linears, prepare_for_inference, share_input_shrinks, swap_linears
+from curkernels.ops import unavailable_reason
 from curkernels.serve import StaticCacheGenerator
 
 LAYERS = 2  # tiny_model's decoder blocks
@@ -113,7 +114,7 @@ def test_members_given_other_inputs_or_changed_inputs_stay_correct():
         torch.testing.assert_close(attention.q_proj(x), reference.q_proj(x))
 
 
-def test_compiled_decode_is_one_graph_with_one_shrink_per_group():
+def test_compiled_decode_is_one_graph_with_one_group_op_per_group():
     model = _factored_llama()
     input_ids = sample_inputs(batch=1)["input_ids"]
     expected = StaticCacheGenerator(model, max_seq_len=24).generate(input_ids, 6)
@@ -128,11 +129,14 @@ def test_compiled_decode_is_one_graph_with_one_shrink_per_group():
         torch.tensor([[5]]), torch.tensor([4]))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+    # one opaque group op a group, reading its stacked weight; no other node reads one
     stacked_shapes = {tuple(w.shape) for w in _stacked_weights(model)}
-    shrinks = [node for graph in explanation.graphs for node in graph.graph.nodes
-               if node.target is torch._C._nn.linear
-               and tuple(node.args[1].meta["example_value"].shape) in stacked_shapes]
-    assert len(shrinks) == LAYERS * GROUPS_PER_LAYER
+    nodes = [node for graph in explanation.graphs for node in graph.graph.nodes]
+    groups = [node for node in nodes if node.target is torch.ops.curkernels.shared_group.default]
+    assert len(groups) == LAYERS * GROUPS_PER_LAYER
+    assert {tuple(node.args[1].meta["example_value"].shape) for node in groups} == stacked_shapes
+    assert not [node for node in nodes if node.target is torch._C._nn.linear
+                and tuple(node.args[1].meta["example_value"].shape) in stacked_shapes]
 
 
 def test_checkpoint_of_a_shared_model_loads_with_the_same_outputs(tmp_path):
@@ -200,27 +204,64 @@ def test_a_model_cast_after_sharing_says_to_share_again():
     assert parent.q_proj.shared_shrink.weight.dtype == torch.float64
 
 
+def _group_outputs(model, x):
+    """Layer 0's q/k/v and gate/up outputs on x, in that order."""
+    layer = model.model.layers[0]
+    return [layer.self_attn.q_proj(x), layer.self_attn.k_proj(x), layer.self_attn.v_proj(x),
+            layer.mlp.gate_proj(x), layer.mlp.up_proj(x)]
+
+
+@pytest.mark.skipif(unavailable_reason("triton", torch.device("cpu")) is not None
+                    and not torch.cuda.is_available(),
+                    reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a CUDA device")
+def test_decode_through_the_group_kernel_matches_the_unshared_model(monkeypatch):
+    """CURKERNELS_BACKEND=triton runs the group kernel wherever Triton runs (the interpreter on
+    the CPU): one launch a group computes every member's output, so no GEMM reads a stacked
+    or an expand factor, and the outputs are the unshared modules'."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = _factored_llama().to(device)
+    hidden = model.model.layers[0].self_attn.q_proj.in_features
+    inputs = [torch.randn(rows, hidden, device=device) for rows in (1, 5, 40)]
+    with torch.no_grad():
+        expected = [_group_outputs(model, x) for x in inputs]
+    share_input_shrinks(model)
+    members = [m for m in model.modules() if getattr(m, "shared_shrink", None) is not None]
+    monkeypatch.setenv("CURKERNELS_BACKEND", "triton")
+    for x, wanted in zip(inputs, expected, strict=True):
+        with torch.no_grad(), _CountLinears(
+                stacked=_stacked_weights(model),
+                expands=[m._parameters[m.EXPAND_FACTOR] for m in members]) as counted:
+            outputs = _group_outputs(model, x)
+        assert counted.counts == {"stacked": 0, "expands": 0}
+        for output, reference in zip(outputs, wanted, strict=True):
+            torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_eager_decode_on_a_gpu_keeps_each_members_own_dispatch():
-    """Eager decode rows on a GPU go through each member's own `cur_linear` (one fused launch
-    a member); prefill rows, and calls inside a CUDA graph capture, through the shared chain."""
+def test_eager_decode_on_a_gpu_runs_the_group_kernel(monkeypatch):
+    """Eager decode rows on a GPU (up to 64) run one group launch a group; prefill rows, the
+    shared chain; with the CUDA extension named, each member's own `cur_linear`. A CUDA graph
+    capture is served too."""
     model = _factored_llama().cuda()
     attention = model.model.layers[0].self_attn
     reference = copy.deepcopy(attention)
     share_input_shrinks(model)
     members = ("q_proj", "k_proj", "v_proj")
-    for rows, shared in ((1, 0), (16, 0), (17, 1)):
+    stacked = attention.q_proj.shared_shrink.weight
+    for rows, stacked_gemms in ((1, 0), (16, 0), (40, 0), (65, 1)):
         x = torch.randn(rows, attention.q_proj.in_features, device="cuda")
-        with torch.no_grad(), _CountLinears(
-                stacked=[attention.q_proj.shared_shrink.weight]) as counted:
+        with torch.no_grad(), _CountLinears(stacked=[stacked]) as counted:
             outputs = [getattr(attention, name)(x) for name in members]
-        assert counted.counts["stacked"] == shared
+        assert counted.counts["stacked"] == stacked_gemms
         for name, output in zip(members, outputs, strict=True):
             torch.testing.assert_close(output, getattr(reference, name)(x), rtol=1e-4,
                                        atol=1e-4)
     x = torch.randn(1, attention.q_proj.in_features, device="cuda")
+    assert attention.q_proj.shared_shrink.serves(x)
+    monkeypatch.setenv("CURKERNELS_BACKEND", "cuda")  # no group kernel: each member's own
     assert not attention.q_proj.shared_shrink.serves(x)
+    monkeypatch.delenv("CURKERNELS_BACKEND")
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         graph = torch.cuda.CUDAGraph()

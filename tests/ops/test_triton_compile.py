@@ -23,3 +23,5 @@ def test_kernels_compile_for_sm90():
     assert any("prefill" in line for line in compiled)
     # batched decode: the 64-row block's default tiles (checked not to spill on sm_90)
     assert any("persistent rows=64 default" in line for line in compiled)
+    # the sibling-group kernel, whose persistent forms are checked not to spill either
+    assert any(line.startswith("ok   sm_90 group bf16 persistent") for line in compiled)

@@ -76,12 +76,12 @@ def test_decode_configs(config, single_launch, poisoned, monkeypatch):
     """Every form of the kernel with each config; the persistent form on one program, which
     the interpreter can run (on a GPU, on every SM), so that one program takes every tile."""
     if single_launch and not torch.cuda.is_available():
-        monkeypatch.setattr(triton_backend, "_single_launch", lambda device: True)
+        monkeypatch.setattr(triton_backend, "single_launch", lambda device: True)
         monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
         monkeypatch.setattr(triton_backend, "_workspaces", {})
         monkeypatch.setattr(triton_backend, "_decode_plans", {})
     elif not single_launch:
-        monkeypatch.setattr(triton_backend, "_single_launch", lambda device: False)
+        monkeypatch.setattr(triton_backend, "single_launch", lambda device: False)
     for seed, (M, r, link) in enumerate(((1, 100, "none"), (16, 37, "diagonal"),
                                          (3, 70, "full"), (33, 50, "none"))):
         case = make_case(M, N, M_OUT, r, torch.float32, link=link, gather=seed == 1,
@@ -225,7 +225,7 @@ def test_decode_single_launch_in_cuda_graph(config, M):
 def test_single_launch_form_with_one_program(poisoned, monkeypatch):
     """The persistent form (grid barrier, epoch double-buffering) on one program, which the
     interpreter can run: the barrier's last arriver is the only one and never spins."""
-    monkeypatch.setattr(triton_backend, "_single_launch", lambda device: True)
+    monkeypatch.setattr(triton_backend, "single_launch", lambda device: True)
     monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
     monkeypatch.setattr(triton_backend, "_workspaces", {})
     monkeypatch.setattr(triton_backend, "_decode_plans", {})
@@ -244,7 +244,7 @@ def test_row_blocks_keep_their_own_workspaces(poisoned, monkeypatch):
     """Each row block (16, 32, 64 rows) sums into, and zeroes for its next launch, a workspace
     of its own size: calls of other blocks in between, at either epoch parity, must leave the
     one a call reads zeroed. The persistent form on one program, as above."""
-    monkeypatch.setattr(triton_backend, "_single_launch", lambda device: True)
+    monkeypatch.setattr(triton_backend, "single_launch", lambda device: True)
     monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
     monkeypatch.setattr(triton_backend, "_workspaces", {})
     monkeypatch.setattr(triton_backend, "_decode_plans", {})
@@ -269,7 +269,7 @@ def test_forms_share_one_workspace(dtype, poisoned, monkeypatch):
     form reads the buffer of the current epoch as zero: a barrier-free call before it must not
     leave partial sums there, whatever the epoch's parity."""
     single = {"launch": True}
-    monkeypatch.setattr(triton_backend, "_single_launch", lambda device: single["launch"])
+    monkeypatch.setattr(triton_backend, "single_launch", lambda device: single["launch"])
     monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
     monkeypatch.setattr(triton_backend, "_workspaces", {})
     monkeypatch.setattr(triton_backend, "_decode_plans", {})

@@ -4,6 +4,7 @@ compiler rejects (module globals read inside a kernel, unsupported ops, shape mi
 this catches those on a CPU-only machine. Run as a script: TRITON_INTERPRET must be unset when
 the kernels are defined. Prints one line per compiled kernel; exits non-zero on any failure."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -15,9 +16,13 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from curkernels.ops import triton_backend
+from curkernels.ops import triton_backend, triton_group
 from curkernels.ops.triton_autotune import candidate_configs, default_config
-from curkernels.ops.triton_decode import PDL_SUPPORTED, cur_linear_decode_kernel
+from curkernels.ops.triton_decode import (
+    PDL_SUPPORTED,
+    cur_linear_decode_kernel,
+    cur_linear_group_decode_kernel,
+)
 from curkernels.ops.triton_prefill import cur_linear_prefill_kernel
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -105,6 +110,33 @@ def decode_kernels(dtype, config=None, rows=16):
                        constants, launch["num_warps"], 3, launch.get("launch_pdl", False))
 
 
+def group_kernels(dtype):
+    """The sibling-group decode kernel: q/k/v (three members, with biases as in Qwen2) and
+    gate/up (two, none), at the 16- and 64-row blocks, in both forms."""
+    ptr = "*" + TRITON_TYPES[dtype]
+    for members, has_bias in ((3, True), (2, False)):
+        ranks, ms = (264, 96, 96)[:members], (4096, 1024, 1024)[:members]
+        for rows, persistent in itertools.product((16, 64), (True, False)):
+            plan = triton_group._group_plan(torch.device("cuda", 0), dtype, 4096, ranks, ms,
+                                            rows, has_bias, persistent)
+            pointers = {"x_ptr": ptr, "r_ptr": ptr, "sums_ptr": "*fp32", "sync_ptr": "*i32"}
+            nones = {}
+            for index in range(triton_group.MAX_MEMBERS):
+                present = index < members
+                for name, given in ((f"c{index}_ptr", present), (f"y{index}_ptr", present),
+                                    (f"bias{index}_ptr", present and has_bias)):
+                    if given:
+                        pointers[name] = ptr
+                    else:
+                        nones[name] = None
+            for cached in plan.launches:
+                launch = cached.constexprs
+                constants = {k: v for k, v in launch.items() if k not in LAUNCH_OPTIONS} | nones
+                yield (f"group {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
+                       f"rows={rows} members={members}{' bias' if has_bias else ''}", pointers,
+                       constants, launch["num_warps"], 3, False)
+
+
 def prefill_kernels(dtype):
     ptr = "*" + TRITON_TYPES[dtype]
     pointers = {"x_ptr": ptr, "r_ptr": ptr, "rows_ptr": "*i64", "scale_ptr": ptr, "c_ptr": ptr,
@@ -127,7 +159,8 @@ def main() -> int:
     if cuobjdump is None:
         print("note: no cuobjdump beside Triton: registers and spills not checked")
     for dtype in (torch.bfloat16,) if quick else (torch.bfloat16, torch.float16, torch.float32):
-        kernels = list(decode_kernels(dtype)) + list(prefill_kernels(dtype))
+        kernels = (list(decode_kernels(dtype)) + list(group_kernels(dtype))
+                   + list(prefill_kernels(dtype)))
         if PDL_SUPPORTED:  # the launch plan refuses PDL before Triton 3.5
             kernels += list(decode_kernels(dtype, triton_backend.DecodeConfig(pdl=True)))
         kernels += [kernel for kernel in decode_kernels(
@@ -139,8 +172,9 @@ def main() -> int:
             kernels = [k for k in kernels if not k[0].startswith("prefill")
                        or str(default_config(4096, 1024, False, dtype)) in k[0]]
         for name, pointers, constants, num_warps, num_stages, launch_pdl in kernels:
-            decode = name.startswith("decode")
-            kernel = cur_linear_decode_kernel if decode else cur_linear_prefill_kernel
+            decode = name.startswith(("decode", "group"))
+            kernel = {"decode": cur_linear_decode_kernel, "group": cur_linear_group_decode_kernel,
+                      "prefill": cur_linear_prefill_kernel}[name.split()[0]]
             # griddepcontrol (PDL) is sm_90 only; the backend refuses it before Hopper
             archs = (90,) if quick or launch_pdl else (80, 90)
             for arch in archs:
@@ -153,8 +187,9 @@ def main() -> int:
                         usage = f", {registers} registers, {stack} B stack"
                         # The kernels a half-precision decode runs by default on Hopper must
                         # not spill (sm_80's 16- and 32-row defaults do: bench/NOTES.md).
-                        assert not (stack and arch == 90 and " default" in name
-                                    and "persistent" in name and dtype != torch.float32), \
+                        assert not (stack and arch == 90 and "persistent" in name
+                                    and (" default" in name or name.startswith("group"))
+                                    and dtype != torch.float32), \
                             f"spills{usage}"
                     print(f"ok   sm_{arch} {name}: {compiled.metadata.shared} B shared{usage}")
                 except Exception as exc:  # report every failing kernel, then fail
