@@ -1,4 +1,4 @@
-"""Runs the decode kernel's launches through the installed Triton's own `run` and through
+"""Runs the decode and group kernels' launches through the installed Triton's own `run` and through
 `CachedLaunch`'s direct path, on a stand-in CUDA driver, and checks that the compiled kernel's
 launcher receives the same arguments from both (before Triton 3.3, where CachedLaunch always
 takes Triton's path, that the kernel compiles and launches through it). Nothing runs on a GPU: the stand-in driver
@@ -14,7 +14,7 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-from curkernels.ops import triton_backend, triton_launch
+from curkernels.ops import triton_backend, triton_group, triton_launch
 from curkernels.ops.triton_version import TRITON_VERSION
 
 DEVICE, STREAM = 0, 0x5EED
@@ -75,6 +75,28 @@ def describe_difference(through_triton: tuple, direct: tuple) -> str:
                      if a is not b and (isinstance(a, torch.Tensor) or a != b))
 
 
+def check_launch(label: str, launch, specialization: tuple, args: tuple) -> bool:
+    """Two calls of a CachedLaunch: Triton's run (compiles), then the cached kernel's launcher,
+    which must get the same arguments; prints the outcome."""
+    RecordingLauncher.calls.clear()
+    known = launch.specializations  # plans are shared across a row block
+    for _ in range(2):
+        launch(specialization, *args)
+    if not launch.fast:  # before Triton 3.3: both calls compile and launch through run
+        alike = len(RecordingLauncher.calls) == 2 and launch.specializations == 0
+        print(f"{'ok  ' if alike else 'FAIL'} {label}: Triton "
+              f"{triton_launch.triton.__version__}'s own run, twice")
+        return alike
+    through_triton, direct = RecordingLauncher.calls
+    if launch.specializations == known + 1 and comparable(through_triton) == comparable(direct) \
+            and direct[6:9] == (None, None, None):
+        print(f"ok   {label}: {len(direct)} launcher arguments alike")
+        return True
+    print(f"FAIL {label}: {launch.specializations - known} kernels kept; "
+          f"{describe_difference(comparable(through_triton), comparable(direct))}")
+    return False
+
+
 def main() -> int:
     assert os.environ.get("TRITON_INTERPRET") != "1", "unset TRITON_INTERPRET to compile"
     driver.set_active(StandInDriver())
@@ -97,24 +119,20 @@ def main() -> int:
         sync = torch.zeros(4, dtype=torch.int32)
         args = (x, R, None, U, C, bias, y, sums, link, sync, M, n, r, r, m, r,
                 plan.shrink_tile_k, plan.shrink_k_tiles)
-        RecordingLauncher.calls.clear()
-        known = launch.specializations  # plans are shared across a row block
-        for _ in range(2):  # Triton's run (compiles), then the cached kernel's launcher
-            launch((M, r), *args)
-        if not launch.fast:  # before Triton 3.3: both calls compile and launch through run
-            alike = len(RecordingLauncher.calls) == 2 and launch.specializations == 0
-            print(f"{'ok  ' if alike else 'FAIL'} U={u_kind} M={M}: Triton "
-                  f"{triton_launch.triton.__version__}'s own run, twice")
-            failures += not alike
-            continue
-        through_triton, direct = RecordingLauncher.calls
-        if launch.specializations == known + 1 and comparable(through_triton) == comparable(direct) \
-                and direct[6:9] == (None, None, None):
-            print(f"ok   U={u_kind} M={M}: {len(direct)} launcher arguments alike")
-        else:
-            failures += 1
-            print(f"FAIL U={u_kind} M={M}: {launch.specializations - known} kernels kept; "
-                  f"{describe_difference(comparable(through_triton), comparable(direct))}")
+        failures += not check_launch(f"U={u_kind} M={M}", launch, (M, r), args)
+    # The sibling-group kernel (q/k/v-like: three members with biases), the same way.
+    ranks, ms, M = (32, 16, 16), (128, 64, 64), 2
+    plan = triton_group._group_plan(torch.device("cuda", DEVICE), dtype, n, ranks, ms, 16, True,
+                                    True)
+    (launch,) = plan.launches
+    expands = [torch.zeros(rows, rank, dtype=dtype) for rows, rank in zip(ms, ranks, strict=True)]
+    biases = [torch.zeros(rows, dtype=dtype) for rows in ms]
+    outputs = [torch.zeros(M, rows, dtype=dtype) for rows in ms]
+    args = (torch.zeros(M, n, dtype=dtype), torch.zeros(sum(ranks), n, dtype=dtype),
+            torch.zeros(2 * 16 * sum(ranks)), torch.zeros(4, dtype=torch.int32), *expands,
+            *biases, *outputs, M, n, sum(ranks), *ms, ranks[0], ranks[0] + ranks[1],
+            plan.shrink_tile_k, plan.shrink_k_tiles)
+    failures += not check_launch(f"group M={M}", launch, (M,), args)
     # The prefill kernel through Triton's own run (its launches are not cached): it compiles
     # and launches on this Triton.
     RecordingLauncher.calls.clear()
