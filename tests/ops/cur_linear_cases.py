@@ -56,3 +56,18 @@ def assert_matches_reference(y, case):
     error = ((y.double() - expected.to(y.device)).norm() / expected.norm()).item()
     assert error < REL_TOLERANCE[y.dtype], f"relative error {error:.3e}"
 
+
+
+def capture_graph(step, warmups: int = 3):
+    """A CUDA graph of step(), captured on a side stream after warm-up calls there (they
+    compile the kernels and make their workspaces, which are kept per stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmups):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        step()
+    return graph

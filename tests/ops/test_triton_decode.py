@@ -11,7 +11,13 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from cur_linear_cases import LINKS, assert_matches_reference, kernel_device, make_case
+from cur_linear_cases import (
+    LINKS,
+    assert_matches_reference,
+    capture_graph,
+    kernel_device,
+    make_case,
+)
 
 from curkernels.ops import triton_backend
 from curkernels.ops import triton_decode as decode
@@ -201,15 +207,7 @@ def test_decode_single_launch_in_cuda_graph(config, M):
         cur_linear_decode(y, second["C"], second["U"], second["R"], second["bias"],
                           second["rows"], z, config)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):  # warm-up on the capture stream: compile and create its workspace
-            layers()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        layers()
+    graph = capture_graph(layers)
     for seed in range(5):
         case["x"].copy_(make_case(M, 2048, 1024, 64, torch.bfloat16, device="cuda",
                                   seed=seed + 10)["x"])

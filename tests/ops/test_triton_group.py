@@ -5,7 +5,7 @@ import itertools
 
 import pytest
 import torch
-from cur_linear_cases import REL_TOLERANCE, kernel_device
+from cur_linear_cases import REL_TOLERANCE, capture_graph, kernel_device
 
 from curkernels.ops import BackendUnavailableError, backends, shared_group, triton_backend
 from curkernels.ops.shared_group import group_backend
@@ -183,15 +183,7 @@ def test_group_kernel_in_cuda_graph(M):
         cur_linear_group_decode(group["x"], group["R"], group["expands"], group["biases"],
                                 outputs)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        step()
+    graph = capture_graph(step)
     for seed in range(4):
         group["x"].copy_(make_group(M, (128, 64, 64), (1024, 256, 256), torch.bfloat16,
                                     bias=True, device="cuda", seed=seed + 5, n=1024)["x"])

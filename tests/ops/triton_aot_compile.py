@@ -76,6 +76,28 @@ def registers_and_stack(compiled, cuobjdump: str) -> tuple[int, int]:
     return int(usage["REG"]), int(usage["STACK"])
 
 
+def _split_pointers(required: dict, optional) -> tuple[dict, dict]:
+    """Pointer types of the pointer arguments given, and None (a constexpr) for those absent:
+    `optional` holds (name, present, type)."""
+    pointers, nones = dict(required), {}
+    for name, present, kind in optional:
+        if present:
+            pointers[name] = kind
+        else:
+            nones[name] = None
+    return pointers, nones
+
+
+def _plan_kernels(plan, pointers: dict, nones: dict, name: str):
+    """One entry a launch of a plan, named `name` and, where they are on, " pdl" and " l2"."""
+    for cached in plan.launches:
+        launch = cached.constexprs
+        constants = {k: v for k, v in launch.items() if k not in LAUNCH_OPTIONS} | nones
+        yield (f"{name}{' pdl' if launch.get('launch_pdl') else ''}"
+               f"{' l2' if launch.get('L2_LINES') else ''}", pointers, constants,
+               launch["num_warps"], 3, launch.get("launch_pdl", False))
+
+
 def decode_kernels(dtype, config=None, rows=16):
     """The launches of a decode call with `rows` input rows a tile, in `config` (default: the
     row block's default config, named "default")."""
@@ -91,23 +113,15 @@ def decode_kernels(dtype, config=None, rows=16):
                                                264 if u_kind == "full" else 256, 4096, rows,
                                                u_kind, with_extras, with_extras, persistent,
                                                config)
-            pointers = {"x_ptr": ptr, "r_ptr": ptr, "c_ptr": ptr, "y_ptr": ptr,
-                        "sums_ptr": "*fp32", "link_ptr": "*fp32", "sync_ptr": "*i32"}
-            nones = {}
-            for name, present, kind in (("rows_ptr", with_extras, "*i64"),
-                                        ("u_ptr", u_kind != "none", ptr),
-                                        ("bias_ptr", with_extras, ptr)):
-                if present:
-                    pointers[name] = kind
-                else:
-                    nones[name] = None
-            for cached in plan.launches:
-                launch = cached.constexprs
-                constants = {k: v for k, v in launch.items() if k not in LAUNCH_OPTIONS} | nones
-                yield (f"decode {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
-                       f"rows={rows}{' default' if default else ''} U={u_kind}{' pdl' if launch.get('launch_pdl') else ''}"
-                       f"{' l2' if launch['L2_LINES'] else ''}", pointers,
-                       constants, launch["num_warps"], 3, launch.get("launch_pdl", False))
+            pointers, nones = _split_pointers(
+                {"x_ptr": ptr, "r_ptr": ptr, "c_ptr": ptr, "y_ptr": ptr, "sums_ptr": "*fp32",
+                 "link_ptr": "*fp32", "sync_ptr": "*i32"},
+                (("rows_ptr", with_extras, "*i64"), ("u_ptr", u_kind != "none", ptr),
+                 ("bias_ptr", with_extras, ptr)))
+            yield from _plan_kernels(
+                plan, pointers, nones,
+                f"decode {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
+                f"rows={rows}{' default' if default else ''} U={u_kind}")
 
 
 def group_kernels(dtype):
@@ -119,22 +133,14 @@ def group_kernels(dtype):
         for rows, persistent in itertools.product((16, 64), (True, False)):
             plan = triton_group._group_plan(torch.device("cuda", 0), dtype, 4096, ranks, ms,
                                             rows, has_bias, persistent)
-            pointers = {"x_ptr": ptr, "r_ptr": ptr, "sums_ptr": "*fp32", "sync_ptr": "*i32"}
-            nones = {}
-            for index in range(triton_group.MAX_MEMBERS):
-                present = index < members
-                for name, given in ((f"c{index}_ptr", present), (f"y{index}_ptr", present),
-                                    (f"bias{index}_ptr", present and has_bias)):
-                    if given:
-                        pointers[name] = ptr
-                    else:
-                        nones[name] = None
-            for cached in plan.launches:
-                launch = cached.constexprs
-                constants = {k: v for k, v in launch.items() if k not in LAUNCH_OPTIONS} | nones
-                yield (f"group {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
-                       f"rows={rows} members={members}{' bias' if has_bias else ''}", pointers,
-                       constants, launch["num_warps"], 3, False)
+            pointers, nones = _split_pointers(
+                {"x_ptr": ptr, "r_ptr": ptr, "sums_ptr": "*fp32", "sync_ptr": "*i32"},
+                [(f"{name}{index}_ptr", index < members and (name != "bias" or has_bias), ptr)
+                 for index in range(triton_group.MAX_MEMBERS) for name in ("c", "y", "bias")])
+            yield from _plan_kernels(
+                plan, pointers, nones,
+                f"group {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
+                f"rows={rows} members={members}{' bias' if has_bias else ''}")
 
 
 def prefill_kernels(dtype):
