@@ -90,8 +90,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(1433 at keep 0.7 on 4096×4096) made bf16 cuBLAS prefill slow")
     parser.add_argument("--shared-shrinks", action="store_true",
                         help="also time each compressed setting with its factored q/k/v and "
-                             "gate/up sharing one shrink GEMM (share_input_shrinks), as "
-                             "'<setting>+shared', a copy of the setting's model")
+                             "gate/up sharing one stacked shrink factor (share_input_shrinks: "
+                             "one Triton launch a group at decode on a GPU, the shared cuBLAS "
+                             "chain at prefill), as '<setting>+shared', a copy of the "
+                             "setting's model")
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend; default inductor (small on CPU: eager, "
                              "which traces the same fullgraph without compiling C++)")
