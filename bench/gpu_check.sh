@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The one prepared GPU check (DESIGN.md). Sections, in this order:
 #   kernels   run the GPU tests, time the host cost of an eager call of each layer form, run
-#             the CUDA and Triton kernels under compute-sanitizer memcheck, and time the
-#             Llama-3.1-8B layer shapes (issue 4; under 8 minutes on an H100)
+#             the CUDA and Triton kernels under compute-sanitizer memcheck, time the
+#             Llama-3.1-8B layer shapes (issue 4; under 8 minutes on an H100) and the sibling
+#             groups (q/k/v, gate/up) each way a model can run them (bench/group_bench.py)
 #   sweep     bench/decode_sweep.py: tile configs of the Triton decode kernel side by side
 #   capture   only the GPU tests of torch.compile / CUDA-graph capture and of compiled serving
 #   compress  CURing's 30 matrices of the 8B shape decomposed on the GPU (issue 3)
@@ -17,7 +18,8 @@
 # MEMCHECK=0 (skip compute-sanitizer), MEMCHECK_BACKENDS (default "cuda triton"),
 # GPU_TEST_WORKERS (pytest-xdist processes, default 8), LAYER_BENCH_ARGS (more layer_bench.py
 # options, e.g. --ranks 256,512,1024,2048), LAYER_BUDGET and SWEEP_BUDGET (seconds after which
-# the layer benchmark and the sweep skip the shapes left; defaults 210 and 110).
+# the layer benchmark and the sweep skip the shapes left; defaults 210 and 110), GROUP_BUDGET
+# (the same for the group benchmark, default 40).
 # The kernels section's layer benchmark becomes CURKERNELS_DECODE_TABLE for later sections.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -112,6 +114,10 @@ if wants kernels; then
   timeout $((${LAYER_BUDGET:-210} + 120)) "$PYTHON" bench/layer_bench.py --out "$OUT" \
     --budget "${LAYER_BUDGET:-210}" ${LAYER_BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
   summary+=("benchmark: exit $? ($(grep -o '"seconds": [0-9.]*' "$OUT"/*.json | tail -1))")
+  step "group benchmark"
+  timeout $((${GROUP_BUDGET:-40} + 60)) "$PYTHON" bench/group_bench.py --out "$OUT" \
+    --budget "${GROUP_BUDGET:-40}" > "$OUT/group_bench.log" 2>&1
+  summary+=("group benchmark: exit $?")
   # Later sections dispatch CUDA-graph decode by this run's own measurements.
   table="$OUT/$("$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import torch, bench_report
 print(bench_report.device_slug(torch.cuda.get_device_name()))').json"
@@ -149,5 +155,8 @@ echo
 printf '%s\n' "${summary[@]}"
 echo
 if wants sweep; then tail -n 40 "$OUT/sweep.log"; fi
-if wants kernels; then cat "$OUT/host_overhead.log"; tail -n 90 "$OUT/bench.log"; fi
+if wants kernels; then
+  cat "$OUT/host_overhead.log" "$OUT/group_bench.log"
+  tail -n 90 "$OUT/bench.log"
+fi
 if wants e2e; then tail -n 40 "$OUT/e2e.log"; fi
