@@ -58,6 +58,14 @@ EAGER_CUDA_MAX_SIDE = 4096
 _ENV_BACKEND_KEY = os.environ.encodekey(ENV_BACKEND)
 
 
+def backend_environment() -> str | None:
+    """CURKERNELS_BACKEND as set (raw: a memo key, not validated)."""
+    try:
+        return os.environ._data.get(_ENV_BACKEND_KEY)
+    except AttributeError:  # os.environ replaced by a plain mapping
+        return os.environ.get(ENV_BACKEND)
+
+
 def choice_key(backend: str, x: torch.Tensor, device: torch.device, dtype: torch.dtype,
                num_rows: int, m: int, n: int, r: int, linked: bool) -> tuple:
     """Everything `choose_backend` reads that can change from one call to the next: the argument,
@@ -67,10 +75,7 @@ def choice_key(backend: str, x: torch.Tensor, device: torch.device, dtype: torch
     backends can run is fixed per process: the extension and triton import once, and
     TRITON_INTERPRET, which Triton reads once when its kernels are defined, counts as it was at
     a key's first call. One flat tuple, built inline: this runs on every eager call."""
-    try:
-        environment = os.environ._data.get(_ENV_BACKEND_KEY)
-    except AttributeError:  # os.environ replaced by a plain mapping
-        environment = os.environ.get(ENV_BACKEND)
+    environment = backend_environment()
     if num_rows > FUSED_MAX_ROWS:
         return (backend, environment, device, dtype, FUSED_MAX_ROWS + 1, False, m, n, r, linked)
     # x.is_cuda, not device.type: building the type's name string costs most of a microsecond.

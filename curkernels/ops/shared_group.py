@@ -21,28 +21,41 @@ import torch
 import torch.nn.functional as F
 
 from .backends import unavailable_reason
-from .dispatch import FUSED_MAX_ROWS, requested_backend
+from .dispatch import FUSED_MAX_ROWS, backend_environment, requested_backend
 from .errors import BackendUnavailableError
 
 MAX_MEMBERS = 3  # the group kernel's expand takes up to three members' factors
 
 
+# (CURKERNELS_BACKEND as set, device, dtype, whether the call fits the kernel) -> the way
+_choices: dict[tuple, str] = {}
+
+
 def group_backend(x: torch.Tensor, num_rows: int, members: int,
                   uniform_bias: bool = True) -> str:
     """'triton' (one group launch) or 'torch' (the shared chain) for this input and a group
-    of `members` (the kernel takes 2 or 3, every bias or none)."""
+    of `members` (the kernel takes 2 or 3, every bias or none). Memoized: it is asked on
+    every eager decode call of a member."""
+    fits = (0 < num_rows <= FUSED_MAX_ROWS and x.shape[-1] > 0 and uniform_bias
+            and 2 <= members <= MAX_MEMBERS)
+    key = (backend_environment(), x.device, x.dtype, fits)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _group_backend(x, fits)
+    return choice
+
+
+def _group_backend(x: torch.Tensor, fits: bool) -> str:
     requested = requested_backend("auto")
     if requested not in ("auto", "triton"):
         return "torch"
     reason = unavailable_reason("triton", x.device)
     if requested == "triton" and reason is not None:
         raise BackendUnavailableError(f"backend 'triton' is unavailable: {reason}")
-    fits = (0 < num_rows <= FUSED_MAX_ROWS and x.shape[-1] > 0 and uniform_bias
-            and 2 <= members <= MAX_MEMBERS and x.dtype != torch.float64)
     # 'auto' keeps CPU inputs on the chain, as cur_linear's dispatch does (the interpreter
     # runs Triton on them only when asked for by name)
     runs = reason is None and (x.is_cuda or requested == "triton")
-    return "triton" if runs and fits else "torch"
+    return "triton" if runs and fits and x.dtype != torch.float64 else "torch"
 
 
 def shared_group(x: torch.Tensor, weight: torch.Tensor, expands: list[torch.Tensor],

@@ -17,6 +17,12 @@ DEVICE = kernel_device()
 N = 300  # not a multiple of any block
 
 
+@pytest.fixture(autouse=True)
+def fresh_choices(monkeypatch):
+    """group_backend memoizes by what can change between calls; these tests change more."""
+    monkeypatch.setattr(shared_group, "_choices", {})
+
+
 def make_group(M, ranks, ms, dtype, bias, device=DEVICE, seed=0, n=N):
     generator = torch.Generator().manual_seed(seed)
 
