@@ -7,6 +7,10 @@ factors, checked against an fp64 reference (output poisoned) before it is timed:
            without shared shrinks
   chain    the shared cuBLAS chain: one GEMM over the stacked shrink factors, one expand each
   group    the group decode kernel: the whole group in one Triton launch
+  modules  the members as `LowRankLinear` modules called one after another, as a model calls
+           them: `members` plus the modules' own host time
+  shared   the same modules after `share_input_shrinks`: what a model with shared shrinks runs
+           (the group kernel at decode on a GPU), its hand-over included
 Timed as layer_bench.py times a layer: eagerly (host overhead included) and as CUDA-graph
 replays, over cold weights (copies cycled past twice the L2), medians, µs per group call.
 Writes group_bench.json and group_bench.md to --out and prints the table.
@@ -27,30 +31,46 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_bench import _calls_for, _cold_copies, time_eager_us, time_graph_us  # noqa: E402
 
+from curkernels.nn import LowRankLinear, share_input_shrinks  # noqa: E402
 from curkernels.ops import cur_linear, unavailable_reason  # noqa: E402
 from curkernels.ops.shared_group import shared_chain  # noqa: E402
 
-# name -> members' (out m, rank r), all reading the 4096-wide hidden state; ranks as e2e.py
-# rounds them (keep 0.5: half the parameters, down to a multiple of 64; CURing: r = 256)
+# name -> members' (module name, out m, rank r), all reading the 4096-wide hidden state; ranks
+# as e2e.py rounds them (keep 0.5: half the parameters, down to a multiple of 64; CURing:
+# r = 256)
 GROUPS = {
-    "qkv keep0.5": ((4096, 1024), (1024, 384), (1024, 384)),
-    "gate/up keep0.5": ((14336, 1536), (14336, 1536)),
-    "qk curing": ((4096, 256), (1024, 256)),
+    "qkv keep0.5": (("q_proj", 4096, 1024), ("k_proj", 1024, 384), ("v_proj", 1024, 384)),
+    "gate/up keep0.5": (("gate_proj", 14336, 1536), ("up_proj", 14336, 1536)),
+    "qk curing": (("q_proj", 4096, 256), ("k_proj", 1024, 256)),
 }
 HIDDEN = 4096
 ROWS = (1, 16, 32)
-SMOKE_GROUPS = {"qkv tiny": ((40, 6), (24, 4), (24, 5))}
+SMOKE_GROUPS = {"qkv tiny": (("q_proj", 40, 6), ("k_proj", 24, 4), ("v_proj", 24, 5))}
 SMOKE_HIDDEN, SMOKE_ROWS = 72, (1, 20)
-WAYS = ("dense", "members", "chain", "group")
+WAYS = ("dense", "members", "chain", "group", "modules", "shared")
 WRONG = 2e-2  # a relative error past bf16's tolerance (tests/ops/cur_linear_cases.py)
 
 
+def _modules(names, expands, shrinks, shared: bool) -> list[torch.nn.Module]:
+    """The members as LowRankLinear children of one parent, their factors shared with the
+    other ways' (the shared copy stacks its shrink factors anew)."""
+    parent = torch.nn.Module()
+    for name, C, R in zip(names, expands, shrinks, strict=True):
+        parent.add_module(name, LowRankLinear(C, R).requires_grad_(False))
+    if shared:
+        share_input_shrinks(parent)
+    return [parent.get_submodule(name) for name in names]
+
+
 def _weights(members, n, dtype, device) -> dict:
-    expands = [torch.randn(m, r, device=device, dtype=dtype) / r ** 0.5 for m, r in members]
-    shrinks = [torch.randn(r, n, device=device, dtype=dtype) / n ** 0.5 for _, r in members]
+    names = [name for name, _, _ in members]
+    expands = [torch.randn(m, r, device=device, dtype=dtype) / r ** 0.5 for _, m, r in members]
+    shrinks = [torch.randn(r, n, device=device, dtype=dtype) / n ** 0.5 for _, _, r in members]
     return {"dense": [(C.float() @ R.float()).to(dtype) for C, R in zip(expands, shrinks,
                                                                          strict=True)],
-            "expands": expands, "shrinks": shrinks, "stacked": torch.cat(shrinks)}
+            "expands": expands, "shrinks": shrinks, "stacked": torch.cat(shrinks),
+            "modules": _modules(names, expands, shrinks, shared=False),
+            "shared": _modules(names, expands, shrinks, shared=True)}
 
 
 def _way(name: str):
@@ -62,6 +82,8 @@ def _way(name: str):
                              for C, R in zip(w["expands"], w["shrinks"], strict=True)]
     if name == "chain":
         return lambda x, w: shared_chain(x, w["stacked"], w["expands"], [None] * len(w["expands"]))
+    if name in ("modules", "shared"):
+        return lambda x, w: [module(x) for module in w[name]]
     from curkernels.ops.triton_group import cur_linear_group_decode
 
     def group(x, w):
@@ -87,7 +109,7 @@ def run(groups, n, rows, dtype, device, repeats, budget_s=None) -> list[dict]:
                 if device.type == "cuda" else 0)
     results = []
     for name, members in groups.items():
-        factor_bytes = sum(m * r + r * n for m, r in members) * dtype.itemsize
+        factor_bytes = sum(m * r + r * n for _, m, r in members) * dtype.itemsize
         sets = [_weights(members, n, dtype, device)
                 for _ in range(_cold_copies(factor_bytes, l2_bytes))]
         for M in rows:
