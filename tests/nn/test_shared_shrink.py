@@ -20,10 +20,11 @@ LAYERS = 2  # tiny_model's decoder blocks
 GROUPS_PER_LAYER = 2  # q/k/v and gate/up
 
 
-def _factored_llama() -> nn.Module:
+def _factored_llama(architecture: str = "llama") -> nn.Module:
     """Every projection factored: CUR with a full link (folded by prepare_for_inference) on
-    q, v, gate and o, two factors on k, up and down, so that groups mix both module types."""
-    model = tiny_model("llama")
+    q, v, gate and o, two factors on k, up and down, so that groups mix both module types.
+    Biases stay where the architecture has them (Qwen2: q, k, v)."""
+    model = tiny_model(architecture)
     generator = torch.Generator().manual_seed(5)
 
     def factor(name: str, linear: nn.Linear) -> nn.Module:
@@ -33,7 +34,8 @@ def _factored_llama() -> nn.Module:
             return LowRankLinear.from_linear(linear, rank)
         return CURLinear(torch.randn(m, rank + 2, generator=generator) * 0.3,
                          torch.randn(rank + 2, rank, generator=generator),
-                         torch.randn(rank, n, generator=generator) * 0.3)
+                         torch.randn(rank, n, generator=generator) * 0.3,
+                         None if linear.bias is None else linear.bias.detach())
 
     swap_linears(model, find_linears(model), factor)
     return prepare_for_inference(model)
@@ -214,12 +216,13 @@ def _group_outputs(model, x):
 @pytest.mark.skipif(unavailable_reason("triton", torch.device("cpu")) is not None
                     and not torch.cuda.is_available(),
                     reason="needs the Triton interpreter (TRITON_INTERPRET=1) or a CUDA device")
-def test_decode_through_the_group_kernel_matches_the_unshared_model(monkeypatch):
+@pytest.mark.parametrize("architecture", ("llama", "qwen2"))  # Qwen2: q/k/v with biases
+def test_decode_through_the_group_kernel_matches_the_unshared_model(architecture, monkeypatch):
     """CURKERNELS_BACKEND=triton runs the group kernel wherever Triton runs (the interpreter on
     the CPU): one launch a group computes every member's output, so no GEMM reads a stacked
     or an expand factor, and the outputs are the unshared modules'."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = _factored_llama().to(device)
+    model = _factored_llama(architecture).to(device)
     hidden = model.model.layers[0].self_attn.q_proj.in_features
     inputs = [torch.randn(rows, hidden, device=device) for rows in (1, 5, 40)]
     with torch.no_grad():
