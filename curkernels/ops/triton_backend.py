@@ -91,6 +91,9 @@ def decode_block_rows(M: int) -> int:
     """The input rows a decode tile holds for M rows: the smallest row block that fits them.
     The kernel reads every weight once whatever the block; larger blocks cost registers and
     tensor-core work only."""
+    if not 0 < M <= TRITON_DECODE_MAX_ROWS:
+        raise ValueError(f"the decode kernels take 1 to {TRITON_DECODE_MAX_ROWS} input rows, "
+                         f"got {M}")
     return next(rows for rows in DECODE_ROW_BLOCKS if rows >= M)
 
 

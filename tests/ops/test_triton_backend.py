@@ -82,3 +82,11 @@ def test_prefill_on_triton_3_2_hopper_half_precision_is_refused(version, capabil
             triton_backend._check_prefill_compiles(x)
     else:
         triton_backend._check_prefill_compiles(x)
+
+
+def test_row_blocks_fit_the_rows_and_refuse_too_many():
+    assert [triton_backend.decode_block_rows(M) for M in (1, 16, 17, 32, 33, 64)] == [
+        16, 16, 32, 32, 64, 64]
+    for M in (0, 65):
+        with pytest.raises(ValueError, match="1 to 64 input rows, got"):
+            triton_backend.decode_block_rows(M)
