@@ -2,24 +2,14 @@
 decode sweep as tile configs, and the sweep's correctness check (the timing itself needs a
 GPU)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 from cur_linear_cases import kernel_device
 
 from curkernels.ops import decode_configs, decode_table
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
@@ -32,7 +22,7 @@ def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
     run = tmp_path / "run.json"
     run.write_text(json.dumps({"meta": {"device": "Some GPU 80GB", "dtype": "bfloat16"},
                                "results": results}))
-    shipped = _load("bench_report").ship_decode_table(run, into=tmp_path)
+    shipped = load_bench_script("bench_report").ship_decode_table(run, into=tmp_path)
     assert shipped == tmp_path / "Some_GPU_80GB.json"
     rows = json.loads(shipped.read_text())["results"]
     assert {(row["M"], row["variant"]) for row in rows} == {
@@ -44,7 +34,7 @@ def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
 def test_a_shipped_sweep_answers_for_its_gpu(tmp_path, monkeypatch):
     """What decode_sweep.py writes, shipped: named by the GPU, no partial file left behind, and
     read back by decode_configs with the same choice."""
-    sweep = _load("decode_sweep")
+    sweep = load_bench_script("decode_sweep")
     default = vars(sweep.CONFIGS["default"])
     configs = {"default": default, "2/sm": dict(default, programs_per_sm=2)}
     run = tmp_path / "decode_sweep.json"
@@ -53,7 +43,7 @@ def test_a_shipped_sweep_answers_for_its_gpu(tmp_path, monkeypatch):
         "configs": configs, "rows": [{"m": 64, "n": 64, "r": 8, "M": 1, "floor_us": 1.0,
                                       "chain2": 9.0, "errors": {"default": 0.0, "2/sm": 0.0},
                                       "default": 8.0, "2/sm": 6.0}]}))
-    shipped = _load("bench_report").ship_decode_configs(run, into=tmp_path / "configs")
+    shipped = load_bench_script("bench_report").ship_decode_configs(run, into=tmp_path / "configs")
     assert shipped == tmp_path / "configs" / "Some_GPU_80GB.json"
     assert not list((tmp_path / "configs").glob("*.partial"))
     monkeypatch.setenv(decode_configs.ENV_DECODE_CONFIGS, str(shipped))
@@ -64,7 +54,7 @@ def test_a_shipped_sweep_answers_for_its_gpu(tmp_path, monkeypatch):
 def test_sweep_configs_compute_the_layer(monkeypatch):
     """Every config the sweep times gives the fp64 result (here through the interpreter, on a
     GPU on the device); the timing run itself refuses to start without a GPU."""
-    sweep = _load("decode_sweep")
+    sweep = load_bench_script("decode_sweep")
     for name, config in sweep.CONFIGS.items():
         error = sweep.relative_error(config, 70, 90, 33, 3, torch.float32,
                                      torch.device(kernel_device()))

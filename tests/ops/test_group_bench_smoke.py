@@ -1,23 +1,17 @@
 """bench/group_bench.py end to end on tiny shapes: every way of running a sibling group that
 runs here is checked against fp64 and timed, and the reports gpu_check.sh collects are written."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
+from bench_scripts import load_bench_script
 
 from curkernels.ops import unavailable_reason
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "group_bench.py"
 
 
 @pytest.fixture
 def group_bench():
-    spec = importlib.util.spec_from_file_location("group_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("group_bench")
 
 
 def test_smoke_run_checks_times_and_reports_every_way(group_bench, tmp_path):

@@ -1,21 +1,15 @@
 """bench/layer_bench.py end to end on tiny shapes: it times every variant that runs here and
 writes the JSON and markdown reports that gpu_check.sh collects."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "layer_bench.py"
+from bench_scripts import load_bench_script
 
 
 @pytest.fixture
 def layer_bench():
-    spec = importlib.util.spec_from_file_location("layer_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench_script("layer_bench")
 
 
 def test_smoke_run_writes_reports(layer_bench, tmp_path, capsys):
