@@ -141,6 +141,19 @@ def test_compiled_decode_is_one_graph_with_one_group_op_per_group():
                 and tuple(node.args[1].meta["example_value"].shape) in stacked_shapes]
 
 
+@pytest.mark.slow
+def test_inductor_compiles_the_group_op():
+    """inductor, not only aot_eager, lowers the opaque group op (a list of outputs, a list of
+    optional biases: Qwen2's q/k/v have them) and generates what the unshared model does."""
+    model = _factored_llama("qwen2")
+    input_ids = sample_inputs(batch=1)["input_ids"]
+    expected = StaticCacheGenerator(model, max_seq_len=24).generate(input_ids, 6)
+    share_input_shrinks(model)
+    compiled = StaticCacheGenerator(model, max_seq_len=24, compile=True,
+                                    compile_backend="inductor")
+    assert torch.equal(compiled.generate(input_ids, 6), expected)
+
+
 def test_checkpoint_of_a_shared_model_loads_with_the_same_outputs(tmp_path):
     model = tiny_model("llama")
     ck.compress(model, method="svd", keep=0.5)
