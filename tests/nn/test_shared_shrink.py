@@ -116,15 +116,21 @@ def test_members_given_other_inputs_or_changed_inputs_stay_correct():
         torch.testing.assert_close(attention.q_proj(x), reference.q_proj(x))
 
 
-def test_compiled_decode_is_one_graph_with_one_group_op_per_group():
-    model = _factored_llama()
+def _shared_then_compiled(model: nn.Module, backend: str) -> torch.Tensor:
+    """Asserts that greedy tokens of `model` shared and compiled with `backend` are those of
+    the model before sharing (eager); returns the prompt."""
     input_ids = sample_inputs(batch=1)["input_ids"]
     expected = StaticCacheGenerator(model, max_seq_len=24).generate(input_ids, 6)
     share_input_shrinks(model)
     compiled = StaticCacheGenerator(model, max_seq_len=24, compile=True,
-                                    compile_backend="aot_eager")
+                                    compile_backend=backend)
     assert torch.equal(compiled.generate(input_ids, 6), expected)
+    return input_ids
 
+
+def test_compiled_decode_is_one_graph_with_one_group_op_per_group():
+    model = _factored_llama()
+    input_ids = _shared_then_compiled(model, "aot_eager")
     generator = StaticCacheGenerator(model, max_seq_len=24)
     generator.prefill(input_ids[:, :4])
     explanation = torch._dynamo.explain(generator.last_logits)(
@@ -145,13 +151,7 @@ def test_compiled_decode_is_one_graph_with_one_group_op_per_group():
 def test_inductor_compiles_the_group_op():
     """inductor, not only aot_eager, lowers the opaque group op (a list of outputs, a list of
     optional biases: Qwen2's q/k/v have them) and generates what the unshared model does."""
-    model = _factored_llama("qwen2")
-    input_ids = sample_inputs(batch=1)["input_ids"]
-    expected = StaticCacheGenerator(model, max_seq_len=24).generate(input_ids, 6)
-    share_input_shrinks(model)
-    compiled = StaticCacheGenerator(model, max_seq_len=24, compile=True,
-                                    compile_backend="inductor")
-    assert torch.equal(compiled.generate(input_ids, 6), expected)
+    _shared_then_compiled(_factored_llama("qwen2"), "inductor")
 
 
 def test_checkpoint_of_a_shared_model_loads_with_the_same_outputs(tmp_path):
