@@ -106,14 +106,16 @@ class _DecodeWorkspace:
 
 
 @dataclass(frozen=True)
-class _DecodePlan:
+class DecodePlan:
+    """The launches of a decode call (single layer or sibling group) and the shrink's K split
+    they take as arguments."""
     shrink_tile_k: int
     shrink_k_tiles: int
     launches: tuple[CachedLaunch, ...]
 
 
 _workspaces: dict[tuple, _DecodeWorkspace] = {}
-_decode_plans: dict[tuple, _DecodePlan] = {}
+_decode_plans: dict[tuple, DecodePlan] = {}
 _measured_configs: dict[tuple, DecodeConfig] = {}
 
 
@@ -198,7 +200,7 @@ def shrink_split(device: torch.device, config: DecodeConfig, element_size: int, 
 
 def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: int, m: int,
                  rows: int, u_kind: str, has_bias: bool, gather: bool, persistent: bool,
-                 config: DecodeConfig) -> _DecodePlan:
+                 config: DecodeConfig) -> DecodePlan:
     """The launches of a decode call with `rows` input rows a tile (`decode_block_rows`)."""
     key = (device, dtype, n, r, c, m, rows, u_kind, has_bias, gather, persistent, config)
     plan = _decode_plans.get(key)
@@ -244,7 +246,7 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
                                       dict(common, PERSISTENT=False,
                                            **{flag: flag == phase for flag in tiles}))
                          for phase in phases)
-    plan = _DecodePlan(tile_k, k_tiles, launches)
+    plan = DecodePlan(tile_k, k_tiles, launches)
     _decode_plans[key] = plan
     return plan
 

@@ -10,7 +10,6 @@ three of each. Same row blocks, tiles, workspace and launch path as the single-l
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -20,19 +19,12 @@ from . import triton_decode as decode
 from .shared_group import MAX_MEMBERS
 from .triton_launch import CachedLaunch, pointers_aligned
 
-
-@dataclass(frozen=True)
-class _GroupPlan:
-    shrink_tile_k: int
-    shrink_k_tiles: int
-    launches: tuple[CachedLaunch, ...]
-
-
-_group_plans: dict[tuple, _GroupPlan] = {}
+_group_plans: dict[tuple, triton_backend.DecodePlan] = {}
 
 
 def _group_plan(device: torch.device, dtype: torch.dtype, n: int, ranks: tuple[int, ...],
-                ms: tuple[int, ...], rows: int, has_bias: bool, persistent: bool) -> _GroupPlan:
+                ms: tuple[int, ...], rows: int, has_bias: bool,
+                persistent: bool) -> triton_backend.DecodePlan:
     """The launches of a group call. The key holds every integer the kernel gets but the row
     count, which the launch specialises on: Triton compiles integers by value (1, multiples of
     16), so a cached kernel must not serve other ranks or widths."""
@@ -60,7 +52,7 @@ def _group_plan(device: torch.device, dtype: torch.dtype, n: int, ranks: tuple[i
                                       dict(common, PERSISTENT=False,
                                            **{flag: flag == phase for flag in tiles}))
                          for phase in tiles)
-    plan = _group_plans[key] = _GroupPlan(tile_k, k_tiles, launches)
+    plan = _group_plans[key] = triton_backend.DecodePlan(tile_k, k_tiles, launches)
     return plan
 
 
