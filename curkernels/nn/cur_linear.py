@@ -61,7 +61,7 @@ class CURLinear(nn.Module):
         self.out_features = C.shape[0]
         self.gather = gather
         self.backend = backend
-        self.shared_shrink = self.shared_columns = self.shared_index = None  # shared_shrink.py
+        self.shared_shrink = self.shared_index = None  # see shared_shrink.py
         self.C = nn.Parameter(C.detach().contiguous(), requires_grad="C" in trainable)
         self.U = (None if U is None
                   else nn.Parameter(U.detach().contiguous(), requires_grad="U" in trainable))

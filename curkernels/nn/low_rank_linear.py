@@ -21,7 +21,7 @@ class LowRankLinear(nn.Module):
         self.in_features = B.shape[1]
         self.out_features = A.shape[0]
         self.backend = backend
-        self.shared_shrink = self.shared_columns = self.shared_index = None  # shared_shrink.py
+        self.shared_shrink = self.shared_index = None  # see shared_shrink.py
         self.A = nn.Parameter(A.detach().contiguous())
         self.B = nn.Parameter(B.detach().contiguous())
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous())

@@ -132,7 +132,6 @@ def _share(members: list[nn.Module], factors: list[torch.Tensor]) -> SharedShrin
         stop = start + factor.shape[0]
         setattr(member, member.SHRINK_FACTOR, nn.Parameter(stacked[start:stop],
                                                            requires_grad=False))
-        member.shared_columns = slice(start, stop)
         member.shared_index = index
         member.shared_shrink = shared
         start = stop

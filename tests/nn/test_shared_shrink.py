@@ -75,11 +75,15 @@ def test_siblings_share_one_weight_and_outputs_stay():
     members = (attention.q_proj, attention.k_proj, attention.v_proj)
     assert [m.shared_shrink for m in members] == [attention.q_proj.shared_shrink] * 3
     assert stacked.shape == (sum(m.rank for m in members), attention.q_proj.in_features)
-    # each member's shrink factor is a view of its rows of the stacked weight: stored once
-    for member in members:
+    # each member's shrink factor is a view of its rows of the stacked weight, in member
+    # order: stored once; and each member takes its own output of the group
+    start = 0
+    for index, member in enumerate(members):
         factor = member._parameters[member.SHRINK_FACTOR]
         assert factor.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
-        torch.testing.assert_close(factor, stacked[member.shared_columns])
+        torch.testing.assert_close(factor, stacked[start:start + member.rank])
+        assert member.shared_index == index
+        start += member.rank
     assert attention.o_proj.shared_shrink is None
 
 
