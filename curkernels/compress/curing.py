@@ -54,8 +54,11 @@ def energy_rank(matrix: torch.Tensor, energy: float) -> int:
         raise ValueError(f"energy must be a fraction in (0, 1], got {energy!r}")
     sigma_sq = torch.linalg.svdvals(matrix.double()) ** 2
     cumulative = torch.cumsum(sigma_sq, 0) / sigma_sq.sum()
-    return int(torch.searchsorted(cumulative, torch.tensor(energy, dtype=cumulative.dtype,
-                                                           device=cumulative.device)) + 1)
+    # The sums round: a fraction a few ulps short of `energy` holds it. Without the slack,
+    # energy 1 can end up past the last singular value (a cumulative fraction of 1 − 1e-16).
+    slack = 4 * sigma_sq.numel() * torch.finfo(cumulative.dtype).eps
+    wanted = torch.tensor(energy - slack, dtype=cumulative.dtype, device=cumulative.device)
+    return min(int(torch.searchsorted(cumulative, wanted)) + 1, sigma_sq.numel())
 
 
 @torch.no_grad()

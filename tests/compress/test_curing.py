@@ -41,8 +41,10 @@ def test_error_falls_as_rank_grows(svd):
 
 def test_energy_rank_rule():
     W = low_rank_matrix(30, 20, 5)
-    assert energy_rank(W, 1.0) <= 5
+    assert energy_rank(W, 1.0) == 5  # the rest of the spectrum is rounding
     assert energy_rank(W, 0.5) < energy_rank(W, 0.999)
+    # all the energy of a full-rank matrix: every singular value, never one past the last
+    assert energy_rank(low_rank_matrix(30, 20, 20), 1.0) == 20
 
 
 def test_curing_rank_is_breakeven_capped():
