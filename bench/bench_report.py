@@ -94,11 +94,11 @@ def ship_decode_table(report_path: Path, into: Path = decode_table.MEASURED_DIR)
 
 def ship_decode_configs(sweep_path: Path, into: Path = decode_configs.CONFIGS_DIR) -> Path:
     """Copies a decode-sweep run (bench/decode_sweep.py) into the package's measured configs,
-    named by GPU: its configs, and per point each config's time and error; written whole or
-    not at all."""
+    named by GPU: its configs, and per point each config's time, error and failure; written
+    whole or not at all."""
     sweep = json.loads(sweep_path.read_text())
     names = list(sweep["configs"])
-    rows = [{key: row[key] for key in ("M", "m", "n", "r", "chain2", "errors", *names)
+    rows = [{key: row[key] for key in ("M", "m", "n", "r", "chain2", "errors", "failures", *names)
              if key in row} for row in sweep["rows"]]
     kept = {"device": sweep["device"], "dtype": sweep.get("dtype", "bfloat16"),
             "torch": sweep.get("torch"), "configs": sweep["configs"], "rows": rows}

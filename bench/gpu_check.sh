@@ -18,8 +18,9 @@
 # MEMCHECK=0 (skip compute-sanitizer), MEMCHECK_BACKENDS (default "cuda triton"),
 # GPU_TEST_WORKERS (pytest-xdist processes, default 8), LAYER_BENCH_ARGS (more layer_bench.py
 # options, e.g. --ranks 256,512,1024,2048), LAYER_BUDGET and SWEEP_BUDGET (seconds after which
-# the layer benchmark and the sweep skip the shapes left; defaults 210 and 110), GROUP_BUDGET
-# (the same for the group benchmark, default 40).
+# the layer benchmark and the sweep skip the shapes left; defaults 210 and 110), SWEEP_ARGS
+# (more decode_sweep.py options, e.g. --rows 1,32), GROUP_BUDGET (the same for the group
+# benchmark, default 40).
 # The kernels section's layer benchmark becomes CURKERNELS_DECODE_TABLE for later sections.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -98,8 +99,9 @@ fi
 
 if wants sweep; then
   step "decode config sweep"
+  # shellcheck disable=SC2086
   timeout $((${SWEEP_BUDGET:-110} + 90)) "$PYTHON" bench/decode_sweep.py --out "$OUT" \
-    --budget "${SWEEP_BUDGET:-110}" > "$OUT/sweep.log" 2>&1
+    --budget "${SWEEP_BUDGET:-110}" ${SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
   summary+=("sweep: exit $?")
   # The layer benchmark and later sections run the Triton decode kernel with this run's configs.
   if [[ -f "$OUT/decode_sweep.json" && -z "${CURKERNELS_DECODE_CONFIGS:-}" ]]; then

@@ -4,11 +4,14 @@
 Llama-3.1-8B layer shape, rank and row count: CUDA-graph replays over cold weights, every
 config checked against an fp64 reference first. The package ships those runs
 (`measured/decode_configs/<gpu>.json`); CURKERNELS_DECODE_CONFIGS names another, which then
-answers for the GPU it was measured on. A call runs the config that was fastest at the smallest
-swept point covering it (the rule of decode_table.py), provided it beat the default config there
-by at least MIN_GAIN (a tie keeps the default); the default config runs where nothing covers the
-call, in another dtype than the sweep's, or on a GPU never swept. The backend memoizes the choice
-per call shape: CURKERNELS_DECODE_CONFIGS counts as it was at a shape's first call.
+answers for the GPU it was measured on. A swept config's fields override the default config of
+the point's row block (the kernel's tiles hold 16, 32 or 64 input rows, each block with its own
+defaults; sweeps before batched decode recorded every field, at up to 16 rows, which reads the
+same). A call runs the config that was fastest at the smallest swept point of its own row block
+covering it (the rule of decode_table.py), provided it beat the default config there by at
+least MIN_GAIN (a tie keeps the default); the default config runs where nothing covers the call,
+in another dtype than the sweep's, or on a GPU never swept. The backend memoizes the choice per
+call shape: CURKERNELS_DECODE_CONFIGS counts as it was at a shape's first call.
 """
 
 import functools
@@ -73,11 +76,15 @@ def _points(override: str | None, device_name: str, dtype: torch.dtype,
 
 
 def measured_fields(device_name: str, dtype: torch.dtype, rows: int,
-                    shape: tuple[int, int, int], default_fields: dict) -> dict | None:
-    """The fields of the config to run for this call, or None for the default config."""
+                    shape: tuple[int, int, int], default_fields: dict,
+                    row_block: range) -> dict | None:
+    """The fields of the config to run for this call, or None for the default config.
+    `row_block` holds the row counts that run the same tiles as this call's, whose default
+    config has `default_fields`: a point measured in another block chose among other tiles."""
     points = _points(os.environ.get(ENV_DECODE_CONFIGS) or None, device_name, dtype,
                      tuple(sorted(default_fields.items())))
-    point = smallest_covering(points, rows, shape)
+    point = smallest_covering([point for point in points if point.rows in row_block], rows,
+                              shape)
     return dict(point.fields) if point is not None and point.fields is not None else None
 
 

@@ -97,6 +97,13 @@ def decode_block_rows(M: int) -> int:
     return next(rows for rows in DECODE_ROW_BLOCKS if rows >= M)
 
 
+def decode_row_block(M: int) -> range:
+    """The row counts that run the same tiles as M rows (those of `decode_block_rows(M)`)."""
+    block = decode_block_rows(M)
+    smaller = [rows for rows in DECODE_ROW_BLOCKS if rows < block]
+    return range(smaller[-1] + 1 if smaller else 1, block + 1)
+
+
 @dataclass(frozen=True)
 class _DecodeWorkspace:
     sync: torch.Tensor        # int32 [arrivals, release flag, epoch, pad]
@@ -266,7 +273,7 @@ def _measured_config(device: torch.device, dtype: torch.dtype, M: int,
     if config is None:
         default = DEFAULT_DECODE_CONFIGS[decode_block_rows(M)]
         fields = (decode_configs.measured_fields(_device_name(device.index), dtype, M, shape,
-                                                 vars(default))
+                                                 vars(default), decode_row_block(M))
                   if device.type == "cuda" else None)
         config = _measured_configs[key] = (DecodeConfig(**fields) if fields is not None
                                            else default)

@@ -3,13 +3,14 @@ decode sweep as tile configs, and the sweep's correctness check (the timing itse
 GPU)."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 from bench_scripts import load_bench_script
 from cur_linear_cases import kernel_device
 
-from curkernels.ops import decode_configs, decode_table
+from curkernels.ops import decode_configs, decode_table, triton_backend
 
 
 def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
@@ -33,32 +34,63 @@ def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
 
 def test_a_shipped_sweep_answers_for_its_gpu(tmp_path, monkeypatch):
     """What decode_sweep.py writes, shipped: named by the GPU, no partial file left behind, and
-    read back by decode_configs with the same choice."""
+    read back by decode_configs with the same choice, the candidates' overrides on the row
+    block's default."""
     sweep = load_bench_script("decode_sweep")
-    default = vars(sweep.CONFIGS["default"])
-    configs = {"default": default, "2/sm": dict(default, programs_per_sm=2)}
+    configs = {"default": sweep.CANDIDATES["default"], "2/sm": {"programs_per_sm": 2}}
     run = tmp_path / "decode_sweep.json"
     run.write_text(json.dumps({
         "device": "Some GPU 80GB", "dtype": "bfloat16", "torch": "x", "ceilings": {},
         "configs": configs, "rows": [{"m": 64, "n": 64, "r": 8, "M": 1, "floor_us": 1.0,
                                       "chain2": 9.0, "errors": {"default": 0.0, "2/sm": 0.0},
-                                      "default": 8.0, "2/sm": 6.0}]}))
+                                      "failures": {}, "default": 8.0, "2/sm": 6.0}]}))
     shipped = load_bench_script("bench_report").ship_decode_configs(run, into=tmp_path / "configs")
     assert shipped == tmp_path / "configs" / "Some_GPU_80GB.json"
     assert not list((tmp_path / "configs").glob("*.partial"))
     monkeypatch.setenv(decode_configs.ENV_DECODE_CONFIGS, str(shipped))
+    default = vars(sweep.config_for("default", 1))
+    assert default == vars(triton_backend.DEFAULT_DECODE_CONFIG)
     assert decode_configs.measured_fields("Some GPU 80GB", torch.bfloat16, 1, (64, 64, 8),
-                                          default) == configs["2/sm"]
+                                          default, range(1, 17)) == vars(sweep.config_for(
+                                              "2/sm", 1))
 
 
-def test_sweep_configs_compute_the_layer(monkeypatch):
-    """Every config the sweep times gives the fp64 result (here through the interpreter, on a
-    GPU on the device); the timing run itself refuses to start without a GPU."""
+@pytest.mark.parametrize("M", (3, 20))
+def test_sweep_configs_compute_the_layer(monkeypatch, M):
+    """Every candidate the sweep times, in the row block it runs in, gives the fp64 result
+    (here through the interpreter, on a GPU on the device); the timing run itself refuses to
+    start without a GPU."""
     sweep = load_bench_script("decode_sweep")
-    for name, config in sweep.CONFIGS.items():
-        error = sweep.relative_error(config, 70, 90, 33, 3, torch.float32,
+    for name in sweep.CANDIDATES:
+        config = sweep.config_for(name, M)
+        assert config == replace(triton_backend.DEFAULT_DECODE_CONFIGS[
+            triton_backend.decode_block_rows(M)], **sweep.CANDIDATES[name])
+        error = sweep.relative_error(config, 70, 90, 33, M, torch.float32,
                                      torch.device(kernel_device()))
         assert error < 1e-5, name
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit):
             sweep.main(["--out", "unused"])
+
+
+def test_a_sweep_candidate_that_fails_is_recorded_and_the_point_goes_on(monkeypatch, capsys):
+    """One candidate that cannot launch (its tiles past the GPU's shared memory, say) marks
+    that candidate failed at that point; the others are still checked and timed."""
+    sweep = load_bench_script("decode_sweep")
+    monkeypatch.setattr(sweep, "CANDIDATES", {"default": {}, "huge": {"block_out": 4096}})
+
+    def relative_error(config, *args):
+        if config.block_out == 4096:
+            raise RuntimeError("out of resources: shared memory")
+        return 1e-3
+    monkeypatch.setattr(sweep, "relative_error", relative_error)
+    monkeypatch.setattr(sweep, "time_graph_us", lambda fn, x, sets, calls, repeats: 5.0)
+    monkeypatch.setattr(sweep, "floor_us", lambda *args: 2.0)
+    row = sweep.time_point(64, 64, 8, 20, [{}], torch.float32, torch.device("cpu"), {}, 3)
+    assert (row["M"], row["default"], row["huge"]) == (20, 5.0, None)
+    assert row["errors"] == {"default": 1e-3}
+    assert row["failures"] == {"huge": "RuntimeError: out of resources: shared memory"}
+    sweep.print_table([row])
+    assert "failed" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        sweep.main(["--rows", "1,65"])  # past the kernel's 64 rows

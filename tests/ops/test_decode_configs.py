@@ -69,7 +69,8 @@ def test_the_smallest_covering_point_answers_in_the_swept_dtype_only(tmp_path, m
                                         _row(1, 4096, 4096, 1024, 10.0, 10.0, 10.0)]))
 
     def fields(rows, shape, dtype=torch.bfloat16, device="G"):
-        return decode_configs.measured_fields(device, dtype, rows, shape, DEFAULT)
+        return decode_configs.measured_fields(device, dtype, rows, shape, DEFAULT,
+                                              triton_backend.decode_row_block(rows))
     assert fields(1, (4096, 4096, 100)) == WIDE
     assert fields(2, (4096, 4096, 256)) == TWO_PER_SM  # rounds up to M = 16
     assert fields(1, (4096, 4096, 300)) is None        # r = 1024: a tie, the default
@@ -84,7 +85,8 @@ def test_a_bad_sweep_file_names_the_variable(tmp_path, monkeypatch, content):
     path.write_text(content)
     monkeypatch.setenv(decode_configs.ENV_DECODE_CONFIGS, str(path))
     with pytest.raises(ValueError, match=decode_configs.ENV_DECODE_CONFIGS):
-        decode_configs.measured_fields("G", torch.bfloat16, 1, (64, 64, 8), DEFAULT)
+        decode_configs.measured_fields("G", torch.bfloat16, 1, (64, 64, 8), DEFAULT,
+                                       range(1, 17))
 
 
 def test_the_shipped_h100_sweep(monkeypatch):
@@ -93,11 +95,36 @@ def test_the_shipped_h100_sweep(monkeypatch):
     monkeypatch.delenv(decode_configs.ENV_DECODE_CONFIGS, raising=False)
 
     def fields(rows, shape):
-        return decode_configs.measured_fields(H100, torch.bfloat16, rows, shape, DEFAULT)
+        return decode_configs.measured_fields(H100, torch.bfloat16, rows, shape, DEFAULT,
+                                              triton_backend.decode_row_block(rows))
     assert fields(1, (4096, 14336, 512)) == dict(DEFAULT, programs_per_sm=2,
                                                  prefetch_bytes=16384)  # 12.9 vs 14.1 µs
     assert fields(1, (4096, 4096, 256)) is None   # 7.0 µs, the default itself
     assert fields(1, (4096, 4096, 1024)) is None  # 12.9 vs 13.4: under 5 %
+
+
+def test_swept_fields_override_the_default_of_the_points_row_block(tmp_path, monkeypatch):
+    """A sweep records each candidate as overrides; a 32-row point answers calls of 17–32 rows
+    with its overrides on the 32-row default, and no call of another row block."""
+    _use(tmp_path, monkeypatch, {
+        "device": "G", "configs": {"base": {}, "2/sm": {"programs_per_sm": 2}},
+        "rows": [{"M": M, "m": 4096, "n": 4096, "r": 256, "base": 10.0, "2/sm": 8.0,
+                  "errors": {"base": 1e-3, "2/sm": 1e-3}} for M in (1, 32)]})
+    monkeypatch.setattr(triton_backend, "_measured_configs", {})
+    monkeypatch.setattr(triton_backend, "_device_name", lambda index: "G")
+
+    def config(rows):
+        return triton_backend._measured_config(torch.device("cuda", 0), torch.bfloat16, rows,
+                                               (4096, 4096, 256))
+    batched = triton_backend.DEFAULT_DECODE_CONFIGS[32]
+    assert batched != DEFAULT_DECODE_CONFIG
+    assert config(20) == config(32) == DecodeConfig(**dict(vars(batched), programs_per_sm=2))
+    assert config(1) == DecodeConfig(**TWO_PER_SM)
+    # 2–16 rows: only the 1-row point is in their block, and it does not cover them
+    assert config(5) is DEFAULT_DECODE_CONFIG
+    assert config(40) is triton_backend.DEFAULT_DECODE_CONFIGS[64]  # nothing swept at 64 rows
+    assert [triton_backend.decode_row_block(M) for M in (1, 16, 17, 64)] == [
+        range(1, 17), range(1, 17), range(17, 33), range(33, 65)]
 
 
 def test_the_backend_runs_the_measured_config_on_that_gpu_only(tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """The Triton kernels compile for a real GPU target (sm_90) with the backend's launch arguments:
 the interpreter, which runs the other CPU tests, accepts code that the compiler rejects.
-The full matrix (all dtypes, sm_80 and sm_90, every prefill tuning candidate) is
+The full matrix (all dtypes, sm_80 and sm_90, every prefill tuning candidate, every decode-sweep
+candidate in every row block) is
 `python tests/ops/triton_aot_compile.py`."""
 
 import os
@@ -23,5 +24,7 @@ def test_kernels_compile_for_sm90():
     assert any("prefill" in line for line in compiled)
     # batched decode: the 64-row block's default tiles (checked not to spill on sm_90)
     assert any("persistent rows=64 default" in line for line in compiled)
+    # the tile configs bench/decode_sweep.py times on a GPU at 17–32 rows
+    assert any("persistent rows=32 sweep=2/sm U=none" in line for line in compiled)
     # the sibling-group kernel, whose persistent forms are checked not to spill either
     assert any(line.startswith("ok   sm_90 group bf16 persistent") for line in compiled)

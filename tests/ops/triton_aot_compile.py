@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import triton
@@ -24,6 +25,9 @@ from curkernels.ops.triton_decode import (
     cur_linear_group_decode_kernel,
 )
 from curkernels.ops.triton_prefill import cur_linear_prefill_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, run as a script
+from bench_scripts import load_bench_script  # noqa: E402
 
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -105,6 +109,10 @@ def decode_kernels(dtype, config=None, rows=16):
     config = config or triton_backend.DEFAULT_DECODE_CONFIGS[rows]
     triton_backend._multiprocessors = lambda device_index: 132
     torch.cuda.get_device_capability = lambda device=None: (9, 0)  # the plan refuses PDL before
+    # an H100's SM, for configs of two programs an SM
+    torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(
+        regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
+        shared_memory_per_multiprocessor=228 * 1024)
     ptr = "*" + TRITON_TYPES[dtype]
     for persistent in (True, False):
         for u_kind in ("none", "diagonal", "full"):
@@ -122,6 +130,17 @@ def decode_kernels(dtype, config=None, rows=16):
                 plan, pointers, nones,
                 f"decode {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
                 f"rows={rows}{' default' if default else ''} U={u_kind}")
+
+
+def sweep_kernels(row_blocks):
+    """The persistent bf16 kernels bench/decode_sweep.py times on a GPU: each candidate config
+    in each of `row_blocks`, so that a candidate that cannot compile is known before a device
+    run (a candidate's spills are reported, not failed: the sweep times them)."""
+    sweep = load_bench_script("decode_sweep")
+    for name, rows in itertools.product(sweep.CANDIDATES, row_blocks):
+        for kernel in decode_kernels(torch.bfloat16, sweep.config_for(name, rows), rows):
+            if "persistent" in kernel[0] and "U=none" in kernel[0]:
+                yield (kernel[0].replace(" U=", f" sweep={name} U="), *kernel[1:])
 
 
 def group_kernels(dtype):
@@ -174,6 +193,9 @@ def main() -> int:
             if "persistent" in kernel[0]]
         for rows in triton_backend.DECODE_ROW_BLOCKS[1:]:  # batched decode, both forms
             kernels += list(decode_kernels(dtype, rows=rows))
+        if dtype == torch.bfloat16:  # the sweep's dtype; --quick: its new batched block only
+            kernels += list(sweep_kernels(triton_backend.DECODE_ROW_BLOCKS[1:2] if quick
+                                          else triton_backend.DECODE_ROW_BLOCKS))
         if quick:
             kernels = [k for k in kernels if not k[0].startswith("prefill")
                        or str(default_config(4096, 1024, False, dtype)) in k[0]]
