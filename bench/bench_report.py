@@ -1,4 +1,5 @@
-"""Reports of bench/layer_bench.py: JSON (all numbers), markdown table, PNG plot, named by GPU."""
+"""Reports of bench/layer_bench.py: JSON (all numbers), markdown table, PNG plot, named by GPU;
+and shipping measured runs into the package (decode table, tile configs, group table)."""
 
 import argparse
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from curkernels.ops import decode_configs, decode_table
+from curkernels.ops import decode_configs, decode_table, group_table
 from curkernels.ops.dispatch import FUSED_MAX_ROWS
 
 FUSED = ("triton", "cuda")
@@ -85,9 +86,15 @@ def ship_decode_table(report_path: Path, into: Path = decode_table.MEASURED_DIR)
     keep = {decode_table.BASELINE_VARIANT, *decode_table.FUSED_VARIANTS}
     rows = [row for row in report["results"]
             if row["M"] <= FUSED_MAX_ROWS and row["variant"] in keep]
-    target = into / f"{device_slug(report['meta']['device'])}.json"
+    return _write_whole(into / f"{device_slug(report['meta']['device'])}.json",
+                        {"meta": report["meta"], "results": rows})
+
+
+def _write_whole(target: Path, payload: dict) -> Path:
+    """`payload` as JSON at `target`, written whole or not at all."""
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_suffix(".json.partial")
-    partial.write_text(json.dumps({"meta": report["meta"], "results": rows}, indent=1) + "\n")
+    partial.write_text(json.dumps(payload, indent=1) + "\n")
     partial.replace(target)
     return target
 
@@ -102,12 +109,19 @@ def ship_decode_configs(sweep_path: Path, into: Path = decode_configs.CONFIGS_DI
              if key in row} for row in sweep["rows"]]
     kept = {"device": sweep["device"], "dtype": sweep.get("dtype", "bfloat16"),
             "torch": sweep.get("torch"), "configs": sweep["configs"], "rows": rows}
-    into.mkdir(parents=True, exist_ok=True)
-    target = into / f"{device_slug(sweep['device'])}.json"
-    partial = target.with_suffix(".json.partial")
-    partial.write_text(json.dumps(kept, indent=1) + "\n")
-    partial.replace(target)
-    return target
+    return _write_whole(into / f"{device_slug(sweep['device'])}.json", kept)
+
+
+def ship_group_table(report_path: Path, into: Path = group_table.GROUPS_DIR) -> Path:
+    """Copies a group-bench run (bench/group_bench.py) into the package's measured group
+    tables, named by GPU: the rows of the ways group_table.py compares; written whole or not
+    at all."""
+    report = json.loads(report_path.read_text())
+    ways = {group_table.GROUP_WAY, *(way for _, others in group_table.MODES.values()
+                                     for way in others)}
+    rows = [row for row in report["results"] if row["way"] in ways and "members" in row]
+    return _write_whole(into / f"{device_slug(report['meta']['device'])}.json",
+                        {"meta": report["meta"], "results": rows})
 
 
 def plot(results: list[dict], floors: dict, meta: dict, path: Path) -> bool:
@@ -165,15 +179,20 @@ def write_reports(results: list[dict], floors: dict, meta: dict, out_dir: Path) 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(
         description="Ship a layer-bench run's decode measurements as the package's dispatch "
-                    "table, and a decode sweep's as its tile configs")
+                    "table, a decode sweep's as its tile configs, and a group benchmark's as "
+                    "its group table")
     parser.add_argument("report", type=Path, nargs="?",
                         help="<gpu>.json written by bench/layer_bench.py")
     parser.add_argument("--sweep", type=Path, help="decode_sweep.json written by "
                         "bench/decode_sweep.py")
+    parser.add_argument("--groups", type=Path, help="group_bench.json written by "
+                        "bench/group_bench.py")
     args = parser.parse_args()
-    if args.report is None and args.sweep is None:
-        parser.error("give a layer-bench report, --sweep, or both")
+    if args.report is None and args.sweep is None and args.groups is None:
+        parser.error("give a layer-bench report, --sweep, --groups, or several")
     if args.report is not None:
         print(f"wrote {ship_decode_table(args.report)}")
     if args.sweep is not None:
         print(f"wrote {ship_decode_configs(args.sweep)}")
+    if args.groups is not None:
+        print(f"wrote {ship_group_table(args.groups)}")

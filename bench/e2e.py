@@ -42,6 +42,7 @@ from e2e_models import (
 from curkernels.nn import prepare_for_inference
 from curkernels.ops.decode_configs import ENV_DECODE_CONFIGS
 from curkernels.ops.decode_table import ENV_DECODE_TABLE
+from curkernels.ops.group_table import ENV_GROUP_TABLE
 from curkernels.serve import StaticCacheGenerator
 from curkernels.serve.hf_compat import cache_bytes
 
@@ -296,10 +297,11 @@ def environment(device: torch.device) -> dict:
                        else f"CPU ({platform.processor() or platform.machine()})"),
             "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(),
-            # what the decode dispatch and the Triton tile configs read: a run's own files, or
-            # the ones the package ships
+            # what the decode dispatch, the Triton tile configs and the group dispatch (shared
+            # shrinks) read: a run's own files, or the ones the package ships
             "decode_table": os.environ.get(ENV_DECODE_TABLE) or "shipped",
-            "decode_configs": os.environ.get(ENV_DECODE_CONFIGS) or "shipped"}
+            "decode_configs": os.environ.get(ENV_DECODE_CONFIGS) or "shipped",
+            "group_table": os.environ.get(ENV_GROUP_TABLE) or "shipped"}
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,8 @@
 # the layer benchmark and the sweep skip the shapes left; defaults 210 and 110), SWEEP_ARGS
 # (more decode_sweep.py options, e.g. --rows 1,32), GROUP_BUDGET (the same for the group
 # benchmark, default 40).
-# The kernels section's layer benchmark becomes CURKERNELS_DECODE_TABLE for later sections.
+# The kernels section's layer benchmark becomes CURKERNELS_DECODE_TABLE for later sections, its
+# group benchmark CURKERNELS_GROUP_TABLE.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench/results}"
@@ -126,6 +127,11 @@ print(bench_report.device_slug(torch.cuda.get_device_name()))').json"
   if [[ -f "$table" && -z "${CURKERNELS_DECODE_TABLE:-}" ]]; then
     export CURKERNELS_DECODE_TABLE="$table"
     summary+=("decode table for later sections: $table")
+  fi
+  # ... and sibling groups (shared shrinks) by this run's group benchmark.
+  if [[ -f "$OUT/group_bench.json" && -z "${CURKERNELS_GROUP_TABLE:-}" ]]; then
+    export CURKERNELS_GROUP_TABLE="$OUT/group_bench.json"
+    summary+=("group table for later sections: $CURKERNELS_GROUP_TABLE")
   fi
 fi
 

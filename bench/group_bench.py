@@ -10,10 +10,12 @@ factors, checked against an fp64 reference (output poisoned) before it is timed:
   modules  the members as `LowRankLinear` modules called one after another, as a model calls
            them: `members` plus the modules' own host time
   shared   the same modules after `share_input_shrinks`: what a model with shared shrinks runs
-           (the group kernel at decode on a GPU), its hand-over included
+           (at decode on a GPU, the group kernel where a measured group table has it win:
+           CURKERNELS_GROUP_TABLE), its hand-over included
 Timed as layer_bench.py times a layer: eagerly (host overhead included) and as CUDA-graph
 replays, over cold weights (copies cycled past twice the L2), medians, µs per group call.
-Writes group_bench.json and group_bench.md to --out and prints the table.
+Writes group_bench.json and group_bench.md to --out and prints the table. The JSON is a group
+table (curkernels/ops/group_table.py): `bench/bench_report.py --groups` ships it.
 
 GPU:    python bench/group_bench.py --out bench/results
 CPU:    TRITON_INTERPRET=1 python bench/group_bench.py --smoke --out /tmp/x   (format check)
@@ -115,8 +117,9 @@ def run(groups, n, rows, dtype, device, repeats, budget_s=None) -> list[dict]:
         for M in rows:
             x = torch.randn(M, n, device=device, dtype=dtype)
             for way in WAYS:
-                row = {"group": name, "M": M, "way": way, "eager_us": None, "graph_us": None,
-                       "error": None, "note": ""}
+                row = {"group": name, "M": M, "n": n,
+                       "members": [[m, r] for _, m, r in members], "way": way,
+                       "eager_us": None, "graph_us": None, "error": None, "note": ""}
                 results.append(row)
                 if budget_s is not None and time.perf_counter() - started > budget_s:
                     row["note"] = "time budget spent"

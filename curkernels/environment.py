@@ -8,6 +8,7 @@ import torch
 from .ops import BACKENDS, extension_status, unavailable_reason
 from .ops.decode_configs import swept_devices
 from .ops.decode_table import ENV_DECODE_TABLE, measured_devices
+from .ops.group_table import measured_devices as measured_group_devices
 
 
 def _version(package: str) -> str:
@@ -51,6 +52,7 @@ def environment_report() -> dict:
                      for name, why in backends.items()},
         "decode_tables": measured,
         "decode_configs": swept_devices(),
+        "group_tables": measured_group_devices(),
         "graph_decode": {gpu: "measured: the fused kernel that beat the cuBLAS chain, in "
                               "graphs and eagerly" if gpu in measured
                          else f"not measured: CUDA graphs keep the cuBLAS chain (run "

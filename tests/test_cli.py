@@ -1,6 +1,7 @@
 """`curkernels info` and `curkernels compress` as a user runs them."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,18 @@ def test_info_reports_versions_extension_and_backends():
     assert report["triton_features"].startswith(
         f"cached decode launches: {'yes' if SUPPORTED else 'no'}")
     assert set(report["graph_decode"]) == set(report["gpus"])
+
+
+def test_info_names_the_gpus_a_group_table_answers_for(tmp_path):
+    """No GPU has a shipped group table yet; CURKERNELS_GROUP_TABLE adds its run's device."""
+    table = tmp_path / "group_bench.json"
+    table.write_text(json.dumps({"meta": {"device": "Some GPU", "dtype": "bfloat16"},
+                                 "results": []}))
+    result = subprocess.run([sys.executable, "-m", "curkernels", "info", "--json"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "CURKERNELS_GROUP_TABLE": str(table)})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["group_tables"] == ["Some GPU"]
 
 
 def test_compress_command_writes_a_loadable_checkpoint(tmp_path):

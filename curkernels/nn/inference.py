@@ -18,8 +18,9 @@ def prepare_for_inference(model: nn.Module, *, fold: bool = True,
       columns of W, so CUR interpretability (`col_indices`) is given up; outputs change only
       by the rounding of C·U to the model's dtype.
     - With `share_shrinks`, factored q/k/v and gate/up siblings share one stacked shrink
-      factor (`share_input_shrinks`): decode on a GPU then runs one Triton launch a group,
-      prefill and the CPU the cuBLAS chain with one shrink GEMM a group.
+      factor (`share_input_shrinks`): decode on a GPU then runs one Triton launch a group
+      where the GPU's group table measured it faster (ops/group_table.py), elsewhere the
+      cuBLAS chain with one shrink GEMM a group.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -3,17 +3,19 @@
 The q, k and v projections of an attention block, and gate and up of a gated MLP, each compute
 x·Rᵀ on one x. `share_input_shrinks` stacks their shrink factors (R of a `CURLinear`, B of a
 `LowRankLinear`) into one weight, so that the group reads it in one pass: at decode on a GPU
-one Triton launch computes every member's output (the shrink over the stacked weight, then each
-member's expand, ops/triton_group.py), where the members alone take a launch each; elsewhere
-one GEMM over the stacked weight and one expand GEMM a member (the shared cuBLAS chain), a
-wider and better-filled GEMM at prefill. Every member's shrink factor becomes a view of its rows
+whose measured group table has it win (ops/group_table.py), one Triton launch computes every
+member's output (the shrink over the stacked weight, then each member's expand,
+ops/triton_group.py), where the members alone take a launch each; elsewhere one GEMM over the
+stacked weight and one expand GEMM a member (the shared cuBLAS chain), a wider and
+better-filled GEMM at prefill. Every member's shrink factor becomes a view of its rows
 of the stacked weight, so nothing is stored twice and state dicts keep their keys and shapes.
 
 The shared path runs under torch.compile (as the opaque op `curkernels::shared_group`, one
 node a group) and CUDA-graph capture, for prefill and on the CPU, and for eager decode on a GPU
-where the group kernel runs (ops/shared_group.py); elsewhere (no Triton, or CURKERNELS_BACKEND
-naming another backend) eager decode keeps each member's own dispatch, one fused launch a
-member where the shared chain would take one more.
+where the group kernel runs (ops/shared_group.py); elsewhere (no measurement of the group
+kernel winning, no Triton, or CURKERNELS_BACKEND naming another backend) eager decode keeps
+each member's own dispatch, one fused launch a member where the shared chain would take one
+more.
 
 The first member called with an input computes every member's output and keeps them for the
 others, matched by the identity of the input (and, eagerly, by its version counter, so an
@@ -48,6 +50,9 @@ class SharedShrink:
     def __init__(self, weight: torch.Tensor, members: Sequence[nn.Module]):
         self.weight = weight
         self.members = tuple(members)
+        # (outputs, rank) of each member, as the group dispatch reads them
+        self.shapes = tuple(tuple(member._parameters[member.EXPAND_FACTOR].shape)
+                            for member in self.members)
         # (input, its version, outputs), replaced whole and read once a call: threads running
         # the model at once may recompute the outputs, but never take another input's
         self._handed: tuple | None = None
@@ -68,7 +73,7 @@ class SharedShrink:
             return True
         num_rows = math.prod(x.shape[:-1])
         return (num_rows > DECODE_MAX_ROWS or graph_mode()
-                or group_backend(x, num_rows, len(self.members)) == "triton")
+                or group_backend(x, num_rows, self.shapes, graph=False) == "triton")
 
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output on x, computed once for the members that read this very x."""

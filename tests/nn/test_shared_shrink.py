@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 import curkernels as ck
 from curkernels import CURLinear, LowRankLinear
 from curkernels.nn import find_linears, prepare_for_inference, share_input_shrinks, swap_linears
-from curkernels.ops import unavailable_reason
+from curkernels.ops import shared_group, unavailable_reason
 from curkernels.serve import StaticCacheGenerator
 
 LAYERS = 2  # tiny_model's decoder blocks
@@ -259,17 +259,25 @@ def test_decode_through_the_group_kernel_matches_the_unshared_model(architecture
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_eager_decode_on_a_gpu_runs_the_group_kernel(monkeypatch):
-    """Eager decode rows on a GPU (up to 64) run one group launch a group; prefill rows, the
-    shared chain; with the CUDA extension named, each member's own `cur_linear`. A CUDA graph
-    capture is served too."""
+def test_eager_decode_on_a_gpu_runs_the_group_kernel_where_measured_to_win(monkeypatch):
+    """Where the GPU's group table has the group kernel win, eager decode rows on a GPU (up to
+    64) run one group launch a group; prefill rows, the shared chain. Where it does not, each
+    member's own `cur_linear` up to 16 rows and the shared chain past them; likewise with the
+    CUDA extension named. A CUDA graph capture is served too."""
     model = _factored_llama().cuda()
     attention = model.model.layers[0].self_attn
     reference = copy.deepcopy(attention)
     share_input_shrinks(model)
     members = ("q_proj", "k_proj", "v_proj")
     stacked = attention.q_proj.shared_shrink.weight
-    for rows, stacked_gemms in ((1, 0), (16, 0), (40, 0), (65, 1)):
+
+    def measured(wins: bool) -> None:
+        monkeypatch.setattr(shared_group, "_choices", {})
+        monkeypatch.setattr(shared_group.group_table, "group_kernel_wins", lambda *args: wins)
+
+    for wins, rows, stacked_gemms in ((True, 1, 0), (True, 16, 0), (True, 40, 0), (True, 65, 1),
+                                      (False, 40, 1)):
+        measured(wins)
         x = torch.randn(rows, attention.q_proj.in_features, device="cuda")
         with torch.no_grad(), _CountLinears(stacked=[stacked]) as counted:
             outputs = [getattr(attention, name)(x) for name in members]
@@ -278,6 +286,8 @@ def test_eager_decode_on_a_gpu_runs_the_group_kernel(monkeypatch):
             torch.testing.assert_close(output, getattr(reference, name)(x), rtol=1e-4,
                                        atol=1e-4)
     x = torch.randn(1, attention.q_proj.in_features, device="cuda")
+    assert not attention.q_proj.shared_shrink.serves(x)
+    measured(True)
     assert attention.q_proj.shared_shrink.serves(x)
     monkeypatch.setenv("CURKERNELS_BACKEND", "cuda")  # no group kernel: each member's own
     assert not attention.q_proj.shared_shrink.serves(x)

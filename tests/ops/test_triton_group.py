@@ -1,5 +1,6 @@
 """The sibling-group decode kernel (q/k/v or gate/up in one launch) against the fp64 reference,
-outputs poisoned, and the rule that picks it over the shared chain."""
+outputs poisoned, and the rule that picks it over the shared chain (the measured table itself:
+test_group_table.py)."""
 
 import itertools
 
@@ -122,43 +123,57 @@ class _FakeCudaInput:
                                                              True, (1, n))
 
 
-@pytest.mark.parametrize("environment,rows,members,uniform,dtype,expected", (
-    (None, 1, 3, True, torch.bfloat16, "triton"),
-    (None, 64, 2, True, torch.float16, "triton"),
-    (None, 65, 3, True, torch.bfloat16, "torch"),     # prefill: the chain's wide GEMMs
-    (None, 1, 4, True, torch.bfloat16, "torch"),      # the kernel takes three members at most
-    (None, 1, 3, False, torch.bfloat16, "torch"),     # some members with a bias, some without
-    (None, 1, 3, True, torch.float64, "torch"),
-    ("triton", 1, 3, True, torch.bfloat16, "triton"),
-    ("cuda", 1, 3, True, torch.bfloat16, "torch"),    # a backend without a group kernel
-    ("torch", 1, 3, True, torch.bfloat16, "torch"),
+THREE, TWO, FOUR = ((40, 6), (24, 4), (24, 5)), ((96, 8), (96, 8)), ((8, 2),) * 4
+
+
+@pytest.mark.parametrize("environment,rows,members,uniform,dtype,measured_win,expected", (
+    (None, 1, THREE, True, torch.bfloat16, True, "triton"),
+    (None, 64, TWO, True, torch.float16, True, "triton"),
+    (None, 1, THREE, True, torch.bfloat16, False, "torch"),   # not measured to win
+    (None, 65, THREE, True, torch.bfloat16, True, "torch"),   # prefill: the chain's wide GEMMs
+    (None, 1, FOUR, True, torch.bfloat16, True, "torch"),     # the kernel takes three at most
+    (None, 1, THREE, False, torch.bfloat16, True, "torch"),   # some members with a bias only
+    (None, 1, THREE, True, torch.float64, True, "torch"),
+    ("triton", 1, THREE, True, torch.bfloat16, False, "triton"),  # named: no table needed
+    ("cuda", 1, THREE, True, torch.bfloat16, True, "torch"),  # a backend without a group kernel
+    ("torch", 1, THREE, True, torch.bfloat16, True, "torch"),
 ))
-def test_group_backend_on_a_gpu(environment, rows, members, uniform, dtype, expected,
-                                monkeypatch):
+def test_group_backend_on_a_gpu(environment, rows, members, uniform, dtype, measured_win,
+                                expected, monkeypatch):
     if environment is None:
         monkeypatch.delenv("CURKERNELS_BACKEND", raising=False)
     else:
         monkeypatch.setenv("CURKERNELS_BACKEND", environment)
     monkeypatch.setattr(shared_group, "unavailable_reason", lambda backend, device: None)
-    assert group_backend(_FakeCudaInput(dtype), rows, members, uniform) == expected
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "G")
+    asked = []
+
+    def group_kernel_wins(*args):
+        asked.append(args)
+        return measured_win
+    monkeypatch.setattr(shared_group.group_table, "group_kernel_wins", group_kernel_wins)
+    for graph in (True, False):
+        assert group_backend(_FakeCudaInput(dtype), rows, members, graph, uniform) == expected
+    if asked:  # the table is asked about this very call, in each mode
+        assert asked == [("G", dtype, rows, 64, members, mode) for mode in ("graph", "eager")]
 
 
 def test_group_backend_keeps_cpu_inputs_on_the_chain_unless_triton_is_named(monkeypatch):
     monkeypatch.delenv("CURKERNELS_BACKEND", raising=False)
     monkeypatch.setattr(shared_group, "unavailable_reason", lambda backend, device: None)
     x = torch.randn(1, 8)
-    assert group_backend(x, 1, 3) == "torch"
+    assert group_backend(x, 1, THREE, graph=False) == "torch"
     monkeypatch.setenv("CURKERNELS_BACKEND", "triton")
-    assert group_backend(x, 1, 3) == "triton"
+    assert group_backend(x, 1, THREE, graph=False) == "triton"
 
 
 def test_group_backend_named_triton_that_cannot_run_raises(monkeypatch):
     monkeypatch.setenv("CURKERNELS_BACKEND", "triton")
     monkeypatch.setattr(backends, "triton_interpreting", lambda: False)
     with pytest.raises(BackendUnavailableError, match="'triton' is unavailable"):
-        group_backend(torch.randn(1, 8), 1, 3)
+        group_backend(torch.randn(1, 8), 1, THREE, graph=False)
     monkeypatch.delenv("CURKERNELS_BACKEND")
-    assert group_backend(torch.randn(1, 8), 1, 3) == "torch"
+    assert group_backend(torch.randn(1, 8), 1, THREE, graph=False) == "torch"
 
 
 @gpu
