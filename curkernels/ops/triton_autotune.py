@@ -5,6 +5,7 @@ CURKERNELS_TRITON_AUTOTUNE=0 skips tuning and uses the default config. No tuning
 a CUDA graph is being captured or under the interpreter.
 """
 
+import functools
 import json
 import os
 import tempfile
@@ -13,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from .triton_version import TRITON_VERSION
 
 
 @dataclass(frozen=True)
@@ -34,19 +37,28 @@ def _r_chunk(r: int, largest: int) -> int:
     return min(largest, max(16, _next_pow2(r)))
 
 
+def largest_row_block(capability: tuple[int, int]) -> int:
+    """The most input rows a prefill tile may hold on a GPU of this compute capability.
+    Triton 3.2 (which torch 2.6 pins) aborts the whole process compiling the chained dot of
+    64-row tiles for sm_90 (an assertion in LinearLayout::reshapeOuts; 32-row tiles compile):
+    no exception to catch, so those tiles are never tried there."""
+    return 32 if TRITON_VERSION == (3, 2) and capability >= (9, 0) else 64
+
+
 # Tiles that Triton 3.8 compiles for sm_80 and sm_90 without register spills (ptxas resource
 # report of an ahead-of-time compile): fp16/bf16 operands go to the tensor cores; fp32 runs
 # `input_precision="ieee"` dots on the FMA units, whose operands take more registers.
-def default_config(M: int, r: int, interpreting: bool,
-                   dtype: torch.dtype = torch.bfloat16) -> PrefillConfig:
+def default_config(M: int, r: int, interpreting: bool, dtype: torch.dtype = torch.bfloat16,
+                   capability: tuple[int, int] = (9, 0)) -> PrefillConfig:
     if interpreting:  # few, large programs: the interpreter pays per program and per op
         return PrefillConfig(32, _r_chunk(r, 64), 64, 64, 1, 4, 1)
     if dtype == torch.float32:
         return PrefillConfig(32, _r_chunk(r, 64), 32, 64, 1, 4, 2)
-    return PrefillConfig(64, _r_chunk(r, 128), 64, 128, 1, 8, 3)
+    return PrefillConfig(largest_row_block(capability), _r_chunk(r, 128), 64, 128, 1, 8, 3)
 
 
-def candidate_configs(M: int, r: int, dtype: torch.dtype = torch.bfloat16) -> list[PrefillConfig]:
+def candidate_configs(M: int, r: int, dtype: torch.dtype = torch.bfloat16,
+                      capability: tuple[int, int] = (9, 0)) -> list[PrefillConfig]:
     """A short list (tuning compiles each one): row blocks × column splits, spill-free tiles."""
     if dtype == torch.float32:
         tiles = [(16, _r_chunk(r, 64), 32, 64, 4, 2), (32, _r_chunk(r, 64), 32, 64, 4, 2),
@@ -55,6 +67,7 @@ def candidate_configs(M: int, r: int, dtype: torch.dtype = torch.bfloat16) -> li
         tiles = [(32, _r_chunk(r, 128), 64, 128, 8, 3), (64, _r_chunk(r, 128), 64, 128, 8, 3)]
     return [PrefillConfig(block_m, r_chunk, block_k, block_n, split_n, warps, stages)
             for block_m, r_chunk, block_k, block_n, warps, stages in tiles
+            if block_m <= largest_row_block(capability)
             for split_n in (1, 2, 4)]
 
 
@@ -104,25 +117,33 @@ def tuned_config(key: tuple, device: torch.device, dtype: torch.dtype, M: int, r
     config = _memo.get(key)
     if config is not None:
         return config
-    if interpreting or os.environ.get("CURKERNELS_TRITON_AUTOTUNE") == "0" \
-            or torch.cuda.is_current_stream_capturing():
+    if interpreting:
         return default_config(M, r, interpreting, dtype)
+    capability = _capability(device)
+    if os.environ.get("CURKERNELS_TRITON_AUTOTUNE") == "0" \
+            or torch.cuda.is_current_stream_capturing():
+        return default_config(M, r, interpreting, dtype, capability)
     gpu = torch.cuda.get_device_name(device)
     text_key = "|".join(str(part) for part in key)
     config = _cache.get(gpu, text_key)
-    if config is None:
-        config = _benchmark(M, r, dtype, run)
+    if config is None or config.block_m > largest_row_block(capability):
+        config = _benchmark(M, r, dtype, capability, run)
         _cache.put(gpu, text_key, config)
     _memo[key] = config
     return config
 
 
-def _benchmark(M: int, r: int, dtype: torch.dtype,
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+def _benchmark(M: int, r: int, dtype: torch.dtype, capability: tuple[int, int],
                run: Callable[[PrefillConfig], None]) -> PrefillConfig:
     import triton.testing
 
-    best, best_ms = default_config(M, r, False, dtype), float("inf")
-    for config in candidate_configs(M, r, dtype):
+    best, best_ms = default_config(M, r, False, dtype, capability), float("inf")
+    for config in candidate_configs(M, r, dtype, capability):
         try:
             ms = triton.testing.do_bench(lambda config=config: run(config), warmup=5, rep=20,
                                          return_mode="median")

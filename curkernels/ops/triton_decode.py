@@ -265,8 +265,9 @@ def cur_linear_decode_kernel(
                          shrink_tile_k, shrink_k_tiles, False, GATHER, DOT_FP32, BLOCK_M,
                          BLOCK_R, BLOCK_K)
 
-    # C does not depend on the shrink: stream it meanwhile (programs with expand tiles only)
-    if DO_EXPAND and L2_LINES > 0 and pid < tl.cdiv(m, BLOCK_OUT):
+    # C does not depend on the shrink: stream it meanwhile (programs with expand tiles only).
+    # Parenthesized: Triton 3.1 (which torch 2.5 pins) rejects a chain of three boolean operands.
+    if (DO_EXPAND and L2_LINES > 0) and pid < tl.cdiv(m, BLOCK_OUT):
         for start in range(0, L2_LINES, L2_STEP):
             line = start + tl.arange(0, L2_STEP)
             _prefetch_l2(c_ptr + _expand_line_offsets(line, pid, num_programs, m, c, BLOCK_OUT,
@@ -359,7 +360,12 @@ def cur_linear_group_decode_kernel(
         for tile in range(pid, expand_tiles, num_programs):
             # The tile's member, chosen by pointer and size: one expand loop in the kernel,
             # not one per member (each would keep its own pipeline buffers and registers).
-            c_ptr, bias_ptr, y_ptr = c0_ptr, bias0_ptr, y0_ptr
+            # Without biases bias_ptr stands in as c0_ptr, never read: Triton 3.3 cannot
+            # carry a None through the branches below.
+            c_ptr, y_ptr = c0_ptr, y0_ptr
+            bias_ptr = c0_ptr
+            if HAS_BIAS:
+                bias_ptr = bias0_ptr
             col, width, m, local = col1 * 0, col1, m0, tile
             if tile >= tiles0:
                 c_ptr, y_ptr = c1_ptr, y1_ptr

@@ -56,6 +56,33 @@ def test_candidate_configs_keep_the_intermediate_small(dtype):
         assert all(c.r_chunk <= max(16, 1 << (r - 1).bit_length()) for c in configs)
 
 
+def test_triton_3_2_never_tries_64_row_tiles_on_hopper(tmp_path, monkeypatch):
+    """Triton 3.2 aborts the process compiling them for sm_90: neither the default, nor a
+    candidate, nor a config cached by another Triton; sm_80 and other Tritons keep them."""
+    monkeypatch.setattr(triton_autotune, "TRITON_VERSION", (3, 2))
+    for dtype in (torch.float32, torch.bfloat16):
+        hopper = triton_autotune.candidate_configs(4096, 1024, dtype, (9, 0))
+        assert hopper and all(c.block_m <= 32 for c in hopper)
+        assert triton_autotune.default_config(4096, 1024, False, dtype, (9, 0)) in hopper
+    assert {c.block_m for c in triton_autotune.candidate_configs(4096, 1024, torch.bfloat16,
+                                                                  (8, 0))} == {32, 64}
+    monkeypatch.setattr(triton_autotune, "_cache", triton_autotune.TuningCache(tmp_path / "t.json"))
+    monkeypatch.setattr(triton_autotune, "_memo", {})
+    monkeypatch.setattr(triton_autotune, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "G")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.delenv("CURKERNELS_TRITON_AUTOTUNE", raising=False)
+    cached = triton_autotune.PrefillConfig(64, 128, 64, 128, 1, 8, 3)
+    triton_autotune._cache.put("G", "k", cached)
+    tuned = triton_autotune.PrefillConfig(32, 128, 64, 128, 2, 8, 3)
+    monkeypatch.setattr(triton_autotune, "_benchmark", lambda *args: tuned)
+    assert triton_autotune.tuned_config(("k",), torch.device("cuda", 0), torch.bfloat16, 4096,
+                                        1024, False, lambda config: None) == tuned
+    monkeypatch.setattr(triton_autotune, "TRITON_VERSION", (3, 6))
+    assert {c.block_m for c in triton_autotune.candidate_configs(4096, 1024, torch.bfloat16,
+                                                                  (9, 0))} == {32, 64}
+
+
 def test_tuning_cache_round_trip(tmp_path):
     cache = triton_autotune.TuningCache(tmp_path / "tune.json")
     config = triton_autotune.PrefillConfig(64, 128, 64, 128, 2, 8, 3)

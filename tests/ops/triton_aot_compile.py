@@ -4,6 +4,7 @@ compiler rejects (module globals read inside a kernel, unsupported ops, shape mi
 this catches those on a CPU-only machine. Run as a script: TRITON_INTERPRET must be unset when
 the kernels are defined. Prints one line per compiled kernel; exits non-zero on any failure."""
 
+import inspect
 import itertools
 import os
 import subprocess
@@ -18,7 +19,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
 from curkernels.ops import triton_backend, triton_group
-from curkernels.ops.triton_autotune import candidate_configs, default_config
+from curkernels.ops.triton_autotune import (
+    candidate_configs,
+    default_config,
+    largest_row_block,
+)
 from curkernels.ops.triton_decode import (
     PDL_SUPPORTED,
     cur_linear_decode_kernel,
@@ -46,13 +51,25 @@ def signature(kernel, pointers: dict, constants: dict) -> dict:
     return sig
 
 
+def ast_source(kernel, pointers: dict, constants: dict) -> ASTSource:
+    """The kernel specialised to `constants`, in the form this Triton takes: from 3.3 on a
+    signature typing every argument ('constexpr' for constants) plus `constexprs`; before (the
+    Triton 3.1 that torch 2.5 pins) a signature of the other arguments plus `constants`, a
+    None argument typed *i8 in both, as Triton's own launcher builds them."""
+    sig = signature(kernel, pointers, constants)
+    if "constexprs" in inspect.signature(ASTSource.__init__).parameters:
+        return ASTSource(fn=kernel, signature=sig, constexprs=constants)
+    sig = {name: "*i8" if constants.get(name, 0) is None else kind for name, kind in sig.items()
+           if kind != "constexpr" or constants.get(name, 0) is None}
+    return ASTSource(fn=kernel, signature=sig, constants=constants)
+
+
 LAUNCH_OPTIONS = ("num_warps", "launch_pdl")  # launch arguments that are compile options
 
 
 def compile_for(kernel, pointers, constants, num_warps, num_stages, arch, launch_pdl=False):
     options = {"num_warps": num_warps, "num_stages": num_stages, "launch_pdl": launch_pdl}
-    src = ASTSource(fn=kernel, signature=signature(kernel, pointers, constants),
-                    constexprs=constants)
+    src = ast_source(kernel, pointers, constants)
     compiled = compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     shared = compiled.metadata.shared
     assert shared <= SHARED_LIMIT[arch], f"{shared} bytes of shared memory on sm_{arch}"
@@ -206,6 +223,10 @@ def main() -> int:
             # griddepcontrol (PDL) is sm_90 only; the backend refuses it before Hopper
             archs = (90,) if quick or launch_pdl else (80, 90)
             for arch in archs:
+                if (name.startswith("prefill") and constants["BLOCK_M"]
+                        > largest_row_block((arch // 10, arch % 10))):
+                    print(f"skip sm_{arch} {name}: the backend never runs it there")
+                    continue
                 try:
                     compiled = compile_for(kernel, pointers, constants, num_warps, num_stages,
                                            arch, launch_pdl)
