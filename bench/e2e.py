@@ -306,8 +306,11 @@ def environment(device: torch.device) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    # one step function, one graph per setting and shape (the default limit is 8)
-    torch._dynamo.config.recompile_limit = 64
+    # one step function, one graph per setting and shape (the default limit is 8; torch 2.5
+    # calls it cache_size_limit)
+    limit = ("recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit")
+             else "cache_size_limit")
+    setattr(torch._dynamo.config, limit, 64)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     if device.type == "cpu":
         # the CPU run is a sanity check of tiny matrices: extra OpenMP threads only spin-wait,

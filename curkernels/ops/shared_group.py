@@ -16,6 +16,7 @@ a compiled decode step keeps one launch a group.
 """
 
 import math
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +98,12 @@ def shared_chain(x: torch.Tensor, weight: torch.Tensor, expands: list[torch.Tens
     return outputs
 
 
+# typing.List, not list: torch 2.5's schema inference knows only typing's generics
 @torch.library.custom_op("curkernels::shared_group", mutates_args=())
-def shared_group_op(x: torch.Tensor, weight: torch.Tensor, expands: list[torch.Tensor],
-                    biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
+def shared_group_op(x: torch.Tensor, weight: torch.Tensor,
+                    expands: typing.List[torch.Tensor],  # noqa: UP006
+                    biases: typing.List[torch.Tensor | None],  # noqa: UP006
+                    ) -> typing.List[torch.Tensor]:  # noqa: UP006
     # The way is chosen here, when the op runs, not while torch.compile traces.
     return shared_group(x, weight, expands, biases)
 
