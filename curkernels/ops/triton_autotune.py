@@ -135,7 +135,12 @@ def tuned_config(key: tuple, device: torch.device, dtype: torch.dtype, M: int, r
 
 @functools.cache
 def _capability(device: torch.device) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device)
+    """The compute capability Triton compiles for at this call: its driver's current target,
+    which is what its own launch compiles for (a ROCm target counts as no NVIDIA one)."""
+    from triton.runtime import driver
+
+    arch = driver.active.get_current_target().arch
+    return divmod(arch, 10) if isinstance(arch, int) else (0, 0)
 
 
 def _benchmark(M: int, r: int, dtype: torch.dtype, capability: tuple[int, int],
