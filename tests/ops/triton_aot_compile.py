@@ -183,7 +183,10 @@ def prefill_kernels(dtype):
     ptr = "*" + TRITON_TYPES[dtype]
     pointers = {"x_ptr": ptr, "r_ptr": ptr, "rows_ptr": "*i64", "scale_ptr": ptr, "c_ptr": ptr,
                 "bias_ptr": ptr, "y_ptr": ptr, "partial_ptr": "*fp32"}
-    configs = {default_config(4096, 1024, False, dtype)} | set(candidate_configs(4096, 1024, dtype))
+    # what the backend may run on sm_80 or sm_90 (main() skips each arch's exclusions)
+    configs = {config for capability in ((8, 0), (9, 0))
+               for config in (default_config(4096, 1024, False, dtype, capability),
+                              *candidate_configs(4096, 1024, dtype, capability))}
     for config in sorted(configs, key=str):
         constants = dict(GATHER=True, HAS_SCALE=True, HAS_BIAS=True, ACCUMULATE=True, FINAL=True,
                          DOT_FP32=dtype == torch.float32, BLOCK_M=config.block_m,
