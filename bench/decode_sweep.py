@@ -24,6 +24,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_bench import SHAPES, _calls_for, _weight_sets, floor_us, measure_ceilings, time_graph_us  # noqa: E402
 
+from curkernels.ops.decode_table import WRONG  # noqa: E402
 from curkernels.ops.triton_backend import (  # noqa: E402
     DEFAULT_DECODE_CONFIGS,
     DecodeConfig,
@@ -57,7 +58,6 @@ if not PDL_SUPPORTED:  # before Triton 3.5 the launch plan refuses PDL
                   if not fields.get("pdl")}
 ROWS = (1, 16, 32)
 RANKS = (256, 1024, 2048, 512)  # 2048: keep 0.5 of a 14336×4096 projection is r ≈ 1536
-WRONG = 2e-2  # a relative error past bf16's tolerance (decode_configs.py skips such configs)
 
 
 def config_for(name: str, M: int) -> DecodeConfig:

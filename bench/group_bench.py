@@ -35,6 +35,7 @@ from layer_bench import _calls_for, _cold_copies, time_eager_us, time_graph_us  
 
 from curkernels.nn import LowRankLinear, share_input_shrinks  # noqa: E402
 from curkernels.ops import cur_linear, unavailable_reason  # noqa: E402
+from curkernels.ops.decode_table import WRONG  # noqa: E402
 from curkernels.ops.shared_group import shared_chain  # noqa: E402
 
 # name -> members' (module name, out m, rank r), all reading the 4096-wide hidden state; ranks
@@ -50,7 +51,6 @@ ROWS = (1, 16, 32)
 SMOKE_GROUPS = {"qkv tiny": (("q_proj", 40, 6), ("k_proj", 24, 4), ("v_proj", 24, 5))}
 SMOKE_HIDDEN, SMOKE_ROWS = 72, (1, 20)
 WAYS = ("dense", "members", "chain", "group", "modules", "shared")
-WRONG = 2e-2  # a relative error past bf16's tolerance (tests/ops/cur_linear_cases.py)
 
 
 def _modules(names, expands, shrinks, shared: bool) -> list[torch.nn.Module]:

@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode_table import MEASURED_DIR, LayerPoint, measurements_by_device, smallest_covering
+from .decode_table import (
+    MEASURED_DIR,
+    WRONG,
+    LayerPoint,
+    measurements_by_device,
+    smallest_covering,
+)
 
 ENV_DECODE_CONFIGS = "CURKERNELS_DECODE_CONFIGS"
 CONFIGS_DIR = MEASURED_DIR / "decode_configs"
@@ -45,7 +51,7 @@ def points_from_sweep(report: dict, default_fields: dict) -> list[SweptPoint]:
     points = []
     for row in report.get("rows", []):
         timed = {name: row[name] for name in configs if row.get(name) is not None
-                 and row.get("errors", {}).get(name, 1.0) < 2e-2}
+                 and row.get("errors", {}).get(name, 1.0) < WRONG}
         if not timed:
             continue
         best = min(timed, key=timed.__getitem__)

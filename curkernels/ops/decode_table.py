@@ -33,6 +33,9 @@ ENV_DECODE_TABLE = "CURKERNELS_DECODE_TABLE"
 MEASURED_DIR = Path(__file__).with_name("measured")
 # A win must clear timing noise: ties (0.95–1.05×) happen between replays of one graph.
 WIN_RATIO = 0.9
+# A relative error against fp64 past bf16's tolerance: a kernel (or config) this wrong at a
+# measured point does not count there, whatever its time.
+WRONG = 2e-2
 BASELINE_VARIANT = "chain2"
 FUSED_VARIANTS = ("triton", "cuda")
 # mode -> the timing it compares

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .decode_table import MEASURED_DIR, WIN_RATIO, measurements_by_device
+from .decode_table import MEASURED_DIR, WIN_RATIO, WRONG, measurements_by_device
 
 ENV_GROUP_TABLE = "CURKERNELS_GROUP_TABLE"
 GROUPS_DIR = MEASURED_DIR / "groups"
 GROUP_WAY = "group"
 # mode -> (the timing it compares, the ways that run when the group kernel does not)
 MODES = {"graph": ("graph_us", ("chain",)), "eager": ("eager_us", ("chain", "members"))}
-WRONG = 2e-2  # a relative error past bf16's tolerance: the kernel's time does not count
 
 
 @dataclass(frozen=True)
