@@ -14,38 +14,24 @@ import time
 
 import torch
 
-from curkernels.serve import (
-    IncrementalDetokenizer,
-    StaticCacheGenerator,
-    end_of_sequence_ids,
-    load_for_inference,
-    parse_dtype,
-)
-from curkernels.serve.loading import DTYPES
+from curkernels.serve import IncrementalDetokenizer, StaticCacheGenerator, end_of_sequence_ids
+from curkernels.serve.loading import add_loading_arguments, load_from_arguments
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="folder written by curkernels.save_compressed")
+    add_loading_arguments(parser)
     parser.add_argument("prompt")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default=None, help="default: cuda when available")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    parser.add_argument("--share-shrinks", action="store_true",
-                        help="factored q/k/v and gate/up read their stacked shrink factors in one pass "
-                             "(curkernels.nn.share_input_shrinks)")
-    parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    model, tokenizer = load_for_inference(args.checkpoint, args.device, parse_dtype(args.dtype),
-                                          args.tokenizer, share_shrinks=args.share_shrinks)
+    model, tokenizer = load_from_arguments(args)
     input_ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     generator = StaticCacheGenerator(model, max_seq_len=input_ids.shape[1] + args.max_new_tokens,
                                      compile=args.compile)

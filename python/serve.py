@@ -14,15 +14,15 @@ from pathlib import Path
 
 import uvicorn
 
-from curkernels.serve import StaticCacheGenerator, load_for_inference, parse_dtype
+from curkernels.serve import StaticCacheGenerator
 from curkernels.serve.engine import CompletionEngine
-from curkernels.serve.loading import DTYPES
+from curkernels.serve.loading import add_loading_arguments, load_from_arguments
 from curkernels.serve.server import create_app
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("checkpoint", help="folder written by curkernels.save_compressed")
+    add_loading_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model-name", default=None, help="default: the folder's name")
@@ -30,23 +30,15 @@ def parse_args() -> argparse.Namespace:
                         help="prompt + completion tokens (the KV cache length)")
     parser.add_argument("--max-queued", type=int, default=32)
     parser.add_argument("--graceful-seconds", type=int, default=30)
-    parser.add_argument("--device", default=None, help="default: cuda when available")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    parser.add_argument("--share-shrinks", action="store_true",
-                        help="factored q/k/v and gate/up read their stacked shrink factors in one pass "
-                             "(curkernels.nn.share_input_shrinks)")
     parser.add_argument("--prefill-chunk-tokens", type=int, default=None,
                         help="run long prompts through prefill in chunks of this many tokens "
                              "(bounds activation memory); default: one forward")
-    parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
-    model, tokenizer = load_for_inference(args.checkpoint, args.device, parse_dtype(args.dtype),
-                                          args.tokenizer, share_shrinks=args.share_shrinks)
+    model, tokenizer = load_from_arguments(args)
     generator = StaticCacheGenerator(model, max_seq_len=args.max_seq_len, compile=args.compile,
                                      prefill_chunk_tokens=args.prefill_chunk_tokens)
     engine = CompletionEngine(generator, tokenizer, max_queued=args.max_queued)

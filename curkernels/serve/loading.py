@@ -1,5 +1,6 @@
 """Load a compressed checkpoint folder and its tokenizer for inference."""
 
+import argparse
 import os
 
 import torch
@@ -43,3 +44,22 @@ def load_for_inference(folder: str | os.PathLike, device: str | torch.device | N
         raise FileNotFoundError(f"no tokenizer in {source}: save the checkpoint with "
                                 f"save_compressed(..., tokenizer=...) or pass tokenizer=") from exc
     return model, loaded
+
+
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of `load_from_arguments`: the checkpoint folder and how to load
+    and run it (shared by the example programs in python/)."""
+    parser.add_argument("checkpoint", help="folder written by curkernels.save_compressed")
+    parser.add_argument("--device", default=None, help="default: cuda when available")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--share-shrinks", action="store_true",
+                        help="factored q/k/v and gate/up read their stacked shrink factors in one "
+                             "pass (curkernels.nn.share_input_shrinks)")
+    parser.add_argument("--tokenizer", default=None, help="default: the checkpoint's")
+
+
+def load_from_arguments(args: argparse.Namespace):
+    """(model, tokenizer) as the options of `add_loading_arguments` say."""
+    return load_for_inference(args.checkpoint, args.device, parse_dtype(args.dtype),
+                              args.tokenizer, share_shrinks=args.share_shrinks)

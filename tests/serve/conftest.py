@@ -13,11 +13,14 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+import curkernels as ck
+
 ARCHITECTURES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
 }
+CHECKPOINT_NAME = "tiny-llama-svd"
 TRAINING_TEXT = ["the quick brown fox jumps over the lazy dog", "héllo wörld, ça va? 日本語",
                  "compressed models serve tokens faster", "0123456789 +-*/ ()[]{}"] * 8
 
@@ -43,6 +46,17 @@ def tiny_causal_lm(architecture: str, vocab_size: int, seed: int = 0):
                           attn_implementation="sdpa")
     torch.manual_seed(seed)
     return model_class(config).eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tokenizer, tmp_path_factory):
+    """A folder named CHECKPOINT_NAME: a tiny Llama factored by SVD at keep 0.5, saved with its
+    tokenizer."""
+    model = tiny_causal_lm("llama", len(tokenizer))
+    ck.compress(model, method="svd", keep=0.5)
+    folder = tmp_path_factory.mktemp("checkpoint") / CHECKPOINT_NAME
+    ck.save_compressed(model, folder, tokenizer=tokenizer)
+    return folder
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,26 +6,16 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import tiny_causal_lm
+from conftest import CHECKPOINT_NAME
 from fastapi.testclient import TestClient
 
-import curkernels as ck
 from curkernels.serve import StaticCacheGenerator, load_for_inference
 from curkernels.serve.engine import CompletionEngine
 from curkernels.serve.server import create_app
 
-MODEL = "tiny-llama-svd"
+MODEL = CHECKPOINT_NAME
 CONTEXT = 48
 PROMPT = "the quick brown fox"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tokenizer, tmp_path_factory):
-    model = tiny_causal_lm("llama", len(tokenizer))
-    ck.compress(model, method="svd", keep=0.5)
-    folder = tmp_path_factory.mktemp("checkpoint") / MODEL
-    ck.save_compressed(model, folder, tokenizer=tokenizer)
-    return folder
 
 
 @pytest.fixture(scope="module")
