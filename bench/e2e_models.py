@@ -8,7 +8,7 @@ runs `curkernels.compress` instead (used by the CPU sanity check).
 """
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,7 +20,6 @@ from curkernels.nn import CURLinear, LowRankLinear, swap_linears
 from curkernels.nn.surgery import find_linears
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-CURING_PROJECTIONS = ("q_proj", "k_proj", "gate_proj")
 ATTENTION = "sdpa"
 
 
@@ -132,7 +131,3 @@ def compressed_copy(dense: nn.Module, setting: Setting, shape: Shape, *, factors
     swap_linears(model, find_linears(model, PROJECTIONS), factor)
     return model, (f"random two-factor modules at the rank holding keep {keep:g}, rounded "
                    f"down to a multiple of {rank_multiple}")
-
-
-def shape_dict(shape: Shape) -> dict:
-    return asdict(shape)
