@@ -173,8 +173,9 @@ def test_shutdown_refuses_new_requests(loaded):
     with TestClient(app) as client:  # runs the app's startup and shutdown
         assert client.post("/v1/completions", json=request(max_tokens=2)).status_code == 200
     response = TestClient(app).post("/v1/completions", json=request(max_tokens=2))
-    assert response.status_code == 429
+    assert response.status_code == 503
     assert "shutting down" in response.json()["error"]["message"]
+    assert response.json()["error"]["code"] == "server_shutting_down"
 
 
 def test_warm_up_runs_on_the_generation_thread(loaded):
@@ -195,3 +196,130 @@ def test_engine_needs_a_batch_one_generator(loaded):
     model, tokenizer = loaded
     with pytest.raises(ValueError, match="batch_size=1"):
         CompletionEngine(StaticCacheGenerator(model, batch_size=2, max_seq_len=8), tokenizer)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_tokens", "4"), ("max_tokens", 4.0), ("max_tokens", True),
+    ("stream", "yes"), ("stream", 1),
+    ("temperature", "0.5"), ("temperature", True),
+    ("top_p", "1"), ("n", True), ("n", "1"), ("n", 2),
+    ("seed", "7"), ("seed", 7.0),
+    ("stop", [1]), ("stop", 5),
+    ("prompt", ["the quick", "brown fox"]), ("prompt", [1, 2, 3]), ("prompt", 5),
+    ("model", 5),
+])
+def test_request_fields_have_openai_types(client, field, value):
+    """As in OpenAI's API, a value of the wrong JSON type is an error, not converted."""
+    for stream in (False, True):
+        body = {**request(stream=stream), field: value}
+        response = client.post("/v1/completions", json=body)
+        assert response.status_code == 400, (body, response.text)
+        error = response.json()["error"]
+        assert error["param"].split(".")[0] == field and field in error["message"]
+        assert error["type"] == "invalid_request_error"
+
+
+def test_null_fields_mean_their_defaults(client, loaded):
+    nulls = dict.fromkeys(["max_tokens", "top_p", "stream", "stop", "seed", "n"])
+    response = client.post("/v1/completions", json={**request(), **nulls})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["text"] == greedy_text(loaded, 16)[0]
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, -2**63 - 1, 10**30])
+def test_seed_outside_int64_is_a_400(client, seed):
+    for stream in (False, True):
+        response = client.post("/v1/completions",
+                               json=request(seed=seed, temperature=1, stream=stream))
+        assert response.status_code == 400, response.text
+        assert response.json()["error"]["param"] == "seed"
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -2**63, 0])
+def test_seed_at_the_int64_bounds_samples(client, seed):
+    texts = set()
+    for stream in (False, True):
+        response = client.post("/v1/completions",
+                               json=request(seed=seed, temperature=1, stream=stream))
+        assert response.status_code == 200, response.text
+        texts.add("".join(e["choices"][0]["text"] for e in sse_events(response.text)) if stream
+                  else response.json()["choices"][0]["text"])
+    assert len(texts) == 1  # one seed, one sample, streamed or not
+
+
+def over_the_limit_chunks(size: int):
+    """A body of `size` bytes sent chunked, without a Content-Length."""
+    body = json.dumps(request(prompt="x" * size)).encode()
+    for start in range(0, len(body), 1000):
+        yield body[start:start + 1000]
+
+
+def test_bodies_over_the_limit_get_413(loaded):
+    engine = make_engine(loaded)
+    client = TestClient(create_app(engine, MODEL, max_body_bytes=2000))
+    assert client.post("/v1/completions", json=request(prompt="x" * 1500)).status_code != 413
+    for response in (client.post("/v1/completions", json=request(prompt="x" * 2000)),
+                     client.post("/v1/completions", content=over_the_limit_chunks(5000),
+                                 headers={"content-type": "application/json"})):
+        assert response.status_code == 413, response.text
+        error = response.json()["error"]
+        assert error["code"] == "request_too_large" and "at most 2000 bytes" in error["message"]
+    engine.shutdown()
+
+
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True])
+def test_body_limit_must_be_a_positive_int(loaded, limit):
+    engine = make_engine(loaded)
+    with pytest.raises(ValueError, match="max_body_bytes"):
+        create_app(engine, MODEL, max_body_bytes=limit)
+    engine.shutdown()
+
+
+def test_unknown_routes_and_methods_get_openai_errors(client):
+    for response, status in ((client.get("/v1/chat/nothing"), 404),
+                             (client.get("/v1/completions"), 405)):
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and "/v1/" in error["message"]
+
+
+class FailingGenerator(StaticCacheGenerator):
+    """Generates `tokens_before_failing` tokens, then fails as a broken model would."""
+
+    tokens_before_failing = 0
+
+    def stream(self, *args, **kwargs):
+        for step, tokens in enumerate(super().stream(*args, **kwargs)):
+            if step == self.tokens_before_failing:
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            yield tokens
+
+
+def test_a_failure_before_the_first_token_is_a_json_500(loaded):
+    engine = make_engine(loaded, FailingGenerator)
+    client = TestClient(create_app(engine, MODEL), raise_server_exceptions=False)
+    for stream in (False, True):
+        response = client.post("/v1/completions", json=request(stream=stream))
+        assert response.status_code == 500
+        error = response.json()["error"]
+        assert error["type"] == "server_error" and "illegal memory access" in error["message"]
+    engine.shutdown()
+
+
+def test_a_failure_mid_stream_ends_it_with_an_error_event(loaded):
+    class FailingLate(FailingGenerator):
+        tokens_before_failing = 5
+
+    engine = make_engine(loaded, FailingLate)
+    engine.eos_token_ids = set()  # five tokens of text come out whatever the model says
+    client = TestClient(create_app(engine, MODEL), raise_server_exceptions=False)
+    response = client.post("/v1/completions", json=request(stream=True))
+    assert response.status_code == 200
+    lines = [line[len("data: "):] for line in response.text.splitlines()
+             if line.startswith("data: ")]
+    assert "[DONE]" not in lines
+    *deltas, last = [json.loads(line) for line in lines]
+    assert deltas and all("choices" in event for event in deltas)
+    assert last["error"]["type"] == "server_error"
+    assert "illegal memory access" in last["error"]["message"]
+    engine.shutdown()
