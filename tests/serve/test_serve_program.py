@@ -1,0 +1,67 @@
+"""python/serve.py as a user runs it: --max-body-bytes answers larger bodies 413, and SIGTERM
+answers the queued requests 503 at once and the running one once --graceful-seconds pass."""
+
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from conftest import CHECKPOINT_NAME
+from test_example_programs import ENVIRONMENT, PROGRAMS, free_port, wait_until_serving
+
+PROMPT = "the quick brown fox"
+# The fixture's model, greedy from PROMPT, runs 1900 tokens without an end of sequence: at a
+# few ms a token on a CPU, the running request outlasts the grace period.
+LONG = 1000
+
+
+def test_serve_refuses_large_bodies_and_answers_queued_requests_503_on_sigterm(checkpoint):
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, str(PROGRAMS / "serve.py"), str(checkpoint), "--port", str(port),
+         "--device", "cpu", "--max-seq-len", "1024", "--max-body-bytes", "4096",
+         "--graceful-seconds", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    try:
+        wait_until_serving(server, f"{base}/v1/models", seconds=180)
+        completion = {"model": CHECKPOINT_NAME, "prompt": PROMPT, "temperature": 0}
+        large = httpx.post(f"{base}/v1/completions", timeout=60,
+                           json={**completion, "prompt": "x" * 5000})
+        assert large.status_code == 413
+        assert "at most 4096 bytes" in large.json()["error"]["message"]
+
+        with ThreadPoolExecutor(3) as pool:
+            post = lambda **fields: pool.submit(  # noqa: E731
+                httpx.post, f"{base}/v1/completions", json={**completion, **fields}, timeout=60)
+            running = post(max_tokens=LONG)
+            time.sleep(0.5)  # its turn has come: the next two wait behind it
+            queued = [post(max_tokens=4), post(max_tokens=4, stream=True)]
+            time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            for response in (future.result() for future in queued):
+                assert response.status_code == 503, response.text
+                assert response.json()["error"]["code"] == "server_shutting_down"
+            assert time.monotonic() - signalled < 1  # at once, not after the running one
+            cut = running.result()
+        assert cut.status_code == 503, cut.text
+        assert "finished" in cut.json()["error"]["message"]
+        status = server.wait(timeout=60)
+        log = server.stderr.read()
+        assert status in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+def test_serve_rejects_a_body_limit_below_one(checkpoint):
+    result = subprocess.run(
+        [sys.executable, str(PROGRAMS / "serve.py"), str(checkpoint), "--max-body-bytes", "0"],
+        capture_output=True, text=True, timeout=120, env=ENVIRONMENT)
+    assert result.returncode == 2
+    assert "--max-body-bytes must be at least 1, got 0" in result.stderr
+
