@@ -3,7 +3,7 @@
 The generator owns a single static KV cache, so generations cannot overlap: requests wait in
 arrival order on a one-thread executor (the thread also keeps CUDA-graph state, which is
 per-thread, in one place). Prompts are tokenized on a thread of their own, so a long prompt
-stalls neither the event loop nor the running generation. A request whose client goes away
+does not stall the event loop (other requests' answers, streamed tokens). A request whose client goes away
 leaves the queue, or stops at its next token; at shutdown, queued requests fail at once with
 `ServerShuttingDownError`. The HTTP layer only validates and formats.
 """

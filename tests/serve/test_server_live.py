@@ -169,8 +169,10 @@ def test_stopping_answers_queued_requests_503_and_lets_the_running_one_finish(lo
     engine = make_engine(loaded, GatedGenerator)
     with live_server(engine, graceful_seconds=30) as (server, url), \
             ThreadPoolExecutor(3) as pool:
-        post = lambda body: pool.submit(httpx.post, f"{url}/v1/completions",  # noqa: E731
-                                        json=body, timeout=60)
+
+        def post(body: dict):
+            return pool.submit(httpx.post, f"{url}/v1/completions", json=body, timeout=60)
+
         running = post(request())
         assert engine.generator.holding.wait(timeout=10)
         queued = [post(request()), post(request(stream=True))]
