@@ -12,7 +12,7 @@ from pathlib import Path
 
 _RENAME_EXCHANGE = 2  # linux/fs.h
 # Inside each staging folder, beside the new content: marks the folder as a save's staging
-# folder; a live save holds an flock on the staging folder, a killed one no longer does.
+# folder; a live save holds an flock on it, a killed one no longer does.
 STAGING_MARKER = ".curkernels-staging"
 NEW, OLD = "new", "old"
 STAGING_ATTEMPTS = 5
@@ -49,26 +49,32 @@ def staging_folders(target: Path) -> list[Path]:
     return sorted(Path(p) for suffix in (".tmp-*", ".old-*") for p in glob.glob(pattern + suffix))
 
 
-def _lock(folder: Path, wait: bool) -> int | None:
-    """A descriptor holding an exclusive flock on `folder`; None when it is gone or (without
-    `wait`) when a live process holds the lock."""
+def _lock_marker(folder: Path, create: bool) -> int | None:
+    """A descriptor holding an exclusive flock on the folder's marker file (opened for writing,
+    which NFS's flock emulation needs); None when the marker or the folder is missing, when
+    `create` finds one already there, or when a live process holds the lock."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
     try:
-        descriptor = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    except OSError:  # gone, or not a folder (a link to one included)
+        descriptor = os.open(folder / STAGING_MARKER, flags, 0o644)
+    except OSError:
         return None
     try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(descriptor)
         return None
-    return descriptor
+    try:  # another save's cleanup may have removed the folder before the lock was taken
+        if os.stat(folder / STAGING_MARKER).st_ino == os.fstat(descriptor).st_ino:
+            return descriptor
+    except FileNotFoundError:
+        pass
+    os.close(descriptor)
+    return None
 
 
-def _is_leftover(folder: Path, name: str, writes: Callable[[str], bool]) -> bool:
-    """Whether an unlocked staging folder is a save's: it holds the marker, or (an older
-    version's layout, with the files directly or under NAME/) only files `writes` names."""
-    if (folder / STAGING_MARKER).is_file():
-        return True
+def _holds_only_saved_files(folder: Path, name: str, writes: Callable[[str], bool]) -> bool:
+    """An older version's markerless staging folder: the files directly inside, or (for
+    `.NAME.old-*`) under NAME/, all of them files a save writes. True for an empty folder."""
     for root, _, files in os.walk(folder):
         for file in files:
             parts = (Path(root) / file).relative_to(folder).parts
@@ -88,45 +94,62 @@ def _remove_staging(folder: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-    (folder / STAGING_MARKER).unlink(missing_ok=True)
-    folder.rmdir()
+    (folder / STAGING_MARKER).unlink()
+    try:
+        folder.rmdir()
+    except FileNotFoundError:  # another cleanup took the empty folder meanwhile
+        pass
+
+
+def _remove_markerless(folder: Path, name: str, writes: Callable[[str], bool]) -> bool:
+    """Remove an empty folder (a save that had not yet written its marker, or had removed it),
+    or an older version's staging folder; whether it was removed."""
+    try:
+        folder.rmdir()
+        return True
+    except OSError:
+        pass
+    # A new save's marker appearing meanwhile is not a file a save writes: the folder stays.
+    if not _holds_only_saved_files(folder, name, writes):
+        return False
+    shutil.rmtree(folder)
+    return True
 
 
 def remove_leftover_staging(target: Path, writes: Callable[[str], bool]) -> list[Path]:
-    """Remove the staging folders that killed saves of `target` left; ones a live save holds
-    and ones holding anything a save does not write stay. Returns the removed folders."""
+    """Remove the staging folders that killed saves of `target` left: with an unlocked marker
+    (its save has ended), empty, or markerless holding only files `writes` names. A live
+    save's, and one holding anything else, stay. Returns the removed folders."""
     removed = []
     for folder in staging_folders(target):
-        descriptor = _lock(folder, wait=False)
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        if not (folder / STAGING_MARKER).exists():
+            if _remove_markerless(folder, target.name, writes):
+                removed.append(folder)
+            continue
+        descriptor = _lock_marker(folder, create=False)
         if descriptor is None:
             continue
         try:
-            if _is_leftover(folder, target.name, writes):
-                _remove_staging(folder)
-                removed.append(folder)
+            _remove_staging(folder)
         finally:
             os.close(descriptor)
+        removed.append(folder)
     return removed
 
 
 def _new_staging(target: Path) -> tuple[Path, int]:
-    """A fresh locked staging folder with its marker. Another save's cleanup may remove the
-    folder between its creation and the lock (it is empty then): make a new one."""
+    """A fresh staging folder holding its marker, locked. Another save's cleanup may remove the
+    folder before the marker is in or locked (it holds nothing yet): make a new one."""
     for _ in range(STAGING_ATTEMPTS):
         folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        descriptor = _lock(folder, wait=True)
-        if descriptor is None:
-            continue
-        try:
-            still_ours = os.stat(folder).st_ino == os.fstat(descriptor).st_ino
-        except FileNotFoundError:
-            still_ours = False
-        if still_ours:
-            (folder / STAGING_MARKER).write_text(
-                f"staging folder of a curkernels save of {target} (pid {os.getpid()}); removed "
-                f"by the next save once that process has ended\n")
+        descriptor = _lock_marker(folder, create=True)
+        if descriptor is not None:
+            os.write(descriptor, f"staging folder of a curkernels save of {target} (pid "
+                     f"{os.getpid()}); the next save removes it once that process has "
+                     f"ended\n".encode())
             return folder, descriptor
-        os.close(descriptor)
     raise RuntimeError(f"could not create a staging folder beside {target} in "
                        f"{STAGING_ATTEMPTS} attempts: each was removed before it could be locked")
 

@@ -13,6 +13,7 @@ from model_configs import tiny_model
 from transformers import LlamaForCausalLM
 
 import curkernels as ck
+from curkernels.checkpoint import atomic
 from curkernels.checkpoint.atomic import STAGING_MARKER, atomic_directory
 from curkernels.checkpoint.output_folder import foreign_entries
 
@@ -29,6 +30,11 @@ def compressed(seed: int = 0, keep: float = 0.5):
 def contents(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes()
             for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def contents_of_save(model, folder: Path) -> dict[str, bytes]:
+    ck.save_compressed(model, folder)
+    return contents(folder)
 
 
 def user_folder(folder: Path) -> Path:
@@ -60,7 +66,7 @@ def test_a_folder_that_is_not_a_checkpoint_is_refused_and_left_intact(tmp_path):
     ck.load_compressed(tmp_path / "empty")
 
 
-def test_replacing_a_checkpoint_needs_overwrite(tmp_path):
+def test_replacing_a_checkpoint_needs_overwrite(tmp_path, monkeypatch):
     out = tmp_path / "ckpt"
     ck.save_compressed(compressed(seed=0), out)
     before = contents(out)
@@ -73,6 +79,11 @@ def test_replacing_a_checkpoint_needs_overwrite(tmp_path):
     assert ck.load_compressed(out).model.layers[0].mlp.up_proj.rank == \
         compressed(seed=1, keep=0.25).model.layers[0].mlp.up_proj.rank
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    monkeypatch.setattr(atomic, "_exchange", lambda a, b: False)  # no renameat2: move aside
+    model = compressed(seed=2)
+    ck.save_compressed(model, out, overwrite=True)
+    assert contents(out) == contents_of_save(model, tmp_path / "reference")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "reference"]
 
 
 def test_a_checkpoint_holding_a_users_files_is_not_replaced_even_with_overwrite(tmp_path):
