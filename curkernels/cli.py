@@ -75,10 +75,13 @@ def compress(
                                      "selection=qdeim, max_rank=256, alpha=0.5 (repeatable)"),
     device: str = typer.Option("cpu", help="device to compress on"),
     dtype: str = typer.Option(None, help="dtype to load the model in (default: as saved)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT when it holds a "
+                                   "curkernels checkpoint (any other non-empty OUT is refused)"),
 ):
     """Compress a transformers model and save it as a curkernels checkpoint."""
     from . import compress as run_compress
     from . import save_compressed
+    from .checkpoint.output_folder import check_output_folder
     from .compress import METHODS
     from .compress.calibration_sources import calibration_texts
     from .models import load_dense_model
@@ -106,6 +109,7 @@ def compress(
                 options[key] = value
         return options
 
+    check_output_folder(out, overwrite=overwrite, source=model)  # before the long compression
     loaded, tokenizer = load_dense_model(model, device=device, dtype=_dtype(dtype))
     needs_calibration = METHODS.get(method, (None, False))[1]
     picks_layers = layers is not None and "," not in layers
@@ -119,7 +123,7 @@ def compress(
                           rank_multiple=rank_multiple, seq_len=seq_len, batch_size=batch_size,
                           **parse_options(option or []))
     console.print(str(report), highlight=False)
-    save_compressed(loaded, out, tokenizer=tokenizer)
+    save_compressed(loaded, out, tokenizer=tokenizer, overwrite=overwrite)
     console.print(f"saved to {out}")
 
 

@@ -91,7 +91,7 @@ def main() -> None:
     report = ck.compress(compressed, method=method, keep=args.keep, calib=calib,
                          tokenizer=tokenizer, **options)
     folder = args.out / f"all-MiniLM-L6-v2-{method}-keep{args.keep:g}"
-    ck.save_compressed(compressed, folder, tokenizer=tokenizer)
+    ck.save_compressed(compressed, folder, tokenizer=tokenizer, overwrite=True)  # its own output
     reloaded = AutoModel.from_pretrained(folder).eval()
 
     cosine = torch.nn.functional.cosine_similarity(encode(dense, tokenizer, texts),

@@ -7,6 +7,7 @@ from torch import nn
 
 from .atomic import atomic_directory
 from .module_specs import compression_config
+from .output_folder import check_output_folder, is_saved_file
 from .transformers_integration import CurkernelsConfig
 
 REPORT_FILE = "compression_report.json"
@@ -14,20 +15,27 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None, *,
-                    max_shard_size: str | int = "5GB") -> None:
+                    overwrite: bool = False, max_shard_size: str | int = "5GB") -> None:
     """Write config.json (with `compression_config` and a `quantization_config` that routes
     `from_pretrained` to curkernels), safetensors weights, the compression report and, when
     given, the tokenizer — atomically: a crash leaves the old folder or the new one.
+
+    `out_dir` may be new, an empty folder, or (with `overwrite=True`) a curkernels checkpoint
+    holding only files a save writes; a symlink is followed to its target. Any other folder,
+    and the folder the model was loaded from (or one inside it), is refused before anything
+    is written (`check_output_folder`).
     """
     config = getattr(model, "config", None)
     if not hasattr(model, "save_pretrained") or config is None:
         raise TypeError(f"model must be a transformers PreTrainedModel, got "
                         f"{type(model).__name__}")
+    target = check_output_folder(out_dir, overwrite=overwrite,
+                                 source=getattr(config, "_name_or_path", None) or None)
     previous = getattr(config, "compression_config", None) or {}
     block = {**previous, **compression_config(model, previous.get("method"))}
     config.compression_config = block
     config.quantization_config = CurkernelsConfig()
-    with atomic_directory(out_dir) as staging:
+    with atomic_directory(target, writes=is_saved_file) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)

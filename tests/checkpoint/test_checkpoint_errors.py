@@ -97,7 +97,7 @@ def test_failed_save_leaves_the_old_folder_and_no_debris(saved, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(type(model), "save_pretrained", crash)
     with pytest.raises(OSError, match="disk full"):
-        ck.save_compressed(model, saved)
+        ck.save_compressed(model, saved, overwrite=True)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before
     assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
 
@@ -105,7 +105,7 @@ def test_failed_save_leaves_the_old_folder_and_no_debris(saved, monkeypatch):
 def test_save_over_an_existing_folder_replaces_it(saved):
     model = tiny_model("llama", seed=4)
     ck.compress(model, method="svd", keep=0.25)
-    ck.save_compressed(model, saved)
+    ck.save_compressed(model, saved, overwrite=True)
     reloaded = ck.load_compressed(saved)
     assert reloaded.model.layers[0].self_attn.q_proj.rank == \
         model.model.layers[0].self_attn.q_proj.rank
