@@ -163,9 +163,11 @@ def check_option_names(cls: type[MethodConfig], names: Iterable[str]) -> None:
     TypeError for a dataclass names only the bad keyword)."""
     unknown = sorted(set(names) - {f.name for f in fields(cls)})
     if unknown:
+        own = cls.option_names()
         raise ValueError(f"unknown option{'s' * (len(unknown) > 1)} {unknown} for method "
-                         f"{cls.method!r}: its options are {list(cls.option_names()) or 'none'}"
-                         f", besides the common {list(cls.common_names())}")
+                         f"{cls.method!r}: " + (f"its options are {list(own)}" if own else
+                                                "it has no options of its own")
+                         + f" (besides the common fields {list(cls.common_names())})")
 
 
 def method_config(cls: type) -> type[MethodConfig]:
