@@ -25,6 +25,31 @@ def _dtype(name: str | None):
     return getattr(torch, DTYPES[name])
 
 
+def _device(name: str) -> str:
+    """`name` if this machine can place tensors there, else a clear error (torch's own is
+    about drivers or build flags)."""
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise typer.BadParameter(f"--device must be a torch device such as 'cpu', 'cuda' or "
+                                 f"'cuda:1', got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise typer.BadParameter(f"--device {name}: no CUDA GPU is usable here; use "
+                                     f"--device cpu")
+        if device.index is not None and device.index >= count:
+            raise typer.BadParameter(f"--device {name}: this machine has {count} CUDA "
+                                     f"GPU{'s' * (count > 1)} (cuda:0..cuda:{count - 1})")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except (RuntimeError, AssertionError) as error:
+            raise typer.BadParameter(f"--device {name} is not usable here: {error}") from None
+    return name
+
+
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="machine-readable output")):
     """Versions, whether curkernels._C was built and imports, GPUs, and live backends."""
@@ -64,15 +89,16 @@ def compress(
     calib: str = typer.Option(None, help="calibration text file or datasets name "
                               "('name' or 'name:config'); offline default text when omitted"),
     calib_split: str = typer.Option("train", help="split of a datasets calibration source"),
-    num_samples: int = typer.Option(128, help="calibration texts (or sentences)"),
+    num_samples: int = typer.Option(128, min=1, help="calibration texts (or sentences)"),
     calib_unit: str = typer.Option("text", help="'text': each line / row is one sample; "
                                    "'sentence': each of their sentences is (suits sentence "
                                    "encoders)"),
-    seq_len: int = typer.Option(256, help="calibration tokens per text (truncated)"),
-    batch_size: int = typer.Option(8, help="calibration batch size"),
-    rank_multiple: int = typer.Option(1, help="round ranks down to a multiple"),
+    seq_len: int = typer.Option(256, min=1, help="calibration tokens per text (truncated)"),
+    batch_size: int = typer.Option(8, min=1, help="calibration batch size"),
+    rank_multiple: int = typer.Option(1, min=1, help="round ranks down to a multiple"),
     option: list[str] = typer.Option(None, "--option", help="method option KEY=VALUE, e.g. "
-                                     "selection=qdeim, max_rank=256, alpha=0.5 (repeatable)"),
+                                     "selection=qdeim, max_rank=256, alpha=0.5 (repeatable); "
+                                     "the fields of the method's config class, type-checked"),
     device: str = typer.Option("cpu", help="device to compress on"),
     dtype: str = typer.Option(None, help="dtype to load the model in (default: as saved)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT when it holds a "
@@ -84,6 +110,7 @@ def compress(
     from .checkpoint.output_folder import check_output_folder
     from .compress import METHODS
     from .compress.calibration_sources import calibration_texts
+    from .compress.configs import config_class, option_from_text
     from .models import load_dense_model
 
     def parse_layers(text: str | None):
@@ -97,31 +124,33 @@ def compress(
         return values if "," in text else values[0]
 
     def parse_options(pairs: list[str]) -> dict:
-        """KEY=VALUE strings; values parsed as JSON where they are (numbers, null), else text."""
+        """KEY=VALUE strings, each value parsed by the type of the method's config field."""
         options = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
-            if not sep or not key:
+            if not sep or not key.strip():
                 raise typer.BadParameter(f"--option must be KEY=VALUE, got {pair!r}")
             try:
-                options[key] = json.loads(value)
-            except json.JSONDecodeError:
-                options[key] = value
+                options[key.strip()] = option_from_text(method, key.strip(), value)
+            except ValueError as error:
+                raise typer.BadParameter(f"--option {pair!r}: {error}") from None
         return options
 
-    check_output_folder(out, overwrite=overwrite, source=model)  # before the long compression
-    loaded, tokenizer = load_dense_model(model, device=device, dtype=_dtype(dtype))
-    needs_calibration = METHODS.get(method, (None, False))[1]
+    # every argument (the config, OUT) is checked before the model is read
+    config = config_class(method)(keep=keep, targets=targets or None, layers=parse_layers(layers),
+                                  preset=preset, rank_multiple=rank_multiple,
+                                  **parse_options(option or []))
+    check_output_folder(out, overwrite=overwrite, source=model)
+    loaded, tokenizer = load_dense_model(model, device=_device(device), dtype=_dtype(dtype))
+    needs_calibration = METHODS[method][1]
     picks_layers = layers is not None and "," not in layers
     texts = None
     if needs_calibration or calib is not None or picks_layers:
         if tokenizer is None:
             raise ValueError(f"{model} ships no tokenizer: calibration needs one")
         texts = calibration_texts(calib, num_samples, split=calib_split, unit=calib_unit)
-    report = run_compress(loaded, method=method, keep=keep, calib=texts, tokenizer=tokenizer,
-                          targets=targets or None, layers=parse_layers(layers), preset=preset,
-                          rank_multiple=rank_multiple, seq_len=seq_len, batch_size=batch_size,
-                          **parse_options(option or []))
+    report = run_compress(loaded, config, calib=texts, tokenizer=tokenizer, seq_len=seq_len,
+                          batch_size=batch_size)
     console.print(str(report), highlight=False)
     save_compressed(loaded, out, tokenizer=tokenizer, overwrite=overwrite)
     console.print(f"saved to {out}")
@@ -146,11 +175,15 @@ def evaluate(
     import transformers
 
     from .checkpoint import load_compressed
+    from .compress.calibration import is_causal_lm
     from .eval import embedding_cosine, encode, pair_spearman, perplexity, read_sts_pairs
-    from .models import load_dense_model
+    from .models import load_dense_model, read_model_config
     if (text is None) == (sts is None):
         raise typer.BadParameter("give exactly one of --text (perplexity) or --sts")
-    config = transformers.AutoConfig.from_pretrained(model)
+    if reference is not None and sts is None:
+        raise typer.BadParameter("--reference compares embeddings: it goes with --sts")
+    device = _device(device)
+    config = read_model_config(model)
     if getattr(config, "compression_config", None):
         loaded = load_compressed(model, device=device, dtype=_dtype(dtype))
         tokenizer = transformers.AutoTokenizer.from_pretrained(model)
@@ -158,6 +191,13 @@ def evaluate(
         loaded, tokenizer = load_dense_model(model, device=device, dtype=_dtype(dtype))
     if tokenizer is None:
         raise ValueError(f"{model} ships no tokenizer: evaluation needs one")
+    kind = type(loaded).__name__
+    if text is not None and not is_causal_lm(loaded):
+        raise typer.BadParameter(f"--text scores perplexity, which needs a causal LM; {model} "
+                                 f"is a {kind}: use --sts for a sentence encoder")
+    if sts is not None and is_causal_lm(loaded):
+        raise typer.BadParameter(f"--sts scores mean-pooled sentence embeddings of an encoder; "
+                                 f"{model} is a causal LM ({kind}): use --text")
     results = {"model": model}
     if text is not None:
         results["perplexity"] = perplexity(loaded, tokenizer, text, window=window,

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
 
 
@@ -19,13 +20,30 @@ def model_class_for(config) -> type:
 def load_dense_model(name_or_path: str, device: str | torch.device = "cpu",
                      dtype: torch.dtype | None = None):
     """(model in eval mode, tokenizer or None when the folder ships none)."""
-    config = transformers.AutoConfig.from_pretrained(name_or_path)
+    config = read_model_config(name_or_path)
     if getattr(config, "compression_config", None):
         raise ValueError(f"{name_or_path} is already a curkernels checkpoint: load it with "
                          f"curkernels.load_compressed")
     model = model_class_for(config).from_pretrained(
         name_or_path, dtype=dtype if dtype is not None else "auto").to(device).eval()
     return model, _tokenizer_if_shipped(name_or_path)
+
+
+def read_model_config(name_or_path: str):
+    """The config of a local folder or, when no such folder exists, of a hub name; a missing
+    folder is reported as that, not as a failed download from huggingface.co."""
+    if Path(name_or_path).expanduser().exists():
+        return transformers.AutoConfig.from_pretrained(name_or_path)
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:  # e.g. an absolute or nested path: no hub name
+        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist") from None
+    try:
+        return transformers.AutoConfig.from_pretrained(name_or_path)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0]
+        raise FileNotFoundError(f"model folder {name_or_path!r} does not exist, and as a hub "
+                                f"name it could not be loaded either ({reason})") from None
 
 
 def _tokenizer_if_shipped(name_or_path: str):

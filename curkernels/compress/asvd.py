@@ -10,9 +10,8 @@ from .report import ModuleReport
 
 
 def compress_asvd(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
-                  rank_multiple: int = 1, alpha: float = 0.5, **_) -> list[ModuleReport]:
-    if alpha < 0:
-        raise ValueError(f"alpha must be ≥ 0, got {alpha}")
+                  rank_multiple: int, alpha: float) -> list[ModuleReport]:
+    """`alpha` ≥ 0 as `ASVDConfig` checks it."""
     stats = collect_linear_stats(model, targets, calib, desc="asvd calibration")
 
     def factorize(name, linear, rank):

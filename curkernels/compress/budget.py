@@ -16,9 +16,10 @@ def factor_parameters(m: int, n: int, rank: int, u_kind: str) -> int:
     return rank * (m + n) + link
 
 
-def rank_for_keep(m: int, n: int, keep: float, u_kind: str = "none", multiple: int = 1) -> int:
-    """The largest rank whose factors fit in keep·m·n entries, rounded down to `multiple`
-    (never below 1 and never above min(m, n))."""
+def rank_for_keep(m: int, n: int, keep: float, u_kind: str = "none", multiple: int = 1, *,
+                  module: str | None = None) -> int:
+    """The largest rank whose factors fit in keep·m·n entries (and at most min(m, n)), rounded
+    down to `multiple`; raises when that leaves rank 0, naming `module` when given."""
     check_keep(keep)
     if multiple < 1:
         raise ValueError(f"multiple must be a positive integer, got {multiple}")
@@ -31,9 +32,15 @@ def rank_for_keep(m: int, n: int, keep: float, u_kind: str = "none", multiple: i
         raise ValueError(f"u_kind must be 'full', 'diag' or 'none', got {u_kind!r}")
     while factor_parameters(m, n, rank + 1, u_kind) <= budget:
         rank += 1
-    while rank > 1 and factor_parameters(m, n, rank, u_kind) > budget:
+    while rank > 0 and factor_parameters(m, n, rank, u_kind) > budget:
         rank -= 1
-    rank = min(rank, m, n)
-    if multiple > 1:
-        rank = rank // multiple * multiple
-    return max(rank, 1 if multiple == 1 else min(multiple, m, n))
+    fitting = min(rank, m, n)
+    rank = fitting // multiple * multiple
+    if rank == 0:
+        what = f"{module!r} ({m}×{n})" if module is not None else f"a {m}×{n} weight"
+        raise ValueError(
+            f"{what} has no rank left at keep={keep:g}: " + (
+                f"its largest fitting rank {fitting} rounds down to 0 at rank_multiple="
+                f"{multiple}; lower rank_multiple or raise keep" if fitting else
+                f"even rank 1 needs more than keep·m·n = {budget:.0f} entries; raise keep"))
+    return rank

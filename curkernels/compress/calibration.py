@@ -75,6 +75,15 @@ def check_finite_stats(name: str, stats: LinearStats) -> None:
         raise ValueError(f"calibration never reached {name!r}: no tokens were recorded")
 
 
+def check_finite_parameters(model: nn.Module) -> None:
+    """A NaN/Inf weight, found before any forward pass: calibration would otherwise blame the
+    statistics of whichever later target its output reaches first."""
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and not torch.isfinite(parameter).all():
+            raise ValueError(f"the model's parameter {name!r} holds NaN or Inf: cannot "
+                             f"compress a model with non-finite weights")
+
+
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

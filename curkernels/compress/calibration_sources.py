@@ -157,6 +157,10 @@ def as_batches(calib, tokenizer=None, *, seq_len: int = 256, batch_size: int = 1
     """What `compress(calib=...)` accepts, as a list of input dicts (methods make several
     passes). Strings (or a source `calibration_texts` reads, cut to `num_samples` texts) need
     `tokenizer`; dicts must hold `input_ids`."""
+    for name, value in (("seq_len", seq_len), ("batch_size", batch_size),
+                        ("num_samples", 1 if num_samples is None else num_samples)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if isinstance(calib, (str, Path)):
         calib = calibration_texts(calib, num_samples or 256)
     if isinstance(calib, (list, tuple)) and calib and all(isinstance(t, str) for t in calib):
@@ -173,3 +177,19 @@ def as_batches(calib, tokenizer=None, *, seq_len: int = 256, batch_size: int = 1
             raise TypeError(f"calib[{i}] must be a dict with 'input_ids' (and "
                             f"'attention_mask'), got {type(batch).__name__}")
     return batches
+
+
+def check_token_ids(batches: list[dict], model) -> None:
+    """Every calibration token id indexes the model's input embedding: ids from another
+    model's tokenizer would otherwise fail deep in the embedding lookup."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(embedding, torch.nn.Embedding):
+        return
+    vocab = embedding.num_embeddings
+    for i, batch in enumerate(batches):
+        ids = batch["input_ids"]
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            bad = int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())
+            raise ValueError(f"calib[{i}] holds token id {bad}, outside the model's vocabulary "
+                             f"of {vocab} ids (0..{vocab - 1}): was calib tokenized for "
+                             f"another model?")

@@ -23,6 +23,7 @@ from .errors import activation_error, relative_error
 from .report import ModuleReport
 
 PAPER_MAX_RANK = 256
+SVD_ALGORITHMS = ("randomized", "exact")
 
 
 @dataclass
@@ -38,8 +39,8 @@ def leading_singular_vectors(matrix: torch.Tensor, rank: int, svd: str = "random
                              oversample: int = 16, iterations: int = 2):
     """Left (m×r) and right (n×r) leading singular vectors; randomized (Halko et al.) unless
     `svd="exact"` or the sketch would not be smaller than the matrix."""
-    if svd not in ("randomized", "exact"):
-        raise ValueError(f"svd must be 'randomized' or 'exact', got {svd!r}")
+    if svd not in SVD_ALGORITHMS:
+        raise ValueError(f"svd must be one of {SVD_ALGORITHMS}, got {svd!r}")
     sketch = rank + oversample
     if svd == "exact" or sketch >= min(matrix.shape):
         left, _, right_t = torch.linalg.svd(matrix, full_matrices=False)
@@ -84,22 +85,28 @@ def cur_decompose(weight: torch.Tensor, mean_sq: torch.Tensor | None, rank: int,
     return CURFactors(C, U, R, rows, cols)
 
 
-def curing_rank(m: int, n: int, keep: float, max_rank: int | None, multiple: int) -> int:
-    rank = rank_for_keep(m, n, keep, "full", multiple)
-    return rank if max_rank is None else min(rank, max_rank)
+def curing_rank(m: int, n: int, keep: float, max_rank: int | None, multiple: int,
+                module: str | None = None) -> int:
+    """The budget rank, capped at `max_rank` and still a multiple of `multiple`."""
+    rank = rank_for_keep(m, n, keep, "full", multiple, module=module)
+    if max_rank is None or max_rank >= rank:
+        return rank
+    if max_rank < multiple:
+        raise ValueError(f"max_rank={max_rank} is below rank_multiple={multiple}")
+    return max_rank // multiple * multiple
 
 
 def compress_curing(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
-                    rank_multiple: int = 1, selection: str = "deim",
-                    max_rank: int | None = PAPER_MAX_RANK, energy: float | None = None,
-                    svd: str = "randomized", **_) -> list[ModuleReport]:
+                    rank_multiple: int, selection: str, max_rank: int | None,
+                    energy: float | None, svd: str) -> list[ModuleReport]:
+    """Options as `CURingConfig` documents and checks them."""
     stats = collect_linear_stats(model, targets, calib, desc="curing calibration")
     reports = []
 
     def factor(name: str, linear: nn.Linear) -> CURLinear:
         start = time.perf_counter()
         m, n = linear.weight.shape
-        rank = curing_rank(m, n, keep, max_rank, rank_multiple)
+        rank = curing_rank(m, n, keep, max_rank, rank_multiple, name)
         mean_sq = stats[name].mean_sq
         if energy is not None:
             score = linear.weight.detach().abs().double() * mean_sq.sqrt()

@@ -30,8 +30,8 @@ def replace_with_low_rank(model: nn.Module, targets: dict[str, nn.Linear], keep:
         m, n = linear.weight.shape
         if not torch.isfinite(linear.weight).all():
             raise ValueError(f"the weight of {name!r} holds NaN or Inf: cannot factor it")
-        rank = ranks[name] if ranks is not None else rank_for_keep(m, n, keep, "none",
-                                                                   rank_multiple)
+        rank = ranks[name] if ranks is not None else rank_for_keep(
+            m, n, keep, "none", rank_multiple, module=name)
         A, B, bias = factorize(name, linear, rank)
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"factoring {name!r} produced NaN/Inf factors")
@@ -70,12 +70,20 @@ def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], keep: floa
     are compared as they are (when every module's spectrum is in the same units, e.g. of the
     loss). Every module keeps at least `multiple` components; ranks are rounded down to
     `multiple`. No module gets more components than fit in its own m·n entries (the
-    breakeven rank): past it the factors would be larger, and slower, than the dense weight."""
+    breakeven rank): past it the factors would be larger, and slower, than the dense weight.
+    Raises when `multiple` components alone pass a module's breakeven rank or the budget."""
     budget = keep * sum(m * n for _, m, n in spectra.values())
-    ranks = {name: min(multiple, m, n) for name, (_, m, n) in spectra.items()}
-    breakeven = {name: rank_for_keep(m, n, 1.0) for name, (_, m, n) in spectra.items()}
-    spent = sum(r * (m + n) for r, (_, m, n) in zip(ranks.values(), spectra.values(),
-                                                     strict=True))
+    breakeven = {name: rank_for_keep(m, n, 1.0, module=name)
+                 for name, (_, m, n) in spectra.items()}
+    too_small = [name for name, rank in breakeven.items() if rank < multiple]
+    if too_small:
+        raise ValueError(f"rank_multiple={multiple} components would make {too_small} larger "
+                         f"than dense (break-even ranks {[breakeven[n] for n in too_small]})")
+    ranks = dict.fromkeys(spectra, multiple)
+    spent = sum(multiple * (m + n) for _, m, n in spectra.values())
+    if spent > budget:
+        raise ValueError(f"keep={keep:g} cannot give each module rank_multiple={multiple} "
+                         f"components ({spent} entries, the budget is {budget:.0f})")
     candidates = []
     for name, (sigma_sq, m, n) in spectra.items():
         share = sigma_sq.double()
@@ -89,5 +97,4 @@ def allocate_ranks(spectra: dict[str, tuple[torch.Tensor, int, int]], keep: floa
             continue  # a cheaper module's component may still fit
         ranks[name] += 1
         spent += m + n
-    return {name: max(min(multiple, rank), rank // multiple * multiple)
-            for name, rank in ranks.items()}
+    return {name: rank // multiple * multiple for name, rank in ranks.items()}

@@ -133,16 +133,14 @@ def mixed_rank_finetune(model: nn.Module, teacher: nn.Module, modules: list[LowR
 
 
 def compress_lpaf(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
-                  rank_multiple: int = 1, sparsity: float = 0.3, weight_floor: float = 0.1,
-                  sweeps: int = 4, mixed_rank_steps: int = 0, lr: float = 1e-4,
-                  min_rank_fraction: float = 0.5, full_rank_steps: int | None = None,
-                  teacher: nn.Module | None = None, train_data=None, seed: int = 0,
-                  **_) -> list[ModuleReport]:
+                  rank_multiple: int, sparsity: float, weight_floor: float, sweeps: int,
+                  mixed_rank_steps: int, lr: float, min_rank_fraction: float,
+                  full_rank_steps: int | None, teacher: nn.Module | None, train_data,
+                  seed: int) -> list[ModuleReport]:
     """Prune by first-order importance, factor by importance-weighted ALS, then (if
     `mixed_rank_steps` > 0) mixed-rank fine-tuning on `train_data` (input dicts; `calib`
-    when None) towards `teacher` (a frozen deep copy of the dense model when None)."""
-    if weight_floor < 0:
-        raise ValueError(f"weight_floor must be ≥ 0, got {weight_floor}")
+    when None) towards `teacher` (a frozen deep copy of the dense model when None). Options
+    as `LPAFConfig` checks them."""
     if mixed_rank_steps > 0 and teacher is None:
         teacher = copy.deepcopy(model).eval()
     importance = first_order_importance(model, targets, calib, seed=seed)

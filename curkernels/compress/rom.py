@@ -74,7 +74,7 @@ def rom_factors(weight: torch.Tensor, bias: torch.Tensor | None, output_mean: to
 
 
 def compress_rom(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
-                 rank_multiple: int = 1, **_) -> list[ModuleReport]:
+                 rank_multiple: int) -> list[ModuleReport]:
     """Block by block: the inputs of block 0 are captured once, then each block is replayed
     on its cached inputs — once per target (cut short after it) and once more, fully
     compressed, to produce the next block's inputs. Targets outside the blocks are done last

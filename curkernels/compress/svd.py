@@ -7,7 +7,7 @@ from .report import ModuleReport
 
 
 def compress_svd(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *,
-                 rank_multiple: int = 1, **_) -> list[ModuleReport]:
+                 rank_multiple: int) -> list[ModuleReport]:
     def factorize(name, linear, rank):
         return (*split_svd(linear.weight.detach(), rank), bias_of(linear))
 

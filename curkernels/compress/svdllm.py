@@ -39,6 +39,9 @@ from .replay import (
 )
 from .report import ModuleReport
 
+ALLOCATIONS = ("uniform", "global")
+WEIGHTINGS = ("inputs", "fisher")
+
 
 def whitening_factor(second_moment: torch.Tensor, damping: float) -> torch.Tensor:
     """Lower Cholesky factor of E[xxᵀ] + damping·mean(diag)·I (fp64). The damping keeps
@@ -109,10 +112,9 @@ def fitted_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: Paire
 
 
 def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
-                    rank_multiple: int = 1, damping: float = 1e-4, allocation: str = "uniform",
-                    sequential: bool = False, weighting: str = "inputs",
-                    fisher_damping: float = 1e-2, encoder_target: str = "tokens",
-                    centered: bool = False, **_) -> list[ModuleReport]:
+                    rank_multiple: int, damping: float, allocation: str, sequential: bool,
+                    weighting: str, fisher_damping: float, encoder_target: str,
+                    centered: bool) -> list[ModuleReport]:
     """`allocation="uniform"`: every module keeps `keep` of its entries. `"global"`: ranks share
     the whole budget (`allocate_ranks` on the whitened spectra, which measure each module's
     output error; the SVDs are kept in memory until all modules are factored). With
@@ -132,21 +134,7 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
     E[xxᵀ] − μμᵀ instead of the second moment, and the bias absorbs the mean error,
     b̂ = b + (W − AB)·μ — the rank is then not spent on the mean input μ, and the
     calibration output error E‖(W − AB)(x − μ)‖² is the minimum over rank-r AB and b̂
-    (the sequential fit always centres this way)."""
-    if damping < 0 or fisher_damping < 0:
-        raise ValueError(f"damping and fisher_damping must be ≥ 0, got {damping} and "
-                         f"{fisher_damping}")
-    if allocation not in ("uniform", "global"):
-        raise ValueError(f"allocation must be 'uniform' or 'global', got {allocation!r}")
-    if not isinstance(sequential, bool):
-        raise ValueError(f"sequential must be True or False, got {sequential!r}")
-    if weighting not in ("inputs", "fisher"):
-        raise ValueError(f"weighting must be 'inputs' or 'fisher', got {weighting!r}")
-    if not isinstance(centered, bool):
-        raise ValueError(f"centered must be True or False, got {centered!r}")
-    if encoder_target != "tokens" and weighting != "fisher":
-        raise ValueError(f"encoder_target={encoder_target!r} sets the Fisher's loss: it needs "
-                         f"weighting='fisher'")
+    (the sequential fit always centres this way). Options as `SVDLLMConfig` checks them."""
     stats = None
     if allocation == "global" or not sequential:
         stats = collect_linear_stats(model, targets, calib, gram=True,

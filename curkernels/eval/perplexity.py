@@ -16,9 +16,13 @@ def perplexity(model: nn.Module, tokenizer, text: str | Path, *, window: int = 1
     by the previous window) are scored, each with up to window − 1 tokens of context."""
     if not 0 < stride <= window:
         raise ValueError(f"need 0 < stride ≤ window, got stride={stride}, window={window}")
+    what = "text"
     if isinstance(text, Path) or (isinstance(text, str) and "\n" not in text
                                   and Path(text).is_file()):
+        what = f"text file {str(text)!r}"
         text = Path(text).read_text(encoding="utf-8")
+    if not text.strip():  # a tokenizer's special tokens alone would still be "scored"
+        raise ValueError(f"{what} is empty: perplexity needs text to score")
     ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     if max_tokens is not None:
         ids = ids[:max_tokens]

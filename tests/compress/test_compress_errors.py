@@ -62,3 +62,37 @@ def test_nan_weight(tiny_bert):
 def test_curing_bad_selection(tiny_bert, batches):
     with pytest.raises(ValueError, match="selection"):
         ck.compress(tiny_bert, "curing", 0.5, batches, selection="random")
+
+
+def test_calibration_ids_outside_the_vocabulary(tiny_llama, batches):
+    """Named with the vocabulary size, not an IndexError from the embedding lookup."""
+    batches[1]["input_ids"][2, 3] = 96
+    with pytest.raises(ValueError, match=r"calib\[1\] holds token id 96.*vocabulary of 96"):
+        ck.compress(tiny_llama, "asvd", 0.5, batches)
+
+
+def test_nan_weight_blamed_on_its_own_module(tiny_llama, batches):
+    """Layer 1's gate_proj is not a target here; its NaN used to surface as layer 2's
+    q_proj calibration statistics."""
+    with torch.no_grad():
+        tiny_llama.model.layers[1].mlp.gate_proj.weight[3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.gate_proj\.weight"):
+        ck.compress(tiny_llama, "curing", 0.5, batches, targets=["q_proj"], layers=[2, 3])
+
+
+@pytest.mark.parametrize("method", ["svd", "curing"])
+def test_rank_multiple_rounds_down_or_refuses(method, tiny_llama, batches):
+    """rank_multiple=128 on 32-wide weights used to round a rank up to the full width: a
+    module larger than dense. Rounding down leaves 0 here, so it is an error naming it."""
+    with pytest.raises(ValueError, match="rank_multiple=128"):
+        ck.compress(tiny_llama, method, 0.5, batches, rank_multiple=128)
+    report = ck.compress(tiny_llama, method, 0.5, batches, rank_multiple=4)
+    assert all(m.rank % 4 == 0 and m.params_after <= 0.5 * m.params_before
+               for m in report.modules)
+
+
+@pytest.mark.parametrize("argument", ["seq_len", "batch_size", "num_samples"])
+def test_calibration_sizes_must_be_positive(argument, tiny_llama):
+    with pytest.raises(ValueError, match=argument):
+        ck.compress(tiny_llama, "asvd", 0.5, ["some text"] * 4, tokenizer=object(),
+                    **{argument: 0})

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import curkernels as ck
+from curkernels.compress.budget import factor_parameters, rank_for_keep
 from curkernels.compress.lowrank import allocate_ranks
 
 
@@ -28,7 +29,8 @@ def test_svdllm_global_allocation_keeps_the_budget(tiny_bert, batches):
     b = ck.compress(tiny_bert, "svdllm", 0.4, batches, allocation="global")
     assert b.params_after <= 0.4 * b.params_before
     assert len({m.rank for m in b.modules}) > 1
-    assert tiny_bert.config.compression_config["options"] == {"allocation": "global"}
+    assert tiny_bert.config.compression_config["options"] == ck.SVDLLMConfig(
+        allocation="global").options()
     assert a.params_before == b.params_before
 
 
@@ -59,3 +61,25 @@ def test_global_allocation_stops_at_the_breakeven_rank():
                            relative=False)
     assert ranks["flat"] == 16
     assert ranks["steep"] == int((0.9 * (32 * 32 + 64 * 64) - 16 * 64) // 128)
+
+
+@pytest.mark.parametrize("u_kind", ["none", "diag", "full"])
+def test_rank_for_keep_rounds_down_within_the_budget(u_kind):
+    for m, n, keep, multiple in ((100, 300, 0.5, 32), (4096, 11008, 0.3, 128), (64, 96, 0.9, 8)):
+        rank = rank_for_keep(m, n, keep, u_kind, multiple)
+        assert rank % multiple == 0 and factor_parameters(m, n, rank, u_kind) <= keep * m * n
+    # rounding down leaves nothing: an error, not a rank above the budget (this was 64: 2×
+    # the dense weight's entries)
+    with pytest.raises(ValueError, match="'layer' .*rank_multiple=128"):
+        rank_for_keep(64, 64, 0.5, u_kind, 128, module="layer")
+    with pytest.raises(ValueError, match="raise keep"):
+        rank_for_keep(64, 64, 0.001, u_kind)
+
+
+def test_allocation_refuses_a_multiple_past_the_breakeven_rank():
+    spectra = {"small": (torch.rand(16).sort(descending=True).values, 16, 16),
+               "big": (torch.rand(256).sort(descending=True).values, 256, 256)}
+    with pytest.raises(ValueError, match=r"rank_multiple=16 .*\['small'\]"):
+        allocate_ranks(spectra, keep=0.9, multiple=16)
+    with pytest.raises(ValueError, match="keep=0.01 cannot give each module"):
+        allocate_ranks({"big": spectra["big"]}, keep=0.01, multiple=16)

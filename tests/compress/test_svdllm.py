@@ -137,8 +137,9 @@ def test_sequential_with_global_ranks(tiny_bert, batches):
                          allocation="global")
     assert report.params_after <= 0.4 * report.params_before
     assert len({m.rank for m in report.modules}) > 1
-    assert tiny_bert.config.compression_config["options"] == {"sequential": True,
-                                                              "allocation": "global"}
+    # every option is recorded, the defaults too, as the config held them
+    assert tiny_bert.config.compression_config["options"] == ck.SVDLLMConfig(
+        sequential=True, allocation="global").options()
 
 
 def test_sequential_outside_the_blocks_is_one_shot_svdllm(tiny_llama, batches):
