@@ -13,6 +13,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import CheckpointError
 from .module_specs import FORMAT_NAME, FORMAT_VERSION, check_compression_config
+from .plain_guard import drop_guard
 from .surgery import apply_compression_config, restore_indices
 from .tensor_checks import check_checkpoint_tensors, check_files_inside, weight_files
 
@@ -64,6 +65,12 @@ class CurkernelsHfQuantizer(HfQuantizer):
             raise CheckpointError(f"unknown curkernels format_version "
                                   f"{self.quantization_config.format_version!r}; this version "
                                   f"reads {FORMAT_VERSION}")
+
+    def update_attn_implementation(self, config):
+        # transformers 5 calls this hook, the only one that sees the config, before it looks for
+        # the weight files: the place to drop the entry that stops plain transformers.
+        drop_guard(config)
+        return super().update_attn_implementation(config)
 
     def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
         return False
