@@ -8,10 +8,10 @@ import torch
 import transformers
 
 from ..models import model_class_for
+from .checkpoint_files import check_files_inside, check_inside
 from .errors import CheckpointError
 from .module_specs import check_compression_config
 from .plain_guard import GUARD_FIELD
-from .tensor_checks import check_files_inside, check_inside
 
 
 def _read_config(folder: str | os.PathLike) -> dict:

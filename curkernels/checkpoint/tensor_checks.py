@@ -1,20 +1,16 @@
-"""Check a checkpoint's files and tensors against the (meta) model about to load them, before
-any weight is read into it: every tensor the model needs present (transformers would fill a
+"""Check a checkpoint's tensors against the (meta) model about to load them, before any
+weight is read into it: every tensor the model needs present (transformers would fill a
 missing one with random values), none it does not have, each of the right shape and kind of
-dtype, all finite, and every file inside the checkpoint folder.
+dtype, and all finite.
 """
 
-import json
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from huggingface_hub.constants import HF_HUB_CACHE
 from safetensors import safe_open
 from torch import nn
-from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .errors import CheckpointError
 from .module_specs import expected_tensor_shapes
@@ -33,55 +29,6 @@ class StoredTensor:
 
 def _listing(names: list[str]) -> str:
     return ", ".join(repr(n) for n in names[:_LISTED]) + (" …" if len(names) > _LISTED else "")
-
-
-def allowed_root(folder: Path) -> Path:
-    """What files in `folder` may resolve into: the folder itself, or for a snapshot in the
-    Hugging Face hub cache its repository folder (snapshot files link to ../../blobs)."""
-    folder = folder.resolve()
-    cache = Path(HF_HUB_CACHE).resolve()
-    if folder.is_relative_to(cache) and folder.parent.name == "snapshots":
-        return folder.parent.parent
-    return folder
-
-
-def check_inside(folder: str | os.PathLike, paths) -> None:
-    """Refuse files (e.g. symlinks, or shard names holding '..') resolving outside `folder`."""
-    root = allowed_root(Path(folder))
-    for path in paths:
-        resolved = Path(path).resolve()
-        if not resolved.is_relative_to(root):
-            raise CheckpointError(f"{Path(path).name} resolves to {resolved}, outside the "
-                                  f"checkpoint folder {root}: refusing to read it")
-
-
-def _shards_of(index: Path) -> list[str]:
-    try:
-        shards = set(json.loads(index.read_text())["weight_map"].values())
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{index}: not a safetensors index (a JSON object whose "
-                              f"'weight_map' maps tensor names to files): {exc!r}") from exc
-    if not all(isinstance(shard, str) and shard for shard in shards):
-        raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
-    return sorted(str(index.parent / shard) for shard in shards)
-
-
-def weight_files(folder: Path) -> list[str] | None:
-    """The safetensors files of a local folder, as transformers picks them: those its shard
-    index names, else its single file; None where it has neither."""
-    index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        return _shards_of(index)
-    single = folder / SAFE_WEIGHTS_NAME
-    return [str(single)] if single.is_file() else None
-
-
-def check_files_inside(folder: Path, files=None) -> None:
-    """config.json, the shard index and the weight files (`files`, else the folder's own)
-    all resolve inside `folder`."""
-    metadata = [folder / name for name in (CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME)]
-    check_inside(folder, [path for path in metadata if path.exists()]
-                 + list(files if files is not None else weight_files(folder) or []))
 
 
 def read_headers(files) -> dict[str, StoredTensor]:

@@ -11,11 +11,12 @@ from pathlib import Path
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .checkpoint_files import check_files_inside, weight_files
 from .errors import CheckpointError
 from .module_specs import FORMAT_NAME, FORMAT_VERSION, check_compression_config
 from .plain_guard import drop_guard
 from .surgery import apply_compression_config, restore_indices
-from .tensor_checks import check_checkpoint_tensors, check_files_inside, weight_files
+from .tensor_checks import check_checkpoint_tensors
 
 
 class CurkernelsConfig(QuantizationConfigMixin):
