@@ -2,8 +2,8 @@
 
 config.json carries `quantization_config = {"quant_method": "curkernels", ...}`; transformers
 then builds the model on the meta device and hands it to `CurkernelsHfQuantizer`, which swaps
-in the factored modules the `compression_config` block describes before any weight is read.
-Registered through transformers' public quantizer-registration API when curkernels is imported.
+in the factored modules the `compression_config` block describes and checks the checkpoint's
+files and tensors against them, before any weight is read. Registered through transformers' public quantizer-registration API when curkernels is imported.
 """
 
 from pathlib import Path
