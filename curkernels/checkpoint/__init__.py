@@ -1,7 +1,8 @@
 """Save and load compressed models (safetensors + config.json), and transformers loading."""
 
+from .errors import CheckpointError
 from .load import load_compressed, read_compression_config
-from .module_specs import FORMAT_VERSION, CheckpointError
+from .module_specs import FORMAT_VERSION
 from .save import save_compressed
 from .transformers_integration import register_with_transformers
 

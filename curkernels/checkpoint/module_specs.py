@@ -1,104 +1,221 @@
 """The `compression_config` block of config.json: which modules are factored, and how.
 
-Each factored module is described by a JSON spec (type, shapes, rank, U form, bias, CUR
-indices); `build_module` makes an empty module from a spec (on the meta device while loading),
-so a checkpoint loads straight into factored modules without materialising the dense model.
+Each factored module is described by a JSON spec whose `type` picks its entry in
+`MODULE_KINDS`: the fields that kind has and their checks, the relations between them, the
+tensors it stores and how to build it empty (on the meta device while loading), so a
+checkpoint loads straight into factored modules without materialising the dense model. A new
+kind of module is one more entry there.
 """
+
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..nn import CURLinear, LowRankLinear
+from .errors import CheckpointError
+from .spec_fields import (
+    FieldCheck,
+    boolean,
+    check_fields,
+    check_indices,
+    index_list,
+    is_int,
+    one_of,
+    optional,
+    positive_int,
+    shown,
+)
 
 FORMAT_NAME = "curkernels"
 FORMAT_VERSION = 1
 
+Shapes = dict[str, tuple[int, ...]]
+EmptyTensor = Callable[..., torch.Tensor]
 
-class CheckpointError(ValueError):
-    """A compressed checkpoint is corrupt, mismatched or of an unknown format."""
+
+@dataclass(frozen=True)
+class ModuleKind:
+    """One `type` of factored module as a checkpoint records it."""
+    module_class: type[nn.Module]
+    fields: dict[str, FieldCheck]  # every field of the spec but `type`
+    describe: Callable[[nn.Module], dict]  # module → its spec's fields
+    check_shapes: Callable[[str, dict], None]  # relations between fields (types already hold)
+    tensor_shapes: Callable[[dict], Shapes]  # state-dict entries relative to the module
+    build: Callable[[dict, EmptyTensor], nn.Module]  # empty module from a checked spec
+
+
+def _check_rank(label: str, spec: dict) -> None:
+    m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
+    if r > min(m, n):
+        raise CheckpointError(f"{label}.rank must be at most min(out_features, in_features) = "
+                              f"{min(m, n)}, got {r}")
 
 
 def _indices(t: torch.Tensor | None) -> list[int] | None:
     return None if t is None else [int(i) for i in t.tolist()]
 
 
+def _describe_low_rank(module: LowRankLinear) -> dict:
+    return {"in_features": module.in_features, "out_features": module.out_features,
+            "rank": module.rank, "bias": module.bias is not None}
+
+
+def _low_rank_shapes(spec: dict) -> Shapes:
+    m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
+    return {"A": (m, r), "B": (r, n), **({"bias": (m,)} if spec["bias"] else {})}
+
+
+def _build_low_rank(spec: dict, empty: EmptyTensor) -> LowRankLinear:
+    m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
+    return LowRankLinear(empty(m, r), empty(r, n), empty(m) if spec["bias"] else None)
+
+
+def _describe_cur(module: CURLinear) -> dict:
+    return {"in_features": module.in_features, "out_features": module.out_features,
+            "rank": module.rank, "inner": module.C.shape[1], "u": module.u_kind,
+            "bias": module.bias is not None, "gather": module.gather,
+            "base_rows": module.R.shape[0] if module.gather else None,
+            "row_indices": _indices(module.row_indices),
+            "col_indices": _indices(module.col_indices)}
+
+
+def _check_cur_shapes(label: str, spec: dict) -> None:
+    _check_rank(label, spec)
+    m, n, r, inner = spec["out_features"], spec["in_features"], spec["rank"], spec["inner"]
+    if spec["u"] == "full" and inner > n:
+        raise CheckpointError(f"{label}.inner must be at most in_features = {n} (C holds columns "
+                              f"of the weight), got {inner}")
+    if spec["u"] != "full" and inner != r:
+        raise CheckpointError(f"{label}.inner must equal the rank {r} with u = {spec['u']!r}, "
+                              f"got {inner}")
+    rows = spec["row_indices"]
+    if spec["gather"]:
+        if spec["base_rows"] is None or rows is None:
+            raise CheckpointError(f"{label} has gather = true, which needs base_rows and "
+                                  f"row_indices (R's rows are read from a base weight)")
+        check_indices(f"{label}.row_indices", rows, r, spec["base_rows"],
+                      "the rows of the base weight R")
+    else:
+        if spec["base_rows"] is not None:
+            raise CheckpointError(f"{label}.base_rows must be null without gather, got "
+                                  f"{shown(spec['base_rows'])}")
+        if rows is not None:
+            check_indices(f"{label}.row_indices", rows, r, m, "the rows of the dense weight")
+    if spec["col_indices"] is not None:
+        check_indices(f"{label}.col_indices", spec["col_indices"], inner, n,
+                      "the columns of the dense weight")
+
+
+def _cur_shapes(spec: dict) -> Shapes:
+    m, n, r, inner = spec["out_features"], spec["in_features"], spec["rank"], spec["inner"]
+    shapes = {"C": (m, inner), "R": (spec["base_rows"], n) if spec["gather"] else (r, n)}
+    if spec["u"] != "none":
+        shapes["U"] = (inner, r) if spec["u"] == "full" else (r,)
+    if spec["bias"]:
+        shapes["bias"] = (m,)
+    return shapes
+
+
+def _build_cur(spec: dict, empty: EmptyTensor) -> CURLinear:
+    tensors = {name: empty(*shape) for name, shape in _cur_shapes(spec).items()}
+    return CURLinear(tensors["C"], tensors.get("U"), tensors["R"], tensors.get("bias"),
+                     row_indices=spec["row_indices"], col_indices=spec["col_indices"],
+                     gather=spec["gather"])
+
+
+_SHAPE_FIELDS = {"in_features": positive_int, "out_features": positive_int,
+                 "rank": positive_int, "bias": boolean}
+
+MODULE_KINDS: dict[str, ModuleKind] = {
+    "LowRankLinear": ModuleKind(LowRankLinear, _SHAPE_FIELDS, _describe_low_rank, _check_rank,
+                                _low_rank_shapes, _build_low_rank),
+    "CURLinear": ModuleKind(
+        CURLinear,
+        {**_SHAPE_FIELDS, "inner": positive_int, "u": one_of("full", "diag", "none"),
+         "gather": boolean, "base_rows": optional(positive_int),
+         "row_indices": optional(index_list), "col_indices": optional(index_list)},
+        _describe_cur, _check_cur_shapes, _cur_shapes, _build_cur),
+}
+FACTORED_CLASSES = tuple(kind.module_class for kind in MODULE_KINDS.values())
+
+
 def module_spec(module: nn.Module) -> dict:
-    if isinstance(module, CURLinear):
-        return {"type": "CURLinear", "in_features": module.in_features,
-                "out_features": module.out_features, "rank": module.rank,
-                "inner": module.C.shape[1], "u": module.u_kind, "bias": module.bias is not None,
-                "gather": module.gather, "base_rows": module.R.shape[0] if module.gather else None,
-                "row_indices": _indices(module.row_indices),
-                "col_indices": _indices(module.col_indices)}
-    if isinstance(module, LowRankLinear):
-        return {"type": "LowRankLinear", "in_features": module.in_features,
-                "out_features": module.out_features, "rank": module.rank,
-                "bias": module.bias is not None}
+    for name, kind in MODULE_KINDS.items():
+        if isinstance(module, kind.module_class):
+            return {"type": name, **kind.describe(module)}
     raise TypeError(f"not a factored module: {type(module).__name__}")
+
+
+def _spec_label(name: str) -> str:
+    return f"compression_config.modules[{name!r}]"
+
+
+def check_module_spec(name: str, spec) -> None:
+    """Every field of one module's spec, and their relations."""
+    label = _spec_label(name)
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{label} must be a JSON object, got {shown(spec)}")
+    kind = MODULE_KINDS.get(spec.get("type")) if isinstance(spec.get("type"), str) else None
+    if kind is None:
+        raise CheckpointError(f"{label}.type must be one of {sorted(MODULE_KINDS)}, got "
+                              f"{shown(spec.get('type'))}")
+    check_fields(label, spec, kind.fields)
+    kind.check_shapes(label, spec)
 
 
 def compression_config(model: nn.Module, method: str | None) -> dict:
     modules = {name: module_spec(m) for name, m in model.named_modules()
-               if isinstance(m, (CURLinear, LowRankLinear))}
+               if isinstance(m, FACTORED_CLASSES)}
     if not modules:
         raise ValueError("the model holds no CURLinear/LowRankLinear: compress it first "
                          "(curkernels.compress)")
+    for name, spec in modules.items():
+        check_module_spec(name, spec)  # never write what loading would refuse
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": method,
             "modules": modules}
 
 
 def check_compression_config(block) -> dict:
-    """The validated block; raises CheckpointError naming what is wrong."""
+    """The validated block; raises CheckpointError naming what is wrong.
+
+    The fields loading reads are checked; the rest (keep, layers, options, ...) record how
+    the checkpoint was made and are not read back.
+    """
     if not isinstance(block, dict):
         raise CheckpointError("config.json has no 'compression_config' block: not a "
                               "curkernels checkpoint")
     if block.get("format") != FORMAT_NAME:
         raise CheckpointError(f"compression_config.format must be {FORMAT_NAME!r}, "
-                              f"got {block.get('format')!r}")
+                              f"got {shown(block.get('format'))}")
     version = block.get("format_version")
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"unknown compression_config.format_version {version!r}: this "
-                              f"curkernels reads version {FORMAT_VERSION}; upgrade curkernels")
+    if not is_int(version) or version != FORMAT_VERSION:
+        raise CheckpointError(f"unknown compression_config.format_version {shown(version)}: "
+                              f"this curkernels reads version {FORMAT_VERSION}; upgrade "
+                              f"curkernels")
+    method = block.get("method")
+    if method is not None and not isinstance(method, str):
+        raise CheckpointError(f"compression_config.method must be a string or null, got "
+                              f"{shown(method)}")
     modules = block.get("modules")
     if not isinstance(modules, dict) or not modules:
         raise CheckpointError("compression_config.modules must map module names to specs")
     for name, spec in modules.items():
-        if not isinstance(spec, dict) or spec.get("type") not in ("CURLinear", "LowRankLinear"):
-            raise CheckpointError(f"compression_config.modules[{name!r}] has unknown type "
-                                  f"{spec.get('type') if isinstance(spec, dict) else spec!r}")
+        if not name:
+            raise CheckpointError("compression_config.modules has an empty module name")
+        check_module_spec(name, spec)
     return block
 
 
 def build_module(spec: dict, dtype: torch.dtype, device: torch.device | str = "meta"
                  ) -> nn.Module:
-    """An empty factored module of the spec's shapes (uninitialised storage)."""
-    m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
-
+    """An empty factored module of a checked spec's shapes (uninitialised storage)."""
     def empty(*shape):
         return torch.empty(shape, dtype=dtype, device=device)
-
-    bias = empty(m) if spec["bias"] else None
-    if spec["type"] == "LowRankLinear":
-        return LowRankLinear(empty(m, r), empty(r, n), bias)
-    inner = spec["inner"]
-    U = {"full": lambda: empty(inner, r), "diag": lambda: empty(r), "none": lambda: None}[spec["u"]]()
-    R = empty(spec["base_rows"], n) if spec["gather"] else empty(r, n)
-    return CURLinear(empty(m, inner), U, R, bias, row_indices=spec["row_indices"],
-                     col_indices=spec["col_indices"], gather=spec["gather"])
+    return MODULE_KINDS[spec["type"]].build(spec, empty)
 
 
-def expected_tensor_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
+def expected_tensor_shapes(spec: dict) -> Shapes:
     """State-dict entries (relative to the module) and their shapes."""
-    m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
-    shapes: dict[str, tuple[int, ...]]
-    if spec["type"] == "LowRankLinear":
-        shapes = {"A": (m, r), "B": (r, n)}
-    else:
-        inner = spec["inner"]
-        shapes = {"C": (m, inner),
-                  "R": (spec["base_rows"], n) if spec["gather"] else (r, n)}
-        if spec["u"] != "none":
-            shapes["U"] = (inner, r) if spec["u"] == "full" else (r,)
-    if spec["bias"]:
-        shapes["bias"] = (m,)
-    return shapes
+    return MODULE_KINDS[spec["type"]].tensor_shapes(spec)

@@ -8,6 +8,7 @@ from torch import nn
 from .atomic import atomic_directory
 from .module_specs import compression_config
 from .output_folder import check_output_folder, is_saved_file
+from .plain_guard import mark_checkpoint
 from .transformers_integration import CurkernelsConfig
 
 REPORT_FILE = "compression_report.json"
@@ -37,6 +38,7 @@ def save_compressed(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None
     config.quantization_config = CurkernelsConfig()
     with atomic_directory(target, writes=is_saved_file) as staging:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
+        mark_checkpoint(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         report = getattr(model, "compression_report", None)

@@ -9,8 +9,8 @@ from ..ops.validation import check_rows_in_range
 TRAINABLE_FACTORS = ("C", "U", "R")
 
 
-def _index_buffer(name: str, indices, size: int, limit: int | None) -> torch.Tensor | None:
-    """Validated int64 indices; `limit` bounds them when they index a tensor held here."""
+def _index_buffer(name: str, indices, size: int, limit: int) -> torch.Tensor | None:
+    """Validated int64 indices: `size` of them, distinct, in [0, limit)."""
     if indices is None:
         return None
     indices = torch.as_tensor(indices, dtype=torch.int64).reshape(-1).contiguous()
@@ -20,7 +20,7 @@ def _index_buffer(name: str, indices, size: int, limit: int | None) -> torch.Ten
         return indices
     if indices.unique().numel() != indices.numel():
         raise ValueError(f"{name} must not repeat an index")
-    check_rows_in_range(indices, limit if limit is not None else torch.iinfo(torch.int64).max)
+    check_rows_in_range(indices, limit)
     return indices
 
 
@@ -67,12 +67,14 @@ class CURLinear(nn.Module):
                   else nn.Parameter(U.detach().contiguous(), requires_grad="U" in trainable))
         self.R = nn.Parameter(R.detach().contiguous(), requires_grad="R" in trainable)
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous())
+        # Row picks index the base weight (gather) or W's m rows, column picks W's n columns.
         self.register_buffer("row_indices",
-                             _index_buffer("row_indices", row_indices, rank,
-                                           R.shape[0] if gather else None),
+                             _index_buffer("row_indices", row_indices, rank, R.shape[0]
+                                           if gather else self.out_features),
                              persistent=False)
         self.register_buffer("col_indices",
-                             _index_buffer("col_indices", col_indices, C.shape[1], None),
+                             _index_buffer("col_indices", col_indices, C.shape[1],
+                                           self.in_features),
                              persistent=False)
         self._check_shapes()
 
