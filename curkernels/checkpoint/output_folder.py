@@ -76,10 +76,12 @@ def check_output_folder(out: str | os.PathLike, *, overwrite: bool = False,
     shown = f"out {str(out)!r}" + (f" (a link to {real})" if Path(out).is_symlink() else "")
     if source is not None and Path(source).is_dir():
         model_folder = Path(source).resolve()
-        if real == model_folder or model_folder in real.parents or real in model_folder.parents:
-            raise ValueError(f"{shown} is, or is inside, or holds the input model folder "
-                             f"{model_folder}: saving there would replace the model being "
-                             f"compressed; choose another output folder")
+        relation = ("is" if real == model_folder else "is inside" if model_folder in real.parents
+                    else "holds" if real in model_folder.parents else None)
+        if relation:
+            raise ValueError(f"{shown} {relation} the input model folder {model_folder}: saving "
+                             f"there would replace the model being compressed; choose another "
+                             f"output folder")
     if not real.exists():
         return real
     if not real.is_dir():
@@ -95,8 +97,8 @@ def check_output_folder(out: str | os.PathLike, *, overwrite: bool = False,
     if foreign:
         raise ValueError(f"{shown} holds a curkernels checkpoint and also "
                          f"{_listing(foreign)}, which a save does not write: replacing the folder "
-                         f"would delete them, so move them out or choose another folder (even "
-                         f"with overwrite)")
+                         f"would delete them, and overwrite=True does not allow that; move them "
+                         f"out or choose another folder")
     if not overwrite:
         raise ValueError(f"{shown} already holds a curkernels checkpoint: pass overwrite=True "
                          f"(--overwrite on the command line) to replace it")
