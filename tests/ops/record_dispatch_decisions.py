@@ -3,8 +3,9 @@
 The grid: the GPUs the package ships measured tables for (and one it ships none for) × dtypes ×
 row counts × the shipped layer shapes and ranks × eager / CUDA graph / torch.compile × which
 backends can run, for single layers and sibling groups. No GPU is needed: the device's name and
-capability, whether a graph is captured or compiled, and which backends import are faked, as
-tests/ops/test_dispatch.py fakes them. `python tests/ops/record_dispatch_decisions.py` writes
+capability and which backends import are faked, as tests/ops/test_dispatch.py fakes them.
+"compile" asks what "graph" asks: dispatch decides when the op runs, never while torch.compile
+traces, and the code before the ops move counted a decision asked while tracing as a graph one. `python tests/ops/record_dispatch_decisions.py` writes
 tests/ops/fixtures/dispatch_decisions.json; tests/ops/test_dispatch_decisions.py checks that the
 code still picks the same.
 """
@@ -18,8 +19,8 @@ from unittest import mock
 
 import torch
 
-from curkernels.ops import backends, execute, shared_group, triton_backend
-from curkernels.ops.dispatch import DECODE_MAX_ROWS
+from curkernels.ops import dispatch, settings
+from curkernels.ops.triton import decode
 
 FIXTURE = Path(__file__).with_name("fixtures") / "dispatch_decisions.json"
 
@@ -38,8 +39,8 @@ GROUPS = {f"qkv-r{r}": ((4096, r), (1024, r), (1024, r)) for r in (256, 512, 102
     "qkv-keep0.5": ((4096, 1024), (1024, 384), (1024, 384)),
     "gate_up-keep0.5": ((14336, 1536), (14336, 1536))}
 GROUP_INPUT_FEATURES = 4096
-ENVIRONMENT = ("CURKERNELS_BACKEND", "CURKERNELS_DECODE_TABLE", "CURKERNELS_GROUP_TABLE",
-               "CURKERNELS_DECODE_CONFIGS")
+ENVIRONMENT = (settings.ENV_BACKEND, settings.ENV_DECODE_TABLE, settings.ENV_GROUP_TABLE,
+               settings.ENV_DECODE_CONFIGS)
 DECODE_ROWS = tuple(rows for rows in ROWS if rows <= 64)
 
 
@@ -54,18 +55,16 @@ class FakeCudaInput:
 
 
 @contextlib.contextmanager
-def faked(device: str, mode: str = "eager", available: str = "all", backend: str | None = None):
-    """The process as it would be on `device` in `mode` with the `available` backends
-    importable and CURKERNELS_BACKEND=`backend`; the measured tables' environment variables
-    unset; memoized choices forgotten before and after."""
+def faked(device: str, available: str = "all", backend: str | None = None):
+    """The process as it would be on `device` with the `available` backends importable and
+    CURKERNELS_BACKEND=`backend`; the measured tables' environment variables unset; settings
+    read again and memoized choices forgotten before and after."""
     def import_error(module: str) -> str | None:
         return None if module in AVAILABLE[available] else f"ImportError: no {module} (faked)"
 
     def forget() -> None:
-        execute._choices.clear()
-        shared_group._choices.clear()
-        triton_backend._measured_configs.clear()
-        triton_backend._device_name.cache_clear()
+        settings.reload()
+        decode._device_name.cache_clear()
 
     environment = {name: None for name in ENVIRONMENT} | {"CURKERNELS_BACKEND": backend}
     with contextlib.ExitStack() as stack:
@@ -78,11 +77,9 @@ def faked(device: str, mode: str = "eager", available: str = "all", backend: str
                                               lambda *_, **__: device))
         stack.enter_context(mock.patch.object(torch.cuda, "get_device_capability",
                                               lambda *_, **__: DEVICES[device]))
-        stack.enter_context(mock.patch.object(torch.compiler, "is_compiling",
-                                              lambda: mode == "compile"))
-        stack.enter_context(mock.patch.object(torch.cuda, "is_current_stream_capturing",
-                                              lambda: mode == "graph"))
-        stack.enter_context(mock.patch.object(backends, "_import_error", import_error))
+        stack.enter_context(mock.patch.object(dispatch, "_import_error", import_error))
+        # eager calls: no capture underway (the real query needs a GPU's driver)
+        stack.enter_context(mock.patch.object(dispatch, "stream_capturing", lambda: False))
         forget()
         stack.callback(forget)
         yield
@@ -96,10 +93,10 @@ def _outcome(choose) -> str:
 
 
 def single_backend(rows: int, shape: tuple[int, int, int], dtype: torch.dtype,
-                   linked: bool) -> str:
+                   linked: bool, mode: str) -> str:
     """The backend an 'auto' `cur_linear` call of an m×n layer of rank r runs on."""
-    x = FakeCudaInput(rows, shape[1], dtype)
-    return _outcome(lambda: execute.resolve_backend("auto", x, rows, shape, linked))
+    return _outcome(lambda: dispatch.single_backend("auto", FakeCudaInput.device, dtype, rows,
+                                                    shape, linked, mode != "eager"))
 
 
 def group_way(rows: int, members: tuple[tuple[int, int], ...], dtype: torch.dtype,
@@ -109,17 +106,15 @@ def group_way(rows: int, members: tuple[tuple[int, int], ...], dtype: torch.dtyp
     x = FakeCudaInput(rows, GROUP_INPUT_FEATURES, dtype)
 
     def way() -> str:
-        # nn.SharedShrink.serves: eager decode takes the shared path where the group kernel runs
-        if mode == "eager" and rows <= DECODE_MAX_ROWS and \
-                shared_group.group_backend(x, rows, members, False) != "triton":
+        if mode == "eager" and not dispatch.group_serves(x, rows, members):
             return "members"
-        return shared_group.group_backend(x, rows, members, mode != "eager")
+        return dispatch.group_choice(x, rows, members, mode != "eager")[0]
     return _outcome(way)
 
 
 def tile_config(rows: int, shape: tuple[int, int, int], dtype: torch.dtype) -> str:
     """The Triton decode kernel's tile config for this call, as 'field=value ...'."""
-    config = triton_backend._measured_config(torch.device("cuda", 0), dtype, rows, shape)
+    config = decode._measured_config(torch.device("cuda", 0), dtype, rows, shape)
     return " ".join(f"{field}={value}" for field, value in sorted(vars(config).items()))
 
 
@@ -129,17 +124,16 @@ def decisions() -> dict:
         for available in AVAILABLE:
             for mode in MODES:
                 for dtype in DTYPES:
-                    with faked(device, mode, available):
+                    with faked(device, available):
                         for m, n in LAYERS:
                             for r in RANKS:
                                 for linked in (False, True):
                                     key = f"{device}|{available}|{mode}|{dtype}|{m}x{n}r{r}"
                                     single[f"{key}|{'linked' if linked else 'folded'}"] = [
-                                        single_backend(rows, (m, n, r), dtype, linked)
+                                        single_backend(rows, (m, n, r), dtype, linked, mode)
                                         for rows in ROWS]
                     for backend in ("auto", "triton"):
-                        with faked(device, mode, available, None if backend == "auto"
-                                   else backend):
+                        with faked(device, available, None if backend == "auto" else backend):
                             for name, members in GROUPS.items():
                                 groups[f"{device}|{available}|{mode}|{dtype}|{backend}|{name}"] \
                                     = [group_way(rows, members, dtype, mode) for rows in ROWS]
