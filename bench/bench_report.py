@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from curkernels.ops import decode_configs, decode_table, group_table
-from curkernels.ops.dispatch import FUSED_MAX_ROWS
+from curkernels.ops import tables
+from curkernels.ops.tables import DECODE_MAX_ROWS
 
 FUSED = ("triton", "cuda")
 
@@ -63,29 +63,29 @@ def markdown_table(results: list[dict], floors: dict, meta: dict) -> str:
 
 
 def decode_winner_lines(results: list[dict], meta: dict) -> list[str]:
-    """What curkernels.ops.decode_table reads from this run: per decode point and mode, the
+    """What curkernels.ops.tables reads from this run: per decode point and mode, the
     fused kernels that took at most WIN_RATIO of chain2's time, fastest first."""
     dtype = getattr(torch, meta["dtype"])
     lines = []
-    for mode, timing in decode_table.MODES.items():
-        points = decode_table.points_from_benchmark({"meta": meta, "results": results}, dtype,
-                                                    FUSED_MAX_ROWS, mode)
+    for mode, timing in tables.DECODE_MODES.items():
+        points = tables.decode_points_from_benchmark({"meta": meta, "results": results}, dtype,
+                                                     DECODE_MAX_ROWS, mode)
         wins = [p for p in points if p.winners]
-        lines += ["", f"Decode table, {mode} (a fused kernel ≤ {decode_table.WIN_RATIO}× chain2 "
+        lines += ["", f"Decode table, {mode} (a fused kernel ≤ {tables.WIN_RATIO}× chain2 "
                   f"by {timing}): {len(wins)} of {len(points)} points"]
         lines += [f"- {', '.join(p.winners)}: M = {p.rows}, {p.m}×{p.n}, r = {p.r}"
                   for p in wins]
     return lines[1:]
 
 
-def ship_decode_table(report_path: Path, into: Path = decode_table.MEASURED_DIR) -> Path:
-    """Copies the decode rows (M ≤ FUSED_MAX_ROWS) of chain2 and of the fused kernels in a
+def ship_decode_table(report_path: Path, into: Path = tables.MEASURED_DIR) -> Path:
+    """Copies the decode rows (M ≤ DECODE_MAX_ROWS) of chain2 and of the fused kernels in a
     layer-bench JSON into the package's measured tables, named by GPU; written whole or not at
     all."""
     report = json.loads(report_path.read_text())
-    keep = {decode_table.BASELINE_VARIANT, *decode_table.FUSED_VARIANTS}
+    keep = {tables.BASELINE_VARIANT, *tables.FUSED_VARIANTS}
     rows = [row for row in report["results"]
-            if row["M"] <= FUSED_MAX_ROWS and row["variant"] in keep]
+            if row["M"] <= DECODE_MAX_ROWS and row["variant"] in keep]
     return _write_whole(into / f"{device_slug(report['meta']['device'])}.json",
                         {"meta": report["meta"], "results": rows})
 
@@ -99,7 +99,7 @@ def _write_whole(target: Path, payload: dict) -> Path:
     return target
 
 
-def ship_decode_configs(sweep_path: Path, into: Path = decode_configs.CONFIGS_DIR) -> Path:
+def ship_decode_configs(sweep_path: Path, into: Path = tables.CONFIGS_DIR) -> Path:
     """Copies a decode-sweep run (bench/decode_sweep.py) into the package's measured configs,
     named by GPU: its configs, and per point each config's time, error and failure; written
     whole or not at all."""
@@ -112,12 +112,12 @@ def ship_decode_configs(sweep_path: Path, into: Path = decode_configs.CONFIGS_DI
     return _write_whole(into / f"{device_slug(sweep['device'])}.json", kept)
 
 
-def ship_group_table(report_path: Path, into: Path = group_table.GROUPS_DIR) -> Path:
+def ship_group_table(report_path: Path, into: Path = tables.GROUPS_DIR) -> Path:
     """Copies a group-bench run (bench/group_bench.py) into the package's measured group
-    tables, named by GPU: the rows of the ways group_table.py compares; written whole or not
+    tables, named by GPU: the rows of the ways tables.py compares; written whole or not
     at all."""
     report = json.loads(report_path.read_text())
-    ways = {group_table.GROUP_WAY, *(way for _, others in group_table.MODES.values()
+    ways = {tables.GROUP_WAY, *(way for _, others in tables.GROUP_MODES.values()
                                      for way in others)}
     rows = [row for row in report["results"] if row["way"] in ways and "members" in row]
     return _write_whole(into / f"{device_slug(report['meta']['device'])}.json",

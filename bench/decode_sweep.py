@@ -24,19 +24,19 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_bench import SHAPES, _calls_for, _weight_sets, floor_us, measure_ceilings, time_graph_us  # noqa: E402
 
-from curkernels.ops.decode_table import WRONG  # noqa: E402
-from curkernels.ops.triton_backend import (  # noqa: E402
+from curkernels.ops.tables import WRONG  # noqa: E402
+from curkernels.ops.triton.decode import (  # noqa: E402
     DEFAULT_DECODE_CONFIGS,
     DecodeConfig,
     cur_linear_decode,
     decode_block_rows,
 )
-from curkernels.ops.triton_decode import PDL_SUPPORTED  # noqa: E402
+from curkernels.ops.triton.decode_kernels import PDL_SUPPORTED  # noqa: E402
 
 # Each candidate overrides fields of the default config of the call's row block (16, 32 or 64
-# input rows a tile: DEFAULT_DECODE_CONFIGS), which is how decode_configs.py reads them back.
+# input rows a tile: DEFAULT_DECODE_CONFIGS), which is how ops/tables.py reads them back.
 # Two programs per SM run last: the grid barrier needs both resident. The backend lowers the
-# count to what fits (triton_backend._programs_per_sm), but a GPU running other work could
+# count to what fits (ops/triton/decode.py's _programs_per_sm), but a GPU running other work could
 # still hold one back.
 # 64 KB of L2 prefetch a program is about what DRAM streams across a barrier of ~2 µs on 132
 # SMs, and all of C at 4096×4096, r = 1024; with two programs per SM, 32 KB each is the same.

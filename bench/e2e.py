@@ -40,9 +40,7 @@ from e2e_models import (
 )
 
 from curkernels.nn import prepare_for_inference
-from curkernels.ops.decode_configs import ENV_DECODE_CONFIGS
-from curkernels.ops.decode_table import ENV_DECODE_TABLE
-from curkernels.ops.group_table import ENV_GROUP_TABLE
+from curkernels.ops.settings import ENV_DECODE_CONFIGS, ENV_DECODE_TABLE, ENV_GROUP_TABLE
 from curkernels.serve import StaticCacheGenerator
 from curkernels.serve.hf_compat import cache_bytes
 

@@ -15,7 +15,7 @@ factors, checked against an fp64 reference (output poisoned) before it is timed:
 Timed as layer_bench.py times a layer: eagerly (host overhead included) and as CUDA-graph
 replays, over cold weights (copies cycled past twice the L2), medians, µs per group call.
 Writes group_bench.json and group_bench.md to --out and prints the table. The JSON is a group
-table (curkernels/ops/group_table.py): `bench/bench_report.py --groups` ships it.
+table (curkernels/ops/tables.py): `bench/bench_report.py --groups` ships it.
 
 GPU:    python bench/group_bench.py --out bench/results
 CPU:    TRITON_INTERPRET=1 python bench/group_bench.py --smoke --out /tmp/x   (format check)
@@ -35,8 +35,8 @@ from layer_bench import _calls_for, _cold_copies, time_eager_us, time_graph_us  
 
 from curkernels.nn import LowRankLinear, share_input_shrinks  # noqa: E402
 from curkernels.ops import cur_linear, unavailable_reason  # noqa: E402
-from curkernels.ops.decode_table import WRONG  # noqa: E402
-from curkernels.ops.shared_group import shared_chain  # noqa: E402
+from curkernels.ops.tables import WRONG  # noqa: E402
+from curkernels.ops.torch_chain import shared_chain  # noqa: E402
 
 # name -> members' (module name, out m, rank r), all reading the 4096-wide hidden state; ranks
 # as e2e.py rounds them (keep 0.5: half the parameters, down to a multiple of 64; CURing:
@@ -86,13 +86,9 @@ def _way(name: str):
         return lambda x, w: shared_chain(x, w["stacked"], w["expands"], [None] * len(w["expands"]))
     if name in ("modules", "shared"):
         return lambda x, w: [module(x) for module in w[name]]
-    from curkernels.ops.triton_group import cur_linear_group_decode
-
-    def group(x, w):
-        outputs = [x.new_empty(x.shape[0], C.shape[0]) for C in w["expands"]]
-        cur_linear_group_decode(x, w["stacked"], w["expands"], [None] * len(outputs), outputs)
-        return outputs
-    return group
+    from curkernels.ops.triton.decode import cur_linear_group_triton
+    return lambda x, w: cur_linear_group_triton(x, w["stacked"], w["expands"],
+                                                [None] * len(w["expands"]))
 
 
 def relative_error(fn, x, w) -> float:

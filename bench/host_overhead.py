@@ -5,8 +5,12 @@ the times are the Python and dispatcher cost of each layer; the factored modules
 backend there (two or three GEMMs), so this measures the Python layers above the kernels, not a
 kernel launch. On a GPU (--device cuda, e.g. 4096×4096, r = 256, bf16) it times the enqueue
 cost of each call: the GPU is synchronised between rounds, never inside one.
+With --stub-cuda-launch (CPU) the CUDA extension's op is replaced by a stub that returns a
+preallocated output and dispatch is told the extension runs: "CURLinear (CUDA path, launch
+stubbed)" then times the Python path from the module to the extension's launch alone.
 
     python bench/host_overhead.py                      # CPU
+    python bench/host_overhead.py --stub-cuda-launch   # CPU, the eager CUDA-extension path
     python bench/host_overhead.py --device cuda --size 4096 --rank 256 --dtype bfloat16
 
 Prints the median per-call time of each variant over --rounds rounds of --calls calls (the
@@ -15,13 +19,16 @@ variants take turns within each round), and its ratio to nn.Linear's.
 
 import argparse
 import statistics
+import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from curkernels.nn import CURLinear, LowRankLinear
+from curkernels.ops import dispatch
 
 
 def _time_per_call(variants: dict, calls: int, rounds: int, sync) -> dict[str, float]:
@@ -40,8 +47,16 @@ def _time_per_call(variants: dict, calls: int, rounds: int, sync) -> dict[str, f
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
+def _stub_cuda_launch(output: torch.Tensor) -> None:
+    """The CUDA extension as dispatch sees it, its launch a stub returning `output`."""
+    binding = types.ModuleType("curkernels.ops.cuda")
+    binding.cur_linear_cuda = lambda x, C, U, R, bias, rows: output
+    sys.modules["curkernels.ops.cuda"] = binding
+    dispatch.unavailable_reason = lambda backend, device: None
+
+
 def _variants(size: int, rank: int, rows: int, dtype: torch.dtype, device: str,
-              sequence: bool) -> dict:
+              sequence: bool, stub_cuda_launch: bool) -> dict:
     torch.manual_seed(0)
     dense = nn.Linear(size, size, bias=False, device=device, dtype=dtype)
     x = torch.randn(*((1,) if sequence else ()), rows, size, device=device, dtype=dtype)
@@ -58,6 +73,10 @@ def _variants(size: int, rank: int, rows: int, dtype: torch.dtype, device: str,
         "CURLinear (U=None)": lambda: cur_two(x),
         "CURLinear (frozen full U)": lambda: cur_full(x),
     }
+    if stub_cuda_launch:
+        _stub_cuda_launch(torch.empty(*x.shape[:-1], size, device=device, dtype=dtype))
+        cur_stubbed = CURLinear(A, None, B, backend="cuda")
+        variants["CURLinear (CUDA path, launch stubbed)"] = lambda: cur_stubbed(x)
     if device == "cuda":
         x2d = x.reshape(-1, size)
         try:
@@ -67,8 +86,9 @@ def _variants(size: int, rank: int, rows: int, dtype: torch.dtype, device: str,
         else:
             op = torch.ops.curkernels_C.cur_linear.default
             variants["raw CUDA op"] = lambda: op(x2d, A, None, B, None, None)
-        from curkernels.ops.triton_backend import TRITON_DECODE_MAX_ROWS, cur_linear_triton
-        if rows <= TRITON_DECODE_MAX_ROWS:
+        from curkernels.ops.tables import DECODE_MAX_ROWS
+        from curkernels.ops.triton.backend import cur_linear_triton
+        if rows <= DECODE_MAX_ROWS:
             variants["raw Triton decode"] = lambda: cur_linear_triton(x, A, None, B, None, None)
     return variants
 
@@ -85,11 +105,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--sequence", action="store_true",
                         help="x as (1, M, n), the shape a transformer layer passes")
+    parser.add_argument("--stub-cuda-launch", action="store_true",
+                        help="CPU: time the eager CUDA-extension path with its launch stubbed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     variants = _variants(args.size, args.rank, args.rows, getattr(torch, args.dtype),
-                         args.device, args.sequence)
+                         args.device, args.sequence, args.stub_cuda_launch)
     print(f"{args.device}, {args.size}x{args.size}, r={args.rank}, M={args.rows}"
           f"{' as (1, M, n)' if args.sequence else ''}, {args.dtype}, "
           f"torch.no_grad; median of {args.rounds} rounds x {args.calls} calls")

@@ -32,8 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import write_reports  # noqa: E402
 
 from curkernels.nn import CURLinear  # noqa: E402
-from curkernels.ops.decode_configs import ENV_DECODE_CONFIGS  # noqa: E402
-from curkernels.ops.dispatch import FUSED_MAX_ROWS  # noqa: E402
+from curkernels.ops.settings import ENV_DECODE_CONFIGS  # noqa: E402
+from curkernels.ops.tables import DECODE_MAX_ROWS  # noqa: E402
 
 SHAPES = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))  # (out m, in n), Llama-3.1-8B
 RANKS = (256, 512, 1024)
@@ -123,9 +123,9 @@ def _variant_fn(variant: str):
     if variant == "module":
         return lambda x, w: w["module"](x)
     if variant == "triton":
-        from curkernels.ops.triton_backend import cur_linear_triton
+        from curkernels.ops.triton.backend import cur_linear_triton
         return lambda x, w: cur_linear_triton(x, w["CU"], None, w["R"], None, None)
-    from curkernels.ops.cuda_backend import cur_linear_cuda
+    from curkernels.ops.cuda import cur_linear_cuda
     return lambda x, w: cur_linear_cuda(x, w["CU"], None, w["R"], None, None)
 
 
@@ -172,18 +172,18 @@ def time_graph_us(fn, x, sets, calls: int, repeats: int) -> float:
 
 def _calls_for(M: int, cold_sets: int) -> int:
     """Calls per timed sequence: every cold copy at least once, enough to average launches."""
-    return max(cold_sets, 32 if M <= FUSED_MAX_ROWS else 8)
+    return max(cold_sets, 32 if M <= DECODE_MAX_ROWS else 8)
 
 
 def run(shapes, ranks, rows, dtype, device, repeats, calls=None,
         budget_s=None) -> tuple[list[Timing], dict]:
-    """Decode sizes (M ≤ FUSED_MAX_ROWS, the main target) first, then prefill; past `budget_s`
+    """Decode sizes (M ≤ DECODE_MAX_ROWS, the main target) first, then prefill; past `budget_s`
     seconds the remaining sizes are recorded as not run."""
     started = time.perf_counter()
     ceilings = measure_ceilings(device)
     l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 0
     results = []
-    passes = [[M for M in rows if M <= FUSED_MAX_ROWS], [M for M in rows if M > FUSED_MAX_ROWS]]
+    passes = [[M for M in rows if M <= DECODE_MAX_ROWS], [M for M in rows if M > DECODE_MAX_ROWS]]
     for group in (group for group in passes if group):
         for m, n in shapes:
             for r in ranks:

@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from curkernels.ops.backends import backend_function
+from curkernels.ops.dispatch import backend_function
 
 CASES = [  # (M, n, m, r)
     (1, 4096, 1024, 256),

@@ -8,7 +8,8 @@
     model = ck.load_compressed("out")
 """
 
-from .checkpoint import CheckpointError, load_compressed, save_compressed
+import importlib
+
 from .compress import (
     ASVDConfig,
     CompressionReport,
@@ -23,10 +24,30 @@ from .compress import (
 )
 from .nn import CURLinear, LowRankLinear
 from .ops import cur_linear
+from .transformers_hook import integrate_when_transformers_loads
 
 __version__ = "0.1.0"
+
+# Checkpoints need transformers, which takes seconds to import: they load at first use, so that
+# `import curkernels.ops` (the kernels alone) stays light.
+_CHECKPOINT_NAMES = ("CheckpointError", "load_compressed", "save_compressed")
 
 __all__ = ["ASVDConfig", "CURLinear", "CURingConfig", "CheckpointError", "CompressionReport",
            "LPAFConfig", "LowRankLinear", "MethodConfig", "ROMConfig", "SVDConfig",
            "SVDLLMConfig", "__version__", "compress", "cur_linear", "heal", "load_compressed",
            "save_compressed"]
+
+
+def __getattr__(name: str):
+    if name not in _CHECKPOINT_NAMES:
+        raise AttributeError(f"module 'curkernels' has no attribute {name!r}")
+    value = getattr(importlib.import_module(".checkpoint", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_CHECKPOINT_NAMES})
+
+
+integrate_when_transformers_loads()

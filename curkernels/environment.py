@@ -5,10 +5,8 @@ import platform
 
 import torch
 
-from .ops import BACKENDS, extension_status, unavailable_reason
-from .ops.decode_configs import swept_devices
-from .ops.decode_table import ENV_DECODE_TABLE, measured_devices
-from .ops.group_table import measured_devices as measured_group_devices
+from .ops import BACKENDS, extension_status, tables, unavailable_reason
+from .ops.settings import ENV_DECODE_TABLE
 
 
 def _version(package: str) -> str:
@@ -19,10 +17,10 @@ def _version(package: str) -> str:
 
 
 def _triton_features() -> str:
-    """What the installed Triton lets the decode kernel do (triton_launch.py, triton_decode.py)."""
+    """What the installed Triton lets the decode kernel do (ops/triton/launch.py, decode_kernels.py)."""
     try:
-        from .ops.triton_decode import PDL_SUPPORTED
-        from .ops.triton_launch import SUPPORTED as CACHED_LAUNCH
+        from .ops.triton.decode_kernels import PDL_SUPPORTED
+        from .ops.triton.launch import SUPPORTED as CACHED_LAUNCH
     except ImportError as error:
         return f"unavailable ({error})"
     return (f"cached decode launches: {'yes' if CACHED_LAUNCH else 'no (Triton < 3.3)'}; "
@@ -35,7 +33,7 @@ def environment_report() -> dict:
         if torch.cuda.is_available() else []
     device = torch.device("cuda") if gpus else torch.device("cpu")
     backends = {name: unavailable_reason(name, device) for name in BACKENDS}
-    measured = measured_devices()
+    measured = tables.measured_devices(tables.DECODE)
     return {
         "curkernels": _version("curkernels"),
         "python": platform.python_version(),
@@ -51,8 +49,8 @@ def environment_report() -> dict:
         "backends": {name: "live" if why is None else f"unavailable: {why}"
                      for name, why in backends.items()},
         "decode_tables": measured,
-        "decode_configs": swept_devices(),
-        "group_tables": measured_group_devices(),
+        "decode_configs": tables.measured_devices(tables.TILE_CONFIGS),
+        "group_tables": tables.measured_devices(tables.GROUP),
         "graph_decode": {gpu: "measured: the fused kernel that beat the cuBLAS chain, in "
                               "graphs and eagerly" if gpu in measured
                          else f"not measured: CUDA graphs keep the cuBLAS chain (run "

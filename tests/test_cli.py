@@ -36,7 +36,7 @@ def test_info_reports_versions_extension_and_backends():
     # the package ships its measured decode tables and tile configs (package data)
     assert {"NVIDIA H100 80GB HBM3", "NVIDIA H200"} <= set(report["decode_tables"])
     assert "NVIDIA H100 80GB HBM3" in report["decode_configs"]
-    from curkernels.ops.triton_launch import SUPPORTED
+    from curkernels.ops.triton.launch import SUPPORTED
     assert report["triton_features"].startswith(
         f"cached decode launches: {'yes' if SUPPORTED else 'no'}")
     assert set(report["graph_decode"]) == set(report["gpus"])

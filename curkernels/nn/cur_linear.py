@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from ..ops import cur_linear
-from ..ops.validation import check_rows_in_range
+from ..ops.op import check_rows_in_range
 
 TRAINABLE_FACTORS = ("C", "U", "R")
 

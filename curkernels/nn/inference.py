@@ -19,7 +19,7 @@ def prepare_for_inference(model: nn.Module, *, fold: bool = True,
       by the rounding of C·U to the model's dtype.
     - With `share_shrinks`, factored q/k/v and gate/up siblings share one stacked shrink
       factor (`share_input_shrinks`): decode on a GPU then runs one Triton launch a group
-      where the GPU's group table measured it faster (ops/group_table.py), elsewhere the
+      where the GPU's group table measured it faster (ops/tables.py), elsewhere the
       cuBLAS chain with one shrink GEMM a group.
     """
     if not isinstance(model, nn.Module):

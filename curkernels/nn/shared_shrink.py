@@ -3,16 +3,16 @@
 The q, k and v projections of an attention block, and gate and up of a gated MLP, each compute
 x·Rᵀ on one x. `share_input_shrinks` stacks their shrink factors (R of a `CURLinear`, B of a
 `LowRankLinear`) into one weight, so that the group reads it in one pass: at decode on a GPU
-whose measured group table has it win (ops/group_table.py), one Triton launch computes every
+whose measured group table has it win (ops/tables.py), one Triton launch computes every
 member's output (the shrink over the stacked weight, then each member's expand,
-ops/triton_group.py), where the members alone take a launch each; elsewhere one GEMM over the
+ops/triton/decode.py), where the members alone take a launch each; elsewhere one GEMM over the
 stacked weight and one expand GEMM a member (the shared cuBLAS chain), a wider and
 better-filled GEMM at prefill. Every member's shrink factor becomes a view of its rows
 of the stacked weight, so nothing is stored twice and state dicts keep their keys and shapes.
 
 The shared path runs under torch.compile (as the opaque op `curkernels::shared_group`, one
 node a group) and CUDA-graph capture, for prefill and on the CPU, and for eager decode on a GPU
-where the group kernel runs (ops/shared_group.py); elsewhere (no measurement of the group
+where the group kernel runs (ops/dispatch.py); elsewhere (no measurement of the group
 kernel winning, no Triton, or CURKERNELS_BACKEND naming another backend) eager decode keeps
 each member's own dispatch, one fused launch a member where the shared chain would take one
 more.
@@ -31,9 +31,9 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from ..ops.dispatch import DECODE_MAX_ROWS, graph_mode, requested_backend
-from ..ops.shared_group import group_backend, shared_chain, shared_group, shared_group_op
-from ..ops.validation import check_input
+from ..ops.dispatch import group_serves, requested_backend
+from ..ops.op import check_input, shared_group, shared_group_op
+from ..ops.torch_chain import shared_chain
 from .cur_linear import CURLinear
 from .low_rank_linear import LowRankLinear
 
@@ -71,9 +71,7 @@ class SharedShrink:
             return False
         if not x.is_cuda:
             return True
-        num_rows = math.prod(x.shape[:-1])
-        return (num_rows > DECODE_MAX_ROWS or graph_mode()
-                or group_backend(x, num_rows, self.shapes, graph=False) == "triton")
+        return group_serves(x, math.prod(x.shape[:-1]), self.shapes)
 
     def outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Every member's output on x, computed once for the members that read this very x."""

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from curkernels import CURLinear, LowRankLinear
+from curkernels.ops import settings
 
 
 def random_factors(m=37, n=53, r=9, c=11, u="full", seed=0):
@@ -133,6 +134,7 @@ def test_non_contiguous_factors_are_made_contiguous():
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_modules_compile_fullgraph_with_dispatch_at_run_time(backend, monkeypatch):
     monkeypatch.setenv("CURKERNELS_BACKEND", "torch")  # read when the op runs, not traced
+    settings.reload()
     C, U, R, bias = random_factors()
     layers = torch.nn.Sequential(CURLinear(C, U, R, bias, backend=backend),
                                  torch.nn.ReLU(),

@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 import curkernels as ck
 from curkernels import CURLinear, LowRankLinear
 from curkernels.nn import find_linears, prepare_for_inference, share_input_shrinks, swap_linears
-from curkernels.ops import shared_group, unavailable_reason
+from curkernels.ops import dispatch, settings, tables, unavailable_reason
 from curkernels.serve import StaticCacheGenerator
 
 LAYERS = 2  # tiny_model's decoder blocks
@@ -247,6 +247,7 @@ def test_decode_through_the_group_kernel_matches_the_unshared_model(architecture
     share_input_shrinks(model)
     members = [m for m in model.modules() if getattr(m, "shared_shrink", None) is not None]
     monkeypatch.setenv("CURKERNELS_BACKEND", "triton")
+    settings.reload()
     for x, wanted in zip(inputs, expected, strict=True):
         with torch.no_grad(), _CountLinears(
                 stacked=_stacked_weights(model),
@@ -272,8 +273,8 @@ def test_eager_decode_on_a_gpu_runs_the_group_kernel_where_measured_to_win(monke
     stacked = attention.q_proj.shared_shrink.weight
 
     def measured(wins: bool) -> None:
-        monkeypatch.setattr(shared_group, "_choices", {})
-        monkeypatch.setattr(shared_group.group_table, "group_kernel_wins", lambda *args: wins)
+        dispatch.group_choices.clear()
+        monkeypatch.setattr(tables, "group_kernel_wins", lambda *args: wins)
 
     for wins, rows, stacked_gemms in ((True, 1, 0), (True, 16, 0), (True, 40, 0), (True, 65, 1),
                                       (False, 40, 1)):
@@ -290,8 +291,10 @@ def test_eager_decode_on_a_gpu_runs_the_group_kernel_where_measured_to_win(monke
     measured(True)
     assert attention.q_proj.shared_shrink.serves(x)
     monkeypatch.setenv("CURKERNELS_BACKEND", "cuda")  # no group kernel: each member's own
+    settings.reload()
     assert not attention.q_proj.shared_shrink.serves(x)
     monkeypatch.delenv("CURKERNELS_BACKEND")
+    settings.reload()
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
         graph = torch.cuda.CUDAGraph()

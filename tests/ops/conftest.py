@@ -7,9 +7,12 @@ import os
 import pytest
 import torch
 
+from curkernels.ops import settings
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("CURKERNELS_TRITON_AUTOTUNE", "0")
+settings.reload()  # the ops layer read the environment when tests elsewhere imported it
 
 
 @pytest.fixture

@@ -1,6 +1,10 @@
-"""Operands and the fp64 reference for the kernel tests (imported by the test files)."""
+"""Operands, the fp64 reference and dispatch helpers for the kernel tests (imported by them)."""
+
+from dataclasses import replace
 
 import torch
+
+from curkernels.ops import dispatch, settings
 
 # ‖y − ref‖ / ‖ref‖ bounds: fp32 ieee dots, fp16/bf16 operands rounded once more than the
 # reference (the intermediate enters the second product in the input dtype).
@@ -71,3 +75,14 @@ def capture_graph(step, warmups: int = 3):
     with torch.cuda.graph(graph, stream=stream):
         step()
     return graph
+
+
+def group_backend(x, rows, members, graph, uniform_bias=True) -> str:
+    """The way dispatch runs a sibling group's call: 'triton' (one launch) or 'torch'."""
+    return dispatch.group_choice(x, rows, members, graph, uniform_bias)[0]
+
+
+def without_interpreter(monkeypatch) -> None:
+    """The ops settings as if TRITON_INTERPRET were unset (the variable itself stays: Triton
+    reads it too, and kernels run later in this process under the interpreter)."""
+    monkeypatch.setattr(settings, "current", replace(settings.current, triton_interpret=False))

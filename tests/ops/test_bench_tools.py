@@ -10,7 +10,8 @@ import torch
 from bench_scripts import load_bench_script
 from cur_linear_cases import kernel_device
 
-from curkernels.ops import decode_configs, decode_table, triton_backend
+from curkernels.ops import settings, tables
+from curkernels.ops.triton import decode as decode_host
 
 
 def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
@@ -29,7 +30,7 @@ def test_shipped_table_keeps_every_modes_decode_rows(tmp_path):
     assert {(row["M"], row["variant"]) for row in rows} == {
         (M, variant) for M in (1, 16, 32) for variant in ("chain2", "triton", "cuda")}
     assert not list(tmp_path.glob("*.partial"))
-    assert set(decode_table.FUSED_VARIANTS) == {"triton", "cuda"}
+    assert set(tables.FUSED_VARIANTS) == {"triton", "cuda"}
 
 
 def test_a_shipped_sweep_answers_for_its_gpu(tmp_path, monkeypatch):
@@ -47,10 +48,11 @@ def test_a_shipped_sweep_answers_for_its_gpu(tmp_path, monkeypatch):
     shipped = load_bench_script("bench_report").ship_decode_configs(run, into=tmp_path / "configs")
     assert shipped == tmp_path / "configs" / "Some_GPU_80GB.json"
     assert not list((tmp_path / "configs").glob("*.partial"))
-    monkeypatch.setenv(decode_configs.ENV_DECODE_CONFIGS, str(shipped))
+    monkeypatch.setenv(settings.ENV_DECODE_CONFIGS, str(shipped))
+    settings.reload()
     default = vars(sweep.config_for("default", 1))
-    assert default == vars(triton_backend.DEFAULT_DECODE_CONFIG)
-    assert decode_configs.measured_fields("Some GPU 80GB", torch.bfloat16, 1, (64, 64, 8),
+    assert default == vars(decode_host.DEFAULT_DECODE_CONFIG)
+    assert tables.measured_fields("Some GPU 80GB", torch.bfloat16, 1, (64, 64, 8),
                                           default, range(1, 17)) == vars(sweep.config_for(
                                               "2/sm", 1))
 
@@ -63,8 +65,8 @@ def test_sweep_configs_compute_the_layer(monkeypatch, M):
     sweep = load_bench_script("decode_sweep")
     for name in sweep.CANDIDATES:
         config = sweep.config_for(name, M)
-        assert config == replace(triton_backend.DEFAULT_DECODE_CONFIGS[
-            triton_backend.decode_block_rows(M)], **sweep.CANDIDATES[name])
+        assert config == replace(decode_host.DEFAULT_DECODE_CONFIGS[
+            decode_host.decode_block_rows(M)], **sweep.CANDIDATES[name])
         error = sweep.relative_error(config, 70, 90, 33, M, torch.float32,
                                      torch.device(kernel_device()))
         assert error < 1e-5, name

@@ -93,9 +93,10 @@ def test_reduce_overhead_compile_keeps_workspaces_out_of_the_graph_pool(backend)
 def test_capture_finds_the_workspace_its_eager_warm_up_reserved(monkeypatch):
     """Eager decode calls on a stream reserve the Triton workspace that CUDA graphs on that
     stream will use, so the capture keeps it rather than adding zeroing nodes to each replay."""
-    from curkernels.ops import decode_table, execute, triton_backend
-    monkeypatch.setattr(execute, "_choices", {})
-    monkeypatch.setattr(decode_table, "decode_winners",  # Triton in graphs, chain2 eagerly
+    from curkernels.ops import dispatch, tables
+    from curkernels.ops.triton import workspace as workspaces
+    dispatch.choices.clear()
+    monkeypatch.setattr(tables, "decode_winners",  # Triton in graphs, chain2 eagerly
                         lambda *args: ("triton",) if args[-1] == "graph" else ())
     model = _model("auto")  # frozen U: folded into C at the call, so the op gets two factors
     x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
@@ -105,10 +106,10 @@ def test_capture_finds_the_workspace_its_eager_warm_up_reserved(monkeypatch):
         model(x)
         raw = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
     torch.cuda.current_stream().wait_stream(stream)
-    kept = {key for key in triton_backend._workspaces if key[1] == raw}
+    kept = {key for key in workspaces._workspaces if key[1] == raw}
     assert {(key[2], key[3]) for key in kept} == {(64, 64), (32, 32)}
     graph = torch.cuda.CUDAGraph()
     with torch.no_grad(), torch.cuda.graph(graph, stream=stream):
         y = model(x)
-    assert {key for key in triton_backend._workspaces if key[1] == raw} == kept
+    assert {key for key in workspaces._workspaces if key[1] == raw} == kept
     _assert_replays_match(graph, model, x, y)

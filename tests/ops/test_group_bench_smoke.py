@@ -6,7 +6,7 @@ import json
 import pytest
 from bench_scripts import load_bench_script
 
-from curkernels.ops import group_table, unavailable_reason
+from curkernels.ops import settings, tables, unavailable_reason
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_a_run_ships_as_the_gpus_group_table(group_bench, tmp_path, monkeypatch)
         pytest.skip("the group way runs here under the interpreter only (TRITON_INTERPRET=1)")
     assert group_bench.main(["--smoke", "--out", str(tmp_path)]) == 0
     run = json.loads((tmp_path / "group_bench.json").read_text())
-    points = group_table.points_from_benchmark(run, torch.float32, "eager")
+    points = tables.group_points_from_benchmark(run, torch.float32, "eager")
     assert {point.rows for point in points} == set(group_bench.SMOKE_ROWS)
     shipped = load_bench_script("bench_report").ship_group_table(
         tmp_path / "group_bench.json", into=tmp_path / "groups")
@@ -45,10 +45,11 @@ def test_a_run_ships_as_the_gpus_group_table(group_bench, tmp_path, monkeypatch)
     assert not list((tmp_path / "groups").glob("*.partial"))
     assert {row["way"] for row in json.loads(shipped.read_text())["results"]} == {
         "group", "chain", "members"}
-    monkeypatch.setenv(group_table.ENV_GROUP_TABLE, str(shipped))
+    monkeypatch.setenv(settings.ENV_GROUP_TABLE, str(shipped))
+    settings.reload()
     (members,) = {point.members for point in points}
     for point in points:
-        assert group_table.group_kernel_wins("cpu", torch.float32, point.rows,
+        assert tables.group_kernel_wins("cpu", torch.float32, point.rows,
                                              group_bench.SMOKE_HIDDEN, members,
                                              "eager") == point.wins
 

@@ -10,7 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from curkernels.ops import triton_decode, triton_prefill
+from curkernels.ops.triton import decode_kernels as triton_decode
+from curkernels.ops.triton import prefill_kernel as triton_prefill
 
 SCRIPT = Path(__file__).with_name("triton_aot_compile.py")
 

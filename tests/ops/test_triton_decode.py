@@ -19,9 +19,11 @@ from cur_linear_cases import (
     make_case,
 )
 
-from curkernels.ops import triton_backend
-from curkernels.ops import triton_decode as decode
-from curkernels.ops.triton_backend import DecodeConfig, cur_linear_decode
+from curkernels.ops import settings
+from curkernels.ops.triton import decode as decode_host
+from curkernels.ops.triton import decode_kernels as decode
+from curkernels.ops.triton import workspace as workspaces
+from curkernels.ops.triton.decode import DecodeConfig, cur_linear_decode
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = kernel_device()
@@ -82,12 +84,12 @@ def test_decode_configs(config, single_launch, poisoned, monkeypatch):
     """Every form of the kernel with each config; the persistent form on one program, which
     the interpreter can run (on a GPU, on every SM), so that one program takes every tile."""
     if single_launch and not torch.cuda.is_available():
-        monkeypatch.setattr(triton_backend, "single_launch", lambda device: True)
-        monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
-        monkeypatch.setattr(triton_backend, "_workspaces", {})
-        monkeypatch.setattr(triton_backend, "_decode_plans", {})
+        monkeypatch.setattr(decode_host, "single_launch", lambda device: True)
+        monkeypatch.setattr(decode_host, "_multiprocessors", lambda device_index: 1)
+        monkeypatch.setattr(workspaces, "_workspaces", {})
+        monkeypatch.setattr(decode_host, "_decode_plans", {})
     elif not single_launch:
-        monkeypatch.setattr(triton_backend, "single_launch", lambda device: False)
+        monkeypatch.setattr(decode_host, "single_launch", lambda device: False)
     for seed, (M, r, link) in enumerate(((1, 100, "none"), (16, 37, "diagonal"),
                                          (3, 70, "full"), (33, 50, "none"))):
         case = make_case(M, N, M_OUT, r, torch.float32, link=link, gather=seed == 1,
@@ -122,7 +124,7 @@ def test_l2_prefetch_lines_cover_the_programs_expand_tiles(m, c, block_out, num_
                                                            lines):
     """The lines a program asks L2 for are those of its own expand tiles, taken in the order
     it expands them, one per 128 bytes, and never an address outside C."""
-    line_elements = triton_backend.L2_LINE_BYTES // 2
+    line_elements = decode_host.L2_LINE_BYTES // 2
     out = torch.full((lines,), -1, dtype=torch.int64, device=DEVICE)
     _line_offsets_kernel[(1,)](out, pid, num_programs, m, c, LINES=lines, BLOCK_OUT=block_out,
                                LINE_ELEMENTS=line_elements)
@@ -159,10 +161,10 @@ def test_programs_per_sm_fit_together(asked, num_warps, shared_per_sm, rows, exp
     props = SimpleNamespace(regs_per_multiprocessor=65536, max_threads_per_multi_processor=2048,
                             shared_memory_per_multiprocessor=shared_per_sm)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
-    triton_backend._programs_per_sm.cache_clear()
+    decode_host._programs_per_sm.cache_clear()
     config = DecodeConfig(num_warps=num_warps, programs_per_sm=asked)
-    assert triton_backend._programs_per_sm(0, config, 2, rows) == expected
-    triton_backend._programs_per_sm.cache_clear()
+    assert decode_host._programs_per_sm(0, config, 2, rows) == expected
+    decode_host._programs_per_sm.cache_clear()
 
 
 def test_decode_clamps_out_of_range_rows(poisoned):
@@ -181,6 +183,7 @@ def test_decode_clamps_out_of_range_rows(poisoned):
 @pytest.mark.parametrize("link", LINKS)
 def test_decode_gpu_both_forms(single_launch, dtype, link, poisoned, monkeypatch):
     monkeypatch.setenv("CURKERNELS_TRITON_SINGLE_LAUNCH", single_launch)
+    settings.reload()
     for M, seed in ((1, 0), (16, 1), (7, 2), (32, 3), (50, 4)):
         case = make_case(M, 4096 + 8, 1000, 256, dtype, link=link, gather=seed == 1,
                          device="cuda", seed=seed)
@@ -189,7 +192,7 @@ def test_decode_gpu_both_forms(single_launch, dtype, link, poisoned, monkeypatch
 
 @gpu
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", (triton_backend.DEFAULT_DECODE_CONFIG, DecodeConfig(pdl=True)),
+@pytest.mark.parametrize("config", (decode_host.DEFAULT_DECODE_CONFIG, DecodeConfig(pdl=True)),
                          ids=("default", "pdl"))
 @pytest.mark.parametrize("M", (4, 40))
 def test_decode_single_launch_in_cuda_graph(config, M):
@@ -217,21 +220,21 @@ def test_decode_single_launch_in_cuda_graph(config, M):
         torch.cuda.synchronize()
         assert_matches_reference(y, case)
         assert_matches_reference(z, dict(second, x=y.clone()))
-    assert triton_backend._workspaces, "the decode workspace is cached for graph replays"
+    assert workspaces._workspaces, "the decode workspace is cached for graph replays"
 
 
 def test_single_launch_form_with_one_program(poisoned, monkeypatch):
     """The persistent form (grid barrier, epoch double-buffering) on one program, which the
     interpreter can run: the barrier's last arriver is the only one and never spins."""
-    monkeypatch.setattr(triton_backend, "single_launch", lambda device: True)
-    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
-    monkeypatch.setattr(triton_backend, "_workspaces", {})
-    monkeypatch.setattr(triton_backend, "_decode_plans", {})
+    monkeypatch.setattr(decode_host, "single_launch", lambda device: True)
+    monkeypatch.setattr(decode_host, "_multiprocessors", lambda device_index: 1)
+    monkeypatch.setattr(workspaces, "_workspaces", {})
+    monkeypatch.setattr(decode_host, "_decode_plans", {})
     for call, link in enumerate(("full", "none", "diagonal")):
         case = make_case(4, N, M_OUT, 40, torch.float32, link=link, gather=call == 1,
                          device=DEVICE, seed=call)
         assert_matches_reference(run_decode(case, poisoned), case)
-    sync_words = sorted(tuple(w.sync.tolist()) for w in triton_backend._workspaces.values())
+    sync_words = sorted(tuple(w.sync.tolist()) for w in workspaces._workspaces.values())
     # [arrivals, release flag, epoch, pad]: (r, c) = (40, 43) ran one call with two barriers at
     # epoch 0 (flags 1, 2); (40, 40) two calls with one barrier each, at epochs 0 and 1 (flags
     # 1, 3). Every barrier left its count at zero and every call bumped the epoch once.
@@ -242,21 +245,21 @@ def test_row_blocks_keep_their_own_workspaces(poisoned, monkeypatch):
     """Each row block (16, 32, 64 rows) sums into, and zeroes for its next launch, a workspace
     of its own size: calls of other blocks in between, at either epoch parity, must leave the
     one a call reads zeroed. The persistent form on one program, as above."""
-    monkeypatch.setattr(triton_backend, "single_launch", lambda device: True)
-    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
-    monkeypatch.setattr(triton_backend, "_workspaces", {})
-    monkeypatch.setattr(triton_backend, "_decode_plans", {})
+    monkeypatch.setattr(decode_host, "single_launch", lambda device: True)
+    monkeypatch.setattr(decode_host, "_multiprocessors", lambda device_index: 1)
+    monkeypatch.setattr(workspaces, "_workspaces", {})
+    monkeypatch.setattr(decode_host, "_decode_plans", {})
     row_counts = (40, 3, 40, 20, 64, 16, 33, 17)
     for call, M in enumerate(row_counts):
         case = make_case(M, N, M_OUT, 24, torch.float32, link="diagonal", gather=call % 2 == 0,
                          device=DEVICE, seed=call)
         assert_matches_reference(run_decode(case, poisoned), case)
     epochs = {key[-1]: workspace.sync[2].item()
-              for key, workspace in triton_backend._workspaces.items()}
+              for key, workspace in workspaces._workspaces.items()}
     # keys end with the row block; each block's epoch counts its own calls
     assert epochs == {16: 2, 32: 2, 64: 4}
     assert all(w.sums.shape == (2 * key[-1] * 24,)
-               for key, w in triton_backend._workspaces.items())
+               for key, w in workspaces._workspaces.items())
 
 
 # Not bf16, where the GPU test failed: the interpreter's bf16 tl.dot is wrong (Triton 3.8).
@@ -267,10 +270,10 @@ def test_forms_share_one_workspace(dtype, poisoned, monkeypatch):
     form reads the buffer of the current epoch as zero: a barrier-free call before it must not
     leave partial sums there, whatever the epoch's parity."""
     single = {"launch": True}
-    monkeypatch.setattr(triton_backend, "single_launch", lambda device: single["launch"])
-    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
-    monkeypatch.setattr(triton_backend, "_workspaces", {})
-    monkeypatch.setattr(triton_backend, "_decode_plans", {})
+    monkeypatch.setattr(decode_host, "single_launch", lambda device: single["launch"])
+    monkeypatch.setattr(decode_host, "_multiprocessors", lambda device_index: 1)
+    monkeypatch.setattr(workspaces, "_workspaces", {})
+    monkeypatch.setattr(decode_host, "_decode_plans", {})
     # Single launches at epochs 0, 1, 2, 3 use buffers 0, 1, 0, 1: barrier-free calls come
     # after single launches that used either buffer and before ones at either parity.
     for call, launch in enumerate((False, True, False, True, False, True, True)):

@@ -1,27 +1,27 @@
 """The sibling-group decode kernel (q/k/v or gate/up in one launch) against the fp64 reference,
 outputs poisoned, and the rule that picks it over the shared chain (the measured table itself:
-test_group_table.py)."""
+test_tables_group.py)."""
 
 import itertools
 
 import pytest
 import torch
-from cur_linear_cases import REL_TOLERANCE, capture_graph, kernel_device
+from cur_linear_cases import (
+    REL_TOLERANCE,
+    capture_graph,
+    group_backend,
+    kernel_device,
+    without_interpreter,
+)
 
-from curkernels.ops import BackendUnavailableError, backends, shared_group, triton_backend
-from curkernels.ops.shared_group import group_backend
-from curkernels.ops.triton_backend import cur_linear_decode
-from curkernels.ops.triton_group import cur_linear_group_decode
+from curkernels.ops import BackendUnavailableError, dispatch, settings, tables
+from curkernels.ops.triton import decode as decode_host
+from curkernels.ops.triton import workspace as workspaces
+from curkernels.ops.triton.decode import cur_linear_decode, cur_linear_group_decode
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = kernel_device()
 N = 300  # not a multiple of any block
-
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    """group_backend memoizes by what can change between calls; these tests change more."""
-    monkeypatch.setattr(shared_group, "_choices", {})
 
 
 def make_group(M, ranks, ms, dtype, bias, device=DEVICE, seed=0, n=N):
@@ -76,10 +76,10 @@ def test_group_persistent_form_shares_the_workspace_with_single_layers(poisoned,
     """The single-launch form (grid barrier, epoch double-buffering) on one program, which the
     interpreter can run; its workspace is the single-layer kernel's of the same rank and row
     block, so calls of both, in turn, must each find their buffer zeroed."""
-    monkeypatch.setattr(triton_backend, "single_launch", lambda device: True)
-    monkeypatch.setattr(triton_backend, "_multiprocessors", lambda device_index: 1)
-    monkeypatch.setattr(triton_backend, "_workspaces", {})
-    monkeypatch.setattr(triton_backend, "_decode_plans", {})
+    monkeypatch.setattr(decode_host, "single_launch", lambda device: True)
+    monkeypatch.setattr(decode_host, "_multiprocessors", lambda device_index: 1)
+    monkeypatch.setattr(workspaces, "_workspaces", {})
+    monkeypatch.setattr(decode_host, "_decode_plans", {})
     from cur_linear_cases import assert_matches_reference, make_case
     for call in range(4):
         group = make_group(3, (6, 4, 5), (20, 9, 11), torch.float32, bias=call % 2 == 0,
@@ -89,7 +89,7 @@ def test_group_persistent_form_shares_the_workspace_with_single_layers(poisoned,
         y = poisoned(2, 17, torch.float32, DEVICE)
         cur_linear_decode(single["x"], single["C"], None, single["R"], single["bias"], None, y)
         assert_matches_reference(y, single)
-    (workspace,) = triton_backend._workspaces.values()
+    (workspace,) = workspaces._workspaces.values()
     assert workspace.sync.tolist() == [0, 15, 8, 0]  # 8 launches, one barrier each
 
 
@@ -142,16 +142,18 @@ def test_group_backend_on_a_gpu(environment, rows, members, uniform, dtype, meas
                                 expected, monkeypatch):
     if environment is None:
         monkeypatch.delenv("CURKERNELS_BACKEND", raising=False)
+        settings.reload()
     else:
         monkeypatch.setenv("CURKERNELS_BACKEND", environment)
-    monkeypatch.setattr(shared_group, "unavailable_reason", lambda backend, device: None)
+        settings.reload()
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "G")
     asked = []
 
     def group_kernel_wins(*args):
         asked.append(args)
         return measured_win
-    monkeypatch.setattr(shared_group.group_table, "group_kernel_wins", group_kernel_wins)
+    monkeypatch.setattr(tables, "group_kernel_wins", group_kernel_wins)
     for graph in (True, False):
         assert group_backend(_FakeCudaInput(dtype), rows, members, graph, uniform) == expected
     if asked:  # the table is asked about this very call, in each mode
@@ -160,19 +162,23 @@ def test_group_backend_on_a_gpu(environment, rows, members, uniform, dtype, meas
 
 def test_group_backend_keeps_cpu_inputs_on_the_chain_unless_triton_is_named(monkeypatch):
     monkeypatch.delenv("CURKERNELS_BACKEND", raising=False)
-    monkeypatch.setattr(shared_group, "unavailable_reason", lambda backend, device: None)
+    settings.reload()
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device: None)
     x = torch.randn(1, 8)
     assert group_backend(x, 1, THREE, graph=False) == "torch"
     monkeypatch.setenv("CURKERNELS_BACKEND", "triton")
+    settings.reload()
     assert group_backend(x, 1, THREE, graph=False) == "triton"
 
 
 def test_group_backend_named_triton_that_cannot_run_raises(monkeypatch):
     monkeypatch.setenv("CURKERNELS_BACKEND", "triton")
-    monkeypatch.setattr(backends, "triton_interpreting", lambda: False)
+    settings.reload()
+    without_interpreter(monkeypatch)
     with pytest.raises(BackendUnavailableError, match="'triton' is unavailable"):
         group_backend(torch.randn(1, 8), 1, THREE, graph=False)
     monkeypatch.delenv("CURKERNELS_BACKEND")
+    settings.reload()
     assert group_backend(torch.randn(1, 8), 1, THREE, graph=False) == "torch"
 
 
@@ -184,6 +190,7 @@ def test_group_gpu_both_forms(single_launch, dtype, poisoned, monkeypatch):
     """Llama-like q/k/v and gate/up ranks (unequal, off the tiles) at decode and batched
     decode sizes."""
     monkeypatch.setenv("CURKERNELS_TRITON_SINGLE_LAUNCH", single_launch)
+    settings.reload()
     for seed, (M, ranks, ms, bias) in enumerate((
             (1, (264, 96, 96), (2048, 512, 512), False), (16, (200, 72, 80), (2048, 512, 520), True),
             (40, (384, 384), (5632, 5632), False))):

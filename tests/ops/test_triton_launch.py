@@ -17,8 +17,9 @@ import torch
 import triton
 from cur_linear_cases import assert_matches_reference, make_case
 
-from curkernels.ops import triton_backend, triton_launch
-from curkernels.ops.triton_launch import CachedLaunch, pointers_aligned
+from curkernels.ops.triton import decode as decode_host
+from curkernels.ops.triton import launch as triton_launch
+from curkernels.ops.triton.launch import CachedLaunch, pointers_aligned
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CHECK = Path(__file__).with_name("triton_launch_check.py")
@@ -198,16 +199,16 @@ def test_decode_through_both_paths_matches_the_reference(poisoned):
         case = make_case(M, N, M_OUT, 64, torch.bfloat16, link="diagonal", bias=True,
                          device="cuda", seed=seed)
         y = poisoned(M, M_OUT, torch.bfloat16, "cuda")
-        triton_backend.cur_linear_decode(case["x"], case["C"], case["U"], case["R"],
+        decode_host.cur_linear_decode(case["x"], case["C"], case["U"], case["R"],
                                          case["bias"], case["rows"], y)
         assert_matches_reference(y, case)
     storage = torch.empty(5 * N + 1, dtype=torch.bfloat16, device="cuda")
     x = storage[1:].view(5, N)
     x.copy_(case["x"])
     y = poisoned(5, M_OUT, torch.bfloat16, "cuda")
-    triton_backend.cur_linear_decode(x, case["C"], case["U"], case["R"], case["bias"],
+    decode_host.cur_linear_decode(x, case["C"], case["U"], case["R"], case["bias"],
                                      case["rows"], y)
     assert_matches_reference(y, case)
-    plans = [plan for plan in triton_backend._decode_plans.values()
+    plans = [plan for plan in decode_host._decode_plans.values()
              if any(launch.specializations for launch in plan.launches)]
     assert plans, "no decode launch reused a compiled kernel"

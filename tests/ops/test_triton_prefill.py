@@ -6,8 +6,9 @@ import pytest
 import torch
 from cur_linear_cases import LINKS, assert_matches_reference, kernel_device, make_case
 
-from curkernels.ops import triton_autotune
-from curkernels.ops.triton_backend import _cur_linear_prefill
+from curkernels.ops import settings
+from curkernels.ops.triton import prefill_tuning
+from curkernels.ops.triton.prefill import cur_linear_prefill
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICE = kernel_device()
@@ -16,7 +17,7 @@ N, M_OUT = 300, 130  # not multiples of any block size
 
 def run_prefill(case, poisoned):
     y = poisoned(case["x"].shape[0], case["C"].shape[0], case["x"].dtype, case["x"].device)
-    _cur_linear_prefill(case["x"], case["C"], case["U"], case["R"], case["bias"], case["rows"], y)
+    cur_linear_prefill(case["x"], case["C"], case["U"], case["R"], case["bias"], case["rows"], y)
     return y
 
 
@@ -50,8 +51,8 @@ def test_prefill_clamps_out_of_range_rows(poisoned):
 def test_candidate_configs_keep_the_intermediate_small(dtype):
     """The on-chip intermediate (block_m × r_chunk fp32) stays within the spill-free tiles."""
     for r in (1, 100, 256, 1024):
-        configs = triton_autotune.candidate_configs(64, r, dtype)
-        assert triton_autotune.default_config(64, r, False, dtype) in configs
+        configs = prefill_tuning.candidate_configs(64, r, dtype)
+        assert prefill_tuning.default_config(64, r, False, dtype) in configs
         assert all(c.block_m * c.r_chunk <= 8192 for c in configs)
         assert all(c.r_chunk <= max(16, 1 << (r - 1).bit_length()) for c in configs)
 
@@ -59,35 +60,36 @@ def test_candidate_configs_keep_the_intermediate_small(dtype):
 def test_triton_3_2_never_tries_64_row_tiles_on_hopper(tmp_path, monkeypatch):
     """Triton 3.2 aborts the process compiling them for sm_90: neither the default, nor a
     candidate, nor a config cached by another Triton; sm_80 and other Tritons keep them."""
-    monkeypatch.setattr(triton_autotune, "TRITON_VERSION", (3, 2))
+    monkeypatch.setattr(prefill_tuning, "TRITON_VERSION", (3, 2))
     for dtype in (torch.float32, torch.bfloat16):
-        hopper = triton_autotune.candidate_configs(4096, 1024, dtype, (9, 0))
+        hopper = prefill_tuning.candidate_configs(4096, 1024, dtype, (9, 0))
         assert hopper and all(c.block_m <= 32 for c in hopper)
-        assert triton_autotune.default_config(4096, 1024, False, dtype, (9, 0)) in hopper
-    assert {c.block_m for c in triton_autotune.candidate_configs(4096, 1024, torch.bfloat16,
+        assert prefill_tuning.default_config(4096, 1024, False, dtype, (9, 0)) in hopper
+    assert {c.block_m for c in prefill_tuning.candidate_configs(4096, 1024, torch.bfloat16,
                                                                   (8, 0))} == {32, 64}
-    monkeypatch.setattr(triton_autotune, "_cache", triton_autotune.TuningCache(tmp_path / "t.json"))
-    monkeypatch.setattr(triton_autotune, "_memo", {})
-    monkeypatch.setattr(triton_autotune, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(prefill_tuning, "_cache", prefill_tuning.TuningCache(tmp_path / "t.json"))
+    monkeypatch.setattr(prefill_tuning, "_memo", {})
+    monkeypatch.setattr(prefill_tuning, "_capability", lambda device: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "G")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.delenv("CURKERNELS_TRITON_AUTOTUNE", raising=False)
-    cached = triton_autotune.PrefillConfig(64, 128, 64, 128, 1, 8, 3)
-    triton_autotune._cache.put("G", "k", cached)
-    tuned = triton_autotune.PrefillConfig(32, 128, 64, 128, 2, 8, 3)
-    monkeypatch.setattr(triton_autotune, "_benchmark", lambda *args: tuned)
-    assert triton_autotune.tuned_config(("k",), torch.device("cuda", 0), torch.bfloat16, 4096,
+    settings.reload()
+    cached = prefill_tuning.PrefillConfig(64, 128, 64, 128, 1, 8, 3)
+    prefill_tuning._cache.put("G", "k", cached)
+    tuned = prefill_tuning.PrefillConfig(32, 128, 64, 128, 2, 8, 3)
+    monkeypatch.setattr(prefill_tuning, "_benchmark", lambda *args: tuned)
+    assert prefill_tuning.tuned_config(("k",), torch.device("cuda", 0), torch.bfloat16, 4096,
                                         1024, False, lambda config: None) == tuned
-    monkeypatch.setattr(triton_autotune, "TRITON_VERSION", (3, 6))
-    assert {c.block_m for c in triton_autotune.candidate_configs(4096, 1024, torch.bfloat16,
+    monkeypatch.setattr(prefill_tuning, "TRITON_VERSION", (3, 6))
+    assert {c.block_m for c in prefill_tuning.candidate_configs(4096, 1024, torch.bfloat16,
                                                                   (9, 0))} == {32, 64}
 
 
 def test_tuning_cache_round_trip(tmp_path):
-    cache = triton_autotune.TuningCache(tmp_path / "tune.json")
-    config = triton_autotune.PrefillConfig(64, 128, 64, 128, 2, 8, 3)
+    cache = prefill_tuning.TuningCache(tmp_path / "tune.json")
+    config = prefill_tuning.PrefillConfig(64, 128, 64, 128, 2, 8, 3)
     cache.put("NVIDIA H100 80GB HBM3", "bf16|4096", config)
-    reread = triton_autotune.TuningCache(tmp_path / "tune.json")
+    reread = prefill_tuning.TuningCache(tmp_path / "tune.json")
     assert reread.get("NVIDIA H100 80GB HBM3", "bf16|4096") == config
     assert reread.get("NVIDIA H200", "bf16|4096") is None
 
@@ -95,7 +97,7 @@ def test_tuning_cache_round_trip(tmp_path):
 def test_tuning_cache_ignores_a_corrupt_file(tmp_path):
     path = tmp_path / "tune.json"
     path.write_text("{not json")
-    assert triton_autotune.TuningCache(path).get("gpu", "key") is None
+    assert prefill_tuning.TuningCache(path).get("gpu", "key") is None
 
 
 @gpu
@@ -113,10 +115,11 @@ def test_prefill_gpu(dtype, link, poisoned):
 @pytest.mark.gpu
 def test_prefill_tuning_caches_the_winner_by_gpu(tmp_path, monkeypatch, poisoned):
     monkeypatch.setenv("CURKERNELS_TRITON_AUTOTUNE", "1")
-    monkeypatch.setattr(triton_autotune, "_cache", triton_autotune.TuningCache(tmp_path / "t.json"))
-    monkeypatch.setattr(triton_autotune, "_memo", {})
+    settings.reload()
+    monkeypatch.setattr(prefill_tuning, "_cache", prefill_tuning.TuningCache(tmp_path / "t.json"))
+    monkeypatch.setattr(prefill_tuning, "_memo", {})
     case = make_case(100, 1024, 512, 64, torch.bfloat16, device="cuda")
     assert_matches_reference(run_prefill(case, poisoned), case)
     gpu_name = torch.cuda.get_device_name()
-    entries = triton_autotune.TuningCache(tmp_path / "t.json")._load()[gpu_name]
+    entries = prefill_tuning.TuningCache(tmp_path / "t.json")._load()[gpu_name]
     assert len(entries) == 1

@@ -18,18 +18,18 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile
 
-from curkernels.ops import triton_backend, triton_group
-from curkernels.ops.triton_autotune import (
-    candidate_configs,
-    default_config,
-    largest_row_block,
-)
-from curkernels.ops.triton_decode import (
+from curkernels.ops.triton import decode as decode_host
+from curkernels.ops.triton.decode_kernels import (
     PDL_SUPPORTED,
     cur_linear_decode_kernel,
     cur_linear_group_decode_kernel,
 )
-from curkernels.ops.triton_prefill import cur_linear_prefill_kernel
+from curkernels.ops.triton.prefill_kernel import cur_linear_prefill_kernel
+from curkernels.ops.triton.prefill_tuning import (
+    candidate_configs,
+    default_config,
+    largest_row_block,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, run as a script
 from bench_scripts import load_bench_script  # noqa: E402
@@ -123,8 +123,8 @@ def decode_kernels(dtype, config=None, rows=16):
     """The launches of a decode call with `rows` input rows a tile, in `config` (default: the
     row block's default config, named "default")."""
     default = config is None
-    config = config or triton_backend.DEFAULT_DECODE_CONFIGS[rows]
-    triton_backend._multiprocessors = lambda device_index: 132
+    config = config or decode_host.DEFAULT_DECODE_CONFIGS[rows]
+    decode_host._multiprocessors = lambda device_index: 132
     torch.cuda.get_device_capability = lambda device=None: (9, 0)  # the plan refuses PDL before
     # an H100's SM, for configs of two programs an SM
     torch.cuda.get_device_properties = lambda device=None: SimpleNamespace(
@@ -134,7 +134,7 @@ def decode_kernels(dtype, config=None, rows=16):
     for persistent in (True, False):
         for u_kind in ("none", "diagonal", "full"):
             with_extras = u_kind == "full"  # gather rows and bias with the full U
-            plan = triton_backend._decode_plan(torch.device("cuda", 0), dtype, 4096, 256,
+            plan = decode_host._decode_plan(torch.device("cuda", 0), dtype, 4096, 256,
                                                264 if u_kind == "full" else 256, 4096, rows,
                                                u_kind, with_extras, with_extras, persistent,
                                                config)
@@ -167,12 +167,12 @@ def group_kernels(dtype):
     for members, has_bias in ((3, True), (2, False)):
         ranks, ms = (264, 96, 96)[:members], (4096, 1024, 1024)[:members]
         for rows, persistent in itertools.product((16, 64), (True, False)):
-            plan = triton_group._group_plan(torch.device("cuda", 0), dtype, 4096, ranks, ms,
+            plan = decode_host._group_plan(torch.device("cuda", 0), dtype, 4096, ranks, ms,
                                             rows, has_bias, persistent)
             pointers, nones = _split_pointers(
                 {"x_ptr": ptr, "r_ptr": ptr, "sums_ptr": "*fp32", "sync_ptr": "*i32"},
                 [(f"{name}{index}_ptr", index < members and (name != "bias" or has_bias), ptr)
-                 for index in range(triton_group.MAX_MEMBERS) for name in ("c", "y", "bias")])
+                 for index in range(decode_host.MAX_GROUP_MEMBERS) for name in ("c", "y", "bias")])
             yield from _plan_kernels(
                 plan, pointers, nones,
                 f"group {TRITON_TYPES[dtype]} {'persistent' if persistent else 'phase'} "
@@ -207,15 +207,15 @@ def main() -> int:
         kernels = (list(decode_kernels(dtype)) + list(group_kernels(dtype))
                    + list(prefill_kernels(dtype)))
         if PDL_SUPPORTED:  # the launch plan refuses PDL before Triton 3.5
-            kernels += list(decode_kernels(dtype, triton_backend.DecodeConfig(pdl=True)))
+            kernels += list(decode_kernels(dtype, decode_host.DecodeConfig(pdl=True)))
         kernels += [kernel for kernel in decode_kernels(
-            dtype, triton_backend.DecodeConfig(l2_prefetch_bytes=65536, num_warps=8))
+            dtype, decode_host.DecodeConfig(l2_prefetch_bytes=65536, num_warps=8))
             if "persistent" in kernel[0]]
-        for rows in triton_backend.DECODE_ROW_BLOCKS[1:]:  # batched decode, both forms
+        for rows in decode_host.DECODE_ROW_BLOCKS[1:]:  # batched decode, both forms
             kernels += list(decode_kernels(dtype, rows=rows))
         if dtype == torch.bfloat16:  # the sweep's dtype; --quick: its new batched block only
-            kernels += list(sweep_kernels(triton_backend.DECODE_ROW_BLOCKS[1:2] if quick
-                                          else triton_backend.DECODE_ROW_BLOCKS))
+            kernels += list(sweep_kernels(decode_host.DECODE_ROW_BLOCKS[1:2] if quick
+                                          else decode_host.DECODE_ROW_BLOCKS))
         if quick:
             kernels = [k for k in kernels if not k[0].startswith("prefill")
                        or str(default_config(4096, 1024, False, dtype)) in k[0]]

@@ -14,8 +14,10 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.runtime import driver
 
-from curkernels.ops import triton_backend, triton_group, triton_launch
-from curkernels.ops.triton_version import TRITON_VERSION
+from curkernels.ops import settings
+from curkernels.ops.triton import decode, prefill
+from curkernels.ops.triton import launch as triton_launch
+from curkernels.ops.triton.runtime import TRITON_VERSION
 
 DEVICE, STREAM = 0, 0x5EED
 
@@ -102,14 +104,14 @@ def main() -> int:
     driver.set_active(StandInDriver())
     triton_launch._current_device = lambda: DEVICE
     triton_launch._current_stream = lambda device: STREAM
-    triton_backend._multiprocessors = lambda device_index: 132
+    decode._multiprocessors = lambda device_index: 132
     n, r, m, dtype = 256, 64, 128, torch.bfloat16
     failures = 0
     for u_kind, M in (("none", 1), ("none", 3), ("diagonal", 16), ("none", 40)):
-        block_rows = triton_backend.decode_block_rows(M)
-        plan = triton_backend._decode_plan(torch.device("cuda", DEVICE), dtype, n, r, r, m,
+        block_rows = decode.decode_block_rows(M)
+        plan = decode._decode_plan(torch.device("cuda", DEVICE), dtype, n, r, r, m,
                                            block_rows, u_kind, True, False, True,
-                                           triton_backend.DEFAULT_DECODE_CONFIG)
+                                           decode.DEFAULT_DECODE_CONFIG)
         (launch,) = plan.launches
         x, R = torch.zeros(M, n, dtype=dtype), torch.zeros(r, n, dtype=dtype)
         C, y = torch.zeros(m, r, dtype=dtype), torch.zeros(M, m, dtype=dtype)
@@ -122,7 +124,7 @@ def main() -> int:
         failures += not check_launch(f"U={u_kind} M={M}", launch, (M, r), args)
     # The sibling-group kernel (q/k/v-like: three members with biases), the same way.
     ranks, ms, M = (32, 16, 16), (128, 64, 64), 2
-    plan = triton_group._group_plan(torch.device("cuda", DEVICE), dtype, n, ranks, ms, 16, True,
+    plan = decode._group_plan(torch.device("cuda", DEVICE), dtype, n, ranks, ms, 16, True,
                                     True)
     (launch,) = plan.launches
     expands = [torch.zeros(rows, rank, dtype=dtype) for rows, rank in zip(ms, ranks, strict=True)]
@@ -137,10 +139,11 @@ def main() -> int:
     # and launches on this Triton.
     RecordingLauncher.calls.clear()
     os.environ["CURKERNELS_TRITON_AUTOTUNE"] = "0"
+    settings.reload()
     M = 40
-    triton_backend._cur_linear_prefill(torch.zeros(M, n, dtype=dtype), torch.zeros(m, r, dtype=dtype),
-                                       None, torch.zeros(r, n, dtype=dtype), None, None,
-                                       torch.zeros(M, m, dtype=dtype))
+    prefill.cur_linear_prefill(torch.zeros(M, n, dtype=dtype), torch.zeros(m, r, dtype=dtype),
+                               None, torch.zeros(r, n, dtype=dtype), None, None,
+                               torch.zeros(M, m, dtype=dtype))
     launched = len(RecordingLauncher.calls) >= 1
     print(f"{'ok  ' if launched else 'FAIL'} prefill M={M}: {len(RecordingLauncher.calls)} "
           f"launches through Triton's run")

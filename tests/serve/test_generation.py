@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 import curkernels as ck
 from curkernels.nn import FACTORED_MODULES, prepare_for_inference, share_input_shrinks
-from curkernels.ops import shared_group
+from curkernels.ops import dispatch, tables
 from curkernels.serve import StaticCacheGenerator
 
 NEW_TOKENS = 12
@@ -188,8 +188,8 @@ def test_cuda_graph_decode_with_shared_shrinks_matches_generate_on_gpu(tokenizer
     """Sibling projections sharing one shrink, replayed in CUDA graphs, generate what the
     unshared model does eagerly: through the shared chain, and through the group kernel
     where a measured group table (stubbed here) has it win."""
-    monkeypatch.setattr(shared_group, "_choices", {})
-    monkeypatch.setattr(shared_group.group_table, "group_kernel_wins",
+    dispatch.group_choices.clear()
+    monkeypatch.setattr(tables, "group_kernel_wins",
                         lambda *args: group_kernel_wins)
     model = tiny_causal_lm("llama", len(tokenizer)).cuda()
     ck.compress(model, method="svd", keep=0.5)

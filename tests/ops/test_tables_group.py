@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from cur_linear_cases import group_backend
 
-from curkernels.ops import group_table, shared_group
-from curkernels.ops.shared_group import group_backend
+from curkernels.ops import dispatch, settings, tables
 
 QKV = ((4096, 1024), (1024, 384), (1024, 384))
 GATE_UP = ((14336, 1536), (14336, 1536))
@@ -32,11 +32,11 @@ def test_the_group_kernel_wins_by_ten_percent_over_every_other_way_of_the_mode()
     report = _report(_rows(1, QKV, 8.0, 20.0, 9.5),    # graph: 0.4× chain; eager: 0.84× members
                      _rows(16, QKV, 9.0, 9.5, 30.0),   # a tie with the chain
                      _rows(32, QKV, 5.0, 20.0, 20.0, error=0.5))  # wrong: never a win
-    graph = group_table.points_from_benchmark(report, torch.bfloat16, "graph")
-    eager = group_table.points_from_benchmark(report, torch.bfloat16, "eager")
+    graph = tables.group_points_from_benchmark(report, torch.bfloat16, "graph")
+    eager = tables.group_points_from_benchmark(report, torch.bfloat16, "eager")
     assert [(p.rows, p.wins) for p in graph] == [(1, True), (16, False), (32, False)]
     assert [(p.rows, p.wins) for p in eager] == [(1, True), (16, False), (32, False)]
-    assert group_table.points_from_benchmark(report, torch.float16, "graph") == []
+    assert tables.group_points_from_benchmark(report, torch.float16, "graph") == []
 
 
 def test_rows_without_a_shape_or_a_time_of_every_way_are_left_out():
@@ -44,15 +44,16 @@ def test_rows_without_a_shape_or_a_time_of_every_way_are_left_out():
              for row in _rows(1, QKV, 8.0, 20.0, 20.0)]
     untimed = _rows(16, QKV, 8.0, None, 20.0)
     report = _report(older, untimed, _rows(32, QKV, 8.0, 20.0, 20.0, timing="eager_us"))
-    assert group_table.points_from_benchmark(report, torch.bfloat16, "graph") == []
-    assert [p.rows for p in group_table.points_from_benchmark(report, torch.bfloat16,
+    assert tables.group_points_from_benchmark(report, torch.bfloat16, "graph") == []
+    assert [p.rows for p in tables.group_points_from_benchmark(report, torch.bfloat16,
                                                               "eager")] == [32]
 
 
 def _use(tmp_path, monkeypatch, report) -> None:
     path = tmp_path / "group_bench.json"
     path.write_text(json.dumps(report))
-    monkeypatch.setenv(group_table.ENV_GROUP_TABLE, str(path))
+    monkeypatch.setenv(settings.ENV_GROUP_TABLE, str(path))
+    settings.reload()
 
 
 def test_the_smallest_covering_group_of_as_many_members_answers(tmp_path, monkeypatch):
@@ -61,7 +62,7 @@ def test_the_smallest_covering_group_of_as_many_members_answers(tmp_path, monkey
                                         _rows(32, GATE_UP, 8.0, 20.0, 20.0)))
 
     def wins(rows, members, mode="graph", dtype=torch.bfloat16, device="G", n=4096):
-        return group_table.group_kernel_wins(device, dtype, rows, n, members, mode)
+        return tables.group_kernel_wins(device, dtype, rows, n, members, mode)
     assert wins(1, QKV) and wins(1, ((4000, 1000), (1000, 300), (1000, 384)), "eager")
     assert not wins(2, QKV)                       # rounds up to 16 rows, where it tied
     assert not wins(1, ((4096, 1100), (1024, 384), (1024, 384)))  # q's rank past the point
@@ -70,16 +71,17 @@ def test_the_smallest_covering_group_of_as_many_members_answers(tmp_path, monkey
     assert not wins(1, ((16384, 64), (64, 64)))   # wider than gate/up
     assert wins(20, GATE_UP) and not wins(40, GATE_UP)
     assert not wins(1, QKV, dtype=torch.float16) and not wins(1, QKV, device="Other GPU")
-    assert "G" in group_table.measured_devices()
+    assert "G" in tables.measured_devices(tables.GROUP)
 
 
 @pytest.mark.parametrize("content", ("{not json", json.dumps({"results": []})))
 def test_a_bad_group_table_names_the_variable(tmp_path, monkeypatch, content):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    monkeypatch.setenv(group_table.ENV_GROUP_TABLE, str(path))
-    with pytest.raises(ValueError, match=group_table.ENV_GROUP_TABLE):
-        group_table.group_kernel_wins("G", torch.bfloat16, 1, 4096, QKV, "graph")
+    monkeypatch.setenv(settings.ENV_GROUP_TABLE, str(path))
+    settings.reload()
+    with pytest.raises(ValueError, match=settings.ENV_GROUP_TABLE):
+        tables.group_kernel_wins("G", torch.bfloat16, 1, 4096, QKV, "graph")
 
 
 class _FakeCudaInput:
@@ -94,13 +96,14 @@ def test_auto_takes_the_group_kernel_where_the_gpus_table_has_it_win(tmp_path, m
     the members' own launches there: each mode follows its own measurement."""
     _use(tmp_path, monkeypatch, _report(_rows(1, QKV, 8.0, 20.0, 8.5)))
     monkeypatch.delenv("CURKERNELS_BACKEND", raising=False)
-    monkeypatch.setattr(shared_group, "_choices", {})
-    monkeypatch.setattr(shared_group, "unavailable_reason", lambda backend, device: None)
+    settings.reload()
+    dispatch.group_choices.clear()
+    monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device: None)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "G")
     x = _FakeCudaInput()
     assert group_backend(x, 1, QKV, graph=True) == "triton"
     assert group_backend(x, 1, QKV, graph=False) == "torch"
     assert group_backend(x, 2, QKV, graph=True) == "torch"  # past every measured row count
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Unmeasured GPU")
-    monkeypatch.setattr(shared_group, "_choices", {})
+    dispatch.group_choices.clear()
     assert group_backend(x, 1, QKV, graph=True) == "torch"

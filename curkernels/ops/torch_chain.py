@@ -1,4 +1,4 @@
-"""The torch backend: the cuBLAS chain on GPUs, an fp32 reference on the CPU."""
+"""The torch backend: the cuBLAS chain (a layer, a sibling group) on GPUs, a reference on CPUs."""
 
 import torch
 import torch.nn.functional as F
@@ -30,3 +30,16 @@ def cur_linear_torch(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
     if bias is not None:
         y = y + bias.to(compute)
     return y.to(x.dtype)
+
+
+def shared_chain(x: torch.Tensor, weight: torch.Tensor, expands: list[torch.Tensor],
+                 biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """A sibling group's outputs by the shared cuBLAS chain, in torch ops (differentiable): one
+    GEMM over the stacked shrink weight, then one a member over its columns of the product."""
+    product = F.linear(x, weight)
+    outputs, start = [], 0
+    for C, bias in zip(expands, biases, strict=True):
+        stop = start + C.shape[1]
+        outputs.append(F.linear(product[..., start:stop], C, bias))
+        start = stop
+    return outputs

@@ -30,7 +30,7 @@ share one workspace, and the persistent form expects the buffer of the current e
 import triton
 import triton.language as tl
 
-from .triton_version import TRITON_VERSION
+from .runtime import TRITON_VERSION
 
 SYNC_WORDS = 4  # arrivals, release flag, epoch, padding (int32 each)
 # griddepcontrol compiles from Triton 3.5 on (3.4.0's gdc_wait takes `_builder` where its

@@ -23,7 +23,7 @@ specialisation's first call.
 import torch
 import triton
 
-from .triton_version import TRITON_VERSION
+from .runtime import TRITON_VERSION
 
 # From Triton 3.3 on, `JITFunction.run` ends with
 #   kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata,

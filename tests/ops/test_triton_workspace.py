@@ -3,7 +3,7 @@ are tested on a GPU in test_gpu_model_capture.py)."""
 
 import torch
 
-from curkernels.ops.workspace import capturing, persistent_zeros, zeros
+from curkernels.ops.triton.workspace import capturing, persistent_zeros, zeros
 
 
 def test_buffers_are_zeroed_with_the_asked_sizes_and_dtypes():

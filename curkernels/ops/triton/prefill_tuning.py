@@ -1,5 +1,7 @@
-"""Launch configs of the Triton prefill kernel: tuned once per GPU model and shape class,
-cached on disk (`$CURKERNELS_CACHE_DIR`, default ~/.cache/curkernels/triton_prefill.json).
+"""Launch configs of the Triton prefill kernel, tuned once per GPU model and shape class.
+
+Tuned configs are cached on disk (`$CURKERNELS_CACHE_DIR`, default
+~/.cache/curkernels/triton_prefill.json).
 
 CURKERNELS_TRITON_AUTOTUNE=0 skips tuning and uses the default config. No tuning happens while
 a CUDA graph is being captured or under the interpreter.
@@ -15,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .triton_version import TRITON_VERSION
+from .. import settings
+from .runtime import TRITON_VERSION
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,12 @@ class PrefillConfig:
     num_stages: int
 
 
-def _next_pow2(value: int) -> int:
+def next_pow2(value: int) -> int:
     return 1 << max(value - 1, 0).bit_length()
 
 
 def _r_chunk(r: int, largest: int) -> int:
-    return min(largest, max(16, _next_pow2(r)))
+    return min(largest, max(16, next_pow2(r)))
 
 
 def largest_row_block(capability: tuple[int, int]) -> int:
@@ -71,11 +74,6 @@ def candidate_configs(M: int, r: int, dtype: torch.dtype = torch.bfloat16,
             for split_n in (1, 2, 4)]
 
 
-def _cache_path() -> Path:
-    root = os.environ.get("CURKERNELS_CACHE_DIR") or Path.home() / ".cache" / "curkernels"
-    return Path(root) / "triton_prefill.json"
-
-
 class TuningCache:
     """{gpu name: {shape key: config}} in one JSON file, written atomically."""
 
@@ -107,8 +105,15 @@ class TuningCache:
             pass
 
 
-_cache = TuningCache(_cache_path())
+_cache = TuningCache(settings.current.cache_dir / "triton_prefill.json")
 _memo: dict[tuple, PrefillConfig] = {}
+
+
+@settings.on_reload
+def _forget() -> None:
+    global _cache
+    _cache = TuningCache(settings.current.cache_dir / "triton_prefill.json")
+    _memo.clear()
 
 
 def tuned_config(key: tuple, device: torch.device, dtype: torch.dtype, M: int, r: int,
@@ -120,8 +125,7 @@ def tuned_config(key: tuple, device: torch.device, dtype: torch.dtype, M: int, r
     if interpreting:
         return default_config(M, r, interpreting, dtype)
     capability = _capability(device)
-    if os.environ.get("CURKERNELS_TRITON_AUTOTUNE") == "0" \
-            or torch.cuda.is_current_stream_capturing():
+    if not settings.current.autotune or torch.cuda.is_current_stream_capturing():
         return default_config(M, r, interpreting, dtype, capability)
     gpu = torch.cuda.get_device_name(device)
     text_key = "|".join(str(part) for part in key)

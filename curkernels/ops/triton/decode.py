@@ -1,35 +1,34 @@
-"""The Triton backend of `cur_linear`: host side of the decode and prefill kernels.
+"""Host side of the Triton decode kernels (few input rows): a layer, and a sibling group.
 
-Decode (M ≤ 64) runs the persistent single-launch kernel on a GPU and its barrier-free form
-(one launch per phase) under the interpreter or with CURKERNELS_TRITON_SINGLE_LAUNCH=0; its
-tiles hold 16, 32 or 64 input rows, the fewest that fit the call (batched decode at batch 32
-reads each weight once, as at batch 1). Prefill runs the chained-GEMM kernel with a tuned
-config. Launch parameters are computed once per shape and cached, and decode launches skip
-Triton's per-call argument binding (triton_launch.py): the per-call host path is a few
-dictionary lookups and the launches.
+Decode (M ≤ DECODE_MAX_ROWS) runs the persistent single-launch kernel on a GPU and its
+barrier-free form (one launch per phase) under the interpreter or with
+CURKERNELS_TRITON_SINGLE_LAUNCH=0; its tiles hold 16, 32 or 64 input rows, the fewest that fit
+the call (batched decode at batch 32 reads each weight once, as at batch 1). Launch parameters
+are computed once per shape and cached, and launches skip Triton's per-call argument binding
+(launch.py): the per-call host path is a few dictionary lookups and the launches.
+
+Sibling projections that read one input and whose shrink factors are stacked in one weight
+(curkernels.nn.share_input_shrinks) need not run one launch each: the group kernel
+(`decode_kernels.cur_linear_group_decode_kernel`) computes x·R_stackedᵀ once, spread over the
+persistent grid, and after one grid barrier expands every member's columns with its own
+factor. For q/k/v that is one launch and one barrier where the single-layer kernel takes
+three of each. Same row blocks, tiles, workspace and launch path as the single-layer decode.
 """
 
 import functools
-import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 import triton
 
-from . import decode_configs
-from . import triton_decode as decode
-from .backends import triton_interpreting
-from .dispatch import FUSED_MAX_ROWS
-from .errors import BackendUnavailableError
-from .triton_autotune import PrefillConfig, tuned_config
-from .triton_launch import CachedLaunch, pointers_aligned
-from .triton_prefill import cur_linear_prefill_kernel
-from .triton_version import TRITON_VERSION
-from .workspace import capturing, persistent_zeros, zeros
-
-
-def _next_pow2(value: int) -> int:
-    return 1 << max(value - 1, 0).bit_length()
+from .. import settings, tables
+from ..tables import DECODE_MAX_ROWS, MAX_GROUP_MEMBERS
+from . import decode_kernels as kernels
+from .launch import CachedLaunch, pointers_aligned
+from .prefill_tuning import next_pow2
+from .runtime import check_interpretable
+from .workspace import decode_workspace
 
 
 def _floor_pow2(value: int) -> int:
@@ -69,31 +68,29 @@ class DecodeConfig:
     def prefetch_columns(self, c: int, element_size: int) -> int:
         """Columns of C loaded ahead: a power of two ≥ 16 (a tl.dot's minimum K), at most c's."""
         fits = self.prefetch_bytes // (self.block_out * element_size)
-        return max(16, min(_floor_pow2(fits), _next_pow2(c)))
+        return max(16, min(_floor_pow2(fits), next_pow2(c)))
 
 
 # 8 KB of bf16 weights a step; 32-row expand tiles give 128 tiles at m = 4096, about one per SM.
 # No C ahead of the barrier: on the H100 (bench/results/decode_sweep_h100.md) loading 16 KB of
 # it ahead took longer at 30 of 32 points (by up to 1.4 µs). Where a GPU's sweep measured
-# another config faster for a shape, that one runs (decode_configs.py).
+# another config faster for a shape, that one runs (tables.py).
 # One default per row block (16 rows: the tensor-core minimum): input tiles of more rows take
 # more registers, and with 128-column steps the 32- and 64-row kernels spilled (144 and 832
 # bytes a thread, bf16, sm_90); with 64-column steps, and 8 warps at 64 rows, none spills
 # (tests/ops/triton_aot_compile.py checks).
 DEFAULT_DECODE_CONFIGS = {16: DecodeConfig(), 32: DecodeConfig(block_k=64, block_in=64),
-                          FUSED_MAX_ROWS: DecodeConfig(block_k=64, block_in=64, num_warps=8)}
+                          DECODE_MAX_ROWS: DecodeConfig(block_k=64, block_in=64, num_warps=8)}
 DEFAULT_DECODE_CONFIG = DEFAULT_DECODE_CONFIGS[16]
 DECODE_ROW_BLOCKS = tuple(DEFAULT_DECODE_CONFIGS)
-TRITON_DECODE_MAX_ROWS = DECODE_ROW_BLOCKS[-1]
 
 
 def decode_block_rows(M: int) -> int:
     """The input rows a decode tile holds for M rows: the smallest row block that fits them.
     The kernel reads every weight once whatever the block; larger blocks cost registers and
     tensor-core work only."""
-    if not 0 < M <= TRITON_DECODE_MAX_ROWS:
-        raise ValueError(f"the decode kernels take 1 to {TRITON_DECODE_MAX_ROWS} input rows, "
-                         f"got {M}")
+    if not 0 < M <= DECODE_MAX_ROWS:
+        raise ValueError(f"the decode kernels take 1 to {DECODE_MAX_ROWS} input rows, got {M}")
     return next(rows for rows in DECODE_ROW_BLOCKS if rows >= M)
 
 
@@ -105,14 +102,6 @@ def decode_row_block(M: int) -> range:
 
 
 @dataclass(frozen=True)
-class _DecodeWorkspace:
-    sync: torch.Tensor        # int32 [arrivals, release flag, epoch, pad]
-    sums: torch.Tensor        # fp32, two (block rows × r) shrink buffers
-    first_sums: torch.Tensor  # view of the first buffer (the barrier-free path zeroes it)
-    link: torch.Tensor        # fp32, block rows × c (full U)
-
-
-@dataclass(frozen=True)
 class DecodePlan:
     """The launches of a decode call (single layer or sibling group) and the shrink's K split
     they take as arguments."""
@@ -121,9 +110,9 @@ class DecodePlan:
     launches: tuple[CachedLaunch, ...]
 
 
-_workspaces: dict[tuple, _DecodeWorkspace] = {}
 _decode_plans: dict[tuple, DecodePlan] = {}
 _measured_configs: dict[tuple, DecodeConfig] = {}
+settings.on_reload(_measured_configs.clear)  # CURKERNELS_DECODE_CONFIGS may name another sweep
 
 
 @functools.cache
@@ -132,29 +121,9 @@ def _multiprocessors(device_index: int) -> int:
 
 
 def single_launch(device: torch.device) -> bool:
-    return (device.type == "cuda" and not triton_interpreting()
-            and os.environ.get("CURKERNELS_TRITON_SINGLE_LAUNCH", "1") != "0")
-
-
-def decode_workspace(device: torch.device, r: int, c: int, rows: int) -> _DecodeWorkspace:
-    """Zeroed once and kept: captured CUDA graphs hold its pointers; one per stream, so that
-    concurrent streams never share counters, and one per row block, whose buffers the kernel
-    zeroes for its own next launch. While capturing, a workspace not made before is a fresh
-    temporary of the graph (see `workspace.persistent_zeros`)."""
-    # The raw-stream query Triton's own launcher uses: torch.cuda.current_stream() costs µs.
-    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
-    key = (device, stream, r, c, rows)
-    workspace = _workspaces.get(key)
-    if workspace is not None:
-        return workspace
-    numels = (decode.SYNC_WORDS, 2 * rows * r, rows * c)
-    dtypes = (torch.int32, torch.float32, torch.float32)
-    kept = not capturing(device)
-    sync, sums, link = (persistent_zeros if kept else zeros)(numels, dtypes, device)
-    workspace = _DecodeWorkspace(sync=sync, sums=sums, first_sums=sums[: rows * r], link=link)
-    if kept:
-        _workspaces[key] = workspace
-    return workspace
+    """Whether decode runs the persistent single-launch kernel (else one launch a phase)."""
+    current = settings.current
+    return device.type == "cuda" and not current.triton_interpret and current.single_launch
 
 
 def reserve_decode_workspace(device: torch.device, r: int, c: int, M: int) -> None:
@@ -221,13 +190,13 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
     tiles = {"DO_SHRINK": groups * k_tiles, "DO_LINK": triton.cdiv(c, config.block_out),
              "DO_EXPAND": triton.cdiv(m, config.block_out)}
     phases = ["DO_SHRINK"] + (["DO_LINK"] if full_u else []) + ["DO_EXPAND"]
-    pdl = config.pdl and persistent and device.type == "cuda" and not triton_interpreting()
+    pdl = config.pdl and persistent and device.type == "cuda" and not settings.current.triton_interpret
     # One line a thread a step; only the single launch has a barrier for C to stream across,
     # and the interpreter (which runs it on one program in tests) has no inline PTX.
     l2_step = 32 * config.num_warps
-    l2_lines = (config.l2_prefetch_lines(l2_step) if persistent and not triton_interpreting()
+    l2_lines = (config.l2_prefetch_lines(l2_step) if persistent and not settings.current.triton_interpret
                 else 0)
-    if pdl and not decode.PDL_SUPPORTED:
+    if pdl and not kernels.PDL_SUPPORTED:
         raise ValueError(f"DecodeConfig(pdl=True) needs Triton ≥ 3.5 (griddepcontrol); this is "
                          f"Triton {triton.__version__}")
     if pdl and torch.cuda.get_device_capability(device)[0] < 9:
@@ -243,7 +212,7 @@ def _decode_plan(device: torch.device, dtype: torch.dtype, n: int, r: int, c: in
                   WORKSPACE_ROWS=rows, DIAGONAL_U=u_kind == "diagonal", FULL_U=full_u,
                   HAS_BIAS=has_bias, GATHER=gather, DOT_FP32=dtype == torch.float32,
                   num_warps=config.num_warps, **({"launch_pdl": True} if pdl else {}))
-    kernel = decode.cur_linear_decode_kernel
+    kernel = kernels.cur_linear_decode_kernel
     if persistent:
         grid = min(programs, max(tiles[phase] for phase in phases))
         launches = (CachedLaunch(kernel, grid, dict(common, PERSISTENT=True, DO_SHRINK=True,
@@ -266,14 +235,14 @@ def _u_kind(U: torch.Tensor | None) -> str:
 
 def _measured_config(device: torch.device, dtype: torch.dtype, M: int,
                      shape: tuple[int, int, int]) -> DecodeConfig:
-    """The tile config the GPU's measured sweep chose for this call (decode_configs.py), or the
+    """The tile config the GPU's measured sweep chose for this call (tables.py), or the
     default one of its row block; memoized per call shape."""
     key = (device, dtype, M, shape)
     config = _measured_configs.get(key)
     if config is None:
         default = DEFAULT_DECODE_CONFIGS[decode_block_rows(M)]
-        fields = (decode_configs.measured_fields(_device_name(device.index), dtype, M, shape,
-                                                 vars(default), decode_row_block(M))
+        fields = (tables.measured_fields(_device_name(device.index), dtype, M, shape,
+                                         vars(default), decode_row_block(M))
                   if device.type == "cuda" else None)
         config = _measured_configs[key] = (DecodeConfig(**fields) if fields is not None
                                            else default)
@@ -286,10 +255,10 @@ def _device_name(device_index: int | None) -> str:
 
 
 def cur_linear_decode(x, C, U, R, bias, rows, y, config: DecodeConfig | None = None) -> None:
-    """Writes y (..., m) from a contiguous x (..., n) of at most TRITON_DECODE_MAX_ROWS rows with
-    the decode kernel;
-    `config` picks its tiles (None: the measured choice for this GPU and shape; benchmarks
-    compare configs through it)."""
+    """Writes y (..., m) from a contiguous x (..., n) of at most DECODE_MAX_ROWS rows with the
+    decode kernel; `config` picks its tiles (None: the measured choice for this GPU and shape;
+    benchmarks compare configs through it)."""
+    check_interpretable(x.dtype)
     n = x.shape[-1]
     M = x.numel() // n
     m, c = C.shape
@@ -317,66 +286,90 @@ def cur_linear_decode(x, C, U, R, bias, rows, y, config: DecodeConfig | None = N
         workspace.first_sums.zero_()
 
 
-def _check_prefill_compiles(x2d: torch.Tensor) -> None:
-    """Triton 3.2's compiler aborts the process (an assertion in LinearLayout::reshapeOuts) on
-    the prefill kernel in half precision for sm_90 (compiled without a GPU: sm_80, fp32 and
-    Triton 3.1, 3.3 to 3.8 build it); an exception is the least a caller is owed."""
-    if (TRITON_VERSION == (3, 2) and x2d.dtype in (torch.float16, torch.bfloat16)
-            and x2d.is_cuda and torch.cuda.get_device_capability(x2d.device)[0] >= 9):
-        raise BackendUnavailableError(
-            f"the Triton prefill kernel does not compile with Triton {triton.__version__} for "
-            f"{x2d.dtype} on this GPU (sm_90); use backend='auto' or 'torch' (the cuBLAS chain) "
-            f"for more than {TRITON_DECODE_MAX_ROWS} rows, or Triton ≥ 3.3")
+_group_plans: dict[tuple, DecodePlan] = {}
 
 
-def _cur_linear_prefill(x2d, C, U, R, bias, rows, y) -> None:
-    _check_prefill_compiles(x2d)
-    M, n = x2d.shape
-    m = C.shape[0]
-    scale = None
-    if U is not None and U.dim() == 2:
-        # The kernel keeps one rank-sized intermediate on chip; a full U is folded into C here
-        # (m·c·r flops, small next to a prefill). Frozen modules fold U once at load instead.
-        C = (C.float() @ U.float()).to(C.dtype)
-    elif U is not None:
-        scale = U
-    r = C.shape[1]
-    partial = None
-
-    def run(config: PrefillConfig) -> None:
-        nonlocal partial
-        chunk_starts = range(0, r, config.r_chunk)
-        if len(chunk_starts) > 1 and partial is None:
-            partial = torch.empty((M, m), dtype=torch.float32, device=x2d.device)
-        grid = (triton.cdiv(M, config.block_m), min(config.split_n, triton.cdiv(m, config.block_n)))
-        for index, r_begin in enumerate(chunk_starts):
-            cur_linear_prefill_kernel[grid](
-                x2d, R, rows, scale, C, bias, y, partial, M, n, r, m, R.shape[0], r_begin,
-                GATHER=rows is not None, HAS_SCALE=scale is not None, HAS_BIAS=bias is not None,
-                ACCUMULATE=index > 0, FINAL=index == len(chunk_starts) - 1,
-                DOT_FP32=x2d.dtype == torch.float32, BLOCK_M=config.block_m,
-                R_CHUNK=config.r_chunk, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
-                SPLIT_N=config.split_n, num_warps=config.num_warps, num_stages=config.num_stages)
-
-    key = (x2d.device.index, x2d.dtype, min(_next_pow2(M), 8192), n, m, r, rows is not None,
-           scale is not None)
-    run(tuned_config(key, x2d.device, x2d.dtype, M, r, triton_interpreting(), run))
-
-
-def cur_linear_triton(x: torch.Tensor, C: torch.Tensor, U: torch.Tensor | None,
-                      R: torch.Tensor, bias: torch.Tensor | None,
-                      rows: torch.Tensor | None) -> torch.Tensor:
-    """y = ((x·Rᵀ)·Uᵀ)·Cᵀ + b for a contiguous x (..., n); the backend contract of
-    ops/backends.py."""
-    n, m = x.shape[-1], C.shape[0]
-    y = torch.empty((*x.shape[:-1], m), dtype=x.dtype, device=x.device)
-    if y.numel() == 0:
-        return y
-    if n == 0:  # an empty input dimension: R·x = 0
-        return y.copy_(bias.expand_as(y)) if bias is not None else y.zero_()
-    M = y.numel() // m
-    if M <= TRITON_DECODE_MAX_ROWS:
-        cur_linear_decode(x, C, U, R, bias, rows, y)
+def _group_plan(device: torch.device, dtype: torch.dtype, n: int, ranks: tuple[int, ...],
+                ms: tuple[int, ...], rows: int, has_bias: bool,
+                persistent: bool) -> DecodePlan:
+    """The launches of a group call. The key holds every integer the kernel gets but the row
+    count, which the launch specialises on: Triton compiles integers by value (1, multiples of
+    16), so a cached kernel must not serve other ranks or widths."""
+    key = (device, dtype, n, ranks, ms, rows, has_bias, persistent)
+    plan = _group_plans.get(key)
+    if plan is not None:
+        return plan
+    r = sum(ranks)
+    config = DEFAULT_DECODE_CONFIGS[rows]
+    element_size = torch.empty((), dtype=dtype).element_size()
+    programs, tile_k, k_tiles = shrink_split(device, config, element_size, rows, n, r,
+                                             persistent)
+    tiles = {"DO_SHRINK": triton.cdiv(r, config.block_r) * k_tiles,
+             "DO_EXPAND": sum(triton.cdiv(m, config.block_out) for m in ms)}
+    common = dict(MEMBERS=len(ms), HAS_BIAS=has_bias, DOT_FP32=dtype == torch.float32,
+                  BLOCK_M=rows, BLOCK_R=config.block_r, BLOCK_K=config.block_k,
+                  BLOCK_OUT=config.block_out, BLOCK_IN=config.block_in, WORKSPACE_ROWS=rows,
+                  num_warps=config.num_warps)
+    kernel = kernels.cur_linear_group_decode_kernel
+    if persistent:
+        launches = (CachedLaunch(kernel, min(programs, max(tiles.values())),
+                                 dict(common, PERSISTENT=True, DO_SHRINK=True, DO_EXPAND=True)),)
     else:
-        _cur_linear_prefill(x.view(M, n), C, U, R, bias, rows, y.view(M, m))
-    return y
+        launches = tuple(CachedLaunch(kernel, tiles[phase],
+                                      dict(common, PERSISTENT=False,
+                                           **{flag: flag == phase for flag in tiles}))
+                         for phase in tiles)
+    plan = _group_plans[key] = DecodePlan(tile_k, k_tiles, launches)
+    return plan
+
+
+def cur_linear_group_decode(x: torch.Tensor, R: torch.Tensor, expands: Sequence[torch.Tensor],
+                            biases: Sequence[torch.Tensor | None],
+                            outputs: Sequence[torch.Tensor]) -> None:
+    """Writes outputs[i] (..., m_i) = (x·Rᵀ)[..., cols_i]·expands[i]ᵀ (+ biases[i]) for a
+    contiguous x (..., n) of at most DECODE_MAX_ROWS rows. R (r, n) stacks the members'
+    shrink factors in order, member i's rank being expands[i].shape[1]; every bias is given or
+    none is. The caller has checked shapes, dtypes and devices."""
+    check_interpretable(x.dtype)
+    members = len(expands)
+    if not 2 <= members <= MAX_GROUP_MEMBERS:
+        raise ValueError(f"expands must hold 2 to {MAX_GROUP_MEMBERS} factors, got {members}")
+    n, r = x.shape[-1], R.shape[0]
+    M = x.numel() // n
+    ms = tuple(C.shape[0] for C in expands)
+    ranks = tuple(C.shape[1] for C in expands)
+    if sum(ranks) != r:
+        raise ValueError(f"the expands' ranks {ranks} must add up to R's {r} rows")
+    has_bias = biases[0] is not None
+    if any((bias is not None) != has_bias for bias in biases):
+        raise ValueError("biases: give every member's bias or none")
+    rows = decode_block_rows(M)
+    persistent = single_launch(x.device)
+    plan = _group_plan(x.device, x.dtype, n, ranks, ms, rows, has_bias, persistent)
+    workspace = decode_workspace(x.device, r, r, rows)
+    if not persistent:  # as in cur_linear_decode: both forms share the workspace
+        workspace.first_sums.zero_()
+    padded = [*expands, None][:MAX_GROUP_MEMBERS], [*biases, None][:MAX_GROUP_MEMBERS]
+    (c0, c1, c2), (b0, b1, b2) = padded
+    y0, y1, y2 = [*outputs, None][:MAX_GROUP_MEMBERS]
+    col1 = ranks[0]
+    col2 = col1 + ranks[1] if members == MAX_GROUP_MEMBERS else 0
+    m2 = ms[2] if members == MAX_GROUP_MEMBERS else 0
+    args = (x, R, workspace.sums, workspace.sync, c0, c1, c2, b0, b1, b2, y0, y1, y2,
+            M, n, r, ms[0], ms[1], m2, col1, col2, plan.shrink_tile_k, plan.shrink_k_tiles)
+    specialization = (M,) if pointers_aligned(x, R, *expands, *biases, *outputs) else None
+    for launch in plan.launches:
+        launch(specialization, *args)
+    if not persistent:
+        workspace.first_sums.zero_()
+
+
+def cur_linear_group_triton(x: torch.Tensor, weight: torch.Tensor,
+                            expands: Sequence[torch.Tensor],
+                            biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Every member's output by one group launch: the group way of dispatch.py, which hands it
+    the calls the kernel takes."""
+    x = x.contiguous()
+    outputs = [x.new_empty((*x.shape[:-1], C.shape[0])) for C in expands]
+    cur_linear_group_decode(x, weight, expands, biases, outputs)
+    return outputs

@@ -1,4 +1,4 @@
-"""Zeroed device buffers that the single-launch kernels keep across calls.
+"""Zeroed device buffers that the single-launch decode kernels keep across calls.
 
 A buffer kept across calls must not come from a CUDA-graph memory pool: during torch.compile's
 CUDA-graph warm-up the caching allocator sends the allocations of the current thread (of the
@@ -10,8 +10,11 @@ from the graph's pool, freed after the call like any temporary.
 """
 
 import threading
+from dataclasses import dataclass
 
 import torch
+
+from .decode_kernels import SYNC_WORDS
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
 
@@ -57,3 +60,35 @@ def persistent_zeros(numels: tuple[int, ...], dtypes: tuple[torch.dtype, ...],
         raise made["error"]
     torch.cuda.current_stream(device).wait_event(made["zeroed"])
     return made["buffers"]
+
+
+@dataclass(frozen=True)
+class DecodeWorkspace:
+    sync: torch.Tensor        # int32 [arrivals, release flag, epoch, pad]
+    sums: torch.Tensor        # fp32, two (block rows × r) shrink buffers
+    first_sums: torch.Tensor  # view of the first buffer (the barrier-free path zeroes it)
+    link: torch.Tensor        # fp32, block rows × c (full U)
+
+
+_workspaces: dict[tuple, DecodeWorkspace] = {}
+
+
+def decode_workspace(device: torch.device, r: int, c: int, rows: int) -> DecodeWorkspace:
+    """Zeroed once and kept: captured CUDA graphs hold its pointers; one per stream, so that
+    concurrent streams never share counters, and one per row block, whose buffers the kernel
+    zeroes for its own next launch. While capturing, a workspace not made before is a fresh
+    temporary of the graph (see `persistent_zeros`)."""
+    # The raw-stream query Triton's own launcher uses: torch.cuda.current_stream() costs µs.
+    stream = torch._C._cuda_getCurrentRawStream(device.index) if device.type == "cuda" else 0
+    key = (device, stream, r, c, rows)
+    workspace = _workspaces.get(key)
+    if workspace is not None:
+        return workspace
+    numels = (SYNC_WORDS, 2 * rows * r, rows * c)
+    dtypes = (torch.int32, torch.float32, torch.float32)
+    kept = not capturing(device)
+    sync, sums, link = (persistent_zeros if kept else zeros)(numels, dtypes, device)
+    workspace = DecodeWorkspace(sync=sync, sums=sums, first_sums=sums[: rows * r], link=link)
+    if kept:
+        _workspaces[key] = workspace
+    return workspace

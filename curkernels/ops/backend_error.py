@@ -1,4 +1,4 @@
-"""Exceptions shared by the ops layer."""
+"""`BackendUnavailableError`: a backend asked for by name cannot run here."""
 
 
 class BackendUnavailableError(RuntimeError):

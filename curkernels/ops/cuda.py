@@ -1,5 +1,6 @@
-"""The CUDA backend of `cur_linear`: the fused decode kernel of `curkernels._C`
-(csrc/cur_linear_decode.cu), registered as torch.ops.curkernels_C.cur_linear.
+"""Binds the CUDA backend of `cur_linear`: `curkernels._C`'s fused decode kernel.
+
+The kernel (csrc/cur_linear_decode.cu) is registered as torch.ops.curkernels_C.cur_linear.
 
 `cur_linear_cuda(x, C, U, R, bias, rows) -> y` is the op itself, with no Python wrapper
 around it: a wrapper's frame costs host time on every eager decode call. x is (..., n), as

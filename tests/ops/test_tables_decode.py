@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from curkernels.ops import decode_table
+from curkernels.ops import settings, tables
 
 H100 = "NVIDIA H100 80GB HBM3"
 
@@ -24,19 +24,20 @@ def _report(device: str, timings: dict[tuple, tuple[float, float]], dtype: str =
 def _use(tmp_path, monkeypatch, report) -> None:
     path = tmp_path / "table.json"
     path.write_text(json.dumps(report))
-    monkeypatch.setenv(decode_table.ENV_DECODE_TABLE, str(path))
+    monkeypatch.setenv(settings.ENV_DECODE_TABLE, str(path))
+    settings.reload()
 
 
 def _wins(device, rows, shape, dtype=torch.bfloat16):
     """Whether the Triton kernel won in CUDA graphs where the call falls."""
-    winners = decode_table.decode_winners(device, dtype, rows, shape, 16, "graph")
+    winners = tables.decode_winners(device, dtype, rows, shape, 16, "graph")
     return winners is not None and "triton" in winners
 
 
 def test_only_clear_wins_count():
     report = _report("G", {(1, 64, 64, 8): (10.0, 9.0), (1, 64, 64, 16): (10.0, 9.5),
                            (1, 64, 64, 32): (10.0, 12.0)})
-    points = decode_table.points_from_benchmark(report, torch.bfloat16, 16)
+    points = tables.decode_points_from_benchmark(report, torch.bfloat16, 16)
     assert [p.winners for p in points] == [("triton",), (), ()]  # 0.9, 0.95 (a tie), 1.2
 
 
@@ -44,8 +45,8 @@ def test_prefill_rows_other_dtypes_and_half_measured_points_are_left_out():
     report = _report("G", {(1, 64, 64, 8): (10.0, 5.0), (32, 64, 64, 8): (10.0, 5.0)})
     report["results"].append({"M": 4, "m": 64, "n": 64, "r": 8, "variant": "chain2",
                               "graph_us": 3.0})  # no fused time at this point
-    assert [p.rows for p in decode_table.points_from_benchmark(report, torch.bfloat16, 16)] == [1]
-    assert decode_table.points_from_benchmark(report, torch.float16, 16) == []
+    assert [p.rows for p in tables.decode_points_from_benchmark(report, torch.bfloat16, 16)] == [1]
+    assert tables.decode_points_from_benchmark(report, torch.float16, 16) == []
 
 
 def test_the_smallest_covering_point_answers(tmp_path, monkeypatch):
@@ -65,8 +66,9 @@ def test_the_smallest_covering_point_answers(tmp_path, monkeypatch):
 def test_the_shipped_h100_table_matches_the_measured_winners(monkeypatch):
     """bench/results/NVIDIA_H100_80GB_HBM3.md: the fused kernel won up to r = 512 on the
     4096-output shapes, and at r = 256 on 4096×14336; ties at r = 1024 and 14336 outputs."""
-    monkeypatch.delenv(decode_table.ENV_DECODE_TABLE, raising=False)
-    assert H100 in decode_table.measured_devices()
+    monkeypatch.delenv(settings.ENV_DECODE_TABLE, raising=False)
+    settings.reload()
+    assert H100 in tables.measured_devices(tables.DECODE)
     for rows in (1, 4, 16):
         assert _wins(H100, rows, (4096, 4096, 512)) and _wins(H100, rows, (1024, 4096, 384))
         assert _wins(H100, rows, (4096, 14336, 256))
@@ -79,8 +81,9 @@ def test_the_shipped_h100_table_matches_the_measured_winners(monkeypatch):
 def test_a_bad_table_file_names_the_variable(tmp_path, monkeypatch, content):
     path = tmp_path / "bad.json"
     path.write_text(content)
-    monkeypatch.setenv(decode_table.ENV_DECODE_TABLE, str(path))
-    with pytest.raises(ValueError, match=decode_table.ENV_DECODE_TABLE):
+    monkeypatch.setenv(settings.ENV_DECODE_TABLE, str(path))
+    settings.reload()
+    with pytest.raises(ValueError, match=settings.ENV_DECODE_TABLE):
         _wins(H100, 1, (4096, 4096, 256))
 
 
@@ -99,7 +102,7 @@ def test_each_mode_ranks_the_fused_kernels_by_its_own_timing(tmp_path, monkeypat
                                  "results": results})
 
     def winners(r, mode):
-        return decode_table.decode_winners("G", torch.bfloat16, 1, (64, 64, r), 16, mode)
+        return tables.decode_winners("G", torch.bfloat16, 1, (64, 64, r), 16, mode)
 
     assert winners(100, "eager") == ("cuda", "triton") and winners(100, "graph") == ("triton",)
     assert winners(1024, "eager") == () and winners(1024, "graph") == ("triton",)
