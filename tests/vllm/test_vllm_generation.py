@@ -48,10 +48,11 @@ def assert_same_greedy(checkpoint: Path, workdir: Path, tensor_parallel: int = 1
 
 def merged_ranks(specs: dict) -> list[tuple]:
     """(q, k, v) and (gate, up) ranks of each block, None for a dense shard."""
-    groups = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-    blocks = sorted({name.rsplit(".", 2)[0] for name in specs})
-    return [tuple(specs.get(f"{block}.{leaf}", {}).get("rank") for leaf in group)
-            for block in blocks for group in groups]
+    groups = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+    parents = sorted({name.rsplit(".", 1)[0] for name in specs})
+    return [tuple(specs.get(f"{parent}.{leaf}", {}).get("rank")
+                  for leaf in groups[parent.rsplit(".", 1)[1]])
+            for parent in parents]
 
 
 def test_plugin_entry_point_is_installed():
