@@ -23,6 +23,9 @@ from ..checkpoint.module_specs import (
 )
 from .vllm_linear import CurkernelsLinearMethod
 
+# Module kinds whose factors the linear method computes with (vllm_linear.py).
+SERVED_TYPES = ("CURLinear", "LowRankLinear")
+
 
 class CurkernelsQuantConfig(QuantizationConfig):
     """Routes each vLLM linear layer to the checkpoint modules it is made of."""
@@ -93,6 +96,11 @@ class CurkernelsQuantConfig(QuantizationConfig):
         layer_specs = [specs.get(name) for name in names]
         if all(spec is None for spec in layer_specs):
             return UnquantizedLinearMethod()
+        for name, spec in zip(names, layer_specs, strict=True):
+            if spec is not None and spec["type"] not in SERVED_TYPES:
+                raise CheckpointError(f"compression_config.modules[{name!r}] is a "
+                                      f"{spec['type']}; the vLLM plugin serves "
+                                      f"{', '.join(SERVED_TYPES)} modules and dense layers")
         return CurkernelsLinearMethod(names, layer_specs)
 
 
