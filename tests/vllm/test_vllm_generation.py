@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 def vllm_greedy(checkpoint: Path, prompt_ids: list[list[int]], workdir: Path,
-                tensor_parallel: int = 1, eager: bool = False) -> list[list[int]]:
+                tensor_parallel: int = 1, eager: bool = False, draft: Path | None = None
+                ) -> list[list[int]]:
     """vLLM's greedy continuations, from a process of its own with caches kept in `workdir`."""
     prompts_file, out_file = workdir / "prompts.json", workdir / "vllm_tokens.json"
     prompts_file.write_text(json.dumps(prompt_ids))
@@ -33,7 +34,8 @@ def vllm_greedy(checkpoint: Path, prompt_ids: list[list[int]], workdir: Path,
     if tensor_parallel == 2:
         env["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"  # one core per rank
     run = subprocess.run([sys.executable, str(GREEDY_SCRIPT), str(checkpoint), str(prompts_file),
-                          str(tensor_parallel), str(NEW_TOKENS), str(int(eager)), str(out_file)],
+                          str(tensor_parallel), str(NEW_TOKENS), str(int(eager)), str(out_file),
+                          *([] if draft is None else [str(draft)])],
                          env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
     return json.loads(out_file.read_text())
@@ -81,3 +83,14 @@ def test_every_module_kind_greedy_matches_transformers(architecture, tensor_para
     kinds = {(spec["type"], spec.get("u"), spec.get("gather")) for spec in specs.values()}
     assert len(kinds) == 5, kinds  # diag/full/no-U CUR, gather-form CUR, low-rank
     assert_same_greedy(checkpoint, tmp_path, tensor_parallel)
+
+
+def test_compressed_checkpoint_drafts_for_its_dense_model(tmp_path):
+    """vLLM's draft-model speculative decoding with a curkernels draft: greedy output stays the
+    dense target's own."""
+    target, draft = tmp_path / "dense", tmp_path / "draft"
+    tiny_checkpoints.dense_model("llama").save_pretrained(target)
+    tiny_checkpoints.write_compressed("llama", "svdllm", draft)
+    prompt_ids = tiny_checkpoints.prompts()
+    expected = tiny_checkpoints.transformers_greedy(target, prompt_ids, NEW_TOKENS)
+    assert vllm_greedy(target, prompt_ids, tmp_path, eager=True, draft=draft) == expected
