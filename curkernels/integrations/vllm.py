@@ -27,6 +27,24 @@ from .vllm_linear import CurkernelsLinearMethod
 SERVED_TYPES = ("CURLinear", "LowRankLinear")
 
 
+# Llama-style config flags that give a group's layers biases: (block part, module names).
+BIAS_FLAGS = {"attention_bias": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+              "mlp_bias": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+def enable_bias_flags(hf_config, modules: dict[str, dict]) -> None:
+    """Turn on a config's bias flag where every layer it governs is a factored module with a
+    bias (ROM's factors carry the output mean as one), so vLLM builds those layers with biases.
+    Other biases on layers vLLM builds without one are refused when the layer is built."""
+    layers = getattr(hf_config, "num_hidden_layers", 0)
+    for flag, (block, leaves) in BIAS_FLAGS.items():
+        if getattr(hf_config, flag, True):  # no such flag, or already on
+            continue
+        names = [f"model.layers.{i}.{block}.{leaf}" for i in range(layers) for leaf in leaves]
+        if names and all(modules.get(name, {}).get("bias") for name in names):
+            setattr(hf_config, flag, True)
+
+
 class CurkernelsQuantConfig(QuantizationConfig):
     """Routes each vLLM linear layer to the checkpoint modules it is made of."""
 
@@ -63,6 +81,8 @@ class CurkernelsQuantConfig(QuantizationConfig):
             if config_file.is_file():
                 block = json.loads(config_file.read_text()).get("compression_config")
         self.modules = check_compression_config(block)["modules"]
+        if hf_config is not None:
+            enable_bias_flags(hf_config, self.modules)
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         self.name_mapper = hf_to_vllm_mapper

@@ -99,6 +99,12 @@ class CurkernelsLinearMethod(LinearMethodBase):
             raise CheckpointError(f"vLLM's layer {layer.prefix!r} has "
                                   f"{len(output_partition_sizes)} output shards; the checkpoint "
                                   f"names {len(self.names)}: {self.names}")
+        biased = [name for name, spec in zip(self.names, self.specs, strict=True)
+                  if spec is not None and spec["bias"]]
+        if biased and not layer.has_bias:
+            raise CheckpointError(f"compression_config gives {biased} a bias, but vLLM builds "
+                                  f"{layer.prefix!r} without one (the model config's bias "
+                                  f"flags): vLLM would drop it")
         parallel = _parallel_kind(layer)
         input_start = layer.tp_rank * input_size_per_partition if parallel == "row" else 0
         shards, sizes = plan_shards(self.names, self.specs, list(output_partition_sizes),
