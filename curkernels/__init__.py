@@ -10,10 +10,10 @@ from .checkpoint import CheckpointError, load_compressed, save_compressed
 from .compress import CompressionReport, compress, heal
 from .nn import CURLinear, LowRankLinear
 from .ops import cur_linear
-from .speculative import heal_draft, make_draft
+from .speculative import heal_draft, load_draft, make_draft, save_draft
 
 __version__ = "0.1.0"
 
 __all__ = ["CURLinear", "CheckpointError", "CompressionReport", "LowRankLinear", "__version__",
-           "compress", "cur_linear", "heal", "heal_draft", "load_compressed", "make_draft",
-           "save_compressed"]
+           "compress", "cur_linear", "heal", "heal_draft", "load_compressed", "load_draft",
+           "make_draft", "save_compressed", "save_draft"]

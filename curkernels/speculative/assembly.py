@@ -89,6 +89,9 @@ def assemble_draft(model: nn.Module, spec: DraftSpec) -> nn.Module:
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"the draft factors {name!r}, which is a "
                              f"{type(linear).__name__} in the target, not an nn.Linear")
+        if factor.C.dim() != 2 or factor.C.shape[0] != linear.out_features:
+            raise ValueError(f"{name}.C must have {linear.out_features} rows (the target's "
+                             f"out_features), got shape {tuple(factor.C.shape)}")
         dtype, device = linear.weight.dtype, linear.weight.device
         module = CURLinear(factor.C.to(device, dtype), factor.U.to(device, dtype), linear.weight,
                            linear.bias, row_indices=factor.rows.to(device),
