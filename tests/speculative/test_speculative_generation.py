@@ -61,10 +61,13 @@ def exact_joint(model, prompt: torch.Tensor, length: int, temperature: float) ->
     return logp.sum(-1).exp()
 
 
-def sample_counts(generator, prompt, samples: int, length: int, vocab: int, seed: int):
+def sample_counts(generator, prompt, samples: int, length: int, vocab: int, seed: int,
+                  accepted: list[int] | None = None):
     counts = torch.zeros(vocab ** length)
     for i in range(samples):
         tokens = generator.generate(prompt, length + 1, temperature=0.8, seed=seed + i)
+        if accepted is not None:
+            accepted += generator.accepted_per_step
         index = 0
         for t in tokens[0, prompt.shape[1]:prompt.shape[1] + length].tolist():
             index = index * vocab + t
@@ -89,8 +92,11 @@ def test_sampled_tokens_follow_the_targets_distribution():
     prompt = torch.tensor([[1, 4, 2]])
     target = exact_joint(model, prompt, length, 0.8)
     speculative = StaticCacheGenerator(model, max_seq_len=8, draft=draft, num_draft_tokens=3)
-    counts = sample_counts(speculative, prompt, samples, length, vocab, seed=0)
+    accepted = []
+    counts = sample_counts(speculative, prompt, samples, length, vocab, seed=0,
+                           accepted=accepted)
     assert chi_square_p(counts, target) > 1e-3
+    assert set(accepted) == {0, 1, 2}  # k = 2 here: rejections at each place, and none
     # the test has power: the draft's own samples are told apart from the target's
     draft_alone = StaticCacheGenerator(draft, max_seq_len=8)
     assert chi_square_p(sample_counts(draft_alone, prompt, samples, length, vocab, seed=0),
