@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import calibration_batches, causal_lm
 from safetensors.torch import save_model
+from speculative_models import calibration_batches, causal_lm
 
 import curkernels as ck
 from curkernels.speculative import DraftBaseMismatchError

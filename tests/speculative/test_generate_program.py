@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import torch
-from conftest import LOW_RANK, calibration_batches, causal_lm
+from speculative_models import LOW_RANK, calibration_batches, causal_lm
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 

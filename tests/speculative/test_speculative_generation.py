@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 import torch
-from conftest import LOW_RANK, calibration_batches, causal_lm
 from scipy.stats import chisquare
+from speculative_models import LOW_RANK, calibration_batches, causal_lm
 
 import curkernels as ck
 from curkernels.serve import StaticCacheGenerator
@@ -123,3 +123,18 @@ def test_speculative_options_are_checked():
     other = causal_lm("llama", vocab_size=50)
     with pytest.raises(ValueError, match="vocabulary of 50 tokens"):
         StaticCacheGenerator(model, max_seq_len=16, draft=other)
+
+
+@pytest.mark.slow
+def test_compiled_steps_give_the_same_greedy_output():
+    """fullgraph capture of the draft step and the verification (the eager backend keeps
+    the test to graph capture; inductor adds only code generation)."""
+    model = causal_lm("llama")
+    draft = ck.make_draft(model, keep=0.5, calib=calibration_batches(count=1),
+                          max_rank=LOW_RANK, head_tokens=48)
+    prompt = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(3))
+    expected = StaticCacheGenerator(model, max_seq_len=40).generate(prompt, 32)
+    generator = StaticCacheGenerator(model, max_seq_len=40, draft=draft, num_draft_tokens=3,
+                                     compile=True, compile_backend="eager")
+    assert torch.equal(generator.generate(prompt, 32), expected)
+    assert 0 in generator.accepted_per_step and 3 in generator.accepted_per_step
