@@ -28,26 +28,29 @@ from .transformers_hook import integrate_when_transformers_loads
 
 __version__ = "0.1.0"
 
-# Checkpoints need transformers, which takes seconds to import: they load at first use, so that
-# `import curkernels.ops` (the kernels alone) stays light.
-_CHECKPOINT_NAMES = ("CheckpointError", "load_compressed", "save_compressed")
+# Checkpoints and drafts need transformers, which takes seconds to import: they load at first
+# use, so that `import curkernels.ops` (the kernels alone) stays light.
+_LAZY_NAMES = {"CheckpointError": ".checkpoint", "load_compressed": ".checkpoint",
+               "save_compressed": ".checkpoint", "make_draft": ".speculative",
+               "heal_draft": ".speculative", "save_draft": ".speculative",
+               "load_draft": ".speculative"}
 
 __all__ = ["ASVDConfig", "CURLinear", "CURingConfig", "CheckpointError", "CompressionReport",
            "LPAFConfig", "LowRankLinear", "MethodConfig", "ROMConfig", "SVDConfig",
-           "SVDLLMConfig", "__version__", "compress", "cur_linear", "heal", "load_compressed",
-           "save_compressed"]
+           "SVDLLMConfig", "__version__", "compress", "cur_linear", "heal", "heal_draft",
+           "load_compressed", "load_draft", "make_draft", "save_compressed", "save_draft"]
 
 
 def __getattr__(name: str):
-    if name not in _CHECKPOINT_NAMES:
+    if name not in _LAZY_NAMES:
         raise AttributeError(f"module 'curkernels' has no attribute {name!r}")
-    value = getattr(importlib.import_module(".checkpoint", __name__), name)
+    value = getattr(importlib.import_module(_LAZY_NAMES[name], __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_CHECKPOINT_NAMES})
+    return sorted({*globals(), *_LAZY_NAMES})
 
 
 integrate_when_transformers_loads()

@@ -56,3 +56,14 @@ def cache_bytes(cache: StaticCache) -> int:
     """Bytes held by the cache's key and value buffers."""
     return sum(t.numel() * t.element_size() for layer in cache.layers
                for t in (layer.keys, layer.values) if t is not None)
+
+
+def truncate_cache(cache: StaticCache, length: int) -> None:
+    """Keep the first `length` positions of a static cache (speculative decoding drops the
+    rejected tail). Releases that count positions inside the cache get their counters set in
+    place (their addresses stay, as CUDA graphs need); releases placed by `cache_position`
+    need nothing: the next tokens overwrite the tail, which the causal mask hides until then."""
+    for layer in cache.layers:
+        counter = getattr(layer, "cumulative_length", None)
+        if isinstance(counter, torch.Tensor):
+            counter.fill_(length)

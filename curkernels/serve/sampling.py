@@ -10,12 +10,10 @@ def check_sampling(temperature: float, top_p: float) -> None:
         raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
 
 
-def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits → (B,) int64 tokens. temperature 0 is greedy (argmax)."""
-    check_sampling(temperature, top_p)
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+def token_probabilities(logits: torch.Tensor, temperature: float, top_p: float = 1.0
+                        ) -> torch.Tensor:
+    """(..., V) logits → the (..., V) float32 distribution that temperature > 0 and nucleus
+    (top-p) sampling draw from."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -23,4 +21,14 @@ def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: flo
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return probs
+
+
+def sample_next_token(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits → (B,) int64 tokens. temperature 0 is greedy (argmax)."""
+    check_sampling(temperature, top_p)
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = token_probabilities(logits, temperature, top_p)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
