@@ -50,7 +50,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="machine-readable ou
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="model folder (or hub name when online)"),
+    model: str = typer.Argument(..., help="model folder, GGUF file or folder holding one (or "
+                                "hub name when online)"),
     out: Path = typer.Argument(..., help="output folder for the compressed checkpoint"),
     method: str = typer.Option("svd", help="svd | asvd | svdllm | curing | rom | lpaf"),
     keep: float = typer.Option(None, help="fraction of the targeted weights kept, in (0, 1] "

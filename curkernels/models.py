@@ -1,10 +1,12 @@
-"""Load a dense transformers model (and its tokenizer) by folder or hub name."""
+"""Load a dense transformers model (and its tokenizer) by folder, GGUF file or hub name."""
 
 from pathlib import Path
 
 import torch
 import transformers
 from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
+
+from .checkpoint.gguf import find_gguf, materialize_gguf
 
 
 def model_class_for(config) -> type:
@@ -18,7 +20,11 @@ def model_class_for(config) -> type:
 
 def load_dense_model(name_or_path: str, device: str | torch.device = "cpu",
                      dtype: torch.dtype | None = None):
-    """(model in eval mode, tokenizer or None when the folder ships none)."""
+    """(model in eval mode, tokenizer or None when the folder ships none). A GGUF file, or a
+    folder holding one, loads from its cached transformers folder (`materialize_gguf`)."""
+    gguf_file = find_gguf(name_or_path)
+    if gguf_file is not None:
+        name_or_path = str(materialize_gguf(gguf_file))
     config = transformers.AutoConfig.from_pretrained(name_or_path)
     if getattr(config, "compression_config", None):
         raise ValueError(f"{name_or_path} is already a curkernels checkpoint: load it with "
