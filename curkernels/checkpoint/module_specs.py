@@ -9,9 +9,11 @@ import torch
 from torch import nn
 
 from ..nn import CURLinear, LowRankLinear
+from ..nn.narrow_linear import NarrowLinear
 
 FORMAT_NAME = "curkernels"
 FORMAT_VERSION = 1
+MODULE_TYPES = ("CURLinear", "LowRankLinear", "NarrowLinear")
 
 
 class CheckpointError(ValueError):
@@ -34,12 +36,31 @@ def module_spec(module: nn.Module) -> dict:
         return {"type": "LowRankLinear", "in_features": module.in_features,
                 "out_features": module.out_features, "rank": module.rank,
                 "bias": module.bias is not None}
+    if isinstance(module, NarrowLinear):
+        return narrow_linear_spec(module)
     raise TypeError(f"not a factored module: {type(module).__name__}")
+
+
+def narrow_linear_spec(module: NarrowLinear) -> dict:
+    """`in_features`/`out_features` are the dense layer's shape (what the model config
+    builds); the kept rows/columns and whether the output/input keeps the dense width give
+    the narrow weight's shape and the layer's own widths."""
+    return {"type": "NarrowLinear", "in_features": module.dense_in_features,
+            "out_features": module.dense_out_features, "bias": module.bias is not None,
+            "row_indices": _indices(module.row_indices),
+            "col_indices": _indices(module.col_indices),
+            "scatter_rows": module.scatter_rows, "gather_cols": module.gather_cols}
+
+
+def _narrow_weight_shape(spec: dict) -> tuple[int, int]:
+    rows, cols = spec["row_indices"], spec["col_indices"]
+    return (spec["out_features"] if rows is None else len(rows),
+            spec["in_features"] if cols is None else len(cols))
 
 
 def compression_config(model: nn.Module, method: str | None) -> dict:
     modules = {name: module_spec(m) for name, m in model.named_modules()
-               if isinstance(m, (CURLinear, LowRankLinear))}
+               if isinstance(m, (CURLinear, LowRankLinear, NarrowLinear))}
     if not modules:
         raise ValueError("the model holds no CURLinear/LowRankLinear: compress it first "
                          "(curkernels.compress)")
@@ -63,7 +84,7 @@ def check_compression_config(block) -> dict:
     if not isinstance(modules, dict) or not modules:
         raise CheckpointError("compression_config.modules must map module names to specs")
     for name, spec in modules.items():
-        if not isinstance(spec, dict) or spec.get("type") not in ("CURLinear", "LowRankLinear"):
+        if not isinstance(spec, dict) or spec.get("type") not in MODULE_TYPES:
             raise CheckpointError(f"compression_config.modules[{name!r}] has unknown type "
                                   f"{spec.get('type') if isinstance(spec, dict) else spec!r}")
     return block
@@ -72,10 +93,16 @@ def check_compression_config(block) -> dict:
 def build_module(spec: dict, dtype: torch.dtype, device: torch.device | str = "meta"
                  ) -> nn.Module:
     """An empty factored module of the spec's shapes (uninitialised storage)."""
-    m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
-
     def empty(*shape):
         return torch.empty(shape, dtype=dtype, device=device)
+
+    if spec["type"] == "NarrowLinear":
+        kept_rows, kept_cols = _narrow_weight_shape(spec)
+        return NarrowLinear(empty(kept_rows, kept_cols), empty(kept_rows) if spec["bias"] else None,
+                            out_features=spec["out_features"], in_features=spec["in_features"],
+                            rows=spec["row_indices"], cols=spec["col_indices"],
+                            scatter_rows=spec["scatter_rows"], gather_cols=spec["gather_cols"])
+    m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
 
     bias = empty(m) if spec["bias"] else None
     if spec["type"] == "LowRankLinear":
@@ -89,6 +116,10 @@ def build_module(spec: dict, dtype: torch.dtype, device: torch.device | str = "m
 
 def expected_tensor_shapes(spec: dict) -> dict[str, tuple[int, ...]]:
     """State-dict entries (relative to the module) and their shapes."""
+    if spec["type"] == "NarrowLinear":
+        kept_rows, kept_cols = _narrow_weight_shape(spec)
+        return {"weight": (kept_rows, kept_cols), **({"bias": (kept_rows,)} if spec["bias"]
+                                                       else {})}
     m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
     shapes: dict[str, tuple[int, ...]]
     if spec["type"] == "LowRankLinear":

@@ -8,10 +8,12 @@ from torch import nn
 
 from .asvd import compress_asvd
 from .budget import check_keep
+from .calibration import is_causal_lm
 from .calibration_sources import as_batches
 from .curing import compress_curing
 from .layer_selection import angular_layer_scores, block_list, select_layers
 from .lpaf import compress_lpaf
+from .pairwise import compress_pairwise
 from .report import CompressionReport
 from .rom import ROM_PRESETS, compress_rom
 from .svd import compress_svd
@@ -26,17 +28,21 @@ METHODS: dict[str, tuple[Callable, bool]] = {
     "curing": (compress_curing, True),
     "rom": (compress_rom, True),
     "lpaf": (compress_lpaf, True),
+    "pairwise": (compress_pairwise, True),
 }
+# the best method for a decoder LM (`method=None`); other models keep the plain SVD default
+DECODER_DEFAULT, OTHER_DEFAULT = "pairwise", "svd"
 
 
-def compress(model: nn.Module, method: str = "svd", keep: float | None = None, calib=None, *,
+def compress(model: nn.Module, method: str | None = None, keep: float | None = None, calib=None, *,
              targets=None, exclude=(), layers=None, preset: str | None = None,
              rank_multiple: int = 1, tokenizer=None, seq_len: int = 256, batch_size: int = 16,
              num_samples: int | None = None, **opts) -> CompressionReport:
     """Factor the target Linears of `model` in place and return a `CompressionReport`.
 
     Args:
-        method: one of `METHODS` (svd, asvd, svdllm, curing, rom, lpaf).
+        method: one of `METHODS` (svd, asvd, svdllm, curing, rom, lpaf, pairwise); None picks
+            the best for the model: pairwise for decoder LMs, svd otherwise.
         keep: fraction of the targeted Linears' weight entries that remain, counting every
             stored factor (0 < keep ≤ 1; default 0.5). CURing also caps its rank at
             `max_rank=256` (the paper's rule is keep=1.0: the break-even rank, capped).
@@ -58,6 +64,8 @@ def compress(model: nn.Module, method: str = "svd", keep: float | None = None, c
             weighting="fisher", fisher_damping= for svdllm; sparsity=,
             sweeps=, mixed_rank_steps=, lr= for lpaf).
     """
+    if method is None:
+        method = DECODER_DEFAULT if is_causal_lm(model) else OTHER_DEFAULT
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
     if preset is not None:
