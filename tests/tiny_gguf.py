@@ -24,10 +24,10 @@ def tiny_vocabulary() -> tuple[list[str], list[str]]:
     return tokens, merges
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=len(tiny_vocabulary()[0]), hidden_size=32,
-                         intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=128,
                          tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1,
                          eos_token_id=2, pad_token_id=0)
