@@ -62,7 +62,8 @@ def compress(model: nn.Module, method: str | None = None, keep: float | None = N
         opts: method options (e.g. selection="qdeim"|"greedy", max_rank=, energy=, svd= for
             curing; alpha= for asvd; damping=, allocation="global", sequential=True,
             weighting="fisher", fisher_damping= for svdllm; sparsity=,
-            sweeps=, mixed_rank_steps=, lr= for lpaf).
+            sweeps=, mixed_rank_steps=, lr= for lpaf; ridge=, damping=, refit=, sequential=,
+            allocation=, temperature= for pairwise).
     """
     if method is None:
         method = DECODER_DEFAULT if is_causal_lm(model) else OTHER_DEFAULT
