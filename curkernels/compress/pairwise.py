@@ -280,7 +280,7 @@ def _groups(local_names: set[str]) -> list[tuple[str, ...]]:
 
 @torch.no_grad()
 def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
-                      rank_multiple: int = 1, ridge: float = 1e-2, damping: float = 1e-4,
+                      rank_multiple: int = 1, ridge: float = 1e-2, damping: float = 1e-2,
                       refit: bool = True, sequential: bool = True,
                       allocation: str = "importance", temperature: float = 0.1
                       ) -> list[ModuleReport]:
@@ -290,7 +290,9 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
     Args:
         rank_multiple: the MLP's kept neuron count is a multiple of it.
         ridge: λ of the ridge-leverage scores, as a fraction of the mean diagonal.
-        damping: pulls a refit towards the dense columns (see `refit_on_kept_inputs`).
+        damping: pulls a refit towards the dense columns (see `refit_on_kept_inputs`); 1e-2
+            measured best on SmolLM2-135M (1e-4 overfits 64 calibration paragraphs: 1.55×
+            instead of 1.44× dense perplexity at keep 0.8).
         refit: refit o_proj and down_proj on the kept inputs (False: keep their dense columns).
         sequential: calibrate each block on the compressed blocks' outputs (False: on the
             dense model's).
