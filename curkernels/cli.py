@@ -75,9 +75,11 @@ def info(as_json: bool = typer.Option(False, "--json", help="machine-readable ou
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="model folder (or hub name when online)"),
+    model: str = typer.Argument(..., help="model folder, GGUF file or folder holding one (or "
+                                "hub name when online)"),
     out: Path = typer.Argument(..., help="output folder for the compressed checkpoint"),
-    method: str = typer.Option("svd", help="svd | asvd | svdllm | curing | rom | lpaf"),
+    method: str = typer.Option(None, help="svd | asvd | svdllm | curing | rom | lpaf | pairwise "
+                               "(default: pairwise for decoder LMs, svd otherwise)"),
     keep: float = typer.Option(None, help="fraction of the targeted weights kept, in (0, 1] "
                                "(default 0.5)"),
     preset: str = typer.Option(None, help="ROM paper setting '90%', '80%' or '50%' (sets keep "
@@ -109,6 +111,7 @@ def compress(
     from . import save_compressed
     from .checkpoint.output_folder import check_output_folder
     from .compress import METHODS
+    from .compress.api import default_method
     from .compress.calibration_sources import calibration_texts
     from .compress.configs import config_class, option_from_text
     from .models import load_dense_model
@@ -123,7 +126,7 @@ def compress(
                                      f"{text!r}") from None
         return values if "," in text else values[0]
 
-    def parse_options(pairs: list[str]) -> dict:
+    def parse_options(method: str, pairs: list[str]) -> dict:
         """KEY=VALUE strings, each value parsed by the type of the method's config field."""
         options = {}
         for pair in pairs:
@@ -136,13 +139,20 @@ def compress(
                 raise typer.BadParameter(f"--option {pair!r}: {error}") from None
         return options
 
-    # every argument (the config, OUT) is checked before the model is read
-    config = config_class(method)(keep=keep, targets=targets or None, layers=parse_layers(layers),
-                                  preset=preset, rank_multiple=rank_multiple,
-                                  **parse_options(option or []))
+    def method_config(method: str):
+        return config_class(method)(keep=keep, targets=targets or None,
+                                    layers=parse_layers(layers), preset=preset,
+                                    rank_multiple=rank_multiple,
+                                    **parse_options(method, option or []))
+
+    # every argument (the config, OUT) is checked before the model is read; without --method
+    # the config waits for the model, whose kind picks the method
+    config = None if method is None else method_config(method)
     check_output_folder(out, overwrite=overwrite, source=model)
     loaded, tokenizer = load_dense_model(model, device=_device(device), dtype=_dtype(dtype))
-    needs_calibration = METHODS[method][1]
+    if config is None:
+        config = method_config(default_method(loaded))
+    needs_calibration = METHODS[config.method][1]
     picks_layers = layers is not None and "," not in layers
     texts = None
     if needs_calibration or calib is not None or picks_layers:

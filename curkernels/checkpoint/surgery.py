@@ -42,5 +42,6 @@ def restore_indices(model: nn.Module, block: dict) -> None:
         module = model.get_submodule(name)
         for buffer in ("row_indices", "col_indices"):
             if spec.get(buffer) is not None:
+                device = next(module.parameters()).device
                 setattr(module, buffer, torch.tensor(spec[buffer], dtype=torch.int64,
-                                                     device=module.C.device))
+                                                     device=device))

@@ -10,6 +10,7 @@ from .configs import (
     CURingConfig,
     LPAFConfig,
     MethodConfig,
+    PairwiseConfig,
     ROMConfig,
     SVDConfig,
     SVDLLMConfig,
@@ -20,9 +21,9 @@ from .layer_selection import angular_layer_scores, select_layers
 from .report import CompressionReport, ModuleReport
 from .rom import ROM_PRESETS
 
-__all__ = ["CONFIGS", "METHODS", "ROM_PRESETS", "ASVDConfig", "CURingConfig", "CompressionReport",
-           "LPAFConfig", "LinearStats", "MethodConfig", "ModuleReport", "ROMConfig", "SVDConfig",
-           "SVDLLMConfig", "angular_layer_scores",
-           "as_batches", "calibration_texts", "collect_linear_stats", "compress",
-           "deim_select", "factor_parameters", "first_order_importance", "greedy_select",
-           "heal", "qdeim_select", "rank_for_keep", "select_layers"]
+__all__ = ["ASVDConfig", "CONFIGS", "CURingConfig", "CompressionReport", "LPAFConfig",
+           "LinearStats", "METHODS", "MethodConfig", "ModuleReport", "PairwiseConfig", "ROMConfig",
+           "ROM_PRESETS", "SVDConfig", "SVDLLMConfig", "angular_layer_scores", "as_batches",
+           "calibration_texts", "collect_linear_stats", "compress", "deim_select",
+           "factor_parameters", "first_order_importance", "greedy_select", "heal", "qdeim_select",
+           "rank_for_keep", "select_layers"]

@@ -8,12 +8,13 @@ from dataclasses import fields
 from torch import nn
 
 from .asvd import compress_asvd
-from .calibration import check_finite_parameters
+from .calibration import check_finite_parameters, is_causal_lm
 from .calibration_sources import as_batches, check_token_ids
 from .configs import MethodConfig, config_class
 from .curing import compress_curing
 from .layer_selection import angular_layer_scores, block_list, select_layers
 from .lpaf import compress_lpaf
+from .pairwise import compress_pairwise
 from .report import CompressionReport
 from .rom import ROM_PRESETS, compress_rom
 from .svd import compress_svd
@@ -28,10 +29,18 @@ METHODS: dict[str, tuple[Callable, bool]] = {
     "curing": (compress_curing, True),
     "rom": (compress_rom, True),
     "lpaf": (compress_lpaf, True),
+    "pairwise": (compress_pairwise, True),
 }
+# the best method for a decoder LM (`method=None`); other models keep the plain SVD default
+DECODER_DEFAULT, OTHER_DEFAULT = "pairwise", "svd"
 
 
-def compress(model: nn.Module, method: "str | MethodConfig" = "svd", keep: float | None = None,
+def default_method(model: nn.Module) -> str:
+    """The best method for the model's kind: pairwise for decoder LMs, svd otherwise."""
+    return DECODER_DEFAULT if is_causal_lm(model) else OTHER_DEFAULT
+
+
+def compress(model: nn.Module, method: "str | MethodConfig | None" = None, keep: float | None = None,
              calib=None, *, targets=None, exclude=(), layers=None, preset: str | None = None,
              rank_multiple: int = 1, tokenizer=None, seq_len: int = 256, batch_size: int = 16,
              num_samples: int | None = None, **opts) -> CompressionReport:
@@ -43,7 +52,8 @@ def compress(model: nn.Module, method: "str | MethodConfig" = "svd", keep: float
     build that config. Unknown options and ill-typed values are errors either way.
 
     Args:
-        method: one of `METHODS` (svd, asvd, svdllm, curing, rom, lpaf), or its config.
+        method: one of `METHODS` (svd, asvd, svdllm, curing, rom, lpaf, pairwise), or its
+            config; None picks the best for the model: pairwise for decoder LMs, svd otherwise.
         keep: fraction of the targeted Linears' weight entries that remain, counting every
             stored factor (0 < keep ≤ 1; default 0.5). CURing also caps its rank at
             `max_rank=256` (the paper's rule is keep=1.0: the break-even rank, capped).
@@ -74,7 +84,8 @@ def compress(model: nn.Module, method: "str | MethodConfig" = "svd", keep: float
                              f"them there, not as arguments")
         config = method
     else:
-        config = config_class(method)(**common, **opts)
+        config = config_class(default_method(model) if method is None else method)(**common,
+                                                                                   **opts)
     return _compress(model, config, calib, tokenizer=tokenizer, seq_len=seq_len,
                      batch_size=batch_size, num_samples=num_samples)
 

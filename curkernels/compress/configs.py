@@ -19,6 +19,7 @@ from torch import nn
 from .calibration import ENCODER_TARGETS
 from .curing import PAPER_MAX_RANK, SVD_ALGORITHMS
 from .deim import SELECTIONS
+from .pairwise import ALLOCATIONS as PAIRWISE_ALLOCATIONS
 from .rom import ROM_PRESETS
 from .svdllm import ALLOCATIONS, WEIGHTINGS
 
@@ -52,6 +53,7 @@ def option(default, *, bounds: Bounds | None = None, choices: Iterable[str] | No
 
 
 POSITIVE = Bounds(low=1)
+ABOVE_ZERO = Bounds(low=0, low_inclusive=False)
 NON_NEGATIVE = Bounds(low=0)
 FRACTION = Bounds(low=0, high=1, low_inclusive=False)  # (0, 1]
 
@@ -251,9 +253,22 @@ class LPAFConfig(MethodConfig):
     seed: int = 0
 
 
+@method_config
+class PairwiseConfig(MethodConfig):
+    """Pair-wise structured selection (the default for decoder LMs): real rows of q/k, v and
+    gate/up kept, their partners o_proj and down_proj refit; see `compress_pairwise`."""
+    method: ClassVar[str] = "pairwise"
+    ridge: float = option(1e-2, bounds=ABOVE_ZERO)
+    damping: float = option(1e-2, bounds=ABOVE_ZERO)
+    refit: bool = True
+    sequential: bool = True
+    allocation: str = option("importance", choices=PAIRWISE_ALLOCATIONS)
+    temperature: float = option(0.1, bounds=ABOVE_ZERO)
+
+
 CONFIGS: dict[str, type[MethodConfig]] = {
     cls.method: cls for cls in (SVDConfig, ASVDConfig, SVDLLMConfig, CURingConfig, ROMConfig,
-                                LPAFConfig)}
+                                LPAFConfig, PairwiseConfig)}
 
 
 def config_class(method: str) -> type[MethodConfig]:

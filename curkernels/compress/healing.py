@@ -1,9 +1,14 @@
 """Healing: a short distillation of the compressed model towards its dense teacher.
 
-As the CURing paper: only the factors named in `trainable` learn (U by default; C and R stay
-real rows and columns of W), with loss 0.1·cross-entropy + 0.9·MSE of the hidden states
-against the teacher's, AdamW and a cosine learning-rate schedule. Encoders have no
-next-token loss: for them the loss is the hidden-state MSE alone.
+Only small tensors learn: by default the ones each compressed module names in its `HEALABLE`
+attribute (CURLinear's U — C and R stay real rows and columns of W, as in the CURing paper;
+LowRankLinear's A and B), or the factors named in `trainable`. Embeddings, norms, the head and
+every layer left dense stay as they are. AdamW with a cosine learning-rate schedule.
+
+Causal LMs are distilled on the teacher's next-token distribution: KL(teacher ‖ student) of
+the logits at every real token (`kl_weight`, with an optional `temperature`), optionally plus
+the hidden-state MSE (`mse_weight`) and the next-token cross-entropy on the data (`ce_weight`).
+Encoders have no next-token distribution: for them the loss is the hidden-state MSE.
 
 Sentence encoders are scored on the mean-pooled, L2-normalised last hidden state, not on the
 hidden states one by one: `pooled_weight` adds that objective, the cosine distance
@@ -22,6 +27,12 @@ from tqdm.auto import tqdm
 
 from ..nn import FACTORED_MODULES
 from .calibration import is_causal_lm, model_device, to_device, token_mask
+from .calibration_sources import as_batches
+
+# heal()'s loss when none is given: the teacher's next-token distribution for causal LMs, the
+# hidden states for encoders
+CAUSAL_LM_WEIGHTS = {"kl_weight": 1.0, "ce_weight": 0.0, "mse_weight": 0.0}
+ENCODER_WEIGHTS = {"kl_weight": 0.0, "ce_weight": 0.0, "mse_weight": 0.9}
 
 
 def factor_parameters_named(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parameter]:
@@ -33,6 +44,17 @@ def factor_parameters_named(model: nn.Module, trainable: Iterable[str]) -> list[
         raise ValueError(f"trainable={sorted(names)} matched no parameter of a factored module "
                          f"(CURLinear has C/U/R, LowRankLinear has A/B): compress the model "
                          f"first, or name other factors")
+    return params
+
+
+def healable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The small tensors of every compressed module: the parameters its `HEALABLE` names (a
+    CURLinear without U has none)."""
+    params = [param for module in model.modules() for name in getattr(module, "HEALABLE", ())
+              if isinstance(param := getattr(module, name, None), nn.Parameter)]
+    if not params:
+        raise ValueError("the model holds no compressed module with trainable small tensors "
+                         "(HEALABLE): compress it first, or name the factors in trainable=")
     return params
 
 
@@ -62,55 +84,85 @@ def pooled_cosine_distance(hidden: torch.Tensor, target: torch.Tensor,
     return (1 - nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)).mean()
 
 
-def check_weights(mse_weight: float, pooled_weight: float) -> None:
-    for name, value in (("mse_weight", mse_weight), ("pooled_weight", pooled_weight)):
+def check_weights(mse_weight: float, pooled_weight: float, kl_weight: float = 0.0,
+                  ce_weight: float = 0.0, temperature: float = 1.0, causal: bool = False) -> None:
+    weights = {"mse_weight": mse_weight, "pooled_weight": pooled_weight,
+               "kl_weight": kl_weight, "ce_weight": ce_weight}
+    for name, value in weights.items():
         if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
             raise ValueError(f"{name} must be a finite number ≥ 0, got {value!r}")
-    if mse_weight == 0 and pooled_weight == 0:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature)
+            and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not causal and kl_weight:
+        raise ValueError(f"kl_weight={kl_weight} needs a causal LM: an encoder has no "
+                         f"next-token distribution")
+    if not any(weights.values()) or not (causal or mse_weight or pooled_weight):
         raise ValueError("mse_weight and pooled_weight are both 0: the encoder loss would be "
-                         "empty; give one of them a positive weight")
+                         "empty; give one of them a positive weight" if not causal else
+                         "kl_weight, ce_weight, mse_weight and pooled_weight are all 0: the "
+                         "loss would be empty; give one of them a positive weight")
+
+
+def next_token_kl(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None,
+                  temperature: float = 1.0) -> torch.Tensor:
+    """Mean over real tokens of KL(softmax(target/T) ‖ softmax(logits/T)) · T², in float32."""
+    student = torch.log_softmax(logits.float() / temperature, dim=-1)
+    teacher = torch.log_softmax(target.float() / temperature, dim=-1)
+    per_token = nn.functional.kl_div(student, teacher, log_target=True,
+                                     reduction="none").sum(-1)
+    per_token = per_token[mask] if mask is not None else per_token
+    return per_token.mean() * temperature ** 2
 
 
 def distillation_loss(model: nn.Module, teacher: nn.Module, batch: dict,
                       ce_weight: float = 0.1, mse_weight: float = 0.9,
-                      pooled_weight: float = 0.0) -> torch.Tensor:
-    """ce_weight·next-token CE (causal LMs only) + mse_weight·MSE of every hidden state
-    against the teacher's + pooled_weight·(1 − cosine) of the mean-pooled last hidden state
-    against the teacher's, pad tokens excluded throughout."""
+                      pooled_weight: float = 0.0, kl_weight: float = 0.0,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """kl_weight·KL(teacher ‖ student) of the next-token distributions + ce_weight·next-token
+    CE (both causal LMs only) + mse_weight·MSE of every hidden state against the teacher's +
+    pooled_weight·(1 − cosine) of the mean-pooled last hidden state against the teacher's,
+    pad tokens excluded throughout."""
     mask = token_mask(batch)
     causal = is_causal_lm(model)
-    labels = None
-    if causal:
+    hidden = bool(mse_weight or pooled_weight)
+    extra = {"output_hidden_states": hidden}
+    if causal and ce_weight:
         labels = batch["input_ids"].clone()
         if mask is not None:
             labels[~mask] = -100
-    out = model(**batch, labels=labels, output_hidden_states=True) if causal else \
-        model(**batch, output_hidden_states=True)
+        extra["labels"] = labels
+    out = model(**batch, **extra)
     with torch.no_grad():
-        target = teacher(**batch, output_hidden_states=True).hidden_states
+        target = teacher(**batch, output_hidden_states=hidden)
     loss = 0.0
     if mse_weight:
         mse = 0.0
-        for h, t in zip(out.hidden_states, target, strict=True):
+        for h, t in zip(out.hidden_states, target.hidden_states, strict=True):
             diff = (h.float() - t.float()) ** 2
             mse = mse + (diff[mask].mean() if mask is not None else diff.mean())
-        loss = mse_weight * mse / len(target)
+        loss = mse_weight * mse / len(target.hidden_states)
     if pooled_weight:
-        loss = loss + pooled_weight * pooled_cosine_distance(out.hidden_states[-1], target[-1],
-                                                             mask)
-    return loss + ce_weight * out.loss if causal else loss
+        loss = loss + pooled_weight * pooled_cosine_distance(out.hidden_states[-1],
+                                                             target.hidden_states[-1], mask)
+    if causal and kl_weight:
+        loss = loss + kl_weight * next_token_kl(out.logits, target.logits, mask, temperature)
+    if causal and ce_weight:
+        loss = loss + ce_weight * out.loss
+    return loss
 
 
 def train_factors(model: nn.Module, teacher: nn.Module, data: Iterable[dict], params,
                   steps: int, lr: float, weight_decay: float = 0.0, warmup: int = 0,
                   before_step: Callable[[int], None] | None = None,
-                  desc: str = "healing", mse_weight: float = 0.9,
-                  pooled_weight: float = 0.0) -> list[float]:
+                  desc: str = "healing", **weights) -> list[float]:
     """AdamW on `params` for `steps` batches (cycling `data`) with linear warm-up then cosine
     decay to 0; `before_step(step)` runs before each forward (LPAF samples its rank there).
-    The loss is `distillation_loss` with `mse_weight` and `pooled_weight`.
+    The loss is `distillation_loss` with `weights` (its keyword arguments).
     Returns the loss of every step."""
-    check_weights(mse_weight, pooled_weight)
+    weights = {"ce_weight": 0.1, "mse_weight": 0.9, "pooled_weight": 0.0, "kl_weight": 0.0,
+               "temperature": 1.0, **weights}
+    check_weights(**weights, causal=is_causal_lm(model))
     if steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
     if lr <= 0:
@@ -132,8 +184,7 @@ def train_factors(model: nn.Module, teacher: nn.Module, data: Iterable[dict], pa
                                itertools.cycle(batches)):
             if before_step is not None:
                 before_step(step)
-            loss = distillation_loss(model, teacher, to_device(batch, device),
-                                     mse_weight=mse_weight, pooled_weight=pooled_weight)
+            loss = distillation_loss(model, teacher, to_device(batch, device), **weights)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"the loss became {loss.item()} at step {step}: "
                                          f"lower lr")
@@ -147,21 +198,36 @@ def train_factors(model: nn.Module, teacher: nn.Module, data: Iterable[dict], pa
     return losses
 
 
-def heal(model: nn.Module, teacher: nn.Module, data: Iterable[dict], steps: int = 200, *,
+def heal(model: nn.Module, teacher: nn.Module, data, steps: int = 200, *,
          lr: float = 1e-4, weight_decay: float = 0.0, warmup: int = 0,
-         trainable: tuple[str, ...] = ("U",), mse_weight: float = 0.9,
-         pooled_weight: float = 0.0, train_norms: bool = False) -> list[float]:
-    """Distil `model` (compressed, in place) towards `teacher` (the dense model) on `data`
-    (input dicts), training only the factors named in `trainable` (the paper's CURing heals U
-    alone) and, with `train_norms`, the normalisation layers' weights and biases, which adapt
-    to the shifted statistics of the compressed layers' outputs. Returns per-step losses.
+         trainable: tuple[str, ...] | None = None, kl_weight: float | None = None,
+         ce_weight: float | None = None, mse_weight: float | None = None,
+         pooled_weight: float = 0.0, temperature: float = 1.0, train_norms: bool = False,
+         tokenizer=None, seq_len: int = 256, batch_size: int = 4) -> list[float]:
+    """Distil `model` (compressed, in place) towards `teacher` (the dense model) on `data` —
+    input dicts, or texts with `tokenizer` (cut to `seq_len` tokens, `batch_size` a batch) —
+    and return the loss of every step.
 
-    The loss is 0.1·next-token CE (causal LMs only) + `mse_weight`·hidden-state MSE +
-    `pooled_weight`·(1 − cosine) of the attention-mask mean-pooled last hidden state against
-    the teacher's — the sentence embedding a mean-pooling encoder is scored on (e.g. STS).
-    Both weights must be finite and ≥ 0, and not both 0."""
-    check_weights(mse_weight, pooled_weight)
-    params = factor_parameters_named(model, trainable)
+    Trains the small tensors of the compressed modules (`healable_parameters`), or the factors
+    named in `trainable` (e.g. ('U',), or ('A', 'B')), and with `train_norms` the
+    normalisation layers' weights and biases, which adapt to the shifted statistics of the
+    compressed layers' outputs. Nothing else changes.
+
+    The loss (`distillation_loss`): for causal LMs by default KL(teacher ‖ student) of the
+    next-token distributions (kl_weight 1; ce_weight and mse_weight 0); for encoders
+    `mse_weight` 0.9 · hidden-state MSE, plus `pooled_weight`·(1 − cosine) of the
+    attention-mask mean-pooled last hidden state — the sentence embedding a mean-pooling
+    encoder is scored on (e.g. STS). Weights must be finite and ≥ 0, and not all 0.
+    """
+    defaults = CAUSAL_LM_WEIGHTS if is_causal_lm(model) else ENCODER_WEIGHTS
+    given = {"kl_weight": kl_weight, "ce_weight": ce_weight, "mse_weight": mse_weight}
+    weights = {name: defaults[name] if value is None else value
+               for name, value in given.items()}
+    weights.update(pooled_weight=pooled_weight, temperature=temperature)
+    check_weights(**weights, causal=is_causal_lm(model))
+    batches = as_batches(data, tokenizer, seq_len=seq_len, batch_size=batch_size)
+    params = healable_parameters(model) if trainable is None else \
+        factor_parameters_named(model, trainable)
     if train_norms:
         params += norm_parameters(model)
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -170,8 +236,8 @@ def heal(model: nn.Module, teacher: nn.Module, data: Iterable[dict], steps: int 
     for p in params:
         p.requires_grad_(True)
     try:
-        return train_factors(model, teacher, data, params, steps, lr, weight_decay, warmup,
-                             mse_weight=mse_weight, pooled_weight=pooled_weight)
+        return train_factors(model, teacher, batches, params, steps, lr, weight_decay, warmup,
+                             **weights)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

@@ -42,6 +42,7 @@ class CURLinear(nn.Module):
     """
 
     SHRINK_FACTOR, EXPAND_FACTOR = "R", "C"  # the parameters `share_input_shrinks` works on
+    HEALABLE = ("U",)  # what healing trains: C and R stay real columns and rows of W
 
     def __init__(self, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,
                  bias: torch.Tensor | None = None, row_indices=None, col_indices=None, *,

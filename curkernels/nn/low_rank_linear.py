@@ -11,6 +11,7 @@ class LowRankLinear(nn.Module):
     """y = x·(A·B)ᵀ + b, computed as (x·Bᵀ)·Aᵀ + b. A is (m, r), B is (r, n)."""
 
     SHRINK_FACTOR, EXPAND_FACTOR = "B", "A"  # the parameters `share_input_shrinks` works on
+    HEALABLE = ("A", "B")  # what healing trains
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None = None, *,
                  backend: str = "auto"):

