@@ -142,13 +142,14 @@ def test_cli_refuses_its_input_and_a_users_folder_before_compressing(tmp_path):
 def test_cli_replaces_a_checkpoint_only_with_overwrite(tmp_path):
     tiny_model("llama").save_pretrained(tmp_path / "dense")
     out = tmp_path / "out"
-    first = run_cli("compress", str(tmp_path / "dense"), str(out), "--keep", "0.5")
+    svd = ("--method", "svd")  # no calibration: the tiny model ships no tokenizer
+    first = run_cli("compress", str(tmp_path / "dense"), str(out), *svd, "--keep", "0.5")
     assert first.returncode == 0, first.stderr
     before = contents(out)
-    refused = run_cli("compress", str(tmp_path / "dense"), str(out), "--keep", "0.3")
+    refused = run_cli("compress", str(tmp_path / "dense"), str(out), *svd, "--keep", "0.3")
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
     assert refused.stdout == "" and contents(out) == before
-    replaced = run_cli("compress", str(tmp_path / "dense"), str(out), "--keep", "0.3",
+    replaced = run_cli("compress", str(tmp_path / "dense"), str(out), *svd, "--keep", "0.3",
                        "--overwrite")
     assert replaced.returncode == 0, replaced.stderr
     assert contents(out) != before

@@ -140,12 +140,12 @@ def test_bad_options_and_partial_groups_are_named():
     calib = random_batches()
     with pytest.raises(ValueError, match="allocation must be one of"):
         ck.compress(tiny_model("llama"), method="pairwise", calib=calib, allocation="greedy")
-    with pytest.raises(ValueError, match="ridge must be a positive number"):
+    with pytest.raises(ValueError, match="ridge must be a finite number > 0"):
         ck.compress(tiny_model("llama"), method="pairwise", calib=calib, ridge=0)
     with pytest.raises(ValueError, match=r"gate_proj/up_proj/down_proj together.*down_proj"):
         ck.compress(tiny_model("llama"), method="pairwise", calib=calib,
                     targets=["gate_proj", "up_proj"])
-    with pytest.raises(TypeError, match="unexpected keyword argument 'rank'"):
+    with pytest.raises(ValueError, match=r"unknown option \['rank'\] for method 'pairwise'"):
         ck.compress(tiny_model("llama"), method="pairwise", calib=calib, rank=3)
     with pytest.raises(ValueError, match="needs calibration data"):
         ck.compress(tiny_model("llama"), keep=0.5)
