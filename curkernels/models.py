@@ -8,15 +8,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
 
 from .checkpoint.gguf import find_gguf, materialize_gguf
-
-
-def model_class_for(config) -> type:
-    """The class config.json names (e.g. LlamaForCausalLM, BertModel), else AutoModel."""
-    for name in getattr(config, "architectures", None) or ():
-        cls = getattr(transformers, name, None)
-        if cls is not None:
-            return cls
-    return transformers.AutoModel
+from .checkpoint.load import model_class_for
 
 
 def load_dense_model(name_or_path: str, device: str | torch.device = "cpu",

@@ -14,6 +14,9 @@ REGISTERED = ("from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; 
     "import sys, curkernels; assert 'transformers' not in sys.modules; import transformers",
     "import transformers, curkernels",
     "import curkernels; from transformers import AutoModelForCausalLM",
+    # a curkernels module that imports transformers first: the integration it triggers must
+    # not import that module back while it is half initialised
+    "import curkernels.models",
 ])
 def test_transformers_finds_the_quantizer_after_either_import_order(imports):
     result = subprocess.run([sys.executable, "-c", f"{imports}; {REGISTERED}"],

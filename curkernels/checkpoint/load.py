@@ -7,11 +7,19 @@ from pathlib import Path
 import torch
 import transformers
 
-from ..models import model_class_for
 from .checkpoint_files import check_files_inside, check_inside
 from .errors import CheckpointError
 from .module_specs import check_compression_config
 from .plain_guard import GUARD_FIELD
+
+
+def model_class_for(config) -> type:
+    """The class config.json names (e.g. LlamaForCausalLM, BertModel), else AutoModel."""
+    for name in getattr(config, "architectures", None) or ():
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
 
 
 def _read_config(folder: str | os.PathLike) -> dict:
