@@ -171,30 +171,43 @@ def train_factors(model: nn.Module, teacher: nn.Module, data: Iterable[dict], pa
     if not batches:
         raise ValueError("data is empty: healing needs batches")
     device = model_device(model)
+    teacher.eval()
+    was_training = model.training
+    model.eval()  # dropout off: healing matches the deployed model to the teacher
+    try:
+        return run_training(
+            params, batches,
+            lambda batch: distillation_loss(model, teacher, to_device(batch, device), **weights),
+            steps, lr, weight_decay=weight_decay, warmup=warmup, before_step=before_step,
+            desc=desc)
+    finally:
+        model.train(was_training)
+
+
+def run_training(params, batches: list, loss_of: Callable[[dict], torch.Tensor], steps: int,
+                 lr: float, *, weight_decay: float = 0.0, warmup: int = 0,
+                 before_step: Callable[[int], None] | None = None,
+                 desc: str = "healing") -> list[float]:
+    """AdamW on `params` for `steps` batches (cycling `batches`), linear warm-up then cosine
+    decay to 0, minimising `loss_of(batch)`; a non-finite loss stops it. Returns each step's
+    loss."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (
         (s + 1) / warmup if s < warmup
         else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))))
-    teacher.eval()
-    was_training = model.training
-    model.eval()  # dropout off: healing matches the deployed model to the teacher
     losses = []
-    try:
-        for step, batch in zip(tqdm(range(steps), desc=desc, leave=False),
-                               itertools.cycle(batches)):
-            if before_step is not None:
-                before_step(step)
-            loss = distillation_loss(model, teacher, to_device(batch, device), **weights)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at step {step}: "
-                                         f"lower lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
-    finally:
-        model.train(was_training)
+    for step, batch in zip(tqdm(range(steps), desc=desc, leave=False),
+                           itertools.cycle(batches)):
+        if before_step is not None:
+            before_step(step)
+        loss = loss_of(batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {step}: lower lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
     return losses
 
 

@@ -7,17 +7,14 @@ Only the draft's factors named in `trainable` (U by default) learn; the shared t
 frozen parameters of the draft, so the target's weights never change.
 """
 
-import itertools
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..compress.calibration import model_device, to_device, token_mask
 from ..compress.calibration_sources import as_batches
-from ..compress.healing import factor_parameters_named
+from ..compress.healing import factor_parameters_named, run_training
 from .assembly import draft_spec
 
 
@@ -58,23 +55,11 @@ def heal_draft(draft: nn.Module, model: nn.Module, texts, *, tokenizer=None, ste
     device = model_device(draft)
     token_ids = spec.head_token_ids
     token_ids = None if token_ids is None else token_ids.to(device)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    losses = []
     try:
-        for step, batch in zip(tqdm(range(steps), desc="healing draft", leave=False),
-                               itertools.cycle(batches)):
-            loss = draft_kl(draft, model, to_device(batch, device), token_ids)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss.item()} at step {step}: "
-                                         f"lower lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
+        return run_training(
+            params, list(batches),
+            lambda batch: draft_kl(draft, model, to_device(batch, device), token_ids),
+            steps, lr, desc="healing draft")
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)
-    return losses
