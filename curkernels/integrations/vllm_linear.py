@@ -32,7 +32,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from ..checkpoint.module_specs import CheckpointError
 from ..ops import cur_linear
-from ..ops.shared_group import shared_group_op
+from ..ops.op import shared_group_op
 from .vllm_shards import Shard, plan_shards, take_local
 
 QKV_SHARD_IDS = ("q", "k", "v")  # vLLM's shard ids for q/k/v; merged MLPs use 0, 1, ...
