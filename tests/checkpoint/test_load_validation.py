@@ -115,7 +115,7 @@ V = rf"modules\['{DIAG}'\]"
     (spec_edit(LOW_RANK, rank=None), rf"{UP}\.rank must be a positive int, got None"),
     (spec_edit(LOW_RANK, out_features="80"), rf"{UP}\.out_features must be a positive int"),
     (spec_edit(LOW_RANK, out_features=81), rf"describes '{LOW_RANK}' as a 81×48 Linear"),
-    (spec_edit(CUR, bias=True), rf"gives '{CUR}' bias = true, but the model's .* has no bias"),
+    (spec_edit(CUR, bias=True), rf"lacks tensor '{CUR}\.bias'"),  # a bias is the spec's own (ROM)
     (spec_edit(CUR, bias="no"), rf"{Q}\.bias must be true or false, got 'no'"),
     (spec_edit(CUR, type="FancyLinear"), rf"{Q}\.type must be one of .*, got 'FancyLinear'"),
     (spec_edit(CUR, type=_DELETE), rf"{Q}\.type must be one of .*, got None"),

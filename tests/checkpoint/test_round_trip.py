@@ -105,3 +105,18 @@ def test_resave_of_a_loaded_checkpoint_round_trips(tmp_path):
     again = ck.load_compressed(tmp_path / "b")
     inputs = sample_inputs()
     assert torch.equal(model_outputs(again, inputs), model_outputs(model, inputs))
+
+
+def test_rom_biases_on_a_biasless_llama_round_trip(tmp_path):
+    """ROM gives its factored layers a bias where Llama has none: the checkpoint records it and
+    loading builds the layer from the spec, not from the dense layer's bias flag."""
+    model = tiny_model("llama")
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(3, model.config.vocab_size, (2, 12), generator=g)}]
+    ck.compress(model, method="rom", keep=0.5, calib=calib)
+    assert any(isinstance(m, LowRankLinear) and m.bias is not None for m in model.modules())
+    ck.save_compressed(model, tmp_path / "rom")
+    reloaded = ck.load_compressed(tmp_path / "rom")
+    inputs = sample_inputs()
+    torch.testing.assert_close(model_outputs(reloaded, inputs), model_outputs(model, inputs),
+                               rtol=0, atol=0)
