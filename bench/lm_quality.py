@@ -39,10 +39,11 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import curkernels as ck  # noqa: E402
+from curkernels.checkpoint import load_model  # noqa: E402
+from curkernels.checkpoint.model_reference import resolve_model_folder  # noqa: E402
 from curkernels.compress.calibration_sources import tokenize_batches  # noqa: E402
 from curkernels.compress.layer_selection import block_list  # noqa: E402
 from curkernels.eval import NextTokenScores, score_next_tokens  # noqa: E402
-from curkernels.models import load_dense_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -300,10 +301,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.model is None:
-        from curkernels.bundled_models import smollm2_folder
-        args.model = str(smollm2_folder())
-    dense, tokenizer = load_dense_model(args.model, dtype=torch.float32)
+    args.model = resolve_model_folder(args.model or "smollm2")  # the protocol names the folder
+    dense, tokenizer = load_model(args.model, dtype=torch.float32)
     lines = Path(args.data).read_text(encoding="utf-8").splitlines(keepends=True)
     ids, calib, eval_lines = split_lines(lines, tokenizer, args.eval_tokens, args.calib_samples)
     path = args.out / f"{args.name}.json"

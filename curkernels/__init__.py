@@ -6,6 +6,7 @@
                          tokenizer=tokenizer)
     ck.save_compressed(model, "out")
     model = ck.load_compressed("out")
+    model, tokenizer = ck.load_model("out")  # or a dense folder, a GGUF, "smollm2"
 """
 
 import importlib
@@ -34,15 +35,15 @@ METHODS: tuple[str, ...] = tuple(_METHOD_TABLE)  # every name `compress(method=.
 # Checkpoints and drafts need transformers, which takes seconds to import: they load at first
 # use, so that `import curkernels.ops` (the kernels alone) stays light.
 _LAZY_NAMES = {"CheckpointError": ".checkpoint", "load_compressed": ".checkpoint",
-               "save_compressed": ".checkpoint", "make_draft": ".speculative",
-               "heal_draft": ".speculative", "save_draft": ".speculative",
-               "load_draft": ".speculative"}
+               "save_compressed": ".checkpoint", "load_model": ".checkpoint",
+               "make_draft": ".speculative", "heal_draft": ".speculative",
+               "save_draft": ".speculative", "load_draft": ".speculative"}
 
 __all__ = ["ASVDConfig", "CURLinear", "CURingConfig", "CheckpointError", "CompressionReport",
            "LPAFConfig", "LowRankLinear", "METHODS", "MethodConfig", "NarrowLinear",
            "PairwiseConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig", "__version__", "compress",
-           "cur_linear", "heal", "heal_draft", "load_compressed", "load_draft", "make_draft",
-           "save_compressed", "save_draft"]
+           "cur_linear", "heal", "heal_draft", "load_compressed", "load_draft", "load_model",
+           "make_draft", "save_compressed", "save_draft"]
 
 
 def __getattr__(name: str):

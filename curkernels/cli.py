@@ -1,7 +1,10 @@
-"""`curkernels info | compress`: the command line over the Python API."""
+"""`curkernels info | compress | eval | generate | serve`: the command line over the Python API.
+python/generate.py and python/serve.py run `generate` and `serve` as programs of their own."""
 
 import json
+import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -12,8 +15,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console()
 err_console = Console(stderr=True)
 
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "float16": "float16",
+          "fp16": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+# the options every command that runs a model for generation takes
+ModelReference = Annotated[str, typer.Argument(
+    metavar="MODEL", help="curkernels checkpoint, transformers folder, GGUF file or folder "
+    "holding one, bundled model name ('smollm2'), or hub name when online")]
+DeviceOption = Annotated[str | None, typer.Option(help="default: cuda when available, else cpu")]
+DtypeOption = Annotated[str, typer.Option(help="float32 | float16 | bfloat16, or auto (as "
+                                          "saved)")]
+CompileOption = Annotated[bool, typer.Option("--compile", help="torch.compile the decode step "
+                                             "(CUDA graphs on a GPU)")]
+ShareShrinksOption = Annotated[bool, typer.Option(
+    "--share-shrinks", help="factored q/k/v and gate/up read their stacked shrink factors in "
+    "one pass (curkernels.nn.share_input_shrinks)")]
+TokenizerOption = Annotated[str | None, typer.Option(help="tokenizer folder or hub name "
+                                                     "(default: the model's)")]
+DraftOption = Annotated[Path | None, typer.Option(
+    help="decode speculatively with this draft (curkernels.save_draft), cut from MODEL: the "
+    "output stays MODEL's own")]
+NumDraftTokensOption = Annotated[int, typer.Option(min=1, help="tokens drafted per "
+                                                   "verification (with --draft)")]
 
 
 def _dtype(name: str | None):
@@ -22,7 +45,7 @@ def _dtype(name: str | None):
         return None
     if name not in DTYPES:
         raise typer.BadParameter(f"--dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return getattr(torch, DTYPES[name])
+    return None if DTYPES[name] is None else getattr(torch, DTYPES[name])
 
 
 def _device(name: str) -> str:
@@ -75,8 +98,9 @@ def info(as_json: bool = typer.Option(False, "--json", help="machine-readable ou
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="model folder, GGUF file or folder holding one (or "
-                                "hub name when online)"),
+    model: str = typer.Argument(..., help="dense model: transformers folder, GGUF file or "
+                                "folder holding one, bundled model name ('smollm2'), or hub name "
+                                "when online"),
     out: Path = typer.Argument(..., help="output folder for the compressed checkpoint"),
     method: str = typer.Option(None, help="svd | asvd | svdllm | curing | rom | lpaf | pairwise "
                                "(default: pairwise for decoder LMs, svd otherwise)"),
@@ -109,12 +133,12 @@ def compress(
     """Compress a transformers model and save it as a curkernels checkpoint."""
     from . import compress as run_compress
     from . import save_compressed
-    from .checkpoint.output_folder import check_output_folder
+    from .checkpoint import load_model
+    from .checkpoint.output_folder import check_output_folder, is_curkernels_checkpoint
     from .compress import METHODS
     from .compress.api import default_method
     from .compress.calibration_sources import calibration_texts
     from .compress.configs import config_class, option_from_text
-    from .models import load_dense_model
 
     def parse_layers(text: str | None):
         if text is None:
@@ -149,7 +173,10 @@ def compress(
     # the config waits for the model, whose kind picks the method
     config = None if method is None else method_config(method)
     check_output_folder(out, overwrite=overwrite, source=model)
-    loaded, tokenizer = load_dense_model(model, device=_device(device), dtype=_dtype(dtype))
+    if is_curkernels_checkpoint(Path(model)):
+        raise ValueError(f"{model} is already a curkernels checkpoint: compress the dense model "
+                         f"it was made from")
+    loaded, tokenizer = load_model(model, device=_device(device), dtype=_dtype(dtype))
     if config is None:
         config = method_config(default_method(loaded))
     needs_calibration = METHODS[config.method][1]
@@ -182,23 +209,15 @@ def evaluate(
     out: Path = typer.Option(None, help="folder to write eval.json into"),
 ):
     """Fidelity of a (compressed) model: perplexity on a text, or STS correlation."""
-    import transformers
-
-    from .checkpoint import load_compressed
+    from .checkpoint import load_model
     from .compress.calibration import is_causal_lm
     from .eval import embedding_cosine, encode, pair_spearman, perplexity, read_sts_pairs
-    from .models import load_dense_model, read_model_config
     if (text is None) == (sts is None):
         raise typer.BadParameter("give exactly one of --text (perplexity) or --sts")
     if reference is not None and sts is None:
         raise typer.BadParameter("--reference compares embeddings: it goes with --sts")
     device = _device(device)
-    config = read_model_config(model)
-    if getattr(config, "compression_config", None):
-        loaded = load_compressed(model, device=device, dtype=_dtype(dtype))
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model)
-    else:
-        loaded, tokenizer = load_dense_model(model, device=device, dtype=_dtype(dtype))
+    loaded, tokenizer = load_model(model, device=device, dtype=_dtype(dtype))
     if tokenizer is None:
         raise ValueError(f"{model} ships no tokenizer: evaluation needs one")
     kind = type(loaded).__name__
@@ -218,7 +237,7 @@ def evaluate(
         results["sts_spearman"] = pair_spearman(embeddings[:len(left)],
                                                 embeddings[len(left):], scores)
         if reference is not None:
-            dense, dense_tokenizer = load_dense_model(reference, device=device)
+            dense, dense_tokenizer = load_model(reference, device=device)
             results["embedding_cosine"] = embedding_cosine(
                 encode(dense, dense_tokenizer, left + right), embeddings)
     for key, value in results.items():
@@ -228,11 +247,134 @@ def evaluate(
         (out / "eval.json").write_text(json.dumps(results, indent=2))
 
 
+def _load_for_generation(model: str, *, device: str | None, dtype: str, tokenizer: str | None,
+                         share_shrinks: bool, draft: Path | None):
+    """(model frozen for inference, tokenizer, its draft or None) for `generate` and `serve`."""
+    from .serve import load_for_inference
+    from .speculative import load_draft
+    loaded, loaded_tokenizer = load_for_inference(
+        model, None if device is None else _device(device), _dtype(dtype), tokenizer,
+        share_shrinks=share_shrinks)
+    return loaded, loaded_tokenizer, None if draft is None else load_draft(draft, target=loaded)
+
+
+@app.command()
+def generate(
+    model: ModelReference,
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="text to continue")],
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to generate")] = 64,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling mass")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
+    draft: DraftOption = None,
+    num_draft_tokens: NumDraftTokensOption = 4,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    compile: CompileOption = False,
+    share_shrinks: ShareShrinksOption = False,
+    tokenizer: TokenizerOption = None,
+):
+    """Continue PROMPT with MODEL, streaming the text to stdout (timings to stderr)."""
+    import torch
+
+    from .serve import IncrementalDetokenizer, StaticCacheGenerator, end_of_sequence_ids
+    loaded, loaded_tokenizer, draft_model = _load_for_generation(
+        model, device=device, dtype=dtype, tokenizer=tokenizer, share_shrinks=share_shrinks,
+        draft=draft)
+    input_ids = loaded_tokenizer(prompt, return_tensors="pt")["input_ids"]
+    generator = StaticCacheGenerator(loaded, max_seq_len=input_ids.shape[1] + max_new_tokens,
+                                     compile=compile, draft=draft_model,
+                                     num_draft_tokens=num_draft_tokens)
+    stops = end_of_sequence_ids(loaded, loaded_tokenizer)
+    detokenizer = IncrementalDetokenizer(loaded_tokenizer)
+    typer.echo(prompt, nl=False)
+    start, first, count = time.perf_counter(), None, 0
+    for tokens in generator.stream(input_ids, max_new_tokens, temperature=temperature,
+                                   top_p=top_p, eos_token_ids=stops, seed=seed):
+        first = first or time.perf_counter()
+        count += 1
+        if int(tokens[0]) in stops:
+            break
+        typer.echo(detokenizer.push(int(tokens[0])), nl=False)
+    typer.echo(detokenizer.finish(), nl=False)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+    end = time.perf_counter()
+    rate = f", then {(count - 1) / (end - first):.1f} tokens/s" if count > 1 else ""
+    steps = ""
+    if draft_model is not None and generator.accepted_per_step:
+        steps = f"; {(count - 1) / len(generator.accepted_per_step):.2f} tokens per verification"
+    typer.echo(f"\n[{count} tokens; first after {first - start:.2f} s{rate}{steps}]", err=True)
+
+
+@app.command()
+def serve(
+    model: ModelReference,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="port to listen on")] = 8000,
+    model_name: Annotated[str | None, typer.Option(help="the name requests give (default: the "
+                                                   "model folder's name)")] = None,
+    max_seq_len: Annotated[int, typer.Option(min=2, help="prompt + completion tokens (the KV "
+                                             "cache length)")] = 2048,
+    max_queued: Annotated[int, typer.Option(min=1, help="requests admitted at once; more get "
+                                            "429")] = 32,
+    max_body_bytes: Annotated[int | None, typer.Option(
+        min=1, help="larger request bodies get 413 without being read (default 1 MiB)")] = None,
+    graceful_seconds: Annotated[int, typer.Option(min=0, help="on SIGTERM, how long the running "
+                                                  "request may take to finish")] = 30,
+    prefill_chunk_tokens: Annotated[int | None, typer.Option(
+        min=1, help="run long prompts through prefill in chunks of this many tokens (bounds "
+        "activation memory); default: one forward")] = None,
+    draft: DraftOption = None,
+    num_draft_tokens: NumDraftTokensOption = 4,
+    device: DeviceOption = None,
+    dtype: DtypeOption = "auto",
+    compile: CompileOption = False,
+    share_shrinks: ShareShrinksOption = False,
+    tokenizer: TokenizerOption = None,
+):
+    """Serve MODEL over an OpenAI-style HTTP API (/v1/completions; needs the serve extra).
+
+    Requests run one at a time in arrival order. Ctrl-C or SIGTERM stops taking requests (503),
+    answers the queued ones 503 at once, gives the running one up to --graceful-seconds, and
+    exits."""
+    import uvicorn
+
+    from .serve import StaticCacheGenerator
+    from .serve.draining import DrainingServer
+    from .serve.engine import CompletionEngine
+    from .serve.server import DEFAULT_MAX_BODY_BYTES, create_app
+    loaded, loaded_tokenizer, draft_model = _load_for_generation(
+        model, device=device, dtype=dtype, tokenizer=tokenizer, share_shrinks=share_shrinks,
+        draft=draft)
+    generator = StaticCacheGenerator(loaded, max_seq_len=max_seq_len, compile=compile,
+                                     prefill_chunk_tokens=prefill_chunk_tokens, draft=draft_model,
+                                     num_draft_tokens=num_draft_tokens)
+    engine = CompletionEngine(generator, loaded_tokenizer, max_queued=max_queued)
+    engine.warm_up()  # compile before the first request rather than during it
+    served = create_app(engine, model_name or Path(model).resolve().name,
+                        max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
+    DrainingServer(uvicorn.Config(served, host=host, port=port,
+                                  timeout_graceful_shutdown=graceful_seconds), engine).run()
+
+
+def run_program(command) -> None:
+    """Run one command of this CLI as a program of its own (python/generate.py, serve.py):
+    its arguments at top level, bad input reported as `main` reports it."""
+    program = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    program.command()(command)
+    _report_bad_input(program)
+
+
 def main() -> None:
-    """Bad input is reported in one line (exit 2), not as a traceback."""
+    _report_bad_input(app)
+
+
+def _report_bad_input(program: typer.Typer) -> None:
+    """Run `program`; bad input is reported in one line (exit 2), not as a traceback."""
     from .checkpoint import CheckpointError
     try:
-        app()
+        program()
     except (ValueError, TypeError, FileNotFoundError, CheckpointError) as error:
         err_console.print(f"[red]error:[/red] {error}", highlight=False)
         raise SystemExit(2) from None

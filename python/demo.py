@@ -9,22 +9,22 @@ transformers folder once and cached), and the text is prose from Python's own st
 — calibration on one part, perplexity on another.
 """
 
-import argparse
 import copy
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from transformers import AutoModelForCausalLM
 
 import curkernels as ck
-from curkernels.bundled_models import smollm2_folder
+from curkernels.cli import run_program
 from curkernels.compress.calibration_sources import default_calibration_texts
 from curkernels.eval import score_next_tokens
-from curkernels.models import load_dense_model
 
 PROMPT = "Explain in two sentences why the sky is blue."
 NEW_TOKENS = 48
@@ -44,15 +44,14 @@ def greedy(model, tokenizer, prompt_ids) -> tuple[str, float]:
     return tokenizer.decode(new, skip_special_tokens=True).strip(), new.numel() / seconds
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--keep", type=float, default=0.8)
-    parser.add_argument("--samples", type=int, default=48,
-                        help="prose paragraphs to calibrate on")
-    parser.add_argument("--eval-tokens", type=int, default=4096,
-                        help="held-out prose tokens to score")
-    parser.add_argument("--out", type=Path, default=Path("demo_out"))
-    args = parser.parse_args()
+def demo(
+    keep: Annotated[float, typer.Option(help="fraction of the targeted weights kept, in "
+                                        "(0, 1]")] = 0.8,
+    samples: Annotated[int, typer.Option(min=1, help="prose paragraphs to calibrate on")] = 48,
+    eval_tokens: Annotated[int, typer.Option(min=2, help="held-out prose tokens to score")] = 4096,
+    out: Annotated[Path, typer.Option(help="where the checkpoint is saved")] = Path("demo_out"),
+) -> None:
+    """Compress SmolLM2-135M-Instruct, reload it with from_pretrained, compare with dense."""
     torch.manual_seed(0)
     console = Console()
     progress = Progress(TextColumn("{task.description}"), BarColumn(),
@@ -64,21 +63,21 @@ def main() -> None:
         def step(index: int) -> None:
             progress.update(overall, completed=index, description=STEPS[index])
 
-        dense, tokenizer = load_dense_model(str(smollm2_folder()))
+        dense, tokenizer = ck.load_model("smollm2")
         prose = default_calibration_texts(10_000)
-        calib, held_out = prose[:args.samples], prose[args.samples:]
+        calib, held_out = prose[:samples], prose[samples:]
         eval_ids = tokenizer("\n\n".join(held_out), return_tensors="pt")["input_ids"][0]
-        eval_ids = eval_ids[:args.eval_tokens]
+        eval_ids = eval_ids[:eval_tokens]
 
         step(1)
         compressed = copy.deepcopy(dense)
         start = time.perf_counter()
-        report = ck.compress(compressed, keep=args.keep, calib=calib, tokenizer=tokenizer)
+        report = ck.compress(compressed, keep=keep, calib=calib, tokenizer=tokenizer)
         compress_seconds = time.perf_counter() - start
         method = compressed.config.compression_config["method"]
 
         step(2)
-        folder = args.out / f"SmolLM2-135M-Instruct-keep{args.keep:g}"
+        folder = out / f"SmolLM2-135M-Instruct-keep{keep:g}"
         ck.save_compressed(compressed, folder, tokenizer=tokenizer, overwrite=True)
         del compressed
 
@@ -98,7 +97,7 @@ def main() -> None:
         answer, speed = greedy(reloaded, tokenizer, prompt_ids)
         progress.update(overall, completed=len(STEPS), description="done")
 
-    table = Table(title=f"SmolLM2-135M-Instruct, ck.compress(keep={args.keep:g}) → {method} "
+    table = Table(title=f"SmolLM2-135M-Instruct, ck.compress(keep={keep:g}) → {method} "
                         f"({len(report.modules)} Linears, {compress_seconds:.0f} s), reloaded "
                         f"with AutoModelForCausalLM")
     table.add_column("")
@@ -123,4 +122,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_program(demo)

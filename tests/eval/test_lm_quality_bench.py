@@ -7,8 +7,8 @@ import pytest
 from bench_scripts import load_bench_script
 from tiny_gguf import tiny_llama, write_gguf
 
+from curkernels.checkpoint import load_model
 from curkernels.eval import score_next_tokens
-from curkernels.models import load_dense_model
 
 WORDS = ("the", "cat", "sat", "on", "mat", "dog", "ran", "far", "away", "then", "slept")
 
@@ -39,7 +39,7 @@ def gguf_model(tmp_path, monkeypatch):
 
 
 def test_calibration_and_evaluation_never_share_a_line(bench, data, gguf_model):
-    _, tokenizer = load_dense_model(str(gguf_model))
+    _, tokenizer = load_model(str(gguf_model))
     lines = data.read_text().splitlines(keepends=True)
     ids, calib, cut = bench.split_lines(lines, tokenizer, eval_tokens=300, calib_samples=5)
     assert ids.numel() == 300
@@ -72,7 +72,7 @@ def test_a_run_writes_json_markdown_and_plot_and_later_runs_merge(bench, data, g
                           "--heal", "2", "--heal-batch", "2",
                           "--ablation", "svdllm:allocation=global", "--ablation-keeps", "0.6"])
     dense = results["dense"]
-    model, tokenizer = load_dense_model(str(gguf_model))
+    model, tokenizer = load_model(str(gguf_model))
     lines = data.read_text().splitlines(keepends=True)
     ids, _, _ = bench.split_lines(lines, tokenizer, eval_tokens=256, calib_samples=4)
     assert dense["perplexity"] == pytest.approx(

@@ -1,25 +1,22 @@
-"""The example programs in python/ run as a user runs them: generate.py prints the model's greedy
-text; serve.py answers a completion over HTTP and exits cleanly on SIGTERM."""
+"""The example programs in python/ and the CLI run as a user runs them: generate.py and
+`curkernels generate` print the model's greedy text; serve.py answers a completion over HTTP
+and exits cleanly on SIGTERM."""
 
-import os
 import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import httpx
 import pytest
 from conftest import CHECKPOINT_NAME
+from served_programs import CLI, ENVIRONMENT, PROGRAMS, assert_shuts_down_cleanly, running_server
 
 from curkernels.serve import StaticCacheGenerator, load_for_inference
 
-PROGRAMS = Path(__file__).resolve().parents[2] / "python"
 PROMPT = "the quick brown fox"
 NEW_TOKENS = 8
-# One CPU thread: the model is tiny, and spare OpenMP threads only spin on a busy machine.
-ENVIRONMENT = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+GENERATE = {"python/generate.py": (sys.executable, str(PROGRAMS / "generate.py")),
+            "curkernels generate": (*CLI, "generate")}
 
 
 def greedy_completion(checkpoint) -> str:
@@ -34,11 +31,11 @@ def greedy_completion(checkpoint) -> str:
     return tokenizer.decode(tokens)
 
 
-def test_generate_prints_the_greedy_completion(checkpoint):
+@pytest.mark.parametrize("program", GENERATE)
+def test_generate_prints_the_greedy_completion(checkpoint, program):
     result = subprocess.run(
-        [sys.executable, str(PROGRAMS / "generate.py"), str(checkpoint), PROMPT,
-         "--max-new-tokens", str(NEW_TOKENS), "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env=ENVIRONMENT)
+        [*GENERATE[program], str(checkpoint), PROMPT, "--max-new-tokens", str(NEW_TOKENS),
+         "--device", "cpu"], capture_output=True, text=True, timeout=300, env=ENVIRONMENT)
     assert result.returncode == 0, result.stderr
     assert result.stdout == PROMPT + greedy_completion(checkpoint)
     assert "tokens; first after" in result.stderr
@@ -46,39 +43,15 @@ def test_generate_prints_the_greedy_completion(checkpoint):
 
 def test_generate_rejects_an_unknown_dtype(checkpoint):
     result = subprocess.run(
-        [sys.executable, str(PROGRAMS / "generate.py"), str(checkpoint), PROMPT, "--dtype", "int8"],
+        [*GENERATE["python/generate.py"], str(checkpoint), PROMPT, "--dtype", "int8"],
         capture_output=True, text=True, timeout=120, env=ENVIRONMENT)
     assert result.returncode == 2 and "--dtype" in result.stderr and "int8" in result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_until_serving(server: subprocess.Popen, url: str, seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"serve.py exited with {server.returncode}: {server.stderr.read()}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.5)
-    pytest.fail(f"serve.py did not answer {url} within {seconds} s")
-
-
 def test_serve_answers_a_completion_and_exits_cleanly_on_sigterm(checkpoint):
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, str(PROGRAMS / "serve.py"), str(checkpoint), "--port", str(port),
-         "--device", "cpu", "--max-seq-len", "48", "--graceful-seconds", "5"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
-    try:
-        wait_until_serving(server, f"{base}/v1/models", seconds=180)
+    with running_server([sys.executable, str(PROGRAMS / "serve.py"), str(checkpoint),
+                         "--device", "cpu", "--max-seq-len", "48", "--graceful-seconds", "5"]
+                        ) as (server, base):
         response = httpx.post(f"{base}/v1/completions", timeout=60, json={
             "model": CHECKPOINT_NAME, "prompt": PROMPT, "max_tokens": NEW_TOKENS, "temperature": 0})
         assert response.status_code == 200, response.text
@@ -87,12 +60,4 @@ def test_serve_answers_a_completion_and_exits_cleanly_on_sigterm(checkpoint):
                              json={"model": "other", "prompt": PROMPT})
         assert unknown.status_code == 404 and "'other' is not served" in unknown.text
         server.send_signal(signal.SIGTERM)
-        # uvicorn re-raises the signal once it has shut down (since 0.29): -SIGTERM is a clean
-        # exit as long as the application's shutdown (the engine's) completed first.
-        status = server.wait(timeout=60)
-        log = server.stderr.read()
-        assert status in (0, -signal.SIGTERM) and "Application shutdown complete" in log, log
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
+        assert_shuts_down_cleanly(server)
