@@ -24,7 +24,7 @@ from .compress import (
     compress,
     heal,
 )
-from .nn import CURLinear, LowRankLinear, NarrowLinear
+from .nn import CURLinear, NarrowLinear
 from .ops import cur_linear
 from .transformers_hook import integrate_when_transformers_loads
 
@@ -39,10 +39,10 @@ _LAZY_NAMES = {"CheckpointError": ".checkpoint", "load_compressed": ".checkpoint
                "load_draft": ".speculative"}
 
 __all__ = ["ASVDConfig", "CURLinear", "CURingConfig", "CheckpointError", "CompressionReport",
-           "LPAFConfig", "LowRankLinear", "METHODS", "MethodConfig", "NarrowLinear",
-           "PairwiseConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig", "__version__", "compress",
-           "cur_linear", "heal", "heal_draft", "load_compressed", "load_draft", "make_draft",
-           "save_compressed", "save_draft"]
+           "LPAFConfig", "METHODS", "MethodConfig", "NarrowLinear", "PairwiseConfig", "ROMConfig",
+           "SVDConfig", "SVDLLMConfig", "__version__", "compress", "cur_linear", "heal",
+           "heal_draft", "load_compressed", "load_draft", "make_draft", "save_compressed",
+           "save_draft"]
 
 
 def __getattr__(name: str):
