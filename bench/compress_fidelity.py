@@ -88,15 +88,15 @@ def wikitext_sentences(lines: list[str]) -> list[str]:
 def fine_tune(method, model, dense, data, steps, lr, mse_weight=0.9, pooled_weight=0.0,
               train_norms=False):
     """With --train: CURing heals U (as the paper), LPAF runs its mixed-rank fine-tuning, the
-    two-factor methods heal A and B (and, with train_norms, the LayerNorms too); returns the
-    label suffix."""
+    two-factor methods heal both factors, C and R (and, with train_norms, the LayerNorms too);
+    returns the label suffix."""
     if method == "lpaf":
-        modules = [m for m in model.modules() if isinstance(m, ck.LowRankLinear)]
+        modules = [m for m in model.modules() if isinstance(m, ck.CURLinear)]
         mixed_rank_finetune(model, dense, modules, data, steps, lr=lr, min_rank_fraction=0.5,
                             full_rank_steps=max(1, steps // 10))
         return "+mixed-rank"
     ck.heal(model, dense, data, steps=steps, lr=lr,
-            trainable=("U",) if method == "curing" else ("A", "B"),
+            trainable=("U",) if method == "curing" else ("C", "R"),
             mse_weight=mse_weight, pooled_weight=pooled_weight, train_norms=train_norms)
     return "+heal" + (" +norms" if train_norms else "")
 

@@ -8,7 +8,7 @@ causal attention; the lm_head runs for the last position only.
 
 from torch import nn
 
-from curkernels.nn import FACTORED_MODULES
+from curkernels.nn import CURLinear
 
 
 def _matrix_entries(model: nn.Module) -> tuple[int, int]:
@@ -16,7 +16,7 @@ def _matrix_entries(model: nn.Module) -> tuple[int, int]:
     head = model.get_output_embeddings()
     projections = 0
     for module in model.modules():
-        if isinstance(module, FACTORED_MODULES):
+        if isinstance(module, CURLinear):
             projections += module.factor_parameters
         elif isinstance(module, nn.Linear) and module is not head:
             projections += module.weight.numel()

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import curkernels as ck
 from curkernels.compress import METHODS, rank_for_keep
-from curkernels.nn import CURLinear, LowRankLinear, swap_linears
+from curkernels.nn import CURLinear, swap_linears
 from curkernels.nn.surgery import find_linears
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -58,10 +58,10 @@ def _random(shape: tuple[int, ...], like: torch.Tensor, product_rank: int) -> to
     return torch.randn(shape, device=like.device, dtype=like.dtype) * std
 
 
-def random_low_rank(linear: nn.Linear, rank: int) -> LowRankLinear:
+def random_low_rank(linear: nn.Linear, rank: int) -> CURLinear:
     m, n = linear.weight.shape
-    return LowRankLinear(_random((m, rank), linear.weight, rank),
-                         _random((rank, n), linear.weight, rank))
+    return CURLinear(_random((m, rank), linear.weight, rank), None,
+                     _random((rank, n), linear.weight, rank))
 
 
 def random_cur(linear: nn.Linear, rank: int) -> CURLinear:
@@ -124,7 +124,7 @@ def compressed_copy(dense: nn.Module, setting: Setting, shape: Shape, *, factors
         return model, (f"curkernels.compress(method={method!r}, keep={keep:g}, "
                        f"rank_multiple={rank_multiple})")
 
-    def factor(_name: str, linear: nn.Linear) -> LowRankLinear:
+    def factor(_name: str, linear: nn.Linear) -> CURLinear:
         m, n = linear.weight.shape
         return random_low_rank(linear, rank_for_keep(m, n, keep, "none", rank_multiple))
 

@@ -7,7 +7,7 @@ factors, checked against an fp64 reference (output poisoned) before it is timed:
            without shared shrinks
   chain    the shared cuBLAS chain: one GEMM over the stacked shrink factors, one expand each
   group    the group decode kernel: the whole group in one Triton launch
-  modules  the members as `LowRankLinear` modules called one after another, as a model calls
+  modules  the members as two-factor `CURLinear`s called one after another, as a model calls
            them: `members` plus the modules' own host time
   shared   the same modules after `share_input_shrinks`: what a model with shared shrinks runs
            (at decode on a GPU, the group kernel where a measured group table has it win:
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from layer_bench import _calls_for, _cold_copies, time_eager_us, time_graph_us  # noqa: E402
 
-from curkernels.nn import LowRankLinear, share_input_shrinks  # noqa: E402
+from curkernels.nn import CURLinear, share_input_shrinks  # noqa: E402
 from curkernels.ops import cur_linear, unavailable_reason  # noqa: E402
 from curkernels.ops.tables import WRONG  # noqa: E402
 from curkernels.ops.torch_chain import shared_chain  # noqa: E402
@@ -54,11 +54,11 @@ WAYS = ("dense", "members", "chain", "group", "modules", "shared")
 
 
 def _modules(names, expands, shrinks, shared: bool) -> list[torch.nn.Module]:
-    """The members as LowRankLinear children of one parent, their factors shared with the
+    """The members as two-factor CURLinear children of one parent, their factors shared with the
     other ways' (the shared copy stacks its shrink factors anew)."""
     parent = torch.nn.Module()
     for name, C, R in zip(names, expands, shrinks, strict=True):
-        parent.add_module(name, LowRankLinear(C, R).requires_grad_(False))
+        parent.add_module(name, CURLinear(C, None, R, trainable=()))
     if shared:
         share_input_shrinks(parent)
     return [parent.get_submodule(name) for name in names]

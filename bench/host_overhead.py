@@ -1,4 +1,4 @@
-"""Host time per eager forward call: nn.Linear against CURLinear and LowRankLinear.
+"""Host time per eager forward call: nn.Linear against CURLinear (two and three factors).
 
 On the CPU, at tiny sizes (default 64×64, r = 8, M = 1, fp32) the arithmetic is negligible, so
 the times are the Python and dispatcher cost of each layer; the factored modules run the torch
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curkernels.nn import CURLinear, LowRankLinear
+from curkernels.nn import CURLinear
 from curkernels.ops import dispatch
 
 
@@ -62,20 +62,18 @@ def _variants(size: int, rank: int, rows: int, dtype: torch.dtype, device: str,
     x = torch.randn(*((1,) if sequence else ()), rows, size, device=device, dtype=dtype)
     A = torch.randn(size, rank, device=device, dtype=dtype) / rank ** 0.5
     B = torch.randn(rank, size, device=device, dtype=dtype) / size ** 0.5
-    low = LowRankLinear(A, B)
-    cur_two = CURLinear(A, None, B)
+    cur_two = CURLinear(A, None, B, trainable=())
     cur_full = CURLinear(A, torch.eye(rank, device=device, dtype=dtype), B, trainable=())
     variants = {
         "nn.Linear": lambda: dense(x),
         "F.linear": lambda: F.linear(x, dense.weight),
         "F.linear x2 (bare chain)": lambda: F.linear(F.linear(x, B), A),
-        "LowRankLinear": lambda: low(x),
         "CURLinear (U=None)": lambda: cur_two(x),
         "CURLinear (frozen full U)": lambda: cur_full(x),
     }
     if stub_cuda_launch:
         _stub_cuda_launch(torch.empty(*x.shape[:-1], size, device=device, dtype=dtype))
-        cur_stubbed = CURLinear(A, None, B, backend="cuda")
+        cur_stubbed = CURLinear(A, None, B, trainable=(), backend="cuda")
         variants["CURLinear (CUDA path, launch stubbed)"] = lambda: cur_stubbed(x)
     if device == "cuda":
         x2d = x.reshape(-1, size)

@@ -1,7 +1,7 @@
 """pytest-benchmark microbenchmarks of one factored layer call.
 
 CPU set (runs anywhere, quickly): the torch backend against dense F.linear, and the module
-call of nn.Linear against CURLinear / LowRankLinear at a tiny size, where the time is the Python
+call of nn.Linear against CURLinear at a tiny size, where the time is the Python
 above the kernels (bench/host_overhead.py prints the same comparison as a table).
 GPU set (skipped without CUDA): per-call time of dense, chain2 and each backend, eager, at
 decode and prefill sizes; and the host time a call costs (enqueue only), which must not exceed
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curkernels.nn import CURLinear, LowRankLinear
+from curkernels.nn import CURLinear
 from curkernels.ops import cur_linear
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -39,13 +39,13 @@ def test_cpu_layer(benchmark, variant, M):
         benchmark(cur_linear, x, layer["C"], None, layer["R"], backend="torch")
 
 
-@pytest.mark.parametrize("variant", ("nn.Linear", "CURLinear", "LowRankLinear"))
+@pytest.mark.parametrize("variant", ("nn.Linear", "CURLinear"))
 def test_cpu_module_host_time(benchmark, variant):
     """64×64, r = 8, one row, no grad: the arithmetic is negligible next to the Python."""
     layer = _layer(64, 64, 8, torch.float32, "cpu")
     module = {"nn.Linear": lambda: nn.Linear(64, 64, bias=False),
-              "CURLinear": lambda: CURLinear(layer["C"], None, layer["R"]),
-              "LowRankLinear": lambda: LowRankLinear(layer["C"], layer["R"])}[variant]()
+              "CURLinear": lambda: CURLinear(layer["C"], None, layer["R"], trainable=())
+              }[variant]()
     x = torch.randn(1, 64)
     with torch.no_grad():
         benchmark(module, x)
@@ -57,7 +57,7 @@ def _gpu_call(variant, layer, x):
     if variant == "chain2":
         return lambda: F.linear(F.linear(x, layer["R"]), layer["C"])
     if variant == "CURLinear":
-        module = CURLinear(layer["C"], None, layer["R"])
+        module = CURLinear(layer["C"], None, layer["R"], trainable=())
         return lambda: module(x)
     return lambda: cur_linear(x, layer["C"], None, layer["R"], backend=variant)
 

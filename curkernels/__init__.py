@@ -25,7 +25,7 @@ from .compress import (
     compress,
     heal,
 )
-from .nn import CURLinear, LowRankLinear, NarrowLinear
+from .nn import CURLinear, NarrowLinear
 from .ops import cur_linear
 from .transformers_hook import integrate_when_transformers_loads
 
@@ -40,10 +40,10 @@ _LAZY_NAMES = {"CheckpointError": ".checkpoint", "load_compressed": ".checkpoint
                "save_draft": ".speculative", "load_draft": ".speculative"}
 
 __all__ = ["ASVDConfig", "CURLinear", "CURingConfig", "CheckpointError", "CompressionReport",
-           "LPAFConfig", "LowRankLinear", "METHODS", "MethodConfig", "NarrowLinear",
-           "PairwiseConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig", "__version__", "compress",
-           "cur_linear", "heal", "heal_draft", "load_compressed", "load_draft", "load_model",
-           "make_draft", "save_compressed", "save_draft"]
+           "LPAFConfig", "METHODS", "MethodConfig", "NarrowLinear", "PairwiseConfig", "ROMConfig",
+           "SVDConfig", "SVDLLMConfig", "__version__", "compress", "cur_linear", "heal",
+           "heal_draft", "load_compressed", "load_draft", "load_model", "make_draft",
+           "save_compressed", "save_draft"]
 
 
 def __getattr__(name: str):

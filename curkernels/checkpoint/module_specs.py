@@ -5,15 +5,20 @@ Each factored module is described by a JSON spec whose `type` picks its entry in
 tensors it stores and how to build it empty (on the meta device while loading), so a
 checkpoint loads straight into factored modules without materialising the dense model. A new
 kind of module is one more entry there.
+
+Every factored layer is a `CURLinear`, written as kind "CURLinear". Checkpoints of curkernels
+0.1 before that (tests/checkpoint/fixtures/two_factor_v1) stored two-factor layers as kind
+"LowRankLinear", tensors A (m×r) and B (r×n): they load as a CURLinear without U, whose C and
+R take the checkpoint's names A and B while the weights load (`stored_names`).
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..nn import CURLinear, LowRankLinear
+from ..nn import CURLinear
 from ..nn.narrow_linear import NarrowLinear
 from .errors import CheckpointError
 from .spec_fields import (
@@ -41,10 +46,11 @@ class ModuleKind:
     """One `type` of factored module as a checkpoint records it."""
     module_class: type[nn.Module]
     fields: dict[str, FieldCheck]  # every field of the spec but `type`
-    describe: Callable[[nn.Module], dict]  # module → its spec's fields
+    describe: Callable[[nn.Module], dict] | None  # module → its spec's fields; None: read only
     check_shapes: Callable[[str, dict], None]  # relations between fields (types already hold)
     tensor_shapes: Callable[[dict], Shapes]  # state-dict entries relative to the module
     build: Callable[[dict, EmptyTensor], nn.Module]  # empty module from a checked spec
+    stored_names: dict[str, str] = field(default_factory=dict)  # parameter → name on disk
 
 
 def _check_rank(label: str, spec: dict) -> None:
@@ -56,21 +62,6 @@ def _check_rank(label: str, spec: dict) -> None:
 
 def _indices(t: torch.Tensor | None) -> list[int] | None:
     return None if t is None else [int(i) for i in t.tolist()]
-
-
-def _describe_low_rank(module: LowRankLinear) -> dict:
-    return {"in_features": module.in_features, "out_features": module.out_features,
-            "rank": module.rank, "bias": module.bias is not None}
-
-
-def _low_rank_shapes(spec: dict) -> Shapes:
-    m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
-    return {"A": (m, r), "B": (r, n), **({"bias": (m,)} if spec["bias"] else {})}
-
-
-def _build_low_rank(spec: dict, empty: EmptyTensor) -> LowRankLinear:
-    m, n, r = spec["out_features"], spec["in_features"], spec["rank"]
-    return LowRankLinear(empty(m, r), empty(r, n), empty(m) if spec["bias"] else None)
 
 
 def _describe_cur(module: CURLinear) -> dict:
@@ -165,12 +156,27 @@ def _build_narrow(spec: dict, empty: EmptyTensor) -> NarrowLinear:
                         scatter_rows=spec["scatter_rows"], gather_cols=spec["gather_cols"])
 
 
+def _as_cur_spec(two_factor_spec: dict) -> dict:
+    """An old "LowRankLinear" spec as the CURLinear spec of the same layer."""
+    return {**two_factor_spec, "type": "CURLinear", "inner": two_factor_spec["rank"], "u": "none",
+            "gather": False, "base_rows": None, "row_indices": None, "col_indices": None}
+
+
+_TWO_FACTOR_NAMES = {"C": "A", "R": "B"}
+
+
+def _two_factor_shapes(spec: dict) -> Shapes:
+    return {_TWO_FACTOR_NAMES.get(name, name): shape
+            for name, shape in _cur_shapes(_as_cur_spec(spec)).items()}
+
+
 _SHAPE_FIELDS = {"in_features": positive_int, "out_features": positive_int,
                  "rank": positive_int, "bias": boolean}
 
 MODULE_KINDS: dict[str, ModuleKind] = {
-    "LowRankLinear": ModuleKind(LowRankLinear, _SHAPE_FIELDS, _describe_low_rank, _check_rank,
-                                _low_rank_shapes, _build_low_rank),
+    "LowRankLinear": ModuleKind(
+        CURLinear, _SHAPE_FIELDS, None, _check_rank, _two_factor_shapes,
+        lambda spec, empty: _build_cur(_as_cur_spec(spec), empty), _TWO_FACTOR_NAMES),
     "CURLinear": ModuleKind(
         CURLinear,
         {**_SHAPE_FIELDS, "inner": positive_int, "u": one_of("full", "diag", "none"),
@@ -184,12 +190,12 @@ MODULE_KINDS: dict[str, ModuleKind] = {
          "scatter_rows": boolean, "gather_cols": boolean},
         _describe_narrow, _check_narrow_shapes, _narrow_shapes, _build_narrow),
 }
-FACTORED_CLASSES = tuple(kind.module_class for kind in MODULE_KINDS.values())
+FACTORED_CLASSES = tuple({kind.module_class: None for kind in MODULE_KINDS.values()})
 
 
 def module_spec(module: nn.Module) -> dict:
     for name, kind in MODULE_KINDS.items():
-        if isinstance(module, kind.module_class):
+        if kind.describe is not None and isinstance(module, kind.module_class):
             return {"type": name, **kind.describe(module)}
     raise TypeError(f"not a factored module: {type(module).__name__}")
 
@@ -215,8 +221,8 @@ def compression_config(model: nn.Module, method: str | None) -> dict:
     modules = {name: module_spec(m) for name, m in model.named_modules()
                if isinstance(m, FACTORED_CLASSES)}
     if not modules:
-        raise ValueError("the model holds no CURLinear/LowRankLinear: compress it first "
-                         "(curkernels.compress)")
+        raise ValueError("the model holds no factored module (CURLinear, NarrowLinear): "
+                         "compress it first (curkernels.compress)")
     for name, spec in modules.items():
         check_module_spec(name, spec)  # never write what loading would refuse
     return {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "method": method,
@@ -265,3 +271,8 @@ def build_module(spec: dict, dtype: torch.dtype, device: torch.device | str = "m
 def expected_tensor_shapes(spec: dict) -> Shapes:
     """State-dict entries (relative to the module) and their shapes."""
     return MODULE_KINDS[spec["type"]].tensor_shapes(spec)
+
+
+def stored_names(spec: dict) -> dict[str, str]:
+    """The module's parameters that a checkpoint of this spec stores under another name."""
+    return MODULE_KINDS[spec["type"]].stored_names

@@ -22,7 +22,7 @@ README_NAME = "README.md"
 README = """# A curkernels checkpoint
 
 This folder holds a transformers model compressed with curkernels (`pip install curkernels`):
-some of its Linear layers are stored as factors (`CURLinear`, `LowRankLinear`), listed in `config.json` under `compression_config`.
+some of its Linear layers are stored as factors (`CURLinear`), listed in `config.json` under `compression_config`.
 Load it with curkernels installed and imported:
 
 ```python

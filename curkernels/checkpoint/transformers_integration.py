@@ -15,7 +15,7 @@ from .checkpoint_files import check_files_inside, weight_files
 from .errors import CheckpointError
 from .module_specs import FORMAT_NAME, FORMAT_VERSION, check_compression_config
 from .plain_guard import drop_guard
-from .surgery import apply_compression_config, restore_indices
+from .surgery import apply_compression_config, finish_loading
 from .tensor_checks import check_checkpoint_tensors
 
 
@@ -83,7 +83,7 @@ class CurkernelsHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        restore_indices(model, model.config.compression_config)
+        finish_loading(model, model.config.compression_config)
         return model
 
     def is_serializable(self, *args, **kwargs) -> bool:

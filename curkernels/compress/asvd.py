@@ -4,8 +4,9 @@ W·S, truncate, and undo the scaling: W ≈ (U_r√Σ)·(√ΣV_rᵀS⁻¹)."""
 
 from torch import nn
 
+from ..ops.factors import split_evenly, truncated_svd
 from .calibration import collect_linear_stats
-from .lowrank import bias_of, replace_with_low_rank, split_svd
+from .lowrank import bias_of, replace_with_low_rank
 from .report import ModuleReport
 
 
@@ -19,7 +20,7 @@ def compress_asvd(model: nn.Module, targets: dict[str, nn.Linear], keep: float, 
         # a channel that never fired gets the smallest non-zero scale, not a division by 0
         floor = mean_abs[mean_abs > 0].min() if (mean_abs > 0).any() else mean_abs.new_tensor(1.0)
         scale = mean_abs.clamp_min(floor) ** alpha
-        A, B = split_svd(linear.weight.detach().double() * scale, rank)
+        A, B = split_evenly(*truncated_svd(linear.weight.detach().double() * scale, rank))
         return A, B / scale, bias_of(linear)
 
     return replace_with_low_rank(model, targets, keep, rank_multiple, factorize, stats)

@@ -97,6 +97,16 @@ def token_mask(batch: dict) -> torch.Tensor | None:
     return None if mask is None else mask.bool()
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of `hidden` (batch, tokens, width) over the tokens where `mask` is true (all of
+    them when mask is None): the sentence embedding of a mean-pooling encoder, as
+    sentence-transformers pools all-MiniLM-L6-v2."""
+    if mask is None:
+        return hidden.mean(dim=1)
+    weights = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
 def _real_tokens(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """(tokens, features) rows of `t`, pads dropped when the mask lines up with t's shape."""
     if mask is not None and t.dim() == mask.dim() + 1 and t.shape[:-1] == mask.shape:
@@ -294,16 +304,6 @@ def check_encoder_target(model: nn.Module, encoder_target: str) -> None:
                          "calibrated on its next-token loss")
 
 
-def _pooled_embedding(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """The sentence-transformers embedding: mean over the real tokens, L2-normalised."""
-    if mask is None:
-        pooled = hidden.mean(1)
-    else:
-        weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
-    return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def calibration_loss(model: nn.Module, batch: dict, generator: torch.Generator,
                      encoder_target: str = "tokens") -> torch.Tensor:
     """Next-token cross-entropy for causal LMs. For encoders, distillation to the dense
@@ -322,7 +322,7 @@ def calibration_loss(model: nn.Module, batch: dict, generator: torch.Generator,
     hidden = model(**batch).last_hidden_state
     mask = token_mask(batch)
     if encoder_target == "pooled":
-        output = _pooled_embedding(hidden, mask)
+        output = torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
     else:
         output = _real_tokens(hidden, mask)
     noise = torch.randn(output.shape, generator=generator, dtype=output.dtype,

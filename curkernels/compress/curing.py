@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..nn import CURLinear, swap_linears
+from ..ops.factors import truncated_svd
 from .budget import rank_for_keep
 from .calibration import collect_linear_stats
 from .deim import SELECTIONS
@@ -43,8 +44,8 @@ def leading_singular_vectors(matrix: torch.Tensor, rank: int, svd: str = "random
         raise ValueError(f"svd must be one of {SVD_ALGORITHMS}, got {svd!r}")
     sketch = rank + oversample
     if svd == "exact" or sketch >= min(matrix.shape):
-        left, _, right_t = torch.linalg.svd(matrix, full_matrices=False)
-        return left[:, :rank], right_t[:rank].T
+        left, _, right_t = truncated_svd(matrix, rank, compute=matrix.dtype)
+        return left, right_t.T
     left, _, right = torch.svd_lowrank(matrix, q=sketch, niter=iterations)
     return left[:, :rank], right[:, :rank]
 

@@ -1,8 +1,8 @@
 """Healing: a short distillation of the compressed model towards its dense teacher.
 
-Only small tensors learn: by default the ones each compressed module names in its `HEALABLE`
-attribute (CURLinear's U — C and R stay real rows and columns of W, as in the CURing paper;
-LowRankLinear's A and B), or the factors named in `trainable`. Embeddings, norms, the head and
+Only small tensors learn: by default the ones each compressed module names in `healable`
+(a CURLinear's U — C and R stay real rows and columns of W, as in the CURing paper; without U,
+the low-rank factors C and R), or the factors named in `trainable`. Embeddings, norms, the head and
 every layer left dense stay as they are. AdamW with a cosine learning-rate schedule.
 
 Causal LMs are distilled on the teacher's next-token distribution: KL(teacher ‖ student) of
@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..nn import FACTORED_MODULES
-from .calibration import is_causal_lm, model_device, to_device, token_mask
+from ..nn import CURLinear
+from .calibration import is_causal_lm, mean_pool, model_device, to_device, token_mask
 from .calibration_sources import as_batches
 
 # heal()'s loss when none is given: the teacher's next-token distribution for causal LMs, the
@@ -36,25 +36,25 @@ ENCODER_WEIGHTS = {"kl_weight": 0.0, "ce_weight": 0.0, "mse_weight": 0.9}
 
 
 def factor_parameters_named(model: nn.Module, trainable: Iterable[str]) -> list[nn.Parameter]:
-    """The parameters called one of `trainable` (e.g. 'U', or 'A'/'B') in factored modules."""
+    """The parameters called one of `trainable` (e.g. 'U', or 'C'/'R') in factored modules."""
     names = set(trainable)
-    params = [p for module in model.modules() if isinstance(module, FACTORED_MODULES)
+    params = [p for module in model.modules() if isinstance(module, CURLinear)
               for name, p in module.named_parameters(recurse=False) if name in names]
     if not params:
         raise ValueError(f"trainable={sorted(names)} matched no parameter of a factored module "
-                         f"(CURLinear has C/U/R, LowRankLinear has A/B): compress the model "
-                         f"first, or name other factors")
+                         f"(a CURLinear has C, U (unless it has two factors) and R): compress "
+                         f"the model first, or name other factors")
     return params
 
 
 def healable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The small tensors of every compressed module: the parameters its `HEALABLE` names (a
-    CURLinear without U has none)."""
-    params = [param for module in model.modules() for name in getattr(module, "HEALABLE", ())
-              if isinstance(param := getattr(module, name, None), nn.Parameter)]
+    """The small tensors of every compressed module: the factors its `healable` names."""
+    params = [module._parameters[name] for module in model.modules()
+              if isinstance(module, CURLinear) for name in module.healable]
     if not params:
         raise ValueError("the model holds no compressed module with trainable small tensors "
-                         "(HEALABLE): compress it first, or name the factors in trainable=")
+                         "(CURLinear.healable): compress it first, or name the factors in "
+                         "trainable=")
     return params
 
 
@@ -66,21 +66,11 @@ def norm_parameters(model: nn.Module) -> list[nn.Parameter]:
             for p in module.parameters(recurse=False)]
 
 
-def mean_pool(hidden: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean of `hidden` (batch, tokens, width) over the tokens where `mask` is true (all of
-    them when mask is None), in float32: the sentence embedding of a mean-pooling encoder."""
-    hidden = hidden.float()
-    if mask is None:
-        return hidden.mean(dim=1)
-    weights = mask.to(hidden.dtype).unsqueeze(-1)
-    return (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
-
-
 def pooled_cosine_distance(hidden: torch.Tensor, target: torch.Tensor,
                            mask: torch.Tensor | None) -> torch.Tensor:
     """Mean over the batch of 1 − cosine between the mean-pooled `hidden` and `target`
     (pad tokens excluded): 0 when every pooled, normalised embedding matches the teacher's."""
-    a, b = mean_pool(hidden, mask), mean_pool(target, mask)
+    a, b = mean_pool(hidden.float(), mask), mean_pool(target.float(), mask)
     return (1 - nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)).mean()
 
 
@@ -222,7 +212,7 @@ def heal(model: nn.Module, teacher: nn.Module, data, steps: int = 200, *,
     and return the loss of every step.
 
     Trains the small tensors of the compressed modules (`healable_parameters`), or the factors
-    named in `trainable` (e.g. ('U',), or ('A', 'B')), and with `train_norms` the
+    named in `trainable` (e.g. ('U',), or ('C', 'R')), and with `train_norms` the
     normalisation layers' weights and biases, which adapt to the shifted statistics of the
     compressed layers' outputs. Nothing else changes.
 

@@ -1,5 +1,5 @@
 """Shared plumbing for the two-factor methods: rank from the budget, swap each target for a
-`LowRankLinear`, and report errors and time."""
+`CURLinear` without U, and report errors and time."""
 
 import time
 from collections.abc import Callable
@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..nn import LowRankLinear, swap_linears
+from ..nn import CURLinear, swap_linears
 from .budget import rank_for_keep
 from .calibration import LinearStats
 from .errors import activation_error, relative_error
@@ -25,7 +25,7 @@ def replace_with_low_rank(model: nn.Module, targets: dict[str, nn.Linear], keep:
     budget share for every module (`rank_for_keep`)."""
     reports = []
 
-    def make(name: str, linear: nn.Linear) -> LowRankLinear:
+    def make(name: str, linear: nn.Linear) -> CURLinear:
         start = time.perf_counter()
         m, n = linear.weight.shape
         if not torch.isfinite(linear.weight).all():
@@ -36,7 +36,7 @@ def replace_with_low_rank(model: nn.Module, targets: dict[str, nn.Linear], keep:
         if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
             raise ValueError(f"factoring {name!r} produced NaN/Inf factors")
         dtype = linear.weight.dtype
-        module = LowRankLinear(A.to(dtype), B.to(dtype), None if bias is None else bias.to(dtype))
+        module = CURLinear(A.to(dtype), None, B.to(dtype), None if bias is None else bias.to(dtype))
         approx = A.double() @ B.double()
         act = None if stats is None else activation_error(linear.weight, approx,
                                                            stats[name].mean_sq)
@@ -47,13 +47,6 @@ def replace_with_low_rank(model: nn.Module, targets: dict[str, nn.Linear], keep:
 
     swap_linears(model, targets, make)
     return reports
-
-
-def split_svd(matrix: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Truncated SVD of `matrix` (fp64) split evenly: (U_r√Σ, √ΣV_rᵀ)."""
-    left, sigma, right_t = torch.linalg.svd(matrix.double(), full_matrices=False)
-    root = sigma[:rank].sqrt()
-    return left[:, :rank] * root, root[:, None] * right_t[:rank]
 
 
 def bias_of(linear: nn.Linear) -> torch.Tensor | None:

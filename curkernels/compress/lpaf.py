@@ -15,10 +15,10 @@ is the reading implemented, step by step, and why:
    increase the objective, so the result beats plain SVD on it. The product is
    re-factored by SVD at the end so that components come in descending energy, which the
    mixed-rank step needs.
-3. **Mixed-rank fine-tuning** (when `mixed_rank_steps` > 0): A and B are trained with the
-   healing loss against the dense model; every step samples a rank k uniformly in
+3. **Mixed-rank fine-tuning** (when `mixed_rank_steps` > 0): A and B (each layer's C and R)
+   learn with the healing loss against the dense model; every step samples a rank k uniformly in
    [r_min, r] (r_min = ⌈`min_rank_fraction`·r⌉) and runs each module with its leading k
-   components (A[:, :k], B[:k]), so the leading components learn to stand on their own;
+   components (C[:, :k], R[:k]), so the leading components learn to stand on their own;
    the last `full_rank_steps` steps use the target rank r, at which the model ends.
 """
 
@@ -31,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn import LowRankLinear
+from ..nn import CURLinear
+from ..ops.factors import split_evenly, truncated_svd
 from .calibration import collect_linear_stats, first_order_importance
 from .healing import train_factors
-from .lowrank import bias_of, replace_with_low_rank, split_svd
+from .lowrank import bias_of, replace_with_low_rank
 from .report import ModuleReport
 
 
@@ -80,40 +81,40 @@ def weighted_low_rank(target: torch.Tensor, weights: torch.Tensor, rank: int,
     if weights.shape != target.shape or (weights < 0).any():
         raise ValueError("weights must be non-negative and shaped like the target")
     target, weights = target.double(), weights.double()
-    A, B = split_svd(target, rank)
+    A, B = split_evenly(*truncated_svd(target, rank))
     scale = ridge * float(weights.mean())
     for _ in range(sweeps):
         A = _weighted_rows(target, weights, B, scale)
         B = _weighted_rows(target.T, weights.T, A.T, scale).T
-    return split_svd(A @ B, rank)
+    return split_evenly(*truncated_svd(A @ B, rank))
 
 
-def _leading_forward(module: LowRankLinear, k: int, x: torch.Tensor) -> torch.Tensor:
-    return F.linear(F.linear(x, module.B[:k]), module.A[:, :k], module.bias)
+def _leading_forward(module: CURLinear, k: int, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.linear(x, module.R[:k]), module.C[:, :k], module.bias)
 
 
-def use_leading_components(modules: list[LowRankLinear], fraction: float) -> None:
-    """Run each module with its leading ⌈fraction·r⌉ components (A[:, :k], B[:k]) until
+def use_leading_components(modules: list[CURLinear], fraction: float) -> None:
+    """Run each module with its leading ⌈fraction·r⌉ components (C[:, :k], R[:k]) until
     `use_all_components`; an instance-level forward, so the module class is untouched."""
     for module in modules:
         module.forward = functools.partial(_leading_forward, module,
                                            max(1, math.ceil(fraction * module.rank)))
 
 
-def use_all_components(modules: list[LowRankLinear]) -> None:
+def use_all_components(modules: list[CURLinear]) -> None:
     for module in modules:
         module.__dict__.pop("forward", None)
 
 
-def mixed_rank_finetune(model: nn.Module, teacher: nn.Module, modules: list[LowRankLinear],
+def mixed_rank_finetune(model: nn.Module, teacher: nn.Module, modules: list[CURLinear],
                         data, steps: int, *, lr: float, min_rank_fraction: float,
                         full_rank_steps: int, seed: int = 0) -> list[float]:
-    """Train A and B of `modules` towards `teacher`, each step at a rank fraction drawn
+    """Train C and R of `modules` towards `teacher`, each step at a rank fraction drawn
     uniformly from [min_rank_fraction, 1]; the final `full_rank_steps` steps at full rank."""
     if not 0 < min_rank_fraction <= 1:
         raise ValueError(f"min_rank_fraction must be in (0, 1], got {min_rank_fraction!r}")
     rng = random.Random(seed)
-    params = [p for m in modules for p in (m.A, m.B)]
+    params = [p for m in modules for p in (m.C, m.R)]
     trained = {id(p) for p in params}
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():

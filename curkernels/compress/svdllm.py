@@ -19,6 +19,7 @@ import copy
 import torch
 from torch import nn
 
+from ..ops.factors import split_evenly, truncated_svd
 from .calibration import (
     PairedInputStats,
     collect_linear_stats,
@@ -65,10 +66,10 @@ def damped_cholesky(moment: torch.Tensor, damping: float) -> tuple[torch.Tensor,
 
 
 def unwhitened_factors(whitened_svd, L: torch.Tensor, rank: int):
-    """(A, B) with A·B = (the rank-r truncation of the whitened matrix)·L⁻¹."""
+    """(A, B) with A·B = (the rank-r truncation of the whitened matrix)·L⁻¹; `whitened_svd`
+    holds at least `rank` leading singular triplets (`truncated_svd`)."""
     left, sigma, right_t = whitened_svd
-    root = sigma[:rank].sqrt()
-    A, B_white = left[:, :rank] * root, root[:, None] * right_t[:rank]
+    A, B_white = split_evenly(left[:, :rank], sigma[:rank], right_t[:rank])
     # B = B_white·L⁻¹, i.e. Bᵀ = L⁻ᵀ·B_whiteᵀ: a triangular solve, no inverse formed
     return A, torch.linalg.solve_triangular(L.T, B_white.T, upper=True).T
 
@@ -104,7 +105,7 @@ def fitted_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: Paire
     target = torch.linalg.solve_triangular(L, (w @ cross).T, upper=False).T
     if output_factor is not None:
         target = output_factor.T @ target
-    A, B = unwhitened_factors(torch.linalg.svd(target, full_matrices=False), L, rank)
+    A, B = unwhitened_factors(truncated_svd(target, rank), L, rank)
     A = fisher_unwhitened(A, output_factor)
     if bias is not None:
         bias = mean_absorbing_bias(bias, w, stats.dense_mean, A, B, stats.mean)
@@ -155,13 +156,13 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
         whitened = linear.weight.detach().double() @ L
         if K is not None:
             whitened = K.T @ whitened
-        return L, K, torch.linalg.svd(whitened, full_matrices=False)
+        return L, K, truncated_svd(whitened)
 
     svds = {name: whitened_svd(name, linear) for name, linear in targets.items()} \
         if allocation == "global" else {}
     ranks = None
     if svds:
-        ranks = allocate_ranks({name: (svd.S ** 2, *targets[name].weight.shape)
+        ranks = allocate_ranks({name: (svd[1] ** 2, *targets[name].weight.shape)
                                 for name, (_, _, svd) in svds.items()}, keep, rank_multiple,
                                relative=not fisher)
     if sequential:

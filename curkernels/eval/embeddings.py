@@ -10,11 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Average of the token states, pads excluded."""
-    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+from ..compress.calibration import mean_pool
 
 
 @torch.no_grad()

@@ -23,7 +23,8 @@ from ..checkpoint.module_specs import (
 )
 from .vllm_linear import CurkernelsLinearMethod
 
-# Module kinds whose factors the linear method computes with (vllm_linear.py).
+# Module kinds whose factors the linear method computes with (vllm_linear.py); "LowRankLinear"
+# is the two-factor kind of checkpoints written before CURLinear took that form over.
 SERVED_TYPES = ("CURLinear", "LowRankLinear")
 
 

@@ -1,9 +1,10 @@
 """The vLLM linear method for curkernels checkpoints: load a layer's shards, compute with them.
 
-Each checkpoint tensor name (C, U, R, A, B, weight) of a layer gets one flat parameter that
-holds every shard's piece of it (`vllm_shards`), so merged layers load per-shard ranks with no
-padding. After loading, the pieces become one stacked shrink (every factored shard's R or B)
-and one expand per shard (C with U folded in, in fp64, or A); dense shards keep their weight.
+Each checkpoint tensor name (C, U, R, weight; A, B in checkpoints whose two-factor layers are
+of the old kind "LowRankLinear") of a layer gets one flat parameter that holds every shard's
+piece of it (`vllm_shards`), so merged layers load per-shard ranks with no padding. After
+loading, the pieces become one stacked shrink (every factored shard's R or B) and one expand
+per shard (C with U folded in, in fp64, or A); dense shards keep their weight.
 A layer then runs one shrink GEMM and one expand per shard (curkernels' `cur_linear` or
 sibling-group op: GPUs get the fused kernels), plus one GEMM per dense shard.
 
@@ -32,6 +33,7 @@ from vllm.model_executor.utils import set_weight_attrs
 
 from ..checkpoint.module_specs import CheckpointError
 from ..ops import cur_linear
+from ..ops.factors import fold_link
 from ..ops.op import shared_group_op
 from .vllm_shards import Shard, plan_shards, take_local
 
@@ -64,8 +66,9 @@ def _shard_index(shard_id, count: int) -> int:
 
 
 def _expand_and_shrink(shard: Shard, local) -> tuple[torch.Tensor, torch.Tensor]:
-    """A factored shard's (expand m×r, shrink r×n): LowRank's A, B; CUR's C·U (U folded in
-    fp64, as `CURLinear` does) and R (rows gathered from the base weight in the gather form)."""
+    """A factored shard's (expand m×r, shrink r×n): an old two-factor layer's A, B; a CUR's
+    C·U (`fold_link`, as `CURLinear.fold` does) and R (rows gathered from the base weight in the
+    gather form)."""
     spec = shard.spec
     if spec["type"] == "LowRankLinear":
         return local("A"), local("B")
@@ -76,11 +79,7 @@ def _expand_and_shrink(shard: Shard, local) -> tuple[torch.Tensor, torch.Tensor]
             raise CheckpointError(f"compression_config.modules[{shard.name!r}].row_indices "
                                   f"must lie in [0, {R.shape[0]})")
         R = R.index_select(0, rows)
-    if spec["u"] == "none":
-        return C, R
-    U = local("U").double()
-    folded = C.double() * U if spec["u"] == "diag" else C.double() @ U
-    return folded.to(C.dtype), R
+    return fold_link(C, None if spec["u"] == "none" else local("U")), R
 
 
 class CurkernelsLinearMethod(LinearMethodBase):

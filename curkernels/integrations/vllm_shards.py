@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from ..checkpoint.module_specs import CheckpointError, expected_tensor_shapes
 
+# A and B: the factors of two-factor layers in old checkpoints (kind "LowRankLinear")
 EXPAND_TENSORS = ("C", "A")
 SHRINK_TENSORS = ("R", "B")
 DENSE_TENSOR = "weight"

@@ -1,9 +1,10 @@
-"""`CURLinear`: a drop-in `nn.Linear` that stores W ≈ C·U·R and runs one fused op."""
+"""`CURLinear`: a drop-in `nn.Linear` storing W ≈ C·U·R (C·R without U), one fused op a call."""
 
 import torch
 from torch import nn
 
 from ..ops import cur_linear
+from ..ops.factors import fold_link, split_evenly, truncated_svd
 from ..ops.op import check_rows_in_range
 
 TRAINABLE_FACTORS = ("C", "U", "R")
@@ -27,6 +28,9 @@ def _index_buffer(name: str, indices, size: int, limit: int) -> torch.Tensor | N
 class CURLinear(nn.Module):
     """y = x·(C·U·R)ᵀ + b, computed as ((x·Rᵀ)·Uᵀ)·Cᵀ + b without forming the m×n weight.
 
+    The one factored layer: CUR (U full), SVD (U diagonal) and low-rank layers (no U: the two
+    factors C·R of SVD-family methods) are all this class.
+
     Args:
         C: (m, c) expand factor (CUR: columns W[:, col_indices]).
         U: (c, r) link, (r,) diagonal (SVD's Σ), or None (two factors, c = r).
@@ -35,21 +39,18 @@ class CURLinear(nn.Module):
         bias: optional (m,).
         row_indices, col_indices: the CUR row/column picks (int64), kept as metadata and saved
             in checkpoints; `row_indices` is required with `gather=True`.
-        trainable: which factors get gradients. The CURing paper heals U alone, so C and R are
-            frozen by default.
+        trainable: which factors get gradients; by default the ones healing trains
+            (`healable`).
         gather: read R's rows in place from a shared base weight.
         backend: 'auto' | 'torch' | 'triton' | 'cuda', passed to `cur_linear`.
     """
 
-    SHRINK_FACTOR, EXPAND_FACTOR = "R", "C"  # the parameters `share_input_shrinks` works on
-    HEALABLE = ("U",)  # what healing trains: C and R stay real columns and rows of W
-
     def __init__(self, C: torch.Tensor, U: torch.Tensor | None, R: torch.Tensor,
                  bias: torch.Tensor | None = None, row_indices=None, col_indices=None, *,
-                 trainable: tuple[str, ...] = ("U",), gather: bool = False,
+                 trainable: tuple[str, ...] | None = None, gather: bool = False,
                  backend: str = "auto"):
         super().__init__()
-        unknown = set(trainable) - set(TRAINABLE_FACTORS)
+        unknown = set(trainable or ()) - set(TRAINABLE_FACTORS)
         if unknown:
             raise ValueError(f"trainable must name factors among {TRAINABLE_FACTORS}, "
                              f"got {sorted(unknown)}")
@@ -63,10 +64,9 @@ class CURLinear(nn.Module):
         self.gather = gather
         self.backend = backend
         self.shared_shrink = self.shared_index = None  # see shared_shrink.py
-        self.C = nn.Parameter(C.detach().contiguous(), requires_grad="C" in trainable)
-        self.U = (None if U is None
-                  else nn.Parameter(U.detach().contiguous(), requires_grad="U" in trainable))
-        self.R = nn.Parameter(R.detach().contiguous(), requires_grad="R" in trainable)
+        self.C = nn.Parameter(C.detach().contiguous(), requires_grad=False)
+        self.U = None if U is None else nn.Parameter(U.detach().contiguous(), requires_grad=False)
+        self.R = nn.Parameter(R.detach().contiguous(), requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous())
         # Row picks index the base weight (gather) or W's m rows, column picks W's n columns.
         self.register_buffer("row_indices",
@@ -78,6 +78,9 @@ class CURLinear(nn.Module):
                                            self.in_features),
                              persistent=False)
         self._check_shapes()
+        for name in self.healable if trainable is None else trainable:
+            if self._parameters.get(name) is not None:
+                self._parameters[name].requires_grad_(True)
 
     def _check_shapes(self) -> None:
         rank, inner = self.rank, self.C.shape[1]
@@ -99,12 +102,27 @@ class CURLinear(nn.Module):
     def u_kind(self) -> str:
         return "none" if self.U is None else ("diag" if self.U.dim() == 1 else "full")
 
+    @property
+    def healable(self) -> tuple[str, ...]:
+        """The factors healing trains: U, the small link, where there is one (C and R then stay
+        real columns and rows of W, as in the CURing paper); without U, each factor that is
+        not picked rows or columns of a weight (a low-rank layer's C and R)."""
+        if self.U is not None:
+            return ("U",)
+        picked = {"C": self.col_indices is not None,
+                  "R": self.gather or self.row_indices is not None}
+        return tuple(name for name in ("C", "R") if not picked[name])
+
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, **kwargs) -> "CURLinear":
-        """Plain truncated SVD: C = U_r, U = diag(Σ_r), R = V_rᵀ (computed in fp64)."""
-        left, sigma, right = _truncated_svd(linear.weight, rank)
+    def from_linear(cls, linear: nn.Linear, rank: int, *, link: bool = True,
+                    **kwargs) -> "CURLinear":
+        """Plain truncated SVD (fp64): C = U_r, U = diag(Σ_r), R = V_rᵀ; with `link=False` two
+        factors of equal scale, C = U_r·√Σ_r and R = √Σ_r·V_rᵀ."""
+        left, sigma, right = truncated_svd(linear.weight, rank)
+        if not link:
+            (left, right), sigma = split_evenly(left, sigma, right), None
         dtype = linear.weight.dtype
-        return cls(left.to(dtype), sigma.to(dtype), right.to(dtype),
+        return cls(left.to(dtype), None if sigma is None else sigma.to(dtype), right.to(dtype),
                    None if linear.bias is None else linear.bias.detach(), **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,7 +149,7 @@ class CURLinear(nn.Module):
             return C, U
         key = (C.data_ptr(), U.data_ptr(), C._version, U._version)
         if self.__dict__.get("_folded_key") != key:
-            self._folded_C = (C.double() @ U.double()).to(C.dtype)
+            self._folded_C = fold_link(C, U)
             self._folded_key = key
         return self._folded_C, None
 
@@ -141,9 +159,7 @@ class CURLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> nn.Linear:
         """The equivalent `nn.Linear` (W = C·U·R formed in fp64, cast back)."""
-        C, R = self.C.double(), self.factor_R().double()
-        if self.U is not None:
-            C = C * self.U.double() if self.U.dim() == 1 else C @ self.U.double()
+        C, R = fold_link(self.C.double(), self.U), self.factor_R().double()
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.C.device, dtype=self.C.dtype)
         linear.weight.copy_(C @ R)
@@ -159,9 +175,8 @@ class CURLinear(nn.Module):
         """
         if self.U is None:
             return self
-        C = self.C.double()
-        C = C * self.U.double() if self.U.dim() == 1 else C @ self.U.double()
-        self.C = nn.Parameter(C.to(self.C.dtype).contiguous(), requires_grad=self.C.requires_grad)
+        self.C = nn.Parameter(fold_link(self.C, self.U).contiguous(),
+                              requires_grad=self.C.requires_grad)
         self.U = None
         self.col_indices = None
         return self
@@ -182,14 +197,3 @@ class CURLinear(nn.Module):
                 f"bias={self.bias is not None}, gather={self.gather}, "
                 f"params={self.factor_parameters / self.dense_parameters:.3f} of dense")
 
-
-def _truncated_svd(weight: torch.Tensor, rank: int):
-    m, n = weight.shape
-    if not 1 <= rank <= min(m, n):
-        raise ValueError(f"rank must be in [1, min(m, n) = {min(m, n)}] for a {m}×{n} weight, "
-                         f"got {rank}")
-    w = weight.detach().double()
-    if not torch.isfinite(w).all():
-        raise ValueError("the weight holds NaN or Inf: cannot factor it")
-    left, sigma, right = torch.linalg.svd(w, full_matrices=False)
-    return left[:, :rank], sigma[:rank], right[:rank]

@@ -1,14 +1,14 @@
 """One shrink for sibling projections that read the same input.
 
 The q, k and v projections of an attention block, and gate and up of a gated MLP, each compute
-x·Rᵀ on one x. `share_input_shrinks` stacks their shrink factors (R of a `CURLinear`, B of a
-`LowRankLinear`) into one weight, so that the group reads it in one pass: at decode on a GPU
-whose measured group table has it win (ops/tables.py), one Triton launch computes every
-member's output (the shrink over the stacked weight, then each member's expand,
-ops/triton/decode.py), where the members alone take a launch each; elsewhere one GEMM over the
-stacked weight and one expand GEMM a member (the shared cuBLAS chain), a wider and
-better-filled GEMM at prefill. Every member's shrink factor becomes a view of its rows
-of the stacked weight, so nothing is stored twice and state dicts keep their keys and shapes.
+x·Rᵀ on one x. `share_input_shrinks` stacks their shrink factors (each `CURLinear`'s R) into
+one weight, so that the group reads it in one pass: at decode on a GPU whose measured group
+table has it win (ops/tables.py), one Triton launch computes every member's output (the shrink
+over the stacked weight, then each member's expand, ops/triton/decode.py), where the members
+alone take a launch each; elsewhere one GEMM over the stacked weight and one expand GEMM a
+member (the shared cuBLAS chain), a wider and better-filled GEMM at prefill. Every member's
+shrink factor becomes a view of its rows of the stacked weight, so nothing is stored twice and
+state dicts keep their keys and shapes.
 
 The shared path runs under torch.compile (as the opaque op `curkernels::shared_group`, one
 node a group) and CUDA-graph capture, for prefill and on the CPU, and for eager decode on a GPU
@@ -35,7 +35,6 @@ from ..ops.dispatch import group_serves, requested_backend
 from ..ops.op import check_input, shared_group, shared_group_op
 from ..ops.torch_chain import shared_chain
 from .cur_linear import CURLinear
-from .low_rank_linear import LowRankLinear
 
 # transformers' names of the projections that read one input: Llama, Mistral, Qwen2 and most
 # decoder-only models; BERT-style encoders
@@ -51,8 +50,7 @@ class SharedShrink:
         self.weight = weight
         self.members = tuple(members)
         # (outputs, rank) of each member, as the group dispatch reads them
-        self.shapes = tuple(tuple(member._parameters[member.EXPAND_FACTOR].shape)
-                            for member in self.members)
+        self.shapes = tuple(tuple(member._parameters["C"].shape) for member in self.members)
         # (input, its version, outputs), replaced whole and read once a call: threads running
         # the model at once may recompute the outputs, but never take another input's
         self._handed: tuple | None = None
@@ -92,7 +90,7 @@ class SharedShrink:
         return handed[2]
 
     def _compute(self, x: torch.Tensor, compiling: bool) -> list[torch.Tensor]:
-        expands = [m._parameters[m.EXPAND_FACTOR] for m in self.members]
+        expands = [m._parameters["C"] for m in self.members]
         biases = [m._parameters.get("bias") for m in self.members]
         if torch.is_grad_enabled() and (x.requires_grad or any(
                 factor.requires_grad for factor in (*expands, *biases) if factor is not None)):
@@ -104,26 +102,22 @@ class SharedShrink:
     def forward_member(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The member's output, from the group's outputs on x."""
         params = module._parameters
-        expand = params[module.EXPAND_FACTOR]
+        expand = params["C"]
         if (not isinstance(x, torch.Tensor) or not x.dim() or x.shape[-1] != module.in_features
                 or x.dtype != expand.dtype or x.device != expand.device):
-            check_input(x, expand, params[module.SHRINK_FACTOR])
+            check_input(x, expand, params["R"])
         return self.outputs(x)[module.shared_index]
 
 
 def _shareable(name: str, module: nn.Module | None) -> bool:
     """Two factors, the shrink factor read in place, the backend left to dispatch; a factor
     that still trains is an error, not a module to skip."""
-    if isinstance(module, CURLinear):
-        two_factors = module.U is None and not module.gather
-    elif isinstance(module, LowRankLinear):
-        two_factors = True
-    else:
+    if not isinstance(module, CURLinear):
         return False
-    if module._parameters[module.SHRINK_FACTOR].requires_grad:
-        raise ValueError(f"{name}.{module.SHRINK_FACTOR} requires grad: shared shrinks are for "
-                         f"frozen models (call prepare_for_inference first)")
-    return two_factors and requested_backend(module.backend) == "auto"
+    if module.R.requires_grad:
+        raise ValueError(f"{name}.R requires grad: shared shrinks are for frozen models "
+                         f"(call prepare_for_inference first)")
+    return module.U is None and not module.gather and requested_backend(module.backend) == "auto"
 
 
 def _share(members: list[nn.Module], factors: list[torch.Tensor]) -> SharedShrink:
@@ -133,8 +127,7 @@ def _share(members: list[nn.Module], factors: list[torch.Tensor]) -> SharedShrin
     start = 0
     for index, (member, factor) in enumerate(zip(members, factors, strict=True)):
         stop = start + factor.shape[0]
-        setattr(member, member.SHRINK_FACTOR, nn.Parameter(stacked[start:stop],
-                                                           requires_grad=False))
+        member.R = nn.Parameter(stacked[start:stop], requires_grad=False)
         member.shared_index = index
         member.shared_shrink = shared
         start = stop
@@ -146,8 +139,8 @@ def share_input_shrinks(model: nn.Module,
     """Make the factored siblings of each group, children of one module, share one shrink
     GEMM, in place (see the module docstring); returns how many groups were formed.
 
-    A member must be a two-factor module (a `CURLinear` folded, `prepare_for_inference`, and
-    not in the gather form, or a `LowRankLinear`) with backend='auto': its calls then run the
+    A member must be a two-factor `CURLinear` (no U, or U folded by `prepare_for_inference`;
+    not in the gather form) with backend='auto': its calls then run the
     group's shared path instead of `cur_linear`'s dispatch (see the module docstring). Members
     of a group must share in_features, dtype and device; a group needs two. For inference
     only: a member's shrink factor becomes a view of the stacked weight, which the shared
@@ -165,7 +158,7 @@ def share_input_shrinks(model: nn.Module,
                        if _shareable(f"{prefix}.{name}".lstrip("."), parent._modules.get(name))]
             if len(members) < 2:
                 continue
-            factors = [member._parameters[member.SHRINK_FACTOR] for member in members]
+            factors = [member._parameters["R"] for member in members]
             if len({(f.shape[1], f.dtype, f.device) for f in factors}) != 1:
                 continue
             _share(members, factors)

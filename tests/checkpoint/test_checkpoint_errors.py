@@ -36,16 +36,16 @@ def rewrite_config(folder, edit):
 
 
 def test_missing_tensor_is_named(saved):
-    rewrite_weights(saved, lambda t: t.pop("model.layers.1.mlp.up_proj.B"))
-    with pytest.raises(CheckpointError, match=r"lacks tensor 'model.layers.1.mlp.up_proj.B'"):
+    rewrite_weights(saved, lambda t: t.pop("model.layers.1.mlp.up_proj.R"))
+    with pytest.raises(CheckpointError, match=r"lacks tensor 'model.layers.1.mlp.up_proj.R'"):
         ck.load_compressed(saved)
 
 
 def test_wrong_shape_is_named_with_the_expected_one(saved):
     def widen(tensors):
-        tensors["model.layers.0.self_attn.q_proj.A"] = torch.zeros(48, 3)
+        tensors["model.layers.0.self_attn.q_proj.C"] = torch.zeros(48, 3)
     rewrite_weights(saved, widen)
-    with pytest.raises(CheckpointError, match=r"q_proj.A' has shape \(48, 3\), expected"):
+    with pytest.raises(CheckpointError, match=r"q_proj.C' has shape \(48, 3\), expected"):
         AutoModelForCausalLM.from_pretrained(saved)
 
 

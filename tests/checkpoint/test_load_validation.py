@@ -14,13 +14,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import curkernels as ck
-from curkernels import CheckpointError, CURLinear, LowRankLinear
+from curkernels import CheckpointError, CURLinear
 from curkernels.checkpoint.transformers_integration import files_being_loaded
 
 CUR = "model.layers.0.self_attn.q_proj"  # CURLinear, full U, row and column picks (48×48)
 GATHER = "model.layers.0.self_attn.k_proj"  # CURLinear reading R's rows from a base (24×48)
 DIAG = "model.layers.0.self_attn.v_proj"  # CURLinear in SVD form: diagonal U, no indices
-LOW_RANK = "model.layers.0.mlp.up_proj"  # LowRankLinear (80×48)
+LOW_RANK = "model.layers.0.mlp.up_proj"  # CURLinear without U: two factors (80×48)
 BASE_ROWS = 30
 
 
@@ -38,8 +38,8 @@ def mixed_model():
     attention.k_proj = CURLinear(torch.randn(24, 5, generator=g), torch.randn(5, 4, generator=g),
                                  base, row_indices=[0, 7, 29, 12], gather=True)
     attention.v_proj = CURLinear.from_linear(attention.v_proj, 6)
-    model.model.layers[0].mlp.up_proj = LowRankLinear.from_linear(
-        model.model.layers[0].mlp.up_proj, 10)
+    model.model.layers[0].mlp.up_proj = CURLinear.from_linear(
+        model.model.layers[0].mlp.up_proj, 10, link=False)
     return model
 
 
@@ -179,7 +179,7 @@ def _poison(key, value):
      "needs: 'model.layers.1.post_attention_layernorm.weight'"),
     (lambda t: t.pop(f"{CUR}.U"), rf"lacks tensor '{CUR}.U' \(expected shape \(8, 6\)\)"),
     (_poison(f"{CUR}.C", float("nan")), rf"'{CUR}.C' holds NaN or Inf"),
-    (_poison(f"{LOW_RANK}.A", float("inf")), rf"'{LOW_RANK}.A' holds NaN or Inf"),
+    (_poison(f"{LOW_RANK}.R", float("inf")), rf"'{LOW_RANK}.R' holds NaN or Inf"),
     (_poison("model.norm.weight", float("nan")), "'model.norm.weight' holds NaN or Inf"),
     (_set(f"{CUR}.U", torch.ones(8, 6, dtype=torch.int32)),
      rf"'{CUR}.U' has dtype I32, expected a float type"),
@@ -229,7 +229,7 @@ def test_a_link_inside_the_folder_is_fine(saved):
     (saved / "weights").mkdir()
     shutil.move(saved / "model.safetensors", saved / "weights" / "data.safetensors")
     os.symlink(saved / "weights" / "data.safetensors", saved / "model.safetensors")
-    assert isinstance(ck.load_compressed(saved).model.layers[0].mlp.up_proj, LowRankLinear)
+    assert ck.load_compressed(saved).model.layers[0].mlp.up_proj.u_kind == "none"
 
 
 def test_shards_named_outside_the_folder_are_refused(tmp_path):

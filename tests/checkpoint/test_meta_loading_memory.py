@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import curkernels as ck
-from curkernels import LowRankLinear
+from curkernels import CURLinear
 from curkernels.nn import find_linears, swap_linears
 
 CONFIG = dict(vocab_size=256, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
@@ -31,8 +31,9 @@ def test_peak_memory_while_loading_stays_below_the_dense_model(tmp_path):
         model = LlamaForCausalLM(LlamaConfig(**CONFIG))
     dense_bytes = sum(p.numel() * 4 for p in model.parameters())
     targets = find_linears(model, ["model.layers.*"])
-    swap_linears(model, targets, lambda _, linear: LowRankLinear(
-        torch.randn(linear.out_features, RANK) / 8, torch.randn(RANK, linear.in_features) / 8))
+    swap_linears(model, targets, lambda _, linear: CURLinear(
+        torch.randn(linear.out_features, RANK) / 8, None,
+        torch.randn(RANK, linear.in_features) / 8))
     model.to_empty(device="cpu")  # uninitialised storage: loading refuses NaN, so fill it all
     for param in model.parameters():
         torch.nn.init.normal_(param, std=0.02)

@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForCausalLM, BertTokenizerFast
 
 import curkernels as ck
-from curkernels import CURLinear, LowRankLinear
+from curkernels import CURLinear
 
 PICKLE_MAGIC = b"\x80"
 
@@ -44,7 +44,8 @@ def test_llama_round_trip_through_from_pretrained_gives_identical_logits(tmp_pat
     expected = model_outputs(model, inputs)
     ck.save_compressed(model, tmp_path / "out")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
-    assert isinstance(reloaded.model.layers[1].mlp.down_proj, LowRankLinear)
+    down = reloaded.model.layers[1].mlp.down_proj
+    assert isinstance(down, CURLinear) and down.U is None
     assert torch.equal(model_outputs(reloaded, inputs), expected)
     assert_no_pickle(tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -114,7 +115,8 @@ def test_rom_biases_on_a_biasless_llama_round_trip(tmp_path):
     g = torch.Generator().manual_seed(0)
     calib = [{"input_ids": torch.randint(3, model.config.vocab_size, (2, 12), generator=g)}]
     ck.compress(model, method="rom", keep=0.5, calib=calib)
-    assert any(isinstance(m, LowRankLinear) and m.bias is not None for m in model.modules())
+    assert any(isinstance(m, CURLinear) and m.U is None and m.bias is not None
+               for m in model.modules())
     ck.save_compressed(model, tmp_path / "rom")
     reloaded = ck.load_compressed(tmp_path / "rom")
     inputs = sample_inputs()

@@ -216,5 +216,5 @@ def test_leftover_staging_folders_are_removed_by_the_next_save_but_a_live_ones_s
                 ".ckpt.tmp-mine", held.parent.name, "ckpt"}
             raise KeyboardInterrupt  # that save fails: it removes its own staging
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.tmp-mine", "ckpt"]
-    assert torch.equal(ck.load_compressed(out).model.layers[0].mlp.up_proj.B,
-                       compressed(seed=4).model.layers[0].mlp.up_proj.B)
+    assert torch.equal(ck.load_compressed(out).model.layers[0].mlp.up_proj.R,
+                       compressed(seed=4).model.layers[0].mlp.up_proj.R)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import curkernels as ck
-from curkernels.compress.healing import distillation_loss, mean_pool, pooled_cosine_distance
+from curkernels.compress.calibration import mean_pool
+from curkernels.compress.healing import distillation_loss, pooled_cosine_distance
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
@@ -30,11 +31,11 @@ def test_heal_can_also_train_the_norms(tiny_bert, batches):
     ck.compress(tiny_bert, "svd", 0.5, batches)
     before = {n: p.detach().clone() for n, p in tiny_bert.named_parameters()}
     flags = [p.requires_grad for p in tiny_bert.parameters()]
-    ck.heal(tiny_bert, dense, batches, steps=4, lr=1e-2, trainable=("A", "B"), train_norms=True)
+    ck.heal(tiny_bert, dense, batches, steps=4, lr=1e-2, trainable=("C", "R"), train_norms=True)
     moved = {n for n, p in tiny_bert.named_parameters() if not torch.equal(p, before[n])}
     norms = {n for n in before if "LayerNorm" in n}
     assert norms and norms <= moved
-    assert all(n.endswith((".A", ".B")) or n in norms for n in moved), sorted(moved)
+    assert all(n.endswith((".C", ".R")) or n in norms for n in moved), sorted(moved)
     assert [p.requires_grad for p in tiny_bert.parameters()] == flags  # restored afterwards
 
 
@@ -95,7 +96,7 @@ def test_pooled_objective_improves_pooled_cosine(tiny_bert, batches):
     ck.compress(tiny_bert, "svd", 0.4, batches)
     before_model = copy.deepcopy(tiny_bert)
     before = pooled_distance(tiny_bert, dense, batches)
-    losses = ck.heal(tiny_bert, dense, batches, steps=9, lr=3e-3, trainable=("A", "B"),
+    losses = ck.heal(tiny_bert, dense, batches, steps=9, lr=3e-3, trainable=("C", "R"),
                      mse_weight=0.0, pooled_weight=1.0)
     # with the MSE off, the first step's loss is the pooled cosine distance of the first batch
     assert abs(losses[0] - pooled_distance(before_model, dense, batches[:1])) < 1e-5
@@ -115,6 +116,6 @@ def test_heal_bad_weights(tiny_bert, batches, kwargs, match):
     flags = [p.requires_grad for p in tiny_bert.parameters()]
     weights = [p.detach().clone() for p in tiny_bert.parameters()]
     with pytest.raises(ValueError, match=match):
-        ck.heal(tiny_bert, dense, batches, steps=2, trainable=("A", "B"), **kwargs)
+        ck.heal(tiny_bert, dense, batches, steps=2, trainable=("C", "R"), **kwargs)
     assert flags == [p.requires_grad for p in tiny_bert.parameters()]
     assert all(torch.equal(p, w) for p, w in zip(tiny_bert.parameters(), weights, strict=True))

@@ -4,21 +4,21 @@ import pytest
 import torch
 
 import curkernels as ck
-from curkernels.compress.lowrank import split_svd
 from curkernels.compress.lpaf import (
     mixed_rank_finetune,
     prune_by_importance,
     weighted_low_rank,
     weighted_objective,
 )
-from curkernels.nn import LowRankLinear
+from curkernels.nn import CURLinear
+from curkernels.ops.factors import split_evenly, truncated_svd
 
 
 def test_weighted_svd_beats_plain_svd_on_its_objective():
     g = torch.Generator().manual_seed(0)
     W = torch.randn(40, 30, generator=g, dtype=torch.float64)
     weights = torch.rand(40, 30, generator=g, dtype=torch.float64) ** 4 * 10 + 0.01
-    plain = weighted_objective(W, weights, *split_svd(W, 6))
+    plain = weighted_objective(W, weights, *split_evenly(*truncated_svd(W, 6)))
     sweeps = [weighted_objective(W, weights, *weighted_low_rank(W, weights, 6, sweeps=s))
               for s in (1, 4)]
     assert sweeps[0] < plain and sweeps[1] <= sweeps[0] + 1e-9
@@ -28,7 +28,7 @@ def test_weighted_svd_beats_plain_svd_on_its_objective():
 def test_uniform_weights_give_the_svd():
     W = torch.randn(20, 12, dtype=torch.float64)
     A, B = weighted_low_rank(W, torch.ones_like(W), 4, sweeps=3)
-    A0, B0 = split_svd(W, 4)
+    A0, B0 = split_evenly(*truncated_svd(W, 4))
     torch.testing.assert_close(A @ B, A0 @ B0)
 
 
@@ -50,7 +50,7 @@ def test_mixed_rank_finetuning_moves_factors_and_ends_full_rank(tiny_bert, batch
     dense = copy.deepcopy(tiny_bert)
     report = ck.compress(tiny_bert, "lpaf", 0.5, batches, sweeps=1)
     modules = [tiny_bert.get_submodule(m.name) for m in report.modules]
-    before = [m.A.detach().clone() for m in modules]
+    before = [m.C.detach().clone() for m in modules]
     ranks_seen = set()
     hook = modules[0].register_forward_pre_hook(
         lambda m, args: ranks_seen.add(m.forward.args[1] if "forward" in vars(m) else None))
@@ -60,8 +60,9 @@ def test_mixed_rank_finetuning_moves_factors_and_ends_full_rank(tiny_bert, batch
     assert len(losses) == 8
     assert len(ranks_seen) > 2 and max(ranks_seen) == modules[0].rank  # sampled, ends full
     assert min(ranks_seen) >= 0.25 * modules[0].rank
-    assert all(isinstance(m, LowRankLinear) and "forward" not in vars(m) for m in modules)
-    assert any(not torch.equal(m.A, a) for m, a in zip(modules, before, strict=True))
+    assert all(isinstance(m, CURLinear) and m.U is None and "forward" not in vars(m)
+               for m in modules)
+    assert any(not torch.equal(m.C, a) for m, a in zip(modules, before, strict=True))
     assert all(p.requires_grad for p in tiny_bert.parameters())  # training flags restored
 
 

@@ -9,7 +9,7 @@ from curkernels.compress import rank_for_keep
 from curkernels.compress.calibration import collect_linear_stats
 from curkernels.compress.rom import ROM_PRESETS, rom_factors
 from curkernels.compress.targets import resolve_targets
-from curkernels.nn import LowRankLinear
+from curkernels.nn import CURLinear
 
 
 def test_full_rank_reproduces_outputs(tiny_bert, batches):
@@ -17,7 +17,7 @@ def test_full_rank_reproduces_outputs(tiny_bert, batches):
     s = collect_linear_stats(tiny_bert, {"l": linear}, batches, outputs=True)["l"]
     A, B, bias = rom_factors(linear.weight, linear.bias, s.output_mean, s.output_covariance,
                              linear.out_features)
-    module = LowRankLinear(A.float(), B.float(), bias.float())
+    module = CURLinear(A.float(), None, B.float(), bias.float())
     x = torch.randn(5, 32)
     torch.testing.assert_close(module(x), linear(x), rtol=1e-4, atol=1e-5)
 

@@ -260,7 +260,7 @@ def test_centered_one_shot_is_the_bias_absorbing_fit(tiny_bert, batches):
         A, B, bias = fitted_factors(linear.weight, linear.bias.detach(), paired, module.rank,
                                     damping=1e-4)
         low = tiny_bert.get_submodule(module.name)
-        torch.testing.assert_close(low.A.double() @ low.B.double(), A @ B, rtol=1e-4,
+        torch.testing.assert_close(low.C.double() @ low.R.double(), A @ B, rtol=1e-4,
                                    atol=1e-5)
         torch.testing.assert_close(low.bias.double(), bias, rtol=1e-4, atol=1e-5)
 

@@ -1,10 +1,10 @@
-"""CURLinear and LowRankLinear against fp64 reconstructions of their factors."""
+"""CURLinear (three factors, or two without U) against fp64 reconstructions of its factors."""
 
 import pytest
 import torch
 from torch import nn
 
-from curkernels import CURLinear, LowRankLinear
+from curkernels import CURLinear
 from curkernels.ops import settings
 
 
@@ -49,7 +49,8 @@ def test_gather_form_reads_rows_of_a_shared_base_weight():
 def test_from_linear_at_full_rank_reproduces_the_layer():
     linear = nn.Linear(24, 40)
     x = torch.randn(6, 24)
-    for module in (CURLinear.from_linear(linear, 24), LowRankLinear.from_linear(linear, 24)):
+    for module in (CURLinear.from_linear(linear, 24),
+                   CURLinear.from_linear(linear, 24, link=False)):
         torch.testing.assert_close(module(x), linear(x), rtol=1e-5, atol=1e-5)
 
 
@@ -57,7 +58,7 @@ def test_truncated_svd_error_is_the_tail_of_the_spectrum():
     linear = nn.Linear(30, 20, bias=False)
     sigma = torch.linalg.svdvals(linear.weight.double())
     for rank in (1, 5, 19):
-        dense = LowRankLinear.from_linear(linear, rank).to_dense()
+        dense = CURLinear.from_linear(linear, rank, link=False).to_dense()
         error = torch.linalg.norm(dense.weight.double() - linear.weight.double())
         torch.testing.assert_close(error, sigma[rank:].norm(), rtol=1e-4, atol=1e-5)
 
@@ -86,14 +87,44 @@ def test_cur_linear_trains_u_and_freezes_c_r_by_default():
     assert all(p.requires_grad for p in every.parameters())
 
 
+def test_two_factor_layer_trains_both_factors_by_default():
+    C, _, R, bias = random_factors(u="none")
+    module = CURLinear(C, None, R, bias)
+    assert module.healable == ("C", "R") and module.C.requires_grad and module.R.requires_grad
+    module(torch.randn(4, 53)).square().sum().backward()
+    assert module.C.grad.abs().sum() > 0 and module.R.grad.abs().sum() > 0
+    frozen = CURLinear(C, None, R, bias, trainable=())
+    assert not frozen.C.requires_grad and not frozen.R.requires_grad
+
+
+def test_healable_factors_are_never_picked_rows_or_columns_of_a_weight():
+    C, U, R, _ = random_factors()
+    assert CURLinear(C, U, R).healable == ("U",)
+    C, _, R, _ = random_factors(u="none")
+    assert CURLinear(C, None, R, row_indices=range(9)).healable == ("C",)
+    assert CURLinear(C, None, torch.randn(40, 53), row_indices=range(9),
+                     gather=True).healable == ("C",)
+    assert CURLinear(C, None, R, col_indices=range(9)).healable == ("R",)
+    module = CURLinear(*random_factors()[:3], col_indices=range(11))
+    assert module.fold().healable == ("C", "R")  # folded: C no longer holds columns of W
+
+
+def test_from_linear_without_link_splits_the_spectrum_evenly():
+    linear = nn.Linear(30, 20, bias=False)
+    module = CURLinear.from_linear(linear, 5, link=False)
+    assert module.U is None and module.rank == 5
+    torch.testing.assert_close(module.C.norm(dim=0), module.R.norm(dim=1))
+
+
 def test_parameter_counts_and_repr():
     C, U, R, _ = random_factors()
     module = CURLinear(C, U, R)
     assert module.factor_parameters == 37 * 11 + 11 * 9 + 9 * 53
     assert module.dense_parameters == 37 * 53
     assert "rank=9" in repr(module) and "U=full" in repr(module)
-    low = LowRankLinear(torch.randn(37, 4), torch.randn(4, 53))
+    low = CURLinear(torch.randn(37, 4), None, torch.randn(4, 53))
     assert low.factor_parameters == 4 * (37 + 53) and "rank=4" in repr(low)
+    assert "U=none" in repr(low)
 
 
 @pytest.mark.parametrize("make, message", [
@@ -107,8 +138,7 @@ def test_parameter_counts_and_repr():
                        gather=True), "repeat"),
     (lambda: CURLinear(torch.randn(5, 2), None, torch.randn(9, 7), row_indices=[1, 9],
                        gather=True), "rows must index"),
-    (lambda: LowRankLinear(torch.randn(5, 2), torch.randn(3, 7)), "share r"),
-    (lambda: LowRankLinear.from_linear(nn.Linear(4, 6), 5), "rank must be in"),
+    (lambda: CURLinear.from_linear(nn.Linear(4, 6), 5, link=False), "rank must be in"),
 ])
 def test_bad_construction_is_refused_with_a_clear_message(make, message):
     with pytest.raises((ValueError, IndexError), match=message):
@@ -138,8 +168,8 @@ def test_modules_compile_fullgraph_with_dispatch_at_run_time(backend, monkeypatc
     C, U, R, bias = random_factors()
     layers = torch.nn.Sequential(CURLinear(C, U, R, bias, backend=backend),
                                  torch.nn.ReLU(),
-                                 LowRankLinear(torch.randn(53, 5), torch.randn(5, 37),
-                                               backend=backend))
+                                 CURLinear(torch.randn(53, 5), None, torch.randn(5, 37),
+                                           backend=backend))
     x = torch.randn(3, 53)
     explanation = torch._dynamo.explain(layers)(x)
     assert explanation.graph_break_count == 0
@@ -149,7 +179,7 @@ def test_modules_compile_fullgraph_with_dispatch_at_run_time(backend, monkeypatc
 
 @pytest.mark.parametrize("module", [
     CURLinear(*random_factors()[:3]),
-    LowRankLinear(torch.randn(37, 4), torch.randn(4, 53)),
+    CURLinear(torch.randn(37, 4), None, torch.randn(4, 53)),
 ])
 def test_modules_check_each_input_against_their_factors(module):
     """Factors are validated once; every call still checks x (a kernel must never read past
@@ -169,8 +199,6 @@ def test_modules_check_each_input_against_their_factors(module):
 
 
 def _factors_of(module):
-    if isinstance(module, LowRankLinear):
-        return module.A, None, module.B, module.bias
     return module.C, module.U, module.R, module.bias
 
 
@@ -188,8 +216,8 @@ def _assert_computes_its_factors(module, dtype=torch.float32):
 
 @pytest.mark.parametrize("make", [
     lambda: CURLinear(*random_factors(u="full"), trainable=()),  # U folded per call, cached
-    lambda: CURLinear(*random_factors(u="none")),
-    lambda: LowRankLinear(torch.randn(37, 4), torch.randn(4, 53), torch.randn(37)),
+    lambda: CURLinear(*random_factors(u="none"), trainable=()),
+    lambda: CURLinear(torch.randn(37, 4), None, torch.randn(4, 53), torch.randn(37)),  # trains
 ])
 def test_modules_follow_factors_changed_in_place_replaced_or_moved(make):
     """Per-call caches (the backend choice, the folded U) never answer for old factors."""
@@ -204,17 +232,11 @@ def test_modules_follow_factors_changed_in_place_replaced_or_moved(make):
     with torch.no_grad():  # .data assignment keeps the Parameter object, swaps its tensor
         C.data = torch.randn_like(C)
     _assert_computes_its_factors(module)
-    rank = 6
-    if isinstance(module, LowRankLinear):
-        module.A = nn.Parameter(torch.randn(37, rank))
-        module.B = nn.Parameter(torch.randn(rank, 53))
-    else:
-        C, U, R, _ = random_factors(r=rank, c=rank + 2, u="full" if U is not None else "none",
-                                    seed=1)
-        module.C, module.R = nn.Parameter(C), nn.Parameter(R)
-        if U is not None:
-            module.U = nn.Parameter(U, requires_grad=False)
-        module.C.requires_grad_(False)
+    rank, trains = 6, module.C.requires_grad
+    C, U, R, _ = random_factors(r=rank, c=rank + 2, u="full" if U is not None else "none", seed=1)
+    module.C, module.R = nn.Parameter(C, requires_grad=trains), nn.Parameter(R)
+    if U is not None:
+        module.U = nn.Parameter(U, requires_grad=False)
     _assert_computes_its_factors(module)
     module.double()
     _assert_computes_its_factors(module, torch.float64)

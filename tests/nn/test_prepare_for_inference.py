@@ -4,7 +4,7 @@ import pytest
 import torch
 from model_configs import model_outputs, sample_inputs, tiny_model
 
-from curkernels import CURLinear, LowRankLinear
+from curkernels import CURLinear
 from curkernels.nn import find_linears, prepare_for_inference, swap_linears
 
 
@@ -16,7 +16,7 @@ def _compressed_llama() -> torch.nn.Module:
     def factor(name: str, linear: torch.nn.Linear) -> torch.nn.Module:
         m, n = linear.weight.shape
         if name.endswith("down_proj"):
-            return LowRankLinear.from_linear(linear, 6)
+            return CURLinear.from_linear(linear, 6, link=False)  # two factors
         rank = 5
         # a full link on q, a diagonal one on gate: prepare folds both
         U = (torch.randn(rank, rank, generator=generator) if name.endswith("q_proj")
@@ -37,14 +37,15 @@ def test_folds_every_link_and_freezes_the_model():
     assert not model.training
     assert not any(p.requires_grad for p in model.parameters())
     cur = [m for m in model.modules() if isinstance(m, CURLinear)]
-    assert len(cur) == 4 and all(m.U is None for m in cur)
+    assert len(cur) == 6 and all(m.U is None for m in cur)
     torch.testing.assert_close(model_outputs(model, inputs), before, rtol=1e-4, atol=1e-4)
 
 
 def test_fold_false_keeps_links():
     model = prepare_for_inference(_compressed_llama(), fold=False)
     assert not any(p.requires_grad for p in model.parameters())
-    assert all(m.U is not None for m in model.modules() if isinstance(m, CURLinear))
+    linked = [m for m in model.modules() if isinstance(m, CURLinear) and m.U is not None]
+    assert len(linked) == 4
 
 
 def test_rejects_what_is_not_a_module():

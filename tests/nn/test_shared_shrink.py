@@ -11,7 +11,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 import curkernels as ck
-from curkernels import CURLinear, LowRankLinear
+from curkernels import CURLinear
 from curkernels.nn import find_linears, prepare_for_inference, share_input_shrinks, swap_linears
 from curkernels.ops import dispatch, settings, tables, unavailable_reason
 from curkernels.serve import StaticCacheGenerator
@@ -22,8 +22,8 @@ GROUPS_PER_LAYER = 2  # q/k/v and gate/up
 
 def _factored_llama(architecture: str = "llama") -> nn.Module:
     """Every projection factored: CUR with a full link (folded by prepare_for_inference) on
-    q, v, gate and o, two factors on k, up and down, so that groups mix both module types.
-    Biases stay where the architecture has them (Qwen2: q, k, v)."""
+    q, v, gate and o, two factors on k, up and down, so that groups mix folded and two-factor
+    members. Biases stay where the architecture has them (Qwen2: q, k, v)."""
     model = tiny_model(architecture)
     generator = torch.Generator().manual_seed(5)
 
@@ -31,7 +31,7 @@ def _factored_llama(architecture: str = "llama") -> nn.Module:
         m, n = linear.weight.shape
         rank = 4 + len(name) % 5  # members of a group with different ranks
         if name.endswith(("k_proj", "up_proj", "down_proj")):
-            return LowRankLinear.from_linear(linear, rank)
+            return CURLinear.from_linear(linear, rank, link=False)
         return CURLinear(torch.randn(m, rank + 2, generator=generator) * 0.3,
                          torch.randn(rank + 2, rank, generator=generator),
                          torch.randn(rank, n, generator=generator) * 0.3,
@@ -79,7 +79,7 @@ def test_siblings_share_one_weight_and_outputs_stay():
     # order: stored once; and each member takes its own output of the group
     start = 0
     for index, member in enumerate(members):
-        factor = member._parameters[member.SHRINK_FACTOR]
+        factor = member.R
         assert factor.untyped_storage().data_ptr() == stacked.untyped_storage().data_ptr()
         torch.testing.assert_close(factor, stacked[start:start + member.rank])
         assert member.shared_index == index
@@ -94,8 +94,8 @@ def test_one_shrink_gemm_per_group_and_nothing_kept():
     assert len(members) == LAYERS * 5
     with torch.no_grad(), _CountLinears(
             stacked=_stacked_weights(model),
-            own_shrinks=[m._parameters[m.SHRINK_FACTOR] for m in members],
-            expands=[m._parameters[m.EXPAND_FACTOR] for m in members]) as counted:
+            own_shrinks=[m.R for m in members],
+            expands=[m.C for m in members]) as counted:
         model(**sample_inputs())
     assert counted.counts == {"stacked": LAYERS * GROUPS_PER_LAYER, "own_shrinks": 0,
                               "expands": len(members)}
@@ -175,8 +175,8 @@ class _Siblings(nn.Module):
         self.q_proj, self.k_proj = q, k
 
 
-def _low_rank(m: int, n: int, rank: int = 3, **kwargs) -> LowRankLinear:
-    return LowRankLinear(torch.randn(m, rank), torch.randn(rank, n), **kwargs).requires_grad_(
+def _low_rank(m: int, n: int, rank: int = 3, **kwargs) -> CURLinear:
+    return CURLinear(torch.randn(m, rank), None, torch.randn(rank, n), **kwargs).requires_grad_(
         False)
 
 
@@ -195,7 +195,7 @@ def test_leaves_modules_that_cannot_share(q, k):
 
 def test_a_factor_being_trained_is_refused_by_name():
     parent = _Siblings(_low_rank(8, 6).requires_grad_(True), _low_rank(8, 6))
-    with pytest.raises(ValueError, match=r"q_proj\.B requires grad.*prepare_for_inference"):
+    with pytest.raises(ValueError, match=r"q_proj\.R requires grad.*prepare_for_inference"):
         share_input_shrinks(nn.Sequential(parent))
 
 
@@ -218,7 +218,7 @@ def test_a_model_cast_after_sharing_says_to_share_again():
     with pytest.raises(RuntimeError, match="call share_input_shrinks afterwards"):
         parent.q_proj(x)
     assert share_input_shrinks(parent) == 1
-    expected = F.linear(F.linear(x, parent.q_proj.B), parent.q_proj.A)
+    expected = F.linear(F.linear(x, parent.q_proj.R), parent.q_proj.C)
     torch.testing.assert_close(parent.q_proj(x), expected)
     assert parent.q_proj.shared_shrink.weight.dtype == torch.float64
 
@@ -251,7 +251,7 @@ def test_decode_through_the_group_kernel_matches_the_unshared_model(architecture
     for x, wanted in zip(inputs, expected, strict=True):
         with torch.no_grad(), _CountLinears(
                 stacked=_stacked_weights(model),
-                expands=[m._parameters[m.EXPAND_FACTOR] for m in members]) as counted:
+                expands=[m.C for m in members]) as counted:
             outputs = _group_outputs(model, x)
         assert counted.counts == {"stacked": 0, "expands": 0}
         for output, reference in zip(outputs, wanted, strict=True):

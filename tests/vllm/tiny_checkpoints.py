@@ -88,11 +88,11 @@ def write_every_kind(architecture: str, out_dir) -> dict:
         attention, mlp = block.self_attn, block.mlp
         rank = 24 + 8 * index  # ranks differ between blocks too
         attention.q_proj = ck.CURLinear.from_linear(attention.q_proj, rank)
-        attention.k_proj = ck.LowRankLinear.from_linear(attention.k_proj, rank // 2)
+        attention.k_proj = ck.CURLinear.from_linear(attention.k_proj, rank // 2, link=False)
         full_u = ck.CURLinear.from_linear(attention.o_proj, rank + 4)
         attention.o_proj = ck.CURLinear(full_u.C, torch.diag(full_u.U), full_u.R)
         mlp.gate_proj = _cur_from_rows(mlp.gate_proj, rank + 8, gather=True, seed=index)
         mlp.up_proj = _cur_from_rows(mlp.up_proj, rank, gather=False, seed=index + 10)
-        mlp.down_proj = ck.LowRankLinear.from_linear(mlp.down_proj, rank + 16)
+        mlp.down_proj = ck.CURLinear.from_linear(mlp.down_proj, rank + 16, link=False)
     ck.save_compressed(model, out_dir)
     return model.config.compression_config["modules"]

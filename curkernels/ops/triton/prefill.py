@@ -5,6 +5,7 @@ import triton
 
 from .. import settings
 from ..backend_error import BackendUnavailableError
+from ..factors import fold_link
 from ..tables import DECODE_MAX_ROWS
 from .prefill_kernel import cur_linear_prefill_kernel
 from .prefill_tuning import PrefillConfig, next_pow2, tuned_config
@@ -34,7 +35,7 @@ def cur_linear_prefill(x2d, C, U, R, bias, rows, y) -> None:
     if U is not None and U.dim() == 2:
         # The kernel keeps one rank-sized intermediate on chip; a full U is folded into C here
         # (m·c·r flops, small next to a prefill). Frozen modules fold U once at load instead.
-        C = (C.float() @ U.float()).to(C.dtype)
+        C = fold_link(C, U, torch.float32)
     elif U is not None:
         scale = U
     r = C.shape[1]
