@@ -264,6 +264,8 @@ class PairwiseConfig(MethodConfig):
     sequential: bool = True
     allocation: str = option("importance", choices=PAIRWISE_ALLOCATIONS)
     temperature: float = option(0.1, bounds=ABOVE_ZERO)
+    qk_drop: float = option(1.0, bounds=NON_NEGATIVE)
+    vo_drop: float = option(1.0, bounds=NON_NEGATIVE)
 
 
 CONFIGS: dict[str, type[MethodConfig]] = {

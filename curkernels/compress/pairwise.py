@@ -75,17 +75,19 @@ def refit_on_kept_inputs(weight: torch.Tensor, bias: torch.Tensor | None,
     return refit, bias
 
 
-def block_keeps(scores: torch.Tensor, sizes: list[int], keep: float, temperature: float,
-                floor: float = 0.05) -> list[float]:
-    """Each block's kept fraction: the dropped share ∝ softmax(−score/temperature) (MoDeGPT's
-    allocation: a block that changes the hidden state little loses more), each kept fraction
-    within [floor, 1], and Σ keepᵢ·sizeᵢ = keep·Σ sizeᵢ."""
-    weights = torch.softmax(-scores.double() / temperature, 0)
+def spread_drop(weights: torch.Tensor, sizes: list[int], keep: float, floor: float = 0.05
+                ) -> list[float]:
+    """Each part's kept fraction when the dropped share is ∝ `weights` (water-filling: a part
+    whose drop would leave less than `floor`, or whose weight is 0, keeps what it can and the
+    others drop the rest), with Σ keepᵢ·sizeᵢ = keep·Σ sizeᵢ where the bounds allow it."""
+    weights = weights.double()
     size = torch.tensor(sizes, dtype=torch.float64)
     drop_total = (1 - keep) * float(size.sum())
-    free = torch.ones(len(sizes), dtype=torch.bool)
+    free = weights > 0
     drop = torch.zeros(len(sizes), dtype=torch.float64)
-    for _ in range(len(sizes)):  # water-filling: blocks at a bound leave the rest to the others
+    for _ in range(len(sizes)):
+        if not free.any():
+            break
         left = drop_total - float((drop * size)[~free].sum())
         drop[free] = left * weights[free] / float((weights * size)[free].sum())
         over, under = drop > 1 - floor, drop < 0
@@ -94,6 +96,25 @@ def block_keeps(scores: torch.Tensor, sizes: list[int], keep: float, temperature
         drop = drop.clamp(0, 1 - floor)
         free &= ~(over | under)
     return (1 - drop).tolist()
+
+
+def block_keeps(scores: torch.Tensor, sizes: list[int], keep: float, temperature: float,
+                floor: float = 0.05) -> list[float]:
+    """Each block's kept fraction: the dropped share ∝ softmax(−score/temperature) (MoDeGPT's
+    allocation: a block that changes the hidden state little loses more), each kept fraction
+    within [floor, 1], and Σ keepᵢ·sizeᵢ = keep·Σ sizeᵢ."""
+    return spread_drop(torch.softmax(-scores.double() / temperature, 0), sizes, keep, floor)
+
+
+def group_keeps(groups: list[tuple[str, ...]], sizes: list[int], keep: float, qk_drop: float,
+                vo_drop: float) -> list[float]:
+    """Each group's kept fraction inside a block that keeps `keep`: q/k's and v/o's dropped
+    fractions are `qk_drop` and `vo_drop` times the MLP's (1, 1: every matrix drops the same
+    fraction), the block's total unchanged."""
+    ratio = {ATTENTION_QK[0]: qk_drop, ATTENTION_VO[0]: vo_drop, MLP[0]: 1.0}
+    weights = torch.tensor([next(r for first, r in ratio.items() if group[0].endswith(first))
+                            for group in groups])
+    return spread_drop(weights, sizes, keep)
 
 
 def _heads(model: nn.Module) -> _Heads:
@@ -281,8 +302,8 @@ def _groups(local_names: set[str]) -> list[tuple[str, ...]]:
 @torch.no_grad()
 def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
                       rank_multiple: int, ridge: float, damping: float, refit: bool,
-                      sequential: bool, allocation: str, temperature: float
-                      ) -> list[ModuleReport]:
+                      sequential: bool, allocation: str, temperature: float, qk_drop: float,
+                      vo_drop: float) -> list[ModuleReport]:
     """Compress q/k, v/o and gate/up/down of each decoder block in place (see the module
     docstring). `keep` counts stored weight entries (indices and biases excluded). The
     options' defaults and checks live in `PairwiseConfig`.
@@ -298,6 +319,8 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
             dense model's).
         allocation: "importance" (each block's share from its angular distance) or "uniform".
         temperature: softness of the importance allocation (larger: closer to uniform).
+        qk_drop, vo_drop: q/k's and v/o's dropped fraction as a multiple of the MLP's inside
+            each block's budget (see `group_keeps`).
     """
     if getattr(model, "config", None) is None or not hasattr(model.config,
                                                             "num_attention_heads"):
@@ -338,13 +361,16 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
                          if not group[0].endswith(ATTENTION_QK[0])]
         step = _BlockCompressor(f"{prefix}.{index}", block, inputs if sequential else
                                 dense_inputs, dense_inputs, refit_targets, heads, options)
-        for group in groups[index]:
+        group_sizes = [sum(per_block[index][local].weight.numel() for local in group)
+                       for group in groups[index]]
+        fractions = group_keeps(groups[index], group_sizes, keeps[index], qk_drop, vo_drop)
+        for group, fraction in zip(groups[index], fractions, strict=True):
             if group[0].endswith(ATTENTION_QK[0]):
-                step.query_key(*group, keeps[index])
+                step.query_key(*group, fraction)
             elif group[0].endswith(ATTENTION_VO[0]):
-                step.value_output(*group, keeps[index])
+                step.value_output(*group, fraction)
             else:
-                step.mlp(*group, keeps[index], rank_multiple)
+                step.mlp(*group, fraction, rank_multiple)
         reports += step.reports
         dense_inputs = step.next_dense_inputs
         inputs = next_block_inputs(block, inputs) if sequential else dense_inputs
