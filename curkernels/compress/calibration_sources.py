@@ -39,8 +39,10 @@ _CHAT_QUESTIONS = ("What does {name} in Python's {module} module do?",
 
 def _docstring_paragraphs(min_words: int) -> list[tuple[str, str, str, bool]]:
     """(module, object name, paragraph, first paragraph of its docstring?) for the prose
-    paragraphs of the stdlib docstrings, in a fixed order."""
-    found = []
+    paragraphs of the stdlib docstrings, in a fixed order, each paragraph once (subclasses
+    inherit their parent's docstring: argparse's Action classes would fill the first hundred
+    samples with ten paragraphs)."""
+    found, seen = [], set()
     for module_name in _DEFAULT_TEXT_MODULES:
         module = importlib.import_module(module_name)
         objects = [module] + [obj for _, obj in sorted(vars(module).items())
@@ -50,7 +52,9 @@ def _docstring_paragraphs(min_words: int) -> list[tuple[str, str, str, bool]]:
             first = True
             for paragraph in (inspect.getdoc(obj) or "").split("\n\n"):
                 text = " ".join(paragraph.split())
-                if len(text.split()) >= min_words and not text.startswith((">>>", "$")):
+                if len(text.split()) >= min_words and not text.startswith((">>>", "$")) \
+                        and text not in seen:
+                    seen.add(text)
                     name = module_name if obj is module else obj.__qualname__
                     found.append((module_name, name, text, first))
                     first = False

@@ -83,6 +83,7 @@ def test_offline_default_texts_are_prose():
     texts = default_calibration_texts(64)
     assert len(texts) == 64 and all(len(t.split()) >= 12 for t in texts)
     assert calibration_texts(None, 5) == texts[:5]
+    assert len(set(default_calibration_texts(10_000))) == len(default_calibration_texts(10_000))
 
 
 def word_tokenizer(chat_template=None):
