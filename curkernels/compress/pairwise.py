@@ -14,7 +14,8 @@ Kept rows are real rows of the dense weights (`NarrowLinear` records them). Bloc
 calibrated sequentially: each refit sees the inputs produced by the already-compressed layers
 before it and fits the dense block's outputs on the same tokens (min ‖Wx + b − Ŵx̂_K − b̂‖²,
 as sequential SVD-LLM does). Each block's share of the budget comes from its angular
-distance (blocks that change the hidden state more keep more), MoDeGPT's allocation.
+distance (blocks that change the hidden state more keep more), MoDeGPT's allocation; inside
+a block, attention drops a smaller fraction than the MLP (`qk_drop`, `vo_drop`).
 """
 
 import copy
@@ -311,16 +312,17 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
     Args:
         rank_multiple: the MLP's kept neuron count is a multiple of it.
         ridge: λ of the ridge-leverage scores, as a fraction of the mean diagonal.
-        damping: pulls a refit towards the dense columns (see `refit_on_kept_inputs`); 1e-2
-            measured best on SmolLM2-135M (1e-4 overfits 64 calibration paragraphs: 1.55×
-            instead of 1.44× dense perplexity at keep 0.8).
+        damping: pulls a refit towards the dense columns (see `refit_on_kept_inputs`); weak
+            damping overfits 64 calibration paragraphs on SmolLM2-135M (keep 0.8: 1e-4 1.55×,
+            1e-2 1.44× dense perplexity on 4,096 tokens; keep 0.5 with the attention split:
+            1e-2 3.46×, 5e-2 3.14× on 16,384).
         refit: refit o_proj and down_proj on the kept inputs (False: keep their dense columns).
         sequential: calibrate each block on the compressed blocks' outputs (False: on the
             dense model's).
         allocation: "importance" (each block's share from its angular distance) or "uniform".
         temperature: softness of the importance allocation (larger: closer to uniform).
         qk_drop, vo_drop: q/k's and v/o's dropped fraction as a multiple of the MLP's inside
-            each block's budget (see `group_keeps`).
+            each block's budget (see `group_keeps`); attention is the less forgiving part.
     """
     if getattr(model, "config", None) is None or not hasattr(model.config,
                                                             "num_attention_heads"):

@@ -116,7 +116,7 @@ def test_block_keeps_spend_the_budget_and_favour_important_blocks():
 
 def test_attention_drop_ratios_move_the_budget_to_the_mlp():
     _, model, report = compressed("llama", keep=0.6, qk_drop=0.0, vo_drop=0.5)
-    even = compressed("llama", keep=0.6)[1]
+    even = compressed("llama", keep=0.6, qk_drop=1.0, vo_drop=1.0)[1]
     assert report.params_after <= 0.6 * report.params_before
     for layer, even_layer in zip(model.model.layers, even.model.layers, strict=True):
         attn, mlp = layer.self_attn, layer.mlp
