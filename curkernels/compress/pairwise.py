@@ -115,7 +115,12 @@ def group_keeps(groups: list[tuple[str, ...]], sizes: list[int], keep: float, qk
     ratio = {ATTENTION_QK[0]: qk_drop, ATTENTION_VO[0]: vo_drop, MLP[0]: 1.0}
     weights = torch.tensor([next(r for first, r in ratio.items() if group[0].endswith(first))
                             for group in groups])
-    return spread_drop(weights, sizes, keep)
+    keeps = spread_drop(weights, sizes, keep)
+    if sum(k * s for k, s in zip(keeps, sizes, strict=True)) > keep * sum(sizes) * (1 + 1e-9):
+        raise ValueError(f"qk_drop={qk_drop:g}, vo_drop={vo_drop:g}: a block that keeps "
+                         f"{keep:.3f} of its weights cannot drop enough from the groups allowed "
+                         f"to drop (each keeps at least 5 %); raise qk_drop or vo_drop")
+    return keeps
 
 
 def _heads(model: nn.Module) -> _Heads:

@@ -138,6 +138,8 @@ def test_group_keeps_spend_the_block_budget_by_ratio():
     clamped = group_keeps(groups, [10, 10, 10], 0.4, qk_drop=10.0, vo_drop=1.0)
     assert clamped[0] == pytest.approx(0.05)
     assert sum(clamped) * 10 == pytest.approx(12)
+    with pytest.raises(ValueError, match="qk_drop=0, vo_drop=0: a block that keeps 0.100"):
+        group_keeps(groups, [10, 10, 40], 0.1, qk_drop=0.0, vo_drop=0.0)
 
 
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
