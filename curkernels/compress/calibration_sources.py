@@ -3,7 +3,9 @@
 Sources: a list of strings, a text file (one sample a non-empty line), a Hugging Face
 `datasets` name (online; 'name' or 'name:config'), or — when none is given — the offline
 default: English prose from the docstrings of Python's own standard library, which ships
-with every interpreter, so compression works on a machine with no network and no data.
+with every interpreter, so compression works on a machine with no network and no data. For a
+model whose tokenizer has a chat template, half of the default samples are chat exchanges in
+that template, built from the same paragraphs.
 
 `unit="sentence"` calibrates on the sentences of those texts instead of whole texts. A
 sentence encoder embeds single sentences; calibrated on paragraphs cut at the sequence
@@ -29,23 +31,62 @@ _DEFAULT_TEXT_MODULES = ("argparse", "collections", "contextlib", "csv", "datacl
                          "unittest", "urllib.parse", "zipfile")
 
 
-def default_calibration_texts(num_samples: int = 256, min_words: int = 12) -> list[str]:
-    """Prose paragraphs from stdlib docstrings (deterministic for a Python version)."""
-    texts = []
+# What the user asks in a chat-formatted default sample: about the object whose docstring
+# paragraph the assistant answers with (the first paragraph, then later ones).
+_CHAT_QUESTIONS = ("What does {name} in Python's {module} module do?",
+                   "Tell me more about {name} from Python's {module} module.")
+
+
+def _docstring_paragraphs(min_words: int) -> list[tuple[str, str, str, bool]]:
+    """(module, object name, paragraph, first paragraph of its docstring?) for the prose
+    paragraphs of the stdlib docstrings, in a fixed order, each paragraph once (subclasses
+    inherit their parent's docstring: argparse's Action classes would fill the first hundred
+    samples with ten paragraphs)."""
+    found, seen = [], set()
     for module_name in _DEFAULT_TEXT_MODULES:
         module = importlib.import_module(module_name)
         objects = [module] + [obj for _, obj in sorted(vars(module).items())
                               if (inspect.isclass(obj) or inspect.isfunction(obj))
                               and getattr(obj, "__module__", None) == module.__name__]
         for obj in objects:
+            first = True
             for paragraph in (inspect.getdoc(obj) or "").split("\n\n"):
                 text = " ".join(paragraph.split())
-                if len(text.split()) >= min_words and not text.startswith((">>>", "$")):
-                    texts.append(text)
-    if not texts:
+                if len(text.split()) >= min_words and not text.startswith((">>>", "$")) \
+                        and text not in seen:
+                    seen.add(text)
+                    name = module_name if obj is module else obj.__qualname__
+                    found.append((module_name, name, text, first))
+                    first = False
+    return found
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def default_calibration_texts(num_samples: int = 256, min_words: int = 12, *,
+                              tokenizer=None) -> list[str]:
+    """Prose paragraphs from stdlib docstrings (deterministic for a Python version). With a
+    `tokenizer` that has a chat template (an instruct model), every other sample is a chat
+    exchange in that template — the user asks about the object, the assistant answers with the
+    paragraph — so the template's tokens and the assistant turn are calibrated too: calibrated
+    on prose alone, a compressed chat model answers chat prompts with garbage. Either way the
+    i-th sample comes from the i-th paragraph."""
+    paragraphs = _docstring_paragraphs(min_words)[:num_samples]
+    if not paragraphs:
         raise RuntimeError("found no docstring prose in the standard library (python -OO?): "
                            "pass calibration text explicitly")
-    return texts[:num_samples]
+    chat = has_chat_template(tokenizer)
+    texts = []
+    for i, (module, name, text, first) in enumerate(paragraphs):
+        if chat and i % 2:
+            question = _CHAT_QUESTIONS[0 if first else 1].format(name=name, module=module)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": question}, {"role": "assistant", "content": text}],
+                tokenize=False)
+        texts.append(text)
+    return texts
 
 
 _SENTENCE_BREAK = re.compile(r'(?<=[.!?])\s+(?=[A-Z"])')
@@ -91,10 +132,11 @@ def load_dataset_texts(name: str, num_samples: int, split: str = "train",
 
 
 def calibration_texts(source=None, num_samples: int = 256, *, split: str = "train",
-                      column: str = "text", unit: str = "text") -> list[str]:
+                      column: str = "text", unit: str = "text", tokenizer=None) -> list[str]:
     """Texts from a list of strings, a text-file path, a datasets name, or the offline
-    default (source None): `num_samples` of them, or with `unit="sentence"` `num_samples`
-    sentences (`split_sentences`) of as many texts as it takes."""
+    default (source None; half of it chat exchanges when `tokenizer` has a chat template,
+    see `default_calibration_texts`): `num_samples` of them, or with `unit="sentence"`
+    `num_samples` sentences (`split_sentences`) of as many texts as it takes (prose only)."""
     if num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples}")
     if unit not in UNITS:
@@ -103,7 +145,7 @@ def calibration_texts(source=None, num_samples: int = 256, *, split: str = "trai
         sentences = []
         # a text holds at least one sentence or none: read more texts until there are enough
         for wanted in itertools.count():
-            texts = _source_texts(source, num_samples << wanted, split, column)
+            texts = _source_texts(source, num_samples << wanted, split, column, None)
             sentences = split_sentences(texts)
             if len(sentences) >= num_samples or len(texts) < num_samples << wanted:
                 break
@@ -111,12 +153,12 @@ def calibration_texts(source=None, num_samples: int = 256, *, split: str = "trai
             raise ValueError(f"calibration source {source!r} holds no sentence of 4 words or "
                              f"more")
         return sentences[:num_samples]
-    return _source_texts(source, num_samples, split, column)
+    return _source_texts(source, num_samples, split, column, tokenizer)
 
 
-def _source_texts(source, num_samples: int, split: str, column: str) -> list[str]:
+def _source_texts(source, num_samples: int, split: str, column: str, tokenizer) -> list[str]:
     if source is None:
-        return default_calibration_texts(num_samples)
+        return default_calibration_texts(num_samples, tokenizer=tokenizer)
     if isinstance(source, (list, tuple)):
         if not source or not all(isinstance(t, str) for t in source):
             raise ValueError("calib as a list must hold at least one string")

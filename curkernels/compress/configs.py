@@ -259,11 +259,15 @@ class PairwiseConfig(MethodConfig):
     gate/up kept, their partners o_proj and down_proj refit; see `compress_pairwise`."""
     method: ClassVar[str] = "pairwise"
     ridge: float = option(1e-2, bounds=ABOVE_ZERO)
-    damping: float = option(1e-2, bounds=ABOVE_ZERO)
+    damping: float = option(5e-2, bounds=ABOVE_ZERO)
     refit: bool = True
     sequential: bool = True
     allocation: str = option("importance", choices=PAIRWISE_ALLOCATIONS)
     temperature: float = option(0.1, bounds=ABOVE_ZERO)
+    # attention drops half the MLP's fraction (SmolLM2-135M, keep 0.5: 3.46× dense
+    # perplexity against 4.58× with even drops; bench/results/lm_quality_method.md)
+    qk_drop: float = option(0.5, bounds=NON_NEGATIVE)
+    vo_drop: float = option(0.5, bounds=NON_NEGATIVE)
 
 
 CONFIGS: dict[str, type[MethodConfig]] = {

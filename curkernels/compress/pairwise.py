@@ -14,7 +14,8 @@ Kept rows are real rows of the dense weights (`NarrowLinear` records them). Bloc
 calibrated sequentially: each refit sees the inputs produced by the already-compressed layers
 before it and fits the dense block's outputs on the same tokens (min ‖Wx + b − Ŵx̂_K − b̂‖²,
 as sequential SVD-LLM does). Each block's share of the budget comes from its angular
-distance (blocks that change the hidden state more keep more), MoDeGPT's allocation.
+distance (blocks that change the hidden state more keep more), MoDeGPT's allocation; inside
+a block, attention drops a smaller fraction than the MLP (`qk_drop`, `vo_drop`).
 """
 
 import copy
@@ -75,17 +76,19 @@ def refit_on_kept_inputs(weight: torch.Tensor, bias: torch.Tensor | None,
     return refit, bias
 
 
-def block_keeps(scores: torch.Tensor, sizes: list[int], keep: float, temperature: float,
-                floor: float = 0.05) -> list[float]:
-    """Each block's kept fraction: the dropped share ∝ softmax(−score/temperature) (MoDeGPT's
-    allocation: a block that changes the hidden state little loses more), each kept fraction
-    within [floor, 1], and Σ keepᵢ·sizeᵢ = keep·Σ sizeᵢ."""
-    weights = torch.softmax(-scores.double() / temperature, 0)
+def spread_drop(weights: torch.Tensor, sizes: list[int], keep: float, floor: float = 0.05
+                ) -> list[float]:
+    """Each part's kept fraction when the dropped share is ∝ `weights` (water-filling: a part
+    whose drop would leave less than `floor`, or whose weight is 0, keeps what it can and the
+    others drop the rest), with Σ keepᵢ·sizeᵢ = keep·Σ sizeᵢ where the bounds allow it."""
+    weights = weights.double()
     size = torch.tensor(sizes, dtype=torch.float64)
     drop_total = (1 - keep) * float(size.sum())
-    free = torch.ones(len(sizes), dtype=torch.bool)
+    free = weights > 0
     drop = torch.zeros(len(sizes), dtype=torch.float64)
-    for _ in range(len(sizes)):  # water-filling: blocks at a bound leave the rest to the others
+    for _ in range(len(sizes)):
+        if not free.any():
+            break
         left = drop_total - float((drop * size)[~free].sum())
         drop[free] = left * weights[free] / float((weights * size)[free].sum())
         over, under = drop > 1 - floor, drop < 0
@@ -94,6 +97,30 @@ def block_keeps(scores: torch.Tensor, sizes: list[int], keep: float, temperature
         drop = drop.clamp(0, 1 - floor)
         free &= ~(over | under)
     return (1 - drop).tolist()
+
+
+def block_keeps(scores: torch.Tensor, sizes: list[int], keep: float, temperature: float,
+                floor: float = 0.05) -> list[float]:
+    """Each block's kept fraction: the dropped share ∝ softmax(−score/temperature) (MoDeGPT's
+    allocation: a block that changes the hidden state little loses more), each kept fraction
+    within [floor, 1], and Σ keepᵢ·sizeᵢ = keep·Σ sizeᵢ."""
+    return spread_drop(torch.softmax(-scores.double() / temperature, 0), sizes, keep, floor)
+
+
+def group_keeps(groups: list[tuple[str, ...]], sizes: list[int], keep: float, qk_drop: float,
+                vo_drop: float) -> list[float]:
+    """Each group's kept fraction inside a block that keeps `keep`: q/k's and v/o's dropped
+    fractions are `qk_drop` and `vo_drop` times the MLP's (1, 1: every matrix drops the same
+    fraction), the block's total unchanged."""
+    ratio = {ATTENTION_QK[0]: qk_drop, ATTENTION_VO[0]: vo_drop, MLP[0]: 1.0}
+    weights = torch.tensor([next(r for first, r in ratio.items() if group[0].endswith(first))
+                            for group in groups])
+    keeps = spread_drop(weights, sizes, keep)
+    if sum(k * s for k, s in zip(keeps, sizes, strict=True)) > keep * sum(sizes) * (1 + 1e-9):
+        raise ValueError(f"qk_drop={qk_drop:g}, vo_drop={vo_drop:g}: a block that keeps "
+                         f"{keep:.3f} of its weights cannot drop enough from the groups allowed "
+                         f"to drop (each keeps at least 5 %); raise qk_drop or vo_drop")
+    return keeps
 
 
 def _heads(model: nn.Module) -> _Heads:
@@ -281,8 +308,8 @@ def _groups(local_names: set[str]) -> list[tuple[str, ...]]:
 @torch.no_grad()
 def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
                       rank_multiple: int, ridge: float, damping: float, refit: bool,
-                      sequential: bool, allocation: str, temperature: float
-                      ) -> list[ModuleReport]:
+                      sequential: bool, allocation: str, temperature: float, qk_drop: float,
+                      vo_drop: float) -> list[ModuleReport]:
     """Compress q/k, v/o and gate/up/down of each decoder block in place (see the module
     docstring). `keep` counts stored weight entries (indices and biases excluded). The
     options' defaults and checks live in `PairwiseConfig`.
@@ -290,14 +317,17 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
     Args:
         rank_multiple: the MLP's kept neuron count is a multiple of it.
         ridge: λ of the ridge-leverage scores, as a fraction of the mean diagonal.
-        damping: pulls a refit towards the dense columns (see `refit_on_kept_inputs`); 1e-2
-            measured best on SmolLM2-135M (1e-4 overfits 64 calibration paragraphs: 1.55×
-            instead of 1.44× dense perplexity at keep 0.8).
+        damping: pulls a refit towards the dense columns (see `refit_on_kept_inputs`); weak
+            damping overfits 64 calibration paragraphs on SmolLM2-135M (keep 0.8: 1e-4 1.55×,
+            1e-2 1.44× dense perplexity on 4,096 tokens; keep 0.5 with the attention split:
+            1e-2 3.46×, 5e-2 3.14× on 16,384).
         refit: refit o_proj and down_proj on the kept inputs (False: keep their dense columns).
         sequential: calibrate each block on the compressed blocks' outputs (False: on the
             dense model's).
         allocation: "importance" (each block's share from its angular distance) or "uniform".
         temperature: softness of the importance allocation (larger: closer to uniform).
+        qk_drop, vo_drop: q/k's and v/o's dropped fraction as a multiple of the MLP's inside
+            each block's budget (see `group_keeps`); attention is the less forgiving part.
     """
     if getattr(model, "config", None) is None or not hasattr(model.config,
                                                             "num_attention_heads"):
@@ -338,13 +368,16 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
                          if not group[0].endswith(ATTENTION_QK[0])]
         step = _BlockCompressor(f"{prefix}.{index}", block, inputs if sequential else
                                 dense_inputs, dense_inputs, refit_targets, heads, options)
-        for group in groups[index]:
+        group_sizes = [sum(per_block[index][local].weight.numel() for local in group)
+                       for group in groups[index]]
+        fractions = group_keeps(groups[index], group_sizes, keeps[index], qk_drop, vo_drop)
+        for group, fraction in zip(groups[index], fractions, strict=True):
             if group[0].endswith(ATTENTION_QK[0]):
-                step.query_key(*group, keeps[index])
+                step.query_key(*group, fraction)
             elif group[0].endswith(ATTENTION_VO[0]):
-                step.value_output(*group, keeps[index])
+                step.value_output(*group, fraction)
             else:
-                step.mlp(*group, keeps[index], rank_multiple)
+                step.mlp(*group, fraction, rank_multiple)
         reports += step.reports
         dense_inputs = step.next_dense_inputs
         inputs = next_block_inputs(block, inputs) if sequential else dense_inputs

@@ -1,5 +1,8 @@
 import pytest
 import torch
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
 
 from curkernels.compress.calibration import collect_linear_stats, first_order_importance
 from curkernels.compress.calibration_sources import (
@@ -80,6 +83,30 @@ def test_offline_default_texts_are_prose():
     texts = default_calibration_texts(64)
     assert len(texts) == 64 and all(len(t.split()) >= 12 for t in texts)
     assert calibration_texts(None, 5) == texts[:5]
+    assert len(set(default_calibration_texts(10_000))) == len(default_calibration_texts(10_000))
+
+
+def word_tokenizer(chat_template=None):
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel({"<unk>": 0}, unk_token="<unk>")),
+        unk_token="<unk>")
+    tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def test_default_texts_for_a_chat_model_hold_chat_exchanges_of_the_same_paragraphs():
+    template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    prose = default_calibration_texts(8)
+    texts = default_calibration_texts(8, tokenizer=word_tokenizer(template))
+    assert texts[0::2] == prose[0::2]
+    for text, paragraph in zip(texts[1::2], prose[1::2], strict=True):
+        assert text.startswith("<|user|>What does ") or text.startswith("<|user|>Tell me more")
+        assert text.endswith(f"<|assistant|>{paragraph}\n")
+    assert calibration_texts(None, 8, tokenizer=word_tokenizer(template)) == texts
+    # prose alone without a chat template, and for sentence calibration
+    assert default_calibration_texts(8, tokenizer=word_tokenizer()) == prose
+    assert calibration_texts(None, 8, unit="sentence", tokenizer=word_tokenizer(template)) == \
+        calibration_texts(None, 8, unit="sentence")
 
 
 def test_text_file_source(tmp_path):

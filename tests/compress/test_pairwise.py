@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import curkernels as ck
 from curkernels import NarrowLinear
 from curkernels.compress.calibration import PairedInputStats
-from curkernels.compress.pairwise import block_keeps, refit_on_kept_inputs
+from curkernels.compress.pairwise import block_keeps, group_keeps, refit_on_kept_inputs
 
 ARCHITECTURES = ["llama", "qwen2"]
 
@@ -114,6 +114,34 @@ def test_block_keeps_spend_the_budget_and_favour_important_blocks():
     assert clamped == pytest.approx([0.8, 0.2])
 
 
+def test_attention_drop_ratios_move_the_budget_to_the_mlp():
+    _, model, report = compressed("llama", keep=0.6, qk_drop=0.0, vo_drop=0.5)
+    even = compressed("llama", keep=0.6, qk_drop=1.0, vo_drop=1.0)[1]
+    assert report.params_after <= 0.6 * report.params_before
+    for layer, even_layer in zip(model.model.layers, even.model.layers, strict=True):
+        attn, mlp = layer.self_attn, layer.mlp
+        assert len(attn.q_proj.row_indices) == attn.q_proj.dense_out_features  # q/k kept whole
+        assert len(attn.k_proj.row_indices) == attn.k_proj.dense_out_features
+        v_kept = len(attn.v_proj.row_indices) / attn.v_proj.dense_out_features
+        mlp_kept = len(mlp.gate_proj.row_indices) / mlp.gate_proj.dense_out_features
+        assert 1 - v_kept == pytest.approx((1 - mlp_kept) / 2, abs=0.1)
+        assert len(mlp.gate_proj.row_indices) < len(even_layer.mlp.gate_proj.row_indices)
+
+
+def test_group_keeps_spend_the_block_budget_by_ratio():
+    groups = [("q_proj", "k_proj"), ("v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")]
+    keeps = group_keeps(groups, [10, 10, 40], 0.7, qk_drop=0.0, vo_drop=0.5)
+    assert keeps[0] == 1.0
+    assert 1 - keeps[1] == pytest.approx((1 - keeps[2]) / 2)
+    assert sum(k * s for k, s in zip(keeps, [10, 10, 40], strict=True)) == pytest.approx(42)
+    # a group that would drop past the floor stops there; the others take the rest
+    clamped = group_keeps(groups, [10, 10, 10], 0.4, qk_drop=10.0, vo_drop=1.0)
+    assert clamped[0] == pytest.approx(0.05)
+    assert sum(clamped) * 10 == pytest.approx(12)
+    with pytest.raises(ValueError, match="qk_drop=0, vo_drop=0: a block that keeps 0.100"):
+        group_keeps(groups, [10, 10, 40], 0.1, qk_drop=0.0, vo_drop=0.0)
+
+
 @pytest.mark.parametrize("architecture", ARCHITECTURES)
 def test_checkpoint_round_trip_and_generation(tmp_path, architecture):
     _, model, _ = compressed(architecture)
@@ -142,6 +170,8 @@ def test_bad_options_and_partial_groups_are_named():
         ck.compress(tiny_model("llama"), method="pairwise", calib=calib, allocation="greedy")
     with pytest.raises(ValueError, match="ridge must be a finite number > 0"):
         ck.compress(tiny_model("llama"), method="pairwise", calib=calib, ridge=0)
+    with pytest.raises(ValueError, match="qk_drop must be a finite number ≥ 0"):
+        ck.compress(tiny_model("llama"), method="pairwise", calib=calib, qk_drop=-1.0)
     with pytest.raises(ValueError, match=r"gate_proj/up_proj/down_proj together.*down_proj"):
         ck.compress(tiny_model("llama"), method="pairwise", calib=calib,
                     targets=["gate_proj", "up_proj"])
