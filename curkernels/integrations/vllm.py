@@ -22,9 +22,11 @@ from ..checkpoint.module_specs import (
     check_compression_config,
 )
 from .vllm_linear import CurkernelsLinearMethod
+from .vllm_narrow import NarrowLinearMethod, check_narrow_pairs
 
-# Module kinds whose factors the linear method computes with (vllm_linear.py).
-SERVED_TYPES = ("CURLinear", "LowRankLinear")
+# The linear method that computes with each module kind.
+METHODS = {"CURLinear": CurkernelsLinearMethod, "LowRankLinear": CurkernelsLinearMethod,
+           "NarrowLinear": NarrowLinearMethod}
 
 
 # Llama-style config flags that give a group's layers biases: (block part, module names).
@@ -81,6 +83,7 @@ class CurkernelsQuantConfig(QuantizationConfig):
             if config_file.is_file():
                 block = json.loads(config_file.read_text()).get("compression_config")
         self.modules = check_compression_config(block)["modules"]
+        check_narrow_pairs(self.modules)
         if hf_config is not None:
             enable_bias_flags(hf_config, self.modules)
 
@@ -123,11 +126,13 @@ class CurkernelsQuantConfig(QuantizationConfig):
         if all(spec is None for spec in layer_specs):
             return UnquantizedLinearMethod()
         for name, spec in zip(names, layer_specs, strict=True):
-            if spec is not None and spec["type"] not in SERVED_TYPES:
+            if spec is not None and spec["type"] not in METHODS:
                 raise CheckpointError(f"compression_config.modules[{name!r}] is a "
                                       f"{spec['type']}; the vLLM plugin serves "
-                                      f"{', '.join(SERVED_TYPES)} modules and dense layers")
-        return CurkernelsLinearMethod(names, layer_specs)
+                                      f"{', '.join(METHODS)} modules and dense layers")
+        kinds = {METHODS[spec["type"]] for spec in layer_specs if spec is not None}
+        method = NarrowLinearMethod if NarrowLinearMethod in kinds else CurkernelsLinearMethod
+        return method(names, layer_specs)
 
 
 def register() -> None:

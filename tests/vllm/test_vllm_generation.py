@@ -87,6 +87,34 @@ def test_a_bias_vllm_would_drop_is_refused_by_name(tmp_path):
         vllm_greedy(checkpoint, tiny_checkpoints.prompts(), tmp_path, eager=True)
 
 
+def kept_halves(specs: dict) -> dict[str, tuple[int, int]]:
+    """How many kept indices of each narrowed dimension fall in its first and second half:
+    what each of two tensor-parallel ranks keeps of it."""
+    halves = {}
+    for name, spec in specs.items():
+        rows = spec["row_indices"] is not None
+        indices = spec["row_indices"] if rows else spec["col_indices"]
+        middle = (spec["out_features"] if rows else spec["in_features"]) // 2
+        below = sum(index < middle for index in indices)
+        halves[name] = (below, len(indices) - below)
+    return halves
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+@pytest.mark.parametrize("architecture", sorted(tiny_checkpoints.ARCHITECTURES))
+def test_default_method_checkpoint_greedy_matches_transformers(architecture, tensor_parallel,
+                                                               tmp_path):
+    """compress() with no method writes NarrowLinear modules (kept rows of q/k/v scattered to
+    the head width, kept columns of o_proj, a narrower MLP); vLLM builds dense-width layers."""
+    checkpoint = tmp_path / "checkpoint"
+    specs = tiny_checkpoints.write_compressed(architecture, None, checkpoint)
+    assert {spec["type"] for spec in specs.values()} == {"NarrowLinear"}
+    assert any(spec["bias"] for spec in specs.values()) == (architecture == "qwen2")
+    halves = kept_halves(specs)
+    assert any(first != second for first, second in halves.values()), halves
+    assert_same_greedy(checkpoint, tmp_path, tensor_parallel)
+
+
 @pytest.mark.parametrize("tensor_parallel", [1, 2])
 @pytest.mark.parametrize("architecture", sorted(tiny_checkpoints.ARCHITECTURES))
 def test_every_module_kind_greedy_matches_transformers(architecture, tensor_parallel, tmp_path):

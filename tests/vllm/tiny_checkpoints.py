@@ -25,6 +25,7 @@ METHOD_OPTIONS = {
     "curing": dict(keep=0.6, layers=[0, 1]),
     "rom": dict(keep=0.5),
 }
+DEFAULT_METHOD_KEEP = 0.5  # compress() with no method: "pairwise", which writes NarrowLinear
 
 
 def calibration_batches(seed: int = 0, batches: int = 2) -> list[dict]:
@@ -40,10 +41,12 @@ def dense_model(architecture: str, seed: int = 0):
     return model_class(config_class(**SHAPE)).eval()
 
 
-def write_compressed(architecture: str, method: str, out_dir) -> dict:
-    """Compress a tiny model with `method` and save it to `out_dir`; returns its module specs."""
+def write_compressed(architecture: str, method: str | None, out_dir) -> dict:
+    """Compress a tiny model with `method` (None: compress()'s default) and save it to
+    `out_dir`; returns its module specs."""
     model = dense_model(architecture)
-    ck.compress(model, method=method, calib=calibration_batches(), **METHOD_OPTIONS[method])
+    options = dict(keep=DEFAULT_METHOD_KEEP) if method is None else METHOD_OPTIONS[method]
+    ck.compress(model, method=method, calib=calibration_batches(), **options)
     ck.save_compressed(model, out_dir)
     return model.config.compression_config["modules"]
 
@@ -96,3 +99,4 @@ def write_every_kind(architecture: str, out_dir) -> dict:
         mlp.down_proj = ck.LowRankLinear.from_linear(mlp.down_proj, rank + 16)
     ck.save_compressed(model, out_dir)
     return model.config.compression_config["modules"]
+
