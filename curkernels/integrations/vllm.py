@@ -29,21 +29,26 @@ METHODS = {"CURLinear": CurkernelsLinearMethod, "LowRankLinear": CurkernelsLinea
            "NarrowLinear": NarrowLinearMethod}
 
 
-# Llama-style config flags that give a group's layers biases: (block part, module names).
-BIAS_FLAGS = {"attention_bias": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-              "mlp_bias": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+# Llama-style config flags that give layers biases: (block part, the modules of each vLLM layer
+# the flag governs, merged ones together).
+BIAS_FLAGS = {"attention_bias": ("self_attn", (("q_proj", "k_proj", "v_proj"), ("o_proj",))),
+              "mlp_bias": ("mlp", (("gate_proj", "up_proj"), ("down_proj",)))}
 
 
 def enable_bias_flags(hf_config, modules: dict[str, dict]) -> None:
-    """Turn on a config's bias flag where every layer it governs is a factored module with a
-    bias (ROM's factors carry the output mean as one), so vLLM builds those layers with biases.
-    Other biases on layers vLLM builds without one are refused when the layer is built."""
+    """Turn on a config's bias flag where every vLLM layer it governs holds a factored module
+    with a bias (ROM's factors carry the output mean as one), so vLLM builds those layers with
+    biases; the other modules of such a layer get zero biases (`vllm_loading`). A layer with
+    no bias in the checkpoint could not load one, so the flag stays off and the biases of
+    layers vLLM builds without one are refused when the layer is built."""
     layers = getattr(hf_config, "num_hidden_layers", 0)
-    for flag, (block, leaves) in BIAS_FLAGS.items():
+    for flag, (block, groups) in BIAS_FLAGS.items():
         if getattr(hf_config, flag, True):  # no such flag, or already on
             continue
-        names = [f"model.layers.{i}.{block}.{leaf}" for i in range(layers) for leaf in leaves]
-        if names and all(modules.get(name, {}).get("bias") for name in names):
+        merged = [[f"model.layers.{i}.{block}.{leaf}" for leaf in group]
+                  for i in range(layers) for group in groups]
+        if merged and all(any(modules.get(name, {}).get("bias") for name in names)
+                          for names in merged):
             setattr(hf_config, flag, True)
 
 

@@ -116,6 +116,18 @@ def test_default_method_checkpoint_greedy_matches_transformers(architecture, ten
 
 
 @pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_a_merged_layer_with_a_bias_on_one_shard_only(tensor_parallel, tmp_path):
+    """q/k/v become one vLLM layer with a bias when q's module has one; k's and v's part of
+    it must be zeros (vLLM allocates the bias unset)."""
+    checkpoint = tmp_path / "checkpoint"
+    specs = tiny_checkpoints.write_one_shard_biased(checkpoint)
+    assert {leaf: spec["bias"] for name, spec in specs.items()
+            for leaf in [name.rsplit(".", 1)[1]]} == {"q_proj": True, "k_proj": False,
+                                                       "o_proj": True}
+    assert_same_greedy(checkpoint, tmp_path, tensor_parallel, eager=True)
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
 @pytest.mark.parametrize("architecture", sorted(tiny_checkpoints.ARCHITECTURES))
 def test_every_module_kind_greedy_matches_transformers(architecture, tensor_parallel, tmp_path):
     checkpoint = tmp_path / "checkpoint"

@@ -100,3 +100,26 @@ def write_every_kind(architecture: str, out_dir) -> dict:
     ck.save_compressed(model, out_dir)
     return model.config.compression_config["modules"]
 
+
+def _with_bias(linear, seed: int):
+    """The same Linear with a random bias (what ROM's factors add: the output mean)."""
+    biased = torch.nn.Linear(linear.in_features, linear.out_features, bias=True)
+    biased.weight.data.copy_(linear.weight.detach())
+    biased.bias.data.copy_(torch.randn(linear.out_features,
+                                       generator=torch.Generator().manual_seed(seed)))
+    return biased
+
+
+def write_one_shard_biased(out_dir) -> dict:
+    """A Llama (no attention biases) whose q_proj is a CUR with a bias and whose k_proj is
+    low-rank and v_proj dense, both without one; o_proj low-rank with a bias. vLLM merges
+    q/k/v into one layer that needs a bias for q only."""
+    model = dense_model("llama")
+    for index, block in enumerate(model.model.layers):
+        attention = block.self_attn
+        attention.q_proj = ck.CURLinear.from_linear(_with_bias(attention.q_proj, index), 40)
+        attention.k_proj = ck.LowRankLinear.from_linear(attention.k_proj, 24)
+        attention.o_proj = ck.LowRankLinear.from_linear(_with_bias(attention.o_proj, 10 + index),
+                                                        48)
+    ck.save_compressed(model, out_dir)
+    return model.config.compression_config["modules"]
