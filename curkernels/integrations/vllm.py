@@ -22,27 +22,34 @@ from ..checkpoint.module_specs import (
     check_compression_config,
 )
 from .vllm_linear import CurkernelsLinearMethod
+from .vllm_narrow import NarrowLinearMethod, check_narrow_pairs
 
-# Module kinds whose factors the linear method computes with (vllm_linear.py); "LowRankLinear"
-# is the two-factor kind of checkpoints written before CURLinear took that form over.
-SERVED_TYPES = ("CURLinear", "LowRankLinear")
+# The linear method that computes with each module kind; "LowRankLinear" is the two-factor kind
+# of checkpoints written before CURLinear took that form over.
+METHODS = {"CURLinear": CurkernelsLinearMethod, "LowRankLinear": CurkernelsLinearMethod,
+           "NarrowLinear": NarrowLinearMethod}
 
 
-# Llama-style config flags that give a group's layers biases: (block part, module names).
-BIAS_FLAGS = {"attention_bias": ("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
-              "mlp_bias": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+# Llama-style config flags that give layers biases: (block part, the modules of each vLLM layer
+# the flag governs, merged ones together).
+BIAS_FLAGS = {"attention_bias": ("self_attn", (("q_proj", "k_proj", "v_proj"), ("o_proj",))),
+              "mlp_bias": ("mlp", (("gate_proj", "up_proj"), ("down_proj",)))}
 
 
 def enable_bias_flags(hf_config, modules: dict[str, dict]) -> None:
-    """Turn on a config's bias flag where every layer it governs is a factored module with a
-    bias (ROM's factors carry the output mean as one), so vLLM builds those layers with biases.
-    Other biases on layers vLLM builds without one are refused when the layer is built."""
+    """Turn on a config's bias flag where every vLLM layer it governs holds a factored module
+    with a bias (ROM's factors carry the output mean as one), so vLLM builds those layers with
+    biases; the other modules of such a layer get zero biases (`vllm_loading`). A layer with
+    no bias in the checkpoint could not load one, so the flag stays off and the biases of
+    layers vLLM builds without one are refused when the layer is built."""
     layers = getattr(hf_config, "num_hidden_layers", 0)
-    for flag, (block, leaves) in BIAS_FLAGS.items():
+    for flag, (block, groups) in BIAS_FLAGS.items():
         if getattr(hf_config, flag, True):  # no such flag, or already on
             continue
-        names = [f"model.layers.{i}.{block}.{leaf}" for i in range(layers) for leaf in leaves]
-        if names and all(modules.get(name, {}).get("bias") for name in names):
+        merged = [[f"model.layers.{i}.{block}.{leaf}" for leaf in group]
+                  for i in range(layers) for group in groups]
+        if merged and all(any(modules.get(name, {}).get("bias") for name in names)
+                          for names in merged):
             setattr(hf_config, flag, True)
 
 
@@ -82,6 +89,7 @@ class CurkernelsQuantConfig(QuantizationConfig):
             if config_file.is_file():
                 block = json.loads(config_file.read_text()).get("compression_config")
         self.modules = check_compression_config(block)["modules"]
+        check_narrow_pairs(self.modules)
         if hf_config is not None:
             enable_bias_flags(hf_config, self.modules)
 
@@ -124,11 +132,13 @@ class CurkernelsQuantConfig(QuantizationConfig):
         if all(spec is None for spec in layer_specs):
             return UnquantizedLinearMethod()
         for name, spec in zip(names, layer_specs, strict=True):
-            if spec is not None and spec["type"] not in SERVED_TYPES:
+            if spec is not None and spec["type"] not in METHODS:
                 raise CheckpointError(f"compression_config.modules[{name!r}] is a "
                                       f"{spec['type']}; the vLLM plugin serves "
-                                      f"{', '.join(SERVED_TYPES)} modules and dense layers")
-        return CurkernelsLinearMethod(names, layer_specs)
+                                      f"{', '.join(METHODS)} modules and dense layers")
+        kinds = {METHODS[spec["type"]] for spec in layer_specs if spec is not None}
+        method = NarrowLinearMethod if NarrowLinearMethod in kinds else CurkernelsLinearMethod
+        return method(names, layer_specs)
 
 
 def register() -> None:

@@ -6,10 +6,17 @@ each with its own kind and rank. Column-parallel layers split outputs: the rank 
 of every expand factor (C, A) and dense weight, and the whole shrink (R, B) and link (U).
 Row-parallel layers split inputs: the rank keeps its columns of every shrink factor and dense
 weight, and the whole expand and link. Vectors (a diagonal U) are never split.
+
+A narrow module (`NarrowLinear`: kept rows and/or columns of the dense weight) splits like a
+dense one, by the dense positions of what it kept: a column-parallel rank keeps the kept rows
+that fall in its output range, a row-parallel rank the kept columns in its input range, so
+ranks keep different counts and the pieces are picked by position.
 """
 
 import math
 from dataclasses import dataclass
+
+import torch
 
 from ..checkpoint.module_specs import CheckpointError, expected_tensor_shapes
 
@@ -17,6 +24,7 @@ from ..checkpoint.module_specs import CheckpointError, expected_tensor_shapes
 EXPAND_TENSORS = ("C", "A")
 SHRINK_TENSORS = ("R", "B")
 DENSE_TENSOR = "weight"
+NARROW_TYPE = "NarrowLinear"
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,16 @@ class Piece:
     split_dim: int | None  # the dimension this rank keeps a slice of; None: kept whole
     start: int  # first index along split_dim this rank keeps
     offset: int  # where the piece starts in its tensor name's flat buffer
+    positions: tuple[int, ...] | None = None  # indices along split_dim kept, where not a range
+
+
+@dataclass(frozen=True)
+class Kept:
+    """The rows (or columns) of a narrow weight this rank keeps: their positions among the
+    checkpoint weight's rows, and the output (input) features on this rank they stand for."""
+
+    positions: tuple[int, ...]
+    local: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -38,6 +56,8 @@ class Shard:
     spec: dict | None
     out_features: int  # on this rank
     pieces: dict[str, Piece]
+    rows: Kept | None = None  # a narrow shard's kept rows here; None: every row
+    cols: Kept | None = None  # a narrow shard's kept columns here; None: every column
 
     @property
     def rank(self) -> int:
@@ -67,11 +87,14 @@ def plan_shards(names: list[str], specs: list[dict | None], local_outputs: list[
     shards = []
     for name, spec, local_out, out_start in zip(names, specs, local_outputs, output_starts,
                                                  strict=True):
-        if spec is None:
-            full_shapes = {DENSE_TENSOR: None}
-        else:
+        if spec is not None:
             _check_fits(name, spec, local_out, out_start, local_input, input_start, parallel)
-            full_shapes = {t: s for t, s in expected_tensor_shapes(spec).items() if t != "bias"}
+        if spec is not None and spec["type"] == NARROW_TYPE:
+            shards.append(_plan_narrow(name, spec, local_out, out_start, local_input,
+                                       input_start, parallel, sizes))
+            continue
+        full_shapes = ({DENSE_TENSOR: None} if spec is None else
+                       {t: s for t, s in expected_tensor_shapes(spec).items() if t != "bias"})
         pieces = {}
         for tensor, full in full_shapes.items():
             dim = _split_dim(tensor, parallel)
@@ -81,6 +104,31 @@ def plan_shards(names: list[str], specs: list[dict | None], local_outputs: list[
             sizes[tensor] = sizes.get(tensor, 0) + math.prod(local)
         shards.append(Shard(name, spec, local_out, pieces))
     return shards, sizes
+
+
+def _kept_here(indices: list[int] | None, start: int, size: int) -> Kept | None:
+    """The dense `indices` in [start, start + size), or None where `indices` is None."""
+    if indices is None:
+        return None
+    positions = tuple(p for p, index in enumerate(indices) if start <= index < start + size)
+    return Kept(positions, tuple(indices[p] - start for p in positions))
+
+
+def _plan_narrow(name: str, spec: dict, local_out: int, out_start: int, local_input: int,
+                 input_start: int, parallel: str, sizes: dict[str, int]) -> Shard:
+    """A narrow shard: its weight holds the kept rows × kept columns of the dense one."""
+    rows = _kept_here(spec["row_indices"], out_start if parallel == "column" else 0, local_out)
+    cols = _kept_here(spec["col_indices"], input_start if parallel == "row" else 0, local_input)
+    full = expected_tensor_shapes(spec)[DENSE_TENSOR]
+    dim = _split_dim(DENSE_TENSOR, parallel)
+    kept = None if dim is None else (rows, cols)[dim]
+    local = (local_out if rows is None else len(rows.positions),
+             local_input if cols is None else len(cols.positions))
+    start = 0 if dim is None or kept is not None else (out_start, input_start)[dim]
+    piece = Piece(full, local, dim, start, sizes.get(DENSE_TENSOR, 0),
+                  None if kept is None else kept.positions)
+    sizes[DENSE_TENSOR] = sizes.get(DENSE_TENSOR, 0) + math.prod(local)
+    return Shard(name, spec, local_out, {DENSE_TENSOR: piece}, rows, cols)
 
 
 def _local_shape(tensor: str, full: tuple[int, ...] | None, dim: int | None, local_out: int,
@@ -124,4 +172,7 @@ def take_local(piece: Piece, tensor: str, shard_name: str, loaded):
                               f"this layer's {piece.local_shape} from index {piece.start}")
     if piece.split_dim is None:
         return loaded
+    if piece.positions is not None:
+        positions = torch.tensor(piece.positions, dtype=torch.int64, device=loaded.device)
+        return loaded.index_select(piece.split_dim, positions)
     return loaded.narrow(piece.split_dim, piece.start, piece.local_shape[piece.split_dim])

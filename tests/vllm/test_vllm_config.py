@@ -18,6 +18,7 @@ from vllm.model_executor.layers.quantization import get_quantization_config  # n
 from curkernels.checkpoint.module_specs import CheckpointError  # noqa: E402
 from curkernels.integrations.vllm import CurkernelsQuantConfig, register  # noqa: E402
 from curkernels.integrations.vllm_linear import CurkernelsLinearMethod  # noqa: E402
+from curkernels.integrations.vllm_narrow import NarrowLinearMethod  # noqa: E402
 
 LOW_RANK = {"type": "LowRankLinear", "in_features": 128, "out_features": 128, "rank": 32,
             "bias": False}
@@ -59,13 +60,42 @@ def test_layers_route_to_the_checkpoint_modules_they_hold():
     assert drafted.names == method.names
 
 
+def narrow(rows=None, cols=None, scatter_rows=False, gather_cols=False) -> dict:
+    return {"type": "NarrowLinear", "in_features": 128, "out_features": 128, "bias": False,
+            "row_indices": rows, "col_indices": cols, "scatter_rows": scatter_rows,
+            "gather_cols": gather_cols}
+
+
+def test_narrow_layers_take_the_narrow_method():
+    config = config_with({"model.layers.0.self_attn.q_proj": narrow(rows=[0, 5],
+                                                                    scatter_rows=True)})
+    method = config.get_quant_method(bare(QKVParallelLinear), "model.layers.0.self_attn.qkv_proj")
+    assert isinstance(method, NarrowLinearMethod) and method.specs[1:] == [None, None]
+
+
+def test_narrow_modules_vllm_cannot_split_alike_are_refused_by_name():
+    attention = "model.layers.0.self_attn"
+    config = config_with({f"{attention}.q_proj": narrow(rows=[0, 5], scatter_rows=True),
+                          f"{attention}.k_proj": LOW_RANK})
+    with pytest.raises(CheckpointError, match=r"k_proj'\] is a LowRankLinear in a vLLM layer "
+                                              r"with NarrowLinear"):
+        config.get_quant_method(bare(QKVParallelLinear), f"{attention}.qkv_proj")
+    mlp = "model.layers.0.mlp"
+    with pytest.raises(CheckpointError, match=r"down_proj'\] reads a narrow input.*found "
+                                              r"\['model.layers.0.mlp.gate_proj'\]"):
+        config_with({f"{mlp}.gate_proj": narrow(rows=[1, 2]),
+                     f"{mlp}.down_proj": narrow(cols=[1, 3])})
+    with pytest.raises(CheckpointError, match="must all keep the same rows"):
+        NarrowLinearMethod(["gate", "up"], [narrow(rows=[1, 2]), narrow(rows=[1, 3])])
+    with pytest.raises(CheckpointError, match="read different input columns"):
+        NarrowLinearMethod(["q", "k"], [narrow(cols=[1, 2], gather_cols=True), None])
+
+
 def test_module_kinds_it_cannot_serve_are_refused_by_name():
     config = config_with({"lm_head": LOW_RANK})
-    # A kind the checkpoint format knows (or will) but the plugin does not compute with.
-    config.modules["model.layers.0.mlp.down_proj"] = {"type": "NarrowLinear",
-                                                      "in_features": 128, "out_features": 128,
-                                                      "bias": False}
-    with pytest.raises(CheckpointError, match=r"down_proj'\] is a NarrowLinear"):
+    # A kind the checkpoint format may know one day but the plugin does not compute with.
+    config.modules["model.layers.0.mlp.down_proj"] = {**LOW_RANK, "type": "SparseLinear"}
+    with pytest.raises(CheckpointError, match=r"down_proj'\] is a SparseLinear"):
         config.get_quant_method(bare(RowParallelLinear), "model.layers.0.mlp.down_proj")
     with pytest.raises(CheckpointError, match="factors 'lm_head'.*Embedding"):
         config.get_quant_method(torch.nn.Embedding(4, 4), "lm_head")

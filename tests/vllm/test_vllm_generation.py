@@ -89,6 +89,46 @@ def test_a_bias_vllm_would_drop_is_refused_by_name(tmp_path):
         vllm_greedy(checkpoint, tiny_checkpoints.prompts(), tmp_path, eager=True)
 
 
+def kept_halves(specs: dict) -> dict[str, tuple[int, int]]:
+    """How many kept indices of each narrowed dimension fall in its first and second half:
+    what each of two tensor-parallel ranks keeps of it."""
+    halves = {}
+    for name, spec in specs.items():
+        rows = spec["row_indices"] is not None
+        indices = spec["row_indices"] if rows else spec["col_indices"]
+        middle = (spec["out_features"] if rows else spec["in_features"]) // 2
+        below = sum(index < middle for index in indices)
+        halves[name] = (below, len(indices) - below)
+    return halves
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+@pytest.mark.parametrize("architecture", sorted(tiny_checkpoints.ARCHITECTURES))
+def test_default_method_checkpoint_greedy_matches_transformers(architecture, tensor_parallel,
+                                                               tmp_path):
+    """compress() with no method writes NarrowLinear modules (kept rows of q/k/v scattered to
+    the head width, kept columns of o_proj, a narrower MLP); vLLM builds dense-width layers."""
+    checkpoint = tmp_path / "checkpoint"
+    specs = tiny_checkpoints.write_compressed(architecture, None, checkpoint)
+    assert {spec["type"] for spec in specs.values()} == {"NarrowLinear"}
+    assert any(spec["bias"] for spec in specs.values()) == (architecture == "qwen2")
+    halves = kept_halves(specs)
+    assert any(first != second for first, second in halves.values()), halves
+    assert_same_greedy(checkpoint, tmp_path, tensor_parallel)
+
+
+@pytest.mark.parametrize("tensor_parallel", [1, 2])
+def test_a_merged_layer_with_a_bias_on_one_shard_only(tensor_parallel, tmp_path):
+    """q/k/v become one vLLM layer with a bias when q's module has one; k's and v's part of
+    it must be zeros (vLLM allocates the bias unset)."""
+    checkpoint = tmp_path / "checkpoint"
+    specs = tiny_checkpoints.write_one_shard_biased(checkpoint)
+    assert {leaf: spec["bias"] for name, spec in specs.items()
+            for leaf in [name.rsplit(".", 1)[1]]} == {"q_proj": True, "k_proj": False,
+                                                       "o_proj": True}
+    assert_same_greedy(checkpoint, tmp_path, tensor_parallel, eager=True)
+
+
 @pytest.mark.parametrize("tensor_parallel", [1, 2])
 @pytest.mark.parametrize("architecture", sorted(tiny_checkpoints.ARCHITECTURES))
 def test_every_module_kind_greedy_matches_transformers(architecture, tensor_parallel, tmp_path):

@@ -76,3 +76,35 @@ def test_a_spec_that_does_not_fit_the_layer_is_named():
 def test_unknown_parallel_kind_is_refused():
     with pytest.raises(ValueError, match="parallel must be"):
         plan_shards(["q"], [None], [8], [0], 8, 0, "diagonal")
+
+
+def narrow(m: int, n: int, rows=None, cols=None) -> dict:
+    return {"type": "NarrowLinear", "in_features": n, "out_features": m, "bias": False,
+            "row_indices": rows, "col_indices": cols, "scatter_rows": rows is not None,
+            "gather_cols": cols is not None}
+
+
+def test_column_parallel_rank_keeps_the_narrow_rows_in_its_output_range():
+    # q keeps 5 of 8 rows (unsorted), v is dense; rank 1 of 2 holds rows 4..7 of each
+    shards, sizes = plan_shards(["q", "v"], [narrow(8, 6, rows=[6, 1, 4, 7, 2]), None],
+                                [4, 4], [4, 4], 6, 0, "column")
+    q, v = shards
+    assert (q.rows.positions, q.rows.local, q.cols) == ((0, 2, 3), (2, 0, 3), None)
+    piece = q.pieces["weight"]
+    assert (piece.full_shape, piece.local_shape, piece.positions) == ((5, 6), (3, 6), (0, 2, 3))
+    assert v.pieces["weight"].offset == 3 * 6 and sizes == {"weight": 3 * 6 + 4 * 6}
+    full = torch.arange(30.0).reshape(5, 6)
+    assert torch.equal(take_local(piece, "weight", "q", full), full[[0, 2, 3]])
+
+
+def test_row_parallel_rank_keeps_the_narrow_columns_in_its_input_range():
+    shards, sizes = plan_shards(["down"], [narrow(6, 8, cols=[0, 3, 5, 6])], [6], [0], 4, 4,
+                                "row")
+    shard = shards[0]
+    assert (shard.cols.positions, shard.cols.local, shard.rows) == ((2, 3), (1, 2), None)
+    assert shard.pieces["weight"].local_shape == (6, 2) and sizes == {"weight": 12}
+    full = torch.arange(24.0).reshape(6, 4)
+    assert torch.equal(take_local(shard.pieces["weight"], "weight", "down", full), full[:, 2:])
+    # a rank none of whose inputs were kept holds an empty piece
+    none_here, _ = plan_shards(["down"], [narrow(6, 8, cols=[4, 5])], [6], [0], 4, 0, "row")
+    assert none_here[0].pieces["weight"].local_shape == (6, 0)

@@ -25,6 +25,7 @@ METHOD_OPTIONS = {
     "curing": dict(keep=0.6, layers=[0, 1]),
     "rom": dict(keep=0.5),
 }
+DEFAULT_METHOD_KEEP = 0.5  # compress() with no method: "pairwise", which writes NarrowLinear
 
 
 def calibration_batches(seed: int = 0, batches: int = 2) -> list[dict]:
@@ -40,10 +41,12 @@ def dense_model(architecture: str, seed: int = 0):
     return model_class(config_class(**SHAPE)).eval()
 
 
-def write_compressed(architecture: str, method: str, out_dir) -> dict:
-    """Compress a tiny model with `method` and save it to `out_dir`; returns its module specs."""
+def write_compressed(architecture: str, method: str | None, out_dir) -> dict:
+    """Compress a tiny model with `method` (None: compress()'s default) and save it to
+    `out_dir`; returns its module specs."""
     model = dense_model(architecture)
-    ck.compress(model, method=method, calib=calibration_batches(), **METHOD_OPTIONS[method])
+    options = dict(keep=DEFAULT_METHOD_KEEP) if method is None else METHOD_OPTIONS[method]
+    ck.compress(model, method=method, calib=calibration_batches(), **options)
     ck.save_compressed(model, out_dir)
     return model.config.compression_config["modules"]
 
@@ -94,5 +97,29 @@ def write_every_kind(architecture: str, out_dir) -> dict:
         mlp.gate_proj = _cur_from_rows(mlp.gate_proj, rank + 8, gather=True, seed=index)
         mlp.up_proj = _cur_from_rows(mlp.up_proj, rank, gather=False, seed=index + 10)
         mlp.down_proj = ck.CURLinear.from_linear(mlp.down_proj, rank + 16, link=False)
+    ck.save_compressed(model, out_dir)
+    return model.config.compression_config["modules"]
+
+
+def _with_bias(linear, seed: int):
+    """The same Linear with a random bias (what ROM's factors add: the output mean)."""
+    biased = torch.nn.Linear(linear.in_features, linear.out_features, bias=True)
+    biased.weight.data.copy_(linear.weight.detach())
+    biased.bias.data.copy_(torch.randn(linear.out_features,
+                                       generator=torch.Generator().manual_seed(seed)))
+    return biased
+
+
+def write_one_shard_biased(out_dir) -> dict:
+    """A Llama (no attention biases) whose q_proj is a CUR with a bias and whose k_proj is
+    low-rank and v_proj dense, both without one; o_proj low-rank with a bias. vLLM merges
+    q/k/v into one layer that needs a bias for q only."""
+    model = dense_model("llama")
+    for index, block in enumerate(model.model.layers):
+        attention = block.self_attn
+        attention.q_proj = ck.CURLinear.from_linear(_with_bias(attention.q_proj, index), 40)
+        attention.k_proj = ck.LowRankLinear.from_linear(attention.k_proj, 24)
+        attention.o_proj = ck.LowRankLinear.from_linear(_with_bias(attention.o_proj, 10 + index),
+                                                        48)
     ck.save_compressed(model, out_dir)
     return model.config.compression_config["modules"]
