@@ -185,34 +185,23 @@ def compress_svdllm(model: nn.Module, targets: dict[str, nn.Linear], keep: float
 
 def _compress_sequential(model, targets, keep, calib, rank_multiple, damping, ranks,
                          output_factors) -> list[ModuleReport]:
-    """Two streams of cached block inputs, dense and compressed; each block is copied before
-    its first target is replaced so the dense stream stays dense. Targets outside the blocks
-    are done last from whole-model passes of the compressed model (x̂ on both sides).
-    `output_factors`: each target's output-Fisher factor K (of the dense model), or empty."""
+    """Two streams of cached block inputs, dense and compressed (`compress_block_sequential`
+    does each block). Targets outside the blocks are done last from whole-model passes of the
+    compressed model (x̂ on both sides). `output_factors`: each target's output-Fisher factor
+    K (of the dense model), or empty."""
     prefix, blocks = block_list(model)
     inputs = capture_block_inputs(model, blocks[0], calib)
     dense_inputs = inputs
     reports = []
     remaining = dict(targets)
-
-    def replace(name, linear, stats):
-        return replace_with_low_rank(
-            model, {name: linear}, keep, rank_multiple,
-            lambda _, lin, rank: fitted_factors(lin.weight, bias_of(lin), stats, rank, damping,
-                                                output_factors.get(name)),
-            {name: stats}, None if ranks is None else {name: ranks[name]})
-
+    replace = sequential_replacer(model, keep, rank_multiple, damping, ranks, output_factors)
     for index, block in enumerate(blocks):
         inside = targets_in_block(remaining, prefix, index)
-        dense_block = copy.deepcopy(block) if inside else block
-        for name in forward_order(block, inside, *inputs[0][1:]):
-            linear = remaining.pop(name)
-            twin = dense_block.get_submodule(name[len(f"{prefix}.{index}."):])
-            passes = ((mask, run_dense, run) for (mask, run_dense), (_, run) in zip(
-                block_passes(dense_block, dense_inputs), block_passes(block, inputs),
-                strict=True))
-            stats = paired_input_stats(name, twin, linear, passes, desc=f"svd-llm {name}")
-            reports += replace(name, linear, stats)
+        for name in inside:
+            del remaining[name]
+        block_reports, dense_block = compress_block_sequential(
+            f"{prefix}.{index}", block, inside, inputs, dense_inputs, replace)
+        reports += block_reports
         if not remaining:
             break
         dense_inputs = next_block_inputs(dense_block, dense_inputs)
@@ -224,3 +213,34 @@ def _compress_sequential(model, targets, keep, calib, rank_multiple, damping, ra
         reports += replace(name, linear, paired_input_stats(name, linear, linear, passes,
                                                             desc=f"svd-llm {name}"))
     return reports
+
+
+def sequential_replacer(model, keep, rank_multiple, damping, ranks, output_factors):
+    """(name, linear, paired stats) -> reports: swaps `linear` inside `model` for the factors
+    `fitted_factors` gives, at `ranks[name]` or the budget rank."""
+    def replace(name, linear, stats):
+        return replace_with_low_rank(
+            model, {name: linear}, keep, rank_multiple,
+            lambda _, lin, rank: fitted_factors(lin.weight, bias_of(lin), stats, rank, damping,
+                                                output_factors.get(name)),
+            {name: stats}, None if ranks is None else {name: ranks[name]})
+    return replace
+
+
+def compress_block_sequential(block_name: str, block: nn.Module, targets: dict[str, nn.Linear],
+                              inputs, dense_inputs, replace) -> tuple[list[ModuleReport],
+                                                                       nn.Module]:
+    """Fit the `targets` of one block (full names under `block_name`) in forward order, each
+    on the block as compressed so far (`inputs`) against its dense twin (`dense_inputs`); the
+    block is copied before its first target is replaced, so the twin stays dense. Returns the
+    reports and the dense twin (the block itself when it has no targets)."""
+    dense_block = copy.deepcopy(block) if targets else block
+    reports = []
+    for name in forward_order(block, targets, *inputs[0][1:]):
+        linear = targets[name]
+        twin = dense_block.get_submodule(name[len(f"{block_name}."):])
+        passes = ((mask, run_dense, run) for (mask, run_dense), (_, run) in zip(
+            block_passes(dense_block, dense_inputs), block_passes(block, inputs), strict=True))
+        stats = paired_input_stats(name, twin, linear, passes, desc=f"svd-llm {name}")
+        reports += replace(name, linear, stats)
+    return reports, dense_block
