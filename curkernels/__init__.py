@@ -6,6 +6,8 @@
                          tokenizer=tokenizer)
     ck.save_compressed(model, "out")
     model = ck.load_compressed("out")
+    ck.compress_streaming("model-folder", "out", "svdllm", keep=0.5, calib=texts,
+                          tokenizer=tokenizer)  # block by block: models larger than memory
 """
 
 import importlib
@@ -34,15 +36,16 @@ METHODS: tuple[str, ...] = tuple(_METHOD_TABLE)  # every name `compress(method=.
 # Checkpoints and drafts need transformers, which takes seconds to import: they load at first
 # use, so that `import curkernels.ops` (the kernels alone) stays light.
 _LAZY_NAMES = {"CheckpointError": ".checkpoint", "load_compressed": ".checkpoint",
-               "save_compressed": ".checkpoint", "make_draft": ".speculative",
+               "save_compressed": ".checkpoint", "compress_streaming": ".compress.streaming",
+               "make_draft": ".speculative",
                "heal_draft": ".speculative", "save_draft": ".speculative",
                "load_draft": ".speculative"}
 
 __all__ = ["ASVDConfig", "CURLinear", "CURingConfig", "CheckpointError", "CompressionReport",
            "LPAFConfig", "LowRankLinear", "METHODS", "MethodConfig", "NarrowLinear",
            "PairwiseConfig", "ROMConfig", "SVDConfig", "SVDLLMConfig", "__version__", "compress",
-           "cur_linear", "heal", "heal_draft", "load_compressed", "load_draft", "make_draft",
-           "save_compressed", "save_draft"]
+           "compress_streaming", "cur_linear", "heal", "heal_draft", "load_compressed",
+           "load_draft", "make_draft", "save_compressed", "save_draft"]
 
 
 def __getattr__(name: str):

@@ -24,7 +24,7 @@ def load_dense_model(name_or_path: str, device: str | torch.device = "cpu",
                          f"curkernels.load_compressed")
     model = model_class_for(config).from_pretrained(
         name_or_path, dtype=dtype if dtype is not None else "auto").to(device).eval()
-    return model, _tokenizer_if_shipped(name_or_path)
+    return model, tokenizer_if_shipped(name_or_path)
 
 
 def read_model_config(name_or_path: str):
@@ -44,7 +44,7 @@ def read_model_config(name_or_path: str):
                                 f"name it could not be loaded either ({reason})") from None
 
 
-def _tokenizer_if_shipped(name_or_path: str):
+def tokenizer_if_shipped(name_or_path: str):
     """A local folder without tokenizer files ships none: asking AutoTokenizer would make it
     try to build one from the config (transformers 4.x then raises ImportError for a missing
     sentencepiece or protobuf), and a real tokenizer's own errors should surface."""

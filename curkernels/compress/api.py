@@ -74,20 +74,26 @@ def compress(model: nn.Module, method: "str | MethodConfig | None" = None, keep:
         opts: the method's options, the fields of its config class (`CONFIGS[method]`: e.g.
             `CURingConfig.selection`, `SVDLLMConfig.weighting`, `LPAFConfig.sparsity`).
     """
-    common = {"keep": keep, "targets": targets, "exclude": exclude, "layers": layers,
-              "preset": preset, "rank_multiple": rank_multiple}
-    if isinstance(method, MethodConfig):
-        defaults = {f.name: f.default for f in fields(MethodConfig)}
-        given = [name for name, value in common.items() if value != defaults[name]] + list(opts)
-        if given:
-            raise ValueError(f"compress(model, config) takes {given} from the config: set "
-                             f"them there, not as arguments")
-        config = method
-    else:
-        config = config_class(default_method(model) if method is None else method)(**common,
-                                                                                   **opts)
+    config = method_config(model, method, keep=keep, targets=targets, exclude=exclude,
+                           layers=layers, preset=preset, rank_multiple=rank_multiple, **opts)
     return _compress(model, config, calib, tokenizer=tokenizer, seq_len=seq_len,
                      batch_size=batch_size, num_samples=num_samples)
+
+
+def method_config(model: nn.Module, method: "str | MethodConfig | None", **given
+                  ) -> MethodConfig:
+    """The config of `compress`'s two forms: `method` itself when it is a config (then no
+    common field or option may be given beside it), else the named method's config (the
+    model's default method when None) built from the common fields and options in `given`."""
+    if isinstance(method, MethodConfig):
+        defaults = {f.name: f.default for f in fields(MethodConfig)}
+        extra = [name for name, value in given.items()
+                 if name not in defaults or value != defaults[name]]
+        if extra:
+            raise ValueError(f"compress(model, config) takes {extra} from the config: set "
+                             f"them there, not as arguments")
+        return method
+    return config_class(default_method(model) if method is None else method)(**given)
 
 
 @dataclass(frozen=True)
