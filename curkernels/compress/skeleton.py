@@ -40,6 +40,7 @@ def empty_model(folder: str | os.PathLike, reader: ShardReader,
     with init_empty_weights(include_buffers=False):
         model = (cls.from_config(config, dtype=dtype) if cls is transformers.AutoModel
                  else cls._from_config(config, dtype=dtype))
+    model.tie_weights()  # tied copies (an LM head sharing the embedding) are stored once
     return model.eval()
 
 

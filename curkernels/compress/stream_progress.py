@@ -155,7 +155,9 @@ class StreamProgress:
         self._write_record()
 
     def remove(self) -> None:
-        """Delete the work folder once OUT holds the result: the files first, marker last."""
+        """Delete the work folder once OUT holds the result: the record first (a kill
+        part-way leaves no record to resume from), then the shards, the marker last."""
+        (self.folder / PROGRESS_FILE).unlink()
         self._clear()
         (self.folder / MARKER).unlink()
         self._release()
