@@ -9,9 +9,9 @@ WORK (a folder outside the repository, e.g. under /tmp) receives a random-weight
 checkpoint of the shape (`1b`: Llama-3.2-1B, `8b`: Llama-3.1-8B, `small`: a few MB), written
 one tensor at a time (a shard per block, one per tensor outside the blocks), with a tokenizer
 (all-MiniLM-L6-v2's: any ids below the vocabulary do). `--measure` runs the CLI with
-`--stream` and without it under `/usr/bin/time -v` (peak RSS, wall time; the whole-model run
-is stopped once its resident memory passes `--whole-cap-gb`, so it cannot starve the
-machine). `--kills N` (on the shape given, `small` is quick) kills the streaming CLI at N
+`--stream` and without it, at the same time, under `/usr/bin/time -v` (peak RSS, wall time;
+the whole-model run is stopped once its resident memory passes `--whole-cap-gb`, so it cannot
+starve the machine); `--layers` limits the compressed blocks (a block's peak is the same). `--kills N` (on the shape given, `small` is quick) kills the streaming CLI at N
 uniform random times within an unkilled run's duration, continues each with `--resume`
 (or without it when the kill came before the first record), and compares every result with
 the unkilled run's, tensor by tensor. Results merge into stream_compress.json and .md.
@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -149,13 +150,19 @@ def timed_run(command: list[str], threads: int, cap_gb: float | None) -> dict:
 
 
 def measure(source: Path, work: Path, args) -> dict:
-    rows = {}
-    for name, extra, cap in (("stream", ["--stream"], None), ("whole", [], args.whole_cap_gb)):
-        out = work / f"out_{name}"
-        shutil.rmtree(out, ignore_errors=True)
-        print(f"measuring {name} ...", flush=True)
-        rows[name] = timed_run(cli(source, out, args, *extra), args.threads, cap)
-        print({k: v for k, v in rows[name].items() if k != "tail"}, flush=True)
+    """Both paths at once (each one's wall time is under the other's load too)."""
+    runs = {"stream": (["--stream"], None), "whole": ([], args.whole_cap_gb)}
+    layers = ["--layers", args.layers] if args.layers else []
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {}
+        for name, (extra, cap) in runs.items():
+            out = work / f"out_{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            futures[name] = pool.submit(timed_run, cli(source, out, args, *extra, *layers),
+                                        args.threads, cap)
+        rows = {name: future.result() for name, future in futures.items()}
+    for name, row in rows.items():
+        print(name, {k: v for k, v in row.items() if k != "tail"}, flush=True)
     return rows
 
 
@@ -226,7 +233,8 @@ def markdown(results: dict) -> str:
         settings = entry["settings"]
         lines += [f"## {shape}: `{settings['method']}` keep {settings['keep']}, "
                   f"{settings['num_samples']} calibration texts × {settings['seq_len']} tokens, "
-                  f"OMP_NUM_THREADS={settings['threads']}, checkpoint "
+                  f"OMP_NUM_THREADS={settings['threads']}, compressed blocks: "
+                  f"{settings.get('layers') or 'all'}, checkpoint "
                   f"{entry['checkpoint_gb']} GB (bf16)", "",
                   "| path | exit | peak RSS (GB) | wall (s) | note |", "|---|---|---|---|---|"]
         for name, row in entry["runs"].items():
@@ -258,6 +266,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--whole-cap-gb", type=float, default=8.0)
+    parser.add_argument("--layers", default=None, help="blocks to compress ('1' or '0,1'): "
+                        "the others stream through unchanged (the peak is one block's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
@@ -270,7 +280,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / GB:.0f} GB")
     results["load"] = round(os.getloadavg()[0], 1)
     settings = {key: getattr(args, key) for key in ("method", "keep", "num_samples", "seq_len",
-                                                   "threads")}
+                                                   "threads", "layers")}
     if args.measure:
         size = sum(p.stat().st_size for p in source.glob("*.safetensors")) / GB
         results.setdefault("measure", {})[args.shape] = {

@@ -193,6 +193,8 @@ class _StreamingRun:
         self.on_block_done = on_block_done
         self.streams = streams_for(config)
         self._first_inputs = None
+        self.base = self.base_names()  # before any fill: filling unties tied parameters
+        self.file_count = len(self.base) + len(blocks)
 
     def first_inputs(self) -> list[tuple]:
         """Block 0's cached inputs: the embeddings read for one pass, then freed."""
@@ -333,8 +335,6 @@ class _StreamingRun:
         _check_block_fits(block_memory(self.blocks[last_target], per_block[last_target],
                                        self.streams, self.batches, hidden),
                           self.reader.folder)
-        self.base = self.base_names()
-        self.file_count = len(self.base) + len(self.blocks)
         self.write_base(self.base)
         done = [i for i in range(len(self.blocks)) if self.record.finished(str(i))]
         if self.record.resumed and done:

