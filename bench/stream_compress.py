@@ -233,8 +233,9 @@ def markdown(results: dict) -> str:
         settings = entry["settings"]
         lines += [f"## {shape}: `{settings['method']}` keep {settings['keep']}, "
                   f"{settings['num_samples']} calibration texts × {settings['seq_len']} tokens, "
-                  f"OMP_NUM_THREADS={settings['threads']}, compressed blocks: "
-                  f"{settings.get('layers') or 'all'}, checkpoint "
+                  f"OMP_NUM_THREADS={settings['threads']}, "
+                  f"{'--layers ' + settings['layers'] if settings.get('layers') else 'all blocks'}"
+                  f", checkpoint "
                   f"{entry['checkpoint_gb']} GB (bf16)", "",
                   "| path | exit | peak RSS (GB) | wall (s) | note |", "|---|---|---|---|---|"]
         for name, row in entry["runs"].items():
@@ -266,8 +267,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--whole-cap-gb", type=float, default=8.0)
-    parser.add_argument("--layers", default=None, help="blocks to compress ('1' or '0,1'): "
-                        "the others stream through unchanged (the peak is one block's)")
+    parser.add_argument("--layers", default=None, help="the CLI's --layers: block indices "
+                        "'3,5' or a count N picked by angular distance; the other blocks "
+                        "stream through unchanged (the peak is one block's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)

@@ -350,6 +350,7 @@ class _StreamingRun:
             first = self.first_inputs()
             self.inputs = first if self.streams.compressed else None
             self.dense_inputs = first if self.streams.dense else None
+            self._first_inputs = None  # the streams move on: block 0's inputs are not kept
         bar = tqdm(total=len(self.blocks), initial=len(done), desc="compress blocks",
                    unit="block", disable=not show_progress)
         try:
