@@ -11,10 +11,12 @@ one tensor at a time (a shard per block, one per tensor outside the blocks), wit
 (all-MiniLM-L6-v2's: any ids below the vocabulary do). `--measure` runs the CLI with
 `--stream` and without it, at the same time, under `/usr/bin/time -v` (peak RSS, wall time;
 the whole-model run is stopped once its resident memory passes `--whole-cap-gb`, so it cannot
-starve the machine); `--layers` limits the compressed blocks (a block's peak is the same). `--kills N` (on the shape given, `small` is quick) kills the streaming CLI at N
-uniform random times within an unkilled run's duration, continues each with `--resume`
-(or without it when the kill came before the first record), and compares every result with
-the unkilled run's, tensor by tensor. Results merge into stream_compress.json and .md.
+starve the machine); `--layers` limits the compressed blocks (a block's peak is the same).
+`--kills N` (on the shape given, `small` is quick) kills the streaming CLI at N uniform random
+times within an unkilled run's duration after its progress record appears (imports done),
+continues each with `--resume` (or without it when the kill came before the first record),
+and compares every result with the unkilled run's, tensor by tensor. Results merge into
+stream_compress.json and .md.
 """
 
 import argparse
@@ -177,16 +179,28 @@ def identical(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def started_run(command: list[str], work_folder: Path) -> tuple[subprocess.Popen, float]:
+    """The streaming CLI, once its progress record exists (imports and checks are done: the
+    kills land in the work itself); the time it appeared."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=environment(1))
+    record = work_folder / "progress.json"
+    while not record.exists() and process.poll() is None:
+        time.sleep(0.05)
+    return process, time.perf_counter()
+
+
 def kills(source: Path, work: Path, args) -> dict:
-    """Kill the streaming CLI at random times, resume each, compare with an unkilled run."""
+    """Kill the streaming CLI at random times after its record appears, resume each, and
+    compare with an unkilled run tensor by tensor."""
     rng = random.Random(args.seed)
     reference = work / "reference"
     shutil.rmtree(reference, ignore_errors=True)
-    started = time.perf_counter()
-    done = subprocess.run(cli(source, reference, args, "--stream"), capture_output=True,
-                          text=True, env=environment(1))
-    if done.returncode:
-        raise RuntimeError(done.stderr[-2000:])
+    process, started = started_run(cli(source, reference, args, "--stream"),
+                                   work / ".reference.stream")
+    output = process.communicate()[0]
+    if process.returncode:
+        raise RuntimeError(output[-2000:])
     span = time.perf_counter() - started
     expected = tensors_of(reference)
     rows = []
@@ -194,9 +208,9 @@ def kills(source: Path, work: Path, args) -> dict:
         out = work / f"killed_{attempt}"
         shutil.rmtree(out, ignore_errors=True)
         delay = rng.uniform(0, span)
-        process = subprocess.Popen(cli(source, out, args, "--stream"), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True, env=environment(1))
-        time.sleep(delay)
+        process, started = started_run(cli(source, out, args, "--stream"),
+                                       work / f".killed_{attempt}.stream")
+        time.sleep(max(0.0, delay - (time.perf_counter() - started)))
         process.send_signal(signal.SIGKILL)
         process.communicate()
         row = {"delay_s": round(delay, 2), "finished_before_kill": out.exists()}
@@ -217,7 +231,7 @@ def kills(source: Path, work: Path, args) -> dict:
         rows.append(row)
         print(f"kill {attempt + 1}/{args.kills}: {row}", flush=True)
         shutil.rmtree(out, ignore_errors=True)
-    return {"unkilled_s": round(span, 1), "kills": rows,
+    return {"span_after_record_s": round(span, 1), "kills": rows,
             "summary": {"kills": len(rows), "identical": sum(r["identical"] for r in rows),
                         "resumed": sum(bool(r.get("resumed")) for r in rows),
                         "restarted": sum(bool(r.get("restarted")) for r in rows),
@@ -246,8 +260,9 @@ def markdown(results: dict) -> str:
         lines.append("")
     for shape, entry in results.get("kills", {}).items():
         s = entry["summary"]
-        lines += [f"## kill -9 + --resume ({shape}, unkilled run {entry['unkilled_s']} s, 1 "
-                  f"thread)", "", "| kills | identical to unkilled | resumed | restarted (killed "
+        lines += [f"## kill -9 + --resume ({shape}, 1 thread): kill times uniform over the "
+                  f"{entry['span_after_record_s']} s an unkilled run takes after its progress "
+                  f"record appears", "", "| kills | identical to unkilled | resumed | restarted (killed "
                   "before the first record) | finished before the kill | work folders left |",
                   "|---|---|---|---|---|---|",
                   f"| {s['kills']} | {s['identical']} | {s['resumed']} | {s['restarted']} | "
