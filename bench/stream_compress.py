@@ -62,8 +62,10 @@ def tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     for layer in range(config.num_hidden_layers):
         p = f"model.layers.{layer}."
-        shapes.update({p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
-                       p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+        shapes.update({p + "self_attn.q_proj.weight": (q, h),
+                       p + "self_attn.k_proj.weight": (kv, h),
+                       p + "self_attn.v_proj.weight": (kv, h),
+                       p + "self_attn.o_proj.weight": (h, q),
                        p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
                        p + "mlp.down_proj.weight": (h, i), p + "input_layernorm.weight": (h,),
                        p + "post_attention_layernorm.weight": (h,)})
@@ -266,9 +268,10 @@ def markdown(results: dict) -> str:
         s = entry["summary"]
         lines += [f"## kill -9 + --resume ({shape}, 1 thread): kill times uniform over the "
                   f"{entry['span_after_record_s']} s an unkilled run takes after its progress "
-                  f"record appears", "", "| kills | identical to unkilled | resumed | restarted (killed "
-                  "before the first record) | finished before the kill (drawn again, not counted) | "
-                  "work folders left |",
+                  f"record appears", "",
+                  "| kills | identical to unkilled | resumed past finished blocks | restarted "
+                  "(killed before the first record) | finished before the kill (drawn again, "
+                  "not counted) | work folders left |",
                   "|---|---|---|---|---|---|",
                   f"| {s['kills']} | {s['identical']} | {s['resumed']} | {s['restarted']} | "
                   f"{s['finished_before_kill']} | {s['work_folders_left']} |", ""]
