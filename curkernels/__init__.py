@@ -7,6 +7,8 @@
     ck.save_compressed(model, "out")
     model = ck.load_compressed("out")
     model, tokenizer = ck.load_model("out")  # or a dense folder, a GGUF, "smollm2"
+    ck.compress_streaming("model-folder", "out", "svdllm", keep=0.5, calib=texts,
+                          tokenizer=tokenizer)  # block by block: models larger than memory
 """
 
 import importlib
@@ -36,14 +38,15 @@ METHODS: tuple[str, ...] = tuple(_METHOD_TABLE)  # every name `compress(method=.
 # use, so that `import curkernels.ops` (the kernels alone) stays light.
 _LAZY_NAMES = {"CheckpointError": ".checkpoint", "load_compressed": ".checkpoint",
                "save_compressed": ".checkpoint", "load_model": ".checkpoint",
-               "make_draft": ".speculative", "heal_draft": ".speculative",
-               "save_draft": ".speculative", "load_draft": ".speculative"}
+               "compress_streaming": ".compress.streaming", "make_draft": ".speculative",
+               "heal_draft": ".speculative", "save_draft": ".speculative",
+               "load_draft": ".speculative"}
 
 __all__ = ["ASVDConfig", "CURLinear", "CURingConfig", "CheckpointError", "CompressionReport",
            "LPAFConfig", "METHODS", "MethodConfig", "NarrowLinear", "PairwiseConfig", "ROMConfig",
-           "SVDConfig", "SVDLLMConfig", "__version__", "compress", "cur_linear", "heal",
-           "heal_draft", "load_compressed", "load_draft", "load_model", "make_draft",
-           "save_compressed", "save_draft"]
+           "SVDConfig", "SVDLLMConfig", "__version__", "compress", "compress_streaming",
+           "cur_linear", "heal", "heal_draft", "load_compressed", "load_draft", "load_model",
+           "make_draft", "save_compressed", "save_draft"]
 
 
 def __getattr__(name: str):

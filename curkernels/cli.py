@@ -129,16 +129,27 @@ def compress(
     dtype: str = typer.Option(None, help="dtype to load the model in (default: as saved)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace OUT when it holds a "
                                    "curkernels checkpoint (any other non-empty OUT is refused)"),
+    stream: bool = typer.Option(False, "--stream", help="compress block by block from the "
+                                "safetensors shards: memory holds one block and the calibration "
+                                "activations (chosen by itself when the model would not fit)"),
+    resume: bool = typer.Option(False, "--resume", help="continue a killed --stream run into "
+                                "OUT (a matching unfinished run is continued anyway; with "
+                                "--resume one must exist)"),
 ):
     """Compress a transformers model and save it as a curkernels checkpoint."""
     from . import compress as run_compress
     from . import save_compressed
     from .checkpoint import load_model
+    from .checkpoint.checkpoint_files import weight_files
+    from .checkpoint.model_reference import tokenizer_if_shipped
     from .checkpoint.output_folder import check_output_folder, is_curkernels_checkpoint
     from .compress import METHODS
     from .compress.api import default_method
     from .compress.calibration_sources import calibration_texts
     from .compress.configs import config_class, option_from_text
+    from .compress.shard_reader import ShardReader
+    from .compress.skeleton import empty_model
+    from .compress.streaming import compress_streaming, fits_in_memory
 
     def parse_layers(text: str | None):
         if text is None:
@@ -176,7 +187,18 @@ def compress(
     if is_curkernels_checkpoint(Path(model)):
         raise ValueError(f"{model} is already a curkernels checkpoint: compress the dense model "
                          f"it was made from")
-    loaded, tokenizer = load_model(model, device=_device(device), dtype=_dtype(dtype))
+    streaming = stream or resume
+    if not streaming and weight_files(Path(model)) and not fits_in_memory(model, _dtype(dtype)):
+        console.print(f"{model} would not fit in the memory available: compressing it block by "
+                      f"block (as --stream)")
+        streaming = True
+    if streaming:
+        if _device(device) != "cpu":
+            raise typer.BadParameter("--stream compresses on the CPU: leave --device out")
+        loaded = empty_model(model, ShardReader(model), _dtype(dtype))
+        tokenizer = tokenizer_if_shipped(model)
+    else:
+        loaded, tokenizer = load_model(model, device=_device(device), dtype=_dtype(dtype))
     if config is None:
         config = method_config(default_method(loaded))
     needs_calibration = METHODS[config.method][1]
@@ -187,10 +209,16 @@ def compress(
             raise ValueError(f"{model} ships no tokenizer: calibration needs one")
         texts = calibration_texts(calib, num_samples, split=calib_split, unit=calib_unit,
                                   tokenizer=tokenizer)
-    report = run_compress(loaded, config, calib=texts, tokenizer=tokenizer, seq_len=seq_len,
-                          batch_size=batch_size)
-    console.print(str(report), highlight=False)
-    save_compressed(loaded, out, tokenizer=tokenizer, overwrite=overwrite)
+    calibration = {"calib": texts, "tokenizer": tokenizer, "seq_len": seq_len,
+                   "batch_size": batch_size}
+    if streaming:
+        report = compress_streaming(model, out, config, **calibration, dtype=_dtype(dtype),
+                                    overwrite=overwrite, resume=resume, log=console.print)
+        console.print(str(report), highlight=False)
+    else:
+        report = run_compress(loaded, config, **calibration)
+        console.print(str(report), highlight=False)
+        save_compressed(loaded, out, tokenizer=tokenizer, overwrite=overwrite)
     console.print(f"saved to {out}")
 
 

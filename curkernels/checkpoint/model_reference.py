@@ -40,7 +40,7 @@ def load_model(reference: str | os.PathLike, *, device: str | torch.device | Non
         if device is not None:
             model.to(device)
     if tokenizer is None:
-        return model, _tokenizer_if_shipped(folder)
+        return model, tokenizer_if_shipped(folder)
     try:
         return model, transformers.AutoTokenizer.from_pretrained(str(tokenizer))
     except (OSError, ValueError) as error:
@@ -76,7 +76,7 @@ def read_model_config(name_or_path: str):
                                 f"name it could not be loaded either ({reason})") from None
 
 
-def _tokenizer_if_shipped(name_or_path: str):
+def tokenizer_if_shipped(name_or_path: str):
     """A local folder without tokenizer files ships none: asking AutoTokenizer would make it
     try to build one from the config (transformers 4.x then raises ImportError for a missing
     sentencepiece or protobuf), and a real tokenizer's own errors should surface."""

@@ -218,8 +218,12 @@ def check_module_spec(name: str, spec) -> None:
 
 
 def compression_config(model: nn.Module, method: str | None) -> dict:
-    modules = {name: module_spec(m) for name, m in model.named_modules()
-               if isinstance(m, FACTORED_CLASSES)}
+    return compression_config_of({name: module_spec(m) for name, m in model.named_modules()
+                                  if isinstance(m, FACTORED_CLASSES)}, method)
+
+
+def compression_config_of(modules: dict[str, dict], method: str | None) -> dict:
+    """The block of config.json for these module specs (each checked)."""
     if not modules:
         raise ValueError("the model holds no factored module (CURLinear, NarrowLinear): "
                          "compress it first (curkernels.compress)")

@@ -3,7 +3,7 @@
 import json
 import time
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 
 from torch import nn
 
@@ -74,37 +74,59 @@ def compress(model: nn.Module, method: "str | MethodConfig | None" = None, keep:
         opts: the method's options, the fields of its config class (`CONFIGS[method]`: e.g.
             `CURingConfig.selection`, `SVDLLMConfig.weighting`, `LPAFConfig.sparsity`).
     """
-    common = {"keep": keep, "targets": targets, "exclude": exclude, "layers": layers,
-              "preset": preset, "rank_multiple": rank_multiple}
-    if isinstance(method, MethodConfig):
-        defaults = {f.name: f.default for f in fields(MethodConfig)}
-        given = [name for name, value in common.items() if value != defaults[name]] + list(opts)
-        if given:
-            raise ValueError(f"compress(model, config) takes {given} from the config: set "
-                             f"them there, not as arguments")
-        config = method
-    else:
-        config = config_class(default_method(model) if method is None else method)(**common,
-                                                                                   **opts)
+    config = method_config(model, method, keep=keep, targets=targets, exclude=exclude,
+                           layers=layers, preset=preset, rank_multiple=rank_multiple, **opts)
     return _compress(model, config, calib, tokenizer=tokenizer, seq_len=seq_len,
                      batch_size=batch_size, num_samples=num_samples)
 
 
-def _compress(model: nn.Module, config: MethodConfig, calib, **calib_format
-              ) -> CompressionReport:
-    keep, layers, method = config.keep, config.layers, config.method
+def method_config(model: nn.Module, method: "str | MethodConfig | None", **given
+                  ) -> MethodConfig:
+    """The config of `compress`'s two forms: `method` itself when it is a config (then no
+    common field or option may be given beside it), else the named method's config (the
+    model's default method when None) built from the common fields and options in `given`."""
+    if isinstance(method, MethodConfig):
+        defaults = {f.name: f.default for f in fields(MethodConfig)}
+        extra = [name for name, value in given.items()
+                 if name not in defaults or value != defaults[name]]
+        if extra:
+            raise ValueError(f"compress(model, config) takes {extra} from the config: set "
+                             f"them there, not as arguments")
+        return method
+    return config_class(default_method(model) if method is None else method)(**given)
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """What a config resolves to on one model: the budget, the blocks and the Linears."""
+    keep: float
+    layers: list[int] | None
+    target_patterns: tuple[str, ...] | None
+    targets: dict[str, nn.Linear]
+
+
+def calibration_batches(model: nn.Module, config: MethodConfig, calib, **calib_format
+                        ) -> list[dict] | None:
+    """`calib` as a list of input dicts, checked against the model's vocabulary; an error
+    when the method needs calibration and none is given."""
+    batches = None if calib is None else as_batches(calib, **calib_format)
+    if METHODS[config.method][1] and batches is None:
+        raise ValueError(f"method {config.method!r} needs calibration data: pass calib=")
+    if batches is not None:
+        check_token_ids(batches, model)
+    return batches
+
+
+def plan_compression(model: nn.Module, config: MethodConfig, batches,
+                     layer_scores: Callable = angular_layer_scores) -> CompressionPlan:
+    """Resolve the preset, default keep, default targets and layers (`layer_scores(model,
+    batches)` scores the blocks when a count of them is to be picked) into the Linears."""
+    keep, layers = config.keep, config.layers
     if config.preset is not None:
         keep = ROM_PRESETS[config.preset].keep
         layers = ROM_PRESETS[config.preset].layers(len(block_list(model)[1]))
     keep = 0.5 if keep is None else keep
-    run, needs_calibration = METHODS[method]
-    check_finite_parameters(model)
-    batches = None if calib is None else as_batches(calib, **calib_format)
-    if needs_calibration and batches is None:
-        raise ValueError(f"method {method!r} needs calibration data: pass calib=")
-    if batches is not None:
-        check_token_ids(batches, model)
-    default_targets, default_layer_count = default_scope(method, model)
+    default_targets, default_layer_count = default_scope(config.method, model)
     targets = default_targets if config.targets is None else config.targets
     if layers is None:
         layers = default_layer_count
@@ -112,21 +134,34 @@ def _compress(model: nn.Module, config: MethodConfig, calib, **calib_format
         if batches is None:
             raise ValueError("layers=N picks blocks by angular distance and needs calib=; "
                              "pass block indices to choose them yourself")
-        layers = select_layers(angular_layer_scores(model, batches), layers)
+        layers = select_layers(layer_scores(model, batches), layers)
     layers = None if layers is None else sorted(int(i) for i in layers)
     chosen = resolve_targets(model, targets, config.exclude, layers)
+    return CompressionPlan(keep, layers, None if targets is None else tuple(targets), chosen)
+
+
+def compression_metadata(config: MethodConfig, plan: CompressionPlan) -> dict:
+    """How the checkpoint was made, as config.json's `compression_config` records it."""
+    return {"method": config.method, "keep": plan.keep, "rank_multiple": config.rank_multiple,
+            "layers": plan.layers, "preset": config.preset,
+            "targets": None if plan.target_patterns is None else list(plan.target_patterns),
+            "options": _json_safe(config.options())}
+
+
+def _compress(model: nn.Module, config: MethodConfig, calib, **calib_format
+              ) -> CompressionReport:
+    run, needs_calibration = METHODS[config.method]
+    check_finite_parameters(model)
+    batches = calibration_batches(model, config, calib, **calib_format)
+    plan = plan_compression(model, config, batches)
     start = time.perf_counter()
     data = {"calib": batches} if needs_calibration else {}
-    modules = run(model, chosen, keep, rank_multiple=config.rank_multiple, **data,
+    modules = run(model, plan.targets, plan.keep, rank_multiple=config.rank_multiple, **data,
                   **config.options())
-    report = CompressionReport(method, keep, modules, time.perf_counter() - start)
+    report = CompressionReport(config.method, plan.keep, modules, time.perf_counter() - start)
     model_config = getattr(model, "config", None)
     if model_config is not None:
-        model_config.compression_config = {
-            "method": method, "keep": keep, "rank_multiple": config.rank_multiple,
-            "layers": layers, "preset": config.preset,
-            "targets": None if targets is None else list(targets),
-            "options": _json_safe(config.options())}
+        model_config.compression_config = compression_metadata(config, plan)
     model.compression_report = report
     return report
 

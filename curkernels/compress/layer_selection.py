@@ -39,22 +39,30 @@ def angular_layer_scores(model: nn.Module, batches: Iterable[dict]) -> torch.Ten
     for batch in tqdm(batches, desc="layer scores", leave=False):
         batch = to_device(batch, device)
         hidden = model(**batch, output_hidden_states=True).hidden_states
-        mask = batch.get("attention_mask")
-        if mask is None:
-            last = torch.full((batch["input_ids"].shape[0],), batch["input_ids"].shape[1] - 1,
-                              device=device)
-        else:  # works for right padding; with left padding the last position is real
-            positions = torch.arange(mask.shape[1], device=device)
-            last = (mask.bool() * positions).argmax(1)
+        last = last_positions(batch.get("attention_mask"), batch["input_ids"].shape, device)
         rows = torch.arange(last.shape[0], device=device)
         states = torch.stack([h[rows, last].double() for h in hidden])  # (L+1, B, d)
-        cos = torch.nn.functional.cosine_similarity(states[:-1], states[1:], dim=-1)
-        distance = torch.arccos(cos.clamp(-1, 1)) / math.pi  # (L, B)
+        distance = angular_distances(states[:-1], states[1:])  # (L, B)
         total = distance.sum(1) if total is None else total + distance.sum(1)
         count += distance.shape[1]
     if not count:
         raise ValueError("calib held no batches: cannot score layers")
     return total / count
+
+
+def last_positions(mask: torch.Tensor | None, shape: torch.Size, device) -> torch.Tensor:
+    """Each sequence's last non-pad position (the last one without a mask)."""
+    if mask is None:
+        return torch.full((shape[0],), shape[1] - 1, device=device)
+    # works for right padding; with left padding the last position is real
+    positions = torch.arange(mask.shape[1], device=device)
+    return (mask.bool() * positions).argmax(1)
+
+
+def angular_distances(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(before, after))/π along the last dimension (fp64 inputs)."""
+    cos = torch.nn.functional.cosine_similarity(before, after, dim=-1)
+    return torch.arccos(cos.clamp(-1, 1)) / math.pi
 
 
 def select_layers(scores: torch.Tensor, count: int) -> list[int]:

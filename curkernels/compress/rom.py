@@ -85,17 +85,28 @@ def compress_rom(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *
     remaining = dict(targets)
     for index, block in enumerate(blocks):
         inside = targets_in_block(remaining, prefix, index)
-        for name in forward_order(block, inside, *inputs[0][1:]):
-            linear = remaining.pop(name)
-            stats = stats_from_passes({name: linear}, block_passes(block, inputs), outputs=True,
-                                      stop_after=True, desc=f"rom {name}")
-            reports += _replace(model, name, linear, keep, rank_multiple, stats)
+        for name in inside:
+            del remaining[name]
+        reports += compress_block_rom(model, block, inside, inputs, keep, rank_multiple)
         if not remaining:
             break
         inputs = next_block_inputs(block, inputs)
     for name, linear in remaining.items():  # outside the blocks: whole-model passes
         stats = collect_linear_stats(model, {name: linear}, calib, outputs=True,
                                      stop_after=True, desc=f"rom {name}")
+        reports += _replace(model, name, linear, keep, rank_multiple, stats)
+    return reports
+
+
+def compress_block_rom(model: nn.Module, block: nn.Module, targets: dict[str, nn.Linear],
+                       inputs, keep: float, rank_multiple: int) -> list[ModuleReport]:
+    """The `targets` of one block (full names in `model`) in forward order, each calibrated on
+    the block as compressed so far, replayed on its cached `inputs` (cut short after it)."""
+    reports = []
+    for name in forward_order(block, targets, *inputs[0][1:]):
+        linear = targets[name]
+        stats = stats_from_passes({name: linear}, block_passes(block, inputs), outputs=True,
+                                  stop_after=True, desc=f"rom {name}")
         reports += _replace(model, name, linear, keep, rank_multiple, stats)
     return reports
 

@@ -1,0 +1,129 @@
+"""Each method's compression of one decoder block on cached calibration inputs — the method's
+own layer-local code, run on one block — and the refusal of options that need the whole model
+at once."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .api import METHODS
+from .configs import MethodConfig
+from .pairwise import ATTENTION_QK, ATTENTION_VO, _BlockCompressor, _groups, _heads
+from .replay import next_block_inputs
+from .report import ModuleReport
+from .rom import compress_block_rom
+from .svdllm import compress_block_sequential, sequential_replacer
+
+# the methods whose one block is calibrated on the dense model's inputs, as in memory
+ONE_SHOT = ("svd", "asvd", "svdllm", "curing")
+
+
+def check_streamable(config: MethodConfig) -> None:
+    """Refuse, naming the alternative, what needs the whole model in memory at once."""
+    method = config.method
+    if method == "lpaf":
+        raise ValueError("method 'lpaf' scores each weight by the gradient of the whole "
+                         "model's loss (first-order importance), which block-by-block "
+                         "streaming cannot give: compress in memory (without --stream / "
+                         "stream=False), or stream with svdllm, asvd or rom")
+    if method == "svdllm" and config.weighting == "fisher":
+        raise ValueError("svdllm option weighting='fisher' needs the gradient of the whole "
+                         "model's loss: stream with weighting='inputs', or compress in memory")
+    if method == "svdllm" and config.allocation == "global":
+        raise ValueError("svdllm option allocation='global' shares one budget over the spectra "
+                         "of every module of the model: stream with allocation='uniform', or "
+                         "compress in memory")
+
+
+@dataclass(frozen=True)
+class Streams:
+    """Which cached block inputs a method calibrates on: the dense model's, the compressed
+    model's (the outputs of the blocks compressed before), or both."""
+    dense: bool
+    compressed: bool
+
+
+def streams_for(config: MethodConfig) -> Streams:
+    if config.method == "rom":
+        return Streams(dense=False, compressed=True)
+    if config.method == "pairwise" or (config.method == "svdllm" and config.sequential):
+        return Streams(dense=True, compressed=config.sequential)
+    return Streams(dense=True, compressed=False)
+
+
+class ReplayScope(nn.Module):
+    """One block under its full name (`prefix.index`) as a model: `scope(replay=i)` runs the
+    block on its cached input i, so the methods' whole-model calibration (`model(**batch)`
+    for each batch of `batches`) sees one block, and their swaps use the full names."""
+
+    def __init__(self, prefix: str, index: int, block: nn.Module, inputs: list[tuple]):
+        super().__init__()
+        *parents, last = prefix.split(".")
+        holder = self
+        for part in parents:
+            holder.add_module(part, nn.Module())
+            holder = getattr(holder, part)
+        holder.add_module(last, nn.ModuleDict({str(index): block}))
+        self.block_name = f"{prefix}.{index}"
+        self.inputs = inputs
+
+    @property
+    def batches(self) -> list[dict]:
+        return [{"replay": i} if mask is None else {"replay": i, "attention_mask": mask}
+                for i, (mask, _, _) in enumerate(self.inputs)]
+
+    def forward(self, replay: int, attention_mask: torch.Tensor | None = None):
+        _, args, kwargs = self.inputs[replay]
+        return self.get_submodule(self.block_name)(*args, **kwargs)
+
+
+def check_block_targets(model: nn.Module, config: MethodConfig, local_names: set[str]) -> None:
+    """Before any block is read: pairwise needs a decoder's heads and whole groups in every
+    block."""
+    if config.method == "pairwise":
+        if not hasattr(getattr(model, "config", None), "num_attention_heads"):
+            raise ValueError("pairwise needs a transformers decoder model (config with "
+                             "num_attention_heads)")
+        _groups(local_names)
+
+
+def compress_block(model: nn.Module, config: MethodConfig, keep: float, prefix: str, index: int,
+                   block: nn.Module, targets: dict[str, nn.Linear], inputs, dense_inputs,
+                   want_dense_next: bool) -> tuple[list[ModuleReport], list | None]:
+    """Compress `targets` (full names in `model`, all inside `block`) in place. `inputs`: the
+    block's inputs in the compressed model, `dense_inputs`: in the dense model (each None
+    when `streams_for(config)` does not keep it). Returns the reports and, with
+    `want_dense_next`, the next block's dense inputs."""
+    method, options = config.method, config.options()
+    name = f"{prefix}.{index}"
+    if method == "rom":
+        return compress_block_rom(model, block, targets, inputs, keep,
+                                  config.rank_multiple), None
+    if method == "pairwise":
+        local = {full[len(name) + 1:] for full in targets}
+        groups = _groups(local)
+        refit_targets = [group[-1] for group in groups
+                         if not group[0].endswith(ATTENTION_QK[0])]
+        step = _BlockCompressor(name, block, inputs if config.sequential else dense_inputs,
+                                dense_inputs, refit_targets, _heads(model),
+                                {key: options[key] for key in ("ridge", "damping", "refit")})
+        for group in groups:
+            if group[0].endswith(ATTENTION_QK[0]):
+                step.query_key(*group, keep)
+            elif group[0].endswith(ATTENTION_VO[0]):
+                step.value_output(*group, keep)
+            else:
+                step.mlp(*group, keep, config.rank_multiple)
+        return step.reports, step.next_dense_inputs if want_dense_next else None
+    if method == "svdllm" and config.sequential:
+        replace = sequential_replacer(model, keep, config.rank_multiple, config.damping, None, {})
+        reports, twin = compress_block_sequential(name, block, targets, inputs, dense_inputs,
+                                                  replace)
+        return reports, next_block_inputs(twin, dense_inputs) if want_dense_next else None
+    run, needs_calibration = METHODS[method]
+    dense_next = next_block_inputs(block, dense_inputs) if want_dense_next else None
+    scope = ReplayScope(prefix, index, block, dense_inputs)
+    data = {"calib": scope.batches} if needs_calibration else {}
+    reports = run(scope, targets, keep, rank_multiple=config.rank_multiple, **data, **options)
+    return reports, dense_next
