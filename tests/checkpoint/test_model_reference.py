@@ -11,7 +11,7 @@ from model_configs import tiny_model
 import curkernels as ck
 from curkernels import bundled_models
 from curkernels.checkpoint import load_model
-from curkernels.nn import FACTORED_MODULES
+from curkernels.nn import CURLinear
 
 
 def test_a_folder_without_tokenizer_files_gives_none_without_asking(tmp_path, monkeypatch):
@@ -37,7 +37,7 @@ def test_a_compressed_folder_loads_with_its_factored_modules(tmp_path):
     ck.save_compressed(model, tmp_path / "ckpt")
     loaded, tokenizer = load_model(tmp_path / "ckpt", dtype=torch.float64)
     assert tokenizer is None and not loaded.training
-    assert isinstance(loaded.model.layers[0].self_attn.q_proj, FACTORED_MODULES)
+    assert isinstance(loaded.model.layers[0].self_attn.q_proj, CURLinear)
     assert loaded.dtype == torch.float64 and loaded.device.type == "cpu"
     ids = torch.tensor([[1, 5, 9]])
     with torch.no_grad():

@@ -118,8 +118,8 @@ def write_one_shard_biased(out_dir) -> dict:
     for index, block in enumerate(model.model.layers):
         attention = block.self_attn
         attention.q_proj = ck.CURLinear.from_linear(_with_bias(attention.q_proj, index), 40)
-        attention.k_proj = ck.LowRankLinear.from_linear(attention.k_proj, 24)
-        attention.o_proj = ck.LowRankLinear.from_linear(_with_bias(attention.o_proj, 10 + index),
-                                                        48)
+        attention.k_proj = ck.CURLinear.from_linear(attention.k_proj, 24, link=False)
+        attention.o_proj = ck.CURLinear.from_linear(_with_bias(attention.o_proj, 10 + index), 48,
+                                                    link=False)
     ck.save_compressed(model, out_dir)
     return model.config.compression_config["modules"]
