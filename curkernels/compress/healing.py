@@ -2,7 +2,9 @@
 
 Only small tensors learn: by default the ones each compressed module names in its `HEALABLE`
 attribute (CURLinear's U — C and R stay real rows and columns of W, as in the CURing paper;
-LowRankLinear's A and B), or the factors named in `trainable`. Embeddings, norms, the head and
+LowRankLinear's A and B; a NarrowLinear that reads kept inputs — pairwise's o_proj and
+down_proj, refit on them — its weight and bias, while the layers keeping rows stay real rows),
+or the factors named in `trainable`. Embeddings, norms, the head and
 every layer left dense stay as they are. AdamW with a cosine learning-rate schedule.
 
 Causal LMs are distilled on the teacher's next-token distribution: KL(teacher ‖ student) of
