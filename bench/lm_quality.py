@@ -42,6 +42,7 @@ import curkernels as ck  # noqa: E402
 from curkernels.checkpoint import load_model  # noqa: E402
 from curkernels.checkpoint.model_reference import resolve_model_folder  # noqa: E402
 from curkernels.compress.calibration_sources import tokenize_batches  # noqa: E402
+from curkernels.compress.healing import healable_parameters  # noqa: E402
 from curkernels.compress.layer_selection import block_list  # noqa: E402
 from curkernels.eval import NextTokenScores, score_next_tokens  # noqa: E402
 
@@ -144,14 +145,18 @@ def quality(model, ids: torch.Tensor, window: int, dense_scores: NextTokenScores
 
 def heal_run(model, dense, calib: list[str], tokenizer, args) -> dict:
     """Heal `model` in place on the calibration texts; what it cost."""
+    trainable = sum(p.numel() for p in healable_parameters(model))
     start = time.perf_counter()
     losses = ck.heal(model, dense, calib, steps=args.heal, lr=args.heal_lr, tokenizer=tokenizer,
-                     seq_len=args.calib_tokens, batch_size=args.heal_batch)
+                     seq_len=args.calib_tokens, batch_size=args.heal_batch,
+                     temperature=args.heal_temperature, mse_weight=args.heal_mse)
     batches = tokenize_batches(calib, tokenizer, seq_len=args.calib_tokens,
                                batch_size=args.heal_batch)  # as heal cut them, to count tokens
     tokens = sum(int(batches[i % len(batches)]["attention_mask"].sum())
                  for i in range(args.heal))
-    return {"steps": args.heal, "lr": args.heal_lr, "batch": args.heal_batch, "tokens": tokens,
+    return {"steps": args.heal, "lr": args.heal_lr, "batch": args.heal_batch,
+            "temperature": args.heal_temperature, "mse_weight": args.heal_mse,
+            "trainable_parameters": trainable, "threads": args.threads, "tokens": tokens,
             "heal_seconds": time.perf_counter() - start, "first_loss": losses[0],
             "last_loss": losses[-1]}
 
@@ -218,12 +223,16 @@ def markdown(results: dict) -> str:
     healed = [r for r in runs.values() if "healed" in r]
     if healed:
         lines += ["", "## Healed (distilled towards the dense model on the calibration text)",
-                  "", "| method | keep | training-free | healed | steps | tokens | minutes |",
-                  "|---|---|---|---|---|---|---|"]
+                  "", "minutes = healing on the CPU threads given; trained = parameters trained.",
+                  "", "| method | keep | training-free | healed | trained | steps | lr | "
+                  "tokens | minutes |", "|---|---|---|---|---|---|---|---|---|"]
         for r in healed:
             h = r["healed"]
+            trained = h.get("trainable_parameters")
             lines.append(f"| {r['label']} | {r['keep']:g} | {cell(r)} | {cell(h)} | "
-                         f"{h['steps']} | {h['tokens']:,} | {h['heal_seconds'] / 60:.1f} |")
+                         f"{'—' if trained is None else f'{trained / 1e6:.2f} M'} | "
+                         f"{h['steps']} | {h['lr']:g} | {h['tokens']:,} | "
+                         f"{h['heal_seconds'] / 60:.1f} |")
     if results["ablation"]:
         lines += ["", "## Ablation (each option alone, against the method's defaults)", "",
                   "| run | keep | perplexity | seconds |", "|---|---|---|---|"]
@@ -279,6 +288,10 @@ def parse_args(argv=None):
     parser.add_argument("--heal", type=int, default=0, help="healing steps (0: none)")
     parser.add_argument("--heal-lr", type=float, default=1e-4)
     parser.add_argument("--heal-batch", type=int, default=4)
+    parser.add_argument("--heal-temperature", type=float, default=1.0,
+                        help="temperature of the KL to the dense next-token distribution")
+    parser.add_argument("--heal-mse", type=float, default=0.0,
+                        help="weight of the hidden-state MSE next to the KL (0: KL alone)")
     parser.add_argument("--ablation", action="append", default=[],
                         help="METHOD:OPT=VAL,OPT=VAL (repeatable)")
     parser.add_argument("--ablation-keeps", default="0.8,0.5")

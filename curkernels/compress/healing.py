@@ -2,7 +2,9 @@
 
 Only small tensors learn: by default the ones each compressed module names in `healable`
 (a CURLinear's U — C and R stay real rows and columns of W, as in the CURing paper; without U,
-the low-rank factors C and R), or the factors named in `trainable`. Embeddings, norms, the head and
+the low-rank factors C and R; a NarrowLinear that reads kept inputs — pairwise's o_proj and
+down_proj, refit on them — its weight and bias, while the layers keeping rows stay real rows),
+or the factors named in `trainable`. Embeddings, norms, the head and
 every layer left dense stay as they are. AdamW with a cosine learning-rate schedule.
 
 Causal LMs are distilled on the teacher's next-token distribution: KL(teacher ‖ student) of
@@ -25,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..nn import CURLinear
+from ..nn import CURLinear, NarrowLinear
 from .calibration import is_causal_lm, mean_pool, model_device, to_device, token_mask
 from .calibration_sources import as_batches
 
@@ -48,13 +50,15 @@ def factor_parameters_named(model: nn.Module, trainable: Iterable[str]) -> list[
 
 
 def healable_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The small tensors of every compressed module: the factors its `healable` names."""
-    params = [module._parameters[name] for module in model.modules()
-              if isinstance(module, CURLinear) for name in module.healable]
+    """The small tensors of every compressed module: the parameters its `healable` names (a
+    NarrowLinear without a bias names one it does not have)."""
+    params = [param for module in model.modules()
+              if isinstance(module, (CURLinear, NarrowLinear)) for name in module.healable
+              if (param := module._parameters.get(name)) is not None]
     if not params:
         raise ValueError("the model holds no compressed module with trainable small tensors "
-                         "(CURLinear.healable): compress it first, or name the factors in "
-                         "trainable=")
+                         "(CURLinear.healable, NarrowLinear.healable): compress it first, or "
+                         "name the factors in trainable=")
     return params
 
 

@@ -74,6 +74,15 @@ class NarrowLinear(nn.Module):
         return out.index_copy_(-1, self.row_indices, y)
 
     @property
+    def healable(self) -> tuple[str, ...]:
+        """What healing trains: the weight and bias of a layer that reads only some input
+        features — the partner of a narrowed inner dimension (o_proj, down_proj), refit on the
+        kept inputs, and the one place that can compensate for what was dropped. A layer that
+        keeps some rows stays real rows of the dense weight, which the gather form and drafts
+        read in place."""
+        return ("weight", "bias") if self.col_indices is not None else ()
+
+    @property
     def factor_parameters(self) -> int:
         """Stored weight entries (indices and bias excluded, as `keep` counts them)."""
         return self.weight.numel()

@@ -5,9 +5,11 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import curkernels as ck
-from curkernels.compress.healing import distillation_loss, next_token_kl
+from curkernels import NarrowLinear
+from curkernels.compress.healing import distillation_loss, healable_parameters, next_token_kl
 
 
 def kl_by_hand(student_logits, teacher_logits, mask):
@@ -94,3 +96,42 @@ def test_kl_needs_a_causal_lm(tiny_bert, batches):
     ck.compress(model, "svd", 0.5)
     with pytest.raises(ValueError, match="kl_weight=1.0 needs a causal LM"):
         ck.heal(model, tiny_bert, batches, steps=1, kl_weight=1.0)
+
+
+def test_heal_trains_the_refit_partners_of_the_default_pairwise(tiny_llama, batches):
+    dense = tiny_llama
+    model = copy.deepcopy(dense)
+    ck.compress(model, keep=0.5, calib=batches)  # the decoder default: pairwise, NarrowLinear
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def kl_to_dense():
+        with torch.no_grad():
+            return sum(kl_by_hand(model(**b).logits, dense(**b).logits,
+                                  b["attention_mask"].bool()) for b in batches)
+
+    first = kl_to_dense()
+    losses = ck.heal(model, dense, batches, steps=15, lr=1e-3)
+    assert kl_to_dense() < 0.7 * first, (first, losses)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    # only the matrices refit on the narrowed inputs learn; q/k/v/gate/up stay dense rows
+    partners = {n for n in before if n.endswith(("o_proj.weight", "down_proj.weight"))}
+    assert moved == partners and len(partners) == 2 * len(model.model.layers)
+    for layer, dense_layer in zip(model.model.layers, dense.model.layers, strict=True):
+        for local in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                      "mlp.gate_proj", "mlp.up_proj"):
+            narrow = layer.get_submodule(local)
+            assert torch.equal(narrow.weight,
+                               dense_layer.get_submodule(local).weight[narrow.row_indices])
+
+
+def test_a_narrow_layer_heals_its_weight_and_bias_only_where_it_reads_kept_inputs():
+    g = torch.Generator().manual_seed(0)
+    kept = [0, 2, 5]
+    rows = NarrowLinear(torch.randn(3, 8, generator=g), torch.randn(3, generator=g),
+                        out_features=6, in_features=8, rows=kept, scatter_rows=True)
+    partner = NarrowLinear(torch.randn(4, 3, generator=g), torch.randn(4, generator=g),
+                           out_features=4, in_features=6, cols=kept, gather_cols=True)
+    trained = healable_parameters(nn.Sequential(rows, partner))
+    assert [id(p) for p in trained] == [id(partner.weight), id(partner.bias)]
+    with pytest.raises(ValueError, match="healable"):
+        healable_parameters(nn.Sequential(rows))

@@ -86,6 +86,8 @@ def test_a_run_writes_json_markdown_and_plot_and_later_runs_merge(bench, data, g
     assert svd["block_kept"] < 1 and svd["compress_seconds"] > 0
     healed = svd["healed"]
     assert healed["steps"] == 2 and healed["tokens"] > 0 and healed["perplexity"] > 1
+    # what healing trained (svd's A and B): fewer parameters than the decoder blocks hold
+    assert 0 < healed["trainable_parameters"] < dense["block_parameters"]
     assert list(results["ablation"]) == ["svdllm,allocation=global@0.6"]
     out = tmp_path / "results"
     markdown = (out / "lm_quality.md").read_text()
