@@ -9,7 +9,8 @@ from torch import nn
 
 from .api import METHODS
 from .configs import MethodConfig
-from .pairwise import ATTENTION_QK, ATTENTION_VO, _BlockCompressor, _groups, _heads
+from .pairwise import _groups, _heads
+from .pairwise import compress_block as compress_pairwise_block
 from .replay import next_block_inputs
 from .report import ModuleReport
 from .rom import compress_block_rom
@@ -101,20 +102,12 @@ def compress_block(model: nn.Module, config: MethodConfig, keep: float, prefix: 
         return compress_block_rom(model, block, targets, inputs, keep,
                                   config.rank_multiple), None
     if method == "pairwise":
-        local = {full[len(name) + 1:] for full in targets}
-        groups = _groups(local)
-        refit_targets = [group[-1] for group in groups
-                         if not group[0].endswith(ATTENTION_QK[0])]
-        step = _BlockCompressor(name, block, inputs if config.sequential else dense_inputs,
-                                dense_inputs, refit_targets, _heads(model),
-                                {key: options[key] for key in ("ridge", "damping", "refit")})
-        for group in groups:
-            if group[0].endswith(ATTENTION_QK[0]):
-                step.query_key(*group, keep)
-            elif group[0].endswith(ATTENTION_VO[0]):
-                step.value_output(*group, keep)
-            else:
-                step.mlp(*group, keep, config.rank_multiple)
+        local = {full[len(name) + 1:]: linear for full, linear in targets.items()}
+        step = compress_pairwise_block(
+            name, block, local, keep, inputs if config.sequential else dense_inputs,
+            dense_inputs, _heads(model), qk_drop=config.qk_drop, vo_drop=config.vo_drop,
+            rank_multiple=config.rank_multiple,
+            options={key: options[key] for key in ("ridge", "damping", "refit")})
         return step.reports, step.next_dense_inputs if want_dense_next else None
     if method == "svdllm" and config.sequential:
         replace = sequential_replacer(model, keep, config.rank_multiple, config.damping, None, {})

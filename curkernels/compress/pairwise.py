@@ -306,6 +306,30 @@ def _groups(local_names: set[str]) -> list[tuple[str, ...]]:
 
 
 @torch.no_grad()
+def compress_block(name: str, block: nn.Module, targets: dict[str, nn.Linear], keep: float,
+                   inputs, dense_inputs, heads: _Heads, *, qk_drop: float, vo_drop: float,
+                   rank_multiple: int, options: dict) -> "_BlockCompressor":
+    """Compress one block's `targets` (local names) to `keep` of their weights, split among
+    q/k, v/o and the MLP by `group_keeps`; `inputs` are the block's calibration inputs (the
+    compressed model's when sequential), `dense_inputs` the dense model's. Returns the step,
+    holding its reports and the next block's dense inputs."""
+    groups = _groups(set(targets))
+    # the refits (o_proj, down_proj: the last member of a v/o or MLP group) need the dense
+    # block's inputs to them; non-sequential calibration runs the block on dense inputs
+    refit_targets = [group[-1] for group in groups if not group[0].endswith(ATTENTION_QK[0])]
+    step = _BlockCompressor(name, block, inputs, dense_inputs, refit_targets, heads, options)
+    group_sizes = [sum(targets[local].weight.numel() for local in group) for group in groups]
+    fractions = group_keeps(groups, group_sizes, keep, qk_drop, vo_drop)
+    for group, fraction in zip(groups, fractions, strict=True):
+        if group[0].endswith(ATTENTION_QK[0]):
+            step.query_key(*group, fraction)
+        elif group[0].endswith(ATTENTION_VO[0]):
+            step.value_output(*group, fraction)
+        else:
+            step.mlp(*group, fraction, rank_multiple)
+    return step
+
+
 def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
                       rank_multiple: int, ridge: float, damping: float, refit: bool,
                       sequential: bool, allocation: str, temperature: float, qk_drop: float,
@@ -342,7 +366,8 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
             raise ValueError(f"pairwise compresses decoder blocks only; {name!r} is outside "
                              f"{prefix}")
         per_block.setdefault(int(index), {})[name[len(f"{start}{index}."):]] = linear
-    groups = {index: _groups(set(local)) for index, local in per_block.items()}
+    for local in per_block.values():
+        _groups(set(local))  # whole groups in every block, checked before any calibration
     indices = sorted(per_block)
     sizes = [sum(linear.weight.numel() for linear in per_block[i].values()) for i in indices]
     if allocation == "importance":
@@ -362,22 +387,10 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
             dense_inputs = next_block_inputs(block, dense_inputs)
             inputs = next_block_inputs(block, inputs) if sequential else dense_inputs
             continue
-        # the refits (o_proj, down_proj: the last member of a v/o or MLP group) need the dense
-        # block's inputs to them; non-sequential calibration runs the block on dense inputs
-        refit_targets = [group[-1] for group in groups[index]
-                         if not group[0].endswith(ATTENTION_QK[0])]
-        step = _BlockCompressor(f"{prefix}.{index}", block, inputs if sequential else
-                                dense_inputs, dense_inputs, refit_targets, heads, options)
-        group_sizes = [sum(per_block[index][local].weight.numel() for local in group)
-                       for group in groups[index]]
-        fractions = group_keeps(groups[index], group_sizes, keeps[index], qk_drop, vo_drop)
-        for group, fraction in zip(groups[index], fractions, strict=True):
-            if group[0].endswith(ATTENTION_QK[0]):
-                step.query_key(*group, fraction)
-            elif group[0].endswith(ATTENTION_VO[0]):
-                step.value_output(*group, fraction)
-            else:
-                step.mlp(*group, fraction, rank_multiple)
+        step = compress_block(f"{prefix}.{index}", block, per_block[index], keeps[index],
+                              inputs if sequential else dense_inputs, dense_inputs, heads,
+                              qk_drop=qk_drop, vo_drop=vo_drop, rank_multiple=rank_multiple,
+                              options=options)
         reports += step.reports
         dense_inputs = step.next_dense_inputs
         inputs = next_block_inputs(block, inputs) if sequential else dense_inputs

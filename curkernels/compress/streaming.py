@@ -27,7 +27,7 @@ from transformers import GenerationConfig
 
 from ..checkpoint.module_specs import FACTORED_CLASSES, module_spec
 from ..checkpoint.output_folder import check_output_folder
-from ..checkpoint.surgery import apply_compression_config, restore_indices
+from ..checkpoint.surgery import apply_compression_config, finish_loading
 from .api import METHODS, calibration_batches, compression_metadata, method_config, plan_compression
 from .block_steps import Streams, check_block_targets, check_streamable, compress_block, streams_for
 from .configs import MethodConfig
@@ -295,7 +295,7 @@ class _StreamingRun:
                 state.update({name[len(head):]: tensor for name, tensor in
                               load_file(self.record.shard_path(file)).items()})
             block.load_state_dict(state, assign=True, strict=True)
-            restore_indices(self.model, specs)
+            finish_loading(self.model, specs)
             self.inputs = next_block_inputs(block, self.inputs)
             release(block)
 
