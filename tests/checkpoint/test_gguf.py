@@ -11,8 +11,7 @@ import torch
 import transformers
 from tiny_gguf import tiny_llama, write_gguf
 
-from curkernels import bundled_models
-from curkernels.checkpoint import load_model, read_compression_config
+from curkernels.checkpoint import bundled_models, load_model, read_compression_config
 from curkernels.checkpoint.gguf import find_gguf, materialize_gguf
 
 TEXT = "the cat sat on the mat"

@@ -9,8 +9,7 @@ import transformers
 from model_configs import tiny_model
 
 import curkernels as ck
-from curkernels import bundled_models
-from curkernels.checkpoint import load_model
+from curkernels.checkpoint import bundled_models, load_model
 from curkernels.nn import CURLinear
 
 

@@ -78,7 +78,7 @@ def test_typed_config_and_dtype(tmp_path):
 def test_smollm2_streams_to_the_in_memory_result(tmp_path):
     """A real model (SmolLM2-135M, 30 blocks) with the default method (pairwise: streamed
     angular-distance allocation, sequential calibration) and a real tokenizer."""
-    from curkernels.bundled_models import smollm2_folder
+    from curkernels.checkpoint.bundled_models import smollm2_folder
     from curkernels.compress.calibration_sources import default_calibration_texts
     source = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(source)
