@@ -68,6 +68,7 @@ EAGER_CUDA_MAX_SIDE = 4096
 _BACKEND_FUNCTIONS = {"triton": ("curkernels.ops.triton.backend", "cur_linear_triton"),
                       "cuda": ("curkernels.ops.cuda", "cur_linear_cuda")}
 _TRITON_DECODE = "curkernels.ops.triton.decode"
+_TRITON_WORKSPACE = "curkernels.ops.triton.workspace"
 
 # Whether the current CUDA stream is capturing a graph: the C function that
 # torch.cuda.is_current_stream_capturing wraps (one Python frame less on every eager call).
@@ -215,31 +216,57 @@ def single_backend(backend: str, device: torch.device, dtype: torch.dtype, num_r
     return chosen
 
 
+def _reserved_workspaces(device: torch.device, r: int):
+    """The Triton decode workspaces kept for a two-factor layer (or group) of rank r on device,
+    which a memoized choice holds: its calls then find their workspace by a list index
+    (triton/workspace.py)."""
+    return _function((_TRITON_WORKSPACE, "reserved_workspaces"))(device, r, r)
+
+
 def _graph_reservation(backend: str, device: torch.device, dtype: torch.dtype, num_rows: int,
                        shape: tuple[int, int, int], linked: bool, capturing: bool,
                        chosen: str) -> Callable | None:
     """For an eager decode call of a layer that CUDA graphs would run on the fused Triton kernel:
-    reserving that kernel's workspace on every eager call's stream (a dictionary lookup once it
-    exists) means torch.compile's warm-up, which runs eagerly on its capture stream, leaves the
-    capture a kept workspace instead of a temporary that each replay zeroes again."""
+    reserving that kernel's workspace on every eager call's stream (a list index on the stream
+    the reservation serves, a keyed lookup on another) means torch.compile's warm-up, which
+    runs eagerly on its capture stream, leaves the capture a kept workspace instead of a
+    temporary that each replay zeroes again."""
     if (device.type != "cuda" or capturing or chosen == "triton" or num_rows > DECODE_MAX_ROWS
             or requested_backend(backend) != "auto"
             or _graph_decode_backend(device, dtype, num_rows, shape, linked) != "triton"):
         return None
-    reserve = _function((_TRITON_DECODE, "reserve_decode_workspace"))
-    return functools.partial(reserve, device, shape[2], shape[2], num_rows)
+    block_rows = _function((_TRITON_DECODE, "decode_block_rows"))(num_rows)
+    return functools.partial(_reserved_workspaces(device, shape[2]).get, num_rows, block_rows)
 
 
 def resolve(key: tuple) -> tuple[Callable, bool, Callable | None]:
     """The choice for a `choices` key (its layout above), memoized there. A named backend that
-    cannot run raises, and nothing is memoized: it raises again on the next call."""
+    cannot run raises, and nothing is memoized: it raises again on the next call. A Triton
+    decode choice of a two-factor layer holds the layer's reserved workspaces."""
     backend, device, dtype, num_rows, capturing, m, n, r, linked = key
     shape = (m, n, r)
     chosen = single_backend(backend, device, dtype, num_rows, shape, linked, capturing)
+    function = backend_function(chosen)
+    if chosen == "triton" and num_rows <= DECODE_MAX_ROWS and not linked:
+        function = functools.partial(function, workspaces=_reserved_workspaces(device, r))
     choice = choices[key] = (
-        backend_function(chosen), chosen in CONTIGUOUS_INPUT_BACKENDS,
+        function, chosen in CONTIGUOUS_INPUT_BACKENDS,
         _graph_reservation(backend, device, dtype, num_rows, shape, linked, capturing, chosen))
     return choice
+
+
+def reserve_decode_workspaces(backend: str, device: torch.device, r: int) -> bool:
+    """For `prepare_for_inference`: where the Triton decode kernel may run a two-factor layer
+    (or sibling group) of rank r with `backend` on `device` ('auto': CUDA tensors, eagerly or
+    in CUDA graphs; 'triton'), makes its workspaces of every row block now, on the current
+    stream, which the memoized choices then hand to the kernel. Returns whether it did."""
+    requested = requested_backend(backend)
+    if requested not in ("auto", "triton") or unavailable_reason("triton", device) is not None:
+        return False
+    if requested == "auto" and device.type != "cuda":  # 'auto' keeps CPU inputs on the chain
+        return False
+    _function((_TRITON_DECODE, "reserve_decode_workspaces"))(device, r, r)
+    return True
 
 
 def group_backend(device: torch.device, dtype: torch.dtype, num_rows: int, n: int,
@@ -277,8 +304,12 @@ def group_choice(x: torch.Tensor, num_rows: int, members: tuple[tuple[int, int],
     if choice is None:
         way = group_backend(x.device, x.dtype, num_rows, x.shape[-1], members, capturing,
                             uniform_bias)
-        choice = group_choices[key] = (way, shared_chain if way == "torch"
-                                       else _function((_TRITON_DECODE, "cur_linear_group_triton")))
+        function = shared_chain
+        if way == "triton":
+            function = functools.partial(
+                _function((_TRITON_DECODE, "cur_linear_group_triton")),
+                workspaces=_reserved_workspaces(x.device, sum(rank for _, rank in members)))
+        choice = group_choices[key] = (way, function)
     return choice
 
 

@@ -149,11 +149,12 @@ def graphs_pick_triton(monkeypatch):
 
 def test_eager_decode_reserves_the_workspace_cuda_graphs_will_use(graphs_pick_triton):
     pytest.importorskip("triton")
-    from curkernels.ops.triton import decode
-    for rows in (1, 40):  # batched decode too: the workspace of its row block
+    from curkernels.ops.triton import workspace
+    reserved = workspace.reserved_workspaces(torch.device("cuda", 0), 8, 8)
+    for rows, block in ((1, 16), (40, 64)):  # batched decode too: the workspace of its row block
         before = _reservation("auto", rows, "cuda")
-        assert before.func is decode.reserve_decode_workspace
-        assert before.args == (torch.device("cuda", 0), 8, 8, rows)
+        assert before.func == reserved.get  # the layer's reservation: no key built per call
+        assert before.args == (rows, block)
 
 
 @pytest.mark.parametrize("backend, rows, chosen", (

@@ -18,7 +18,8 @@ DEVICE = kernel_device()
 def test_rows_pick_the_kernel(M, kernel, monkeypatch):
     called = []
     original = getattr(backend, kernel)
-    monkeypatch.setattr(backend, kernel, lambda *args: called.append(M) or original(*args))
+    monkeypatch.setattr(backend, kernel, lambda *args, **kwargs: called.append(M)
+                        or original(*args, **kwargs))
     case = make_case(M, 40, 24, 5, torch.float32, device=DEVICE)
     y = cur_linear_triton(case["x"], case["C"], None, case["R"], case["bias"], None)
     assert called == [M]

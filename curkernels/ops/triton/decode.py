@@ -28,7 +28,7 @@ from . import decode_kernels as kernels
 from .launch import CachedLaunch, pointers_aligned
 from .prefill_tuning import next_pow2
 from .runtime import check_interpretable
-from .workspace import decode_workspace
+from .workspace import ReservedWorkspaces, decode_workspace, reserved_workspaces
 
 
 def _floor_pow2(value: int) -> int:
@@ -126,12 +126,15 @@ def single_launch(device: torch.device) -> bool:
     return device.type == "cuda" and not current.triton_interpret and current.single_launch
 
 
-def reserve_decode_workspace(device: torch.device, r: int, c: int, M: int) -> None:
-    """Makes the current stream's kept workspace for rank r (and link width c) and M rows now,
-    outside any capture. torch.compile's CUDA graphs warm up on the stream they then capture
-    on, and their warm-up calls run the eager backend; a workspace first met during the capture
-    would be a graph temporary, zeroed by extra memset nodes on every replay."""
-    decode_workspace(device, r, c, decode_block_rows(M))
+def reserve_decode_workspaces(device: torch.device, r: int, c: int) -> ReservedWorkspaces:
+    """Makes the current stream's kept workspaces for rank r (and link width c) now, one per
+    row block, outside any capture (`prepare_for_inference`: none is then made while serving,
+    and a capture on this stream finds them, not a temporary zeroed on every replay); returns
+    the reservation that memoized dispatch choices hand to the kernels."""
+    reserved = reserved_workspaces(device, r, c)
+    for M in range(1, DECODE_MAX_ROWS + 1):
+        reserved.get(M, decode_block_rows(M))
+    return reserved
 
 
 def _shared_bytes_bound(config: DecodeConfig, element_size: int, rows: int) -> int:
@@ -254,10 +257,12 @@ def _device_name(device_index: int | None) -> str:
     return torch.cuda.get_device_name(device_index)
 
 
-def cur_linear_decode(x, C, U, R, bias, rows, y, config: DecodeConfig | None = None) -> None:
+def cur_linear_decode(x, C, U, R, bias, rows, y, config: DecodeConfig | None = None,
+                      workspaces: ReservedWorkspaces | None = None) -> None:
     """Writes y (..., m) from a contiguous x (..., n) of at most DECODE_MAX_ROWS rows with the
     decode kernel; `config` picks its tiles (None: the measured choice for this GPU and shape;
-    benchmarks compare configs through it)."""
+    benchmarks compare configs through it); `workspaces`, the layer's reservation (dispatch
+    passes it; None: looked up by key)."""
     check_interpretable(x.dtype)
     n = x.shape[-1]
     M = x.numel() // n
@@ -269,7 +274,8 @@ def cur_linear_decode(x, C, U, R, bias, rows, y, config: DecodeConfig | None = N
     block_rows = decode_block_rows(M)
     plan = _decode_plan(x.device, x.dtype, n, r, c, m, block_rows, _u_kind(U), bias is not None,
                         rows is not None, persistent, config)
-    workspace = decode_workspace(x.device, r, c, block_rows)
+    workspace = (decode_workspace(x.device, r, c, block_rows) if workspaces is None
+                 else workspaces.get(M, block_rows))
     # The barrier-free form sums into the first buffer, which the single launch may have left
     # full; the workspace is shared with the single launch, which reads the buffer of the
     # current epoch (either one) as zero, so the first buffer is zeroed again afterwards.
@@ -325,11 +331,13 @@ def _group_plan(device: torch.device, dtype: torch.dtype, n: int, ranks: tuple[i
 
 def cur_linear_group_decode(x: torch.Tensor, R: torch.Tensor, expands: Sequence[torch.Tensor],
                             biases: Sequence[torch.Tensor | None],
-                            outputs: Sequence[torch.Tensor]) -> None:
+                            outputs: Sequence[torch.Tensor],
+                            workspaces: ReservedWorkspaces | None = None) -> None:
     """Writes outputs[i] (..., m_i) = (x·Rᵀ)[..., cols_i]·expands[i]ᵀ (+ biases[i]) for a
     contiguous x (..., n) of at most DECODE_MAX_ROWS rows. R (r, n) stacks the members'
     shrink factors in order, member i's rank being expands[i].shape[1]; every bias is given or
-    none is. The caller has checked shapes, dtypes and devices."""
+    none is. `workspaces`: the group's (r, r) reservation, or None (looked up by key). The
+    caller has checked shapes, dtypes and devices."""
     check_interpretable(x.dtype)
     members = len(expands)
     if not 2 <= members <= MAX_GROUP_MEMBERS:
@@ -346,7 +354,8 @@ def cur_linear_group_decode(x: torch.Tensor, R: torch.Tensor, expands: Sequence[
     rows = decode_block_rows(M)
     persistent = single_launch(x.device)
     plan = _group_plan(x.device, x.dtype, n, ranks, ms, rows, has_bias, persistent)
-    workspace = decode_workspace(x.device, r, r, rows)
+    workspace = (decode_workspace(x.device, r, r, rows) if workspaces is None
+                 else workspaces.get(M, rows))
     if not persistent:  # as in cur_linear_decode: both forms share the workspace
         workspace.first_sums.zero_()
     padded = [*expands, None][:MAX_GROUP_MEMBERS], [*biases, None][:MAX_GROUP_MEMBERS]
@@ -366,10 +375,11 @@ def cur_linear_group_decode(x: torch.Tensor, R: torch.Tensor, expands: Sequence[
 
 def cur_linear_group_triton(x: torch.Tensor, weight: torch.Tensor,
                             expands: Sequence[torch.Tensor],
-                            biases: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+                            biases: Sequence[torch.Tensor | None],
+                            workspaces: ReservedWorkspaces | None = None) -> list[torch.Tensor]:
     """Every member's output by one group launch: the group way of dispatch.py, which hands it
-    the calls the kernel takes."""
+    the calls the kernel takes (and the group's reserved workspaces)."""
     x = x.contiguous()
     outputs = [x.new_empty((*x.shape[:-1], C.shape[0])) for C in expands]
-    cur_linear_group_decode(x, weight, expands, biases, outputs)
+    cur_linear_group_decode(x, weight, expands, biases, outputs, workspaces)
     return outputs

@@ -7,6 +7,11 @@ refuse a pool block that outlives the graph's outputs. So persistent buffers are
 short-lived worker thread on a side stream, which the pool serves under neither rule. While
 the current stream is being captured nothing is kept: the caller gets a fresh zeroed buffer
 from the graph's pool, freed after the call like any temporary.
+
+Kept workspaces are found by (device, stream, rank, link width, row block). The eager hot path
+does not build that key: a memoized dispatch choice holds its layer's `ReservedWorkspaces`,
+which keeps the workspaces of one stream (the first it serves: `prepare_for_inference`'s, or
+the first call's) in a list indexed by the row count.
 """
 
 import threading
@@ -14,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..tables import DECODE_MAX_ROWS
 from .decode_kernels import SYNC_WORDS
 
 _side_streams: dict[int, torch.cuda.Stream] = {}
@@ -92,3 +98,45 @@ def decode_workspace(device: torch.device, r: int, c: int, rows: int) -> DecodeW
     if kept:
         _workspaces[key] = workspace
     return workspace
+
+
+class ReservedWorkspaces:
+    """The kept decode workspaces of rank r and link width c on one device, for the stream
+    they are first asked on (`prepare_for_inference` reserves them before serving), found by
+    a list index on the row count: no key to build or hash per call. Asked on another stream,
+    or while a capture is the first to ask, they defer to `decode_workspace`, so that
+    concurrent streams never share counters."""
+
+    def __init__(self, device: torch.device, r: int, c: int):
+        self.device, self.r, self.c = device, r, c
+        self.stream: int | None = None  # bound by the first call outside a capture
+        self._cuda_index = device.index if device.type == "cuda" else None
+        self._by_rows: list[DecodeWorkspace | None] = [None] * (DECODE_MAX_ROWS + 1)
+
+    def get(self, M: int, rows: int) -> DecodeWorkspace:
+        """The workspace of a call of M input rows, whose tiles hold `rows` (its row block)."""
+        index = self._cuda_index
+        stream = 0 if index is None else torch._C._cuda_getCurrentRawStream(index)
+        if stream != self.stream:
+            if self.stream is not None or capturing(self.device):
+                return decode_workspace(self.device, self.r, self.c, rows)
+            self.stream = stream
+        workspace = self._by_rows[M]
+        if workspace is None:
+            workspace = decode_workspace(self.device, self.r, self.c, rows)
+            if not capturing(self.device):  # a capture's temporary is not kept
+                self._by_rows[M] = workspace
+        return workspace
+
+
+_reserved: dict[tuple, ReservedWorkspaces] = {}
+
+
+def reserved_workspaces(device: torch.device, r: int, c: int) -> ReservedWorkspaces:
+    """The one `ReservedWorkspaces` of (device, r, c), made empty on first request (nothing is
+    allocated until its first call)."""
+    key = (device, r, c)
+    reserved = _reserved.get(key)
+    if reserved is None:
+        reserved = _reserved[key] = ReservedWorkspaces(device, r, c)
+    return reserved
