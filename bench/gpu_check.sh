@@ -45,6 +45,14 @@ fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 summary=()
 step() { echo "== $1 ($(date +%T))"; }
+# Later steps read a measurement this run made: export VARIABLE=FILE where FILE was written and
+# the caller did not set VARIABLE.  uses_measured VARIABLE FILE "what it is"
+uses_measured() {
+  if [[ -f "$2" && -z "${!1:-}" ]]; then
+    export "$1=$2"
+    summary+=("$3: $2")
+  fi
+}
 
 step "device"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv \
@@ -109,10 +117,7 @@ if wants sweep; then
     --budget "${SWEEP_BUDGET:-110}" ${SWEEP_ARGS:-} > "$OUT/sweep.log" 2>&1
   summary+=("sweep: exit $?")
   # The layer benchmark and later sections run the Triton decode kernel with this run's configs.
-  if [[ -f "$OUT/decode_sweep.json" && -z "${CURKERNELS_DECODE_CONFIGS:-}" ]]; then
-    export CURKERNELS_DECODE_CONFIGS="$OUT/decode_sweep.json"
-    summary+=("decode configs for later steps: $CURKERNELS_DECODE_CONFIGS")
-  fi
+  uses_measured CURKERNELS_DECODE_CONFIGS "$OUT/decode_sweep.json" "decode configs for later steps"
 fi
 
 if wants kernels; then
@@ -128,15 +133,9 @@ if wants kernels; then
   # Later sections dispatch CUDA-graph decode by this run's own measurements.
   table="$OUT/$("$PYTHON" -c 'import sys; sys.path.insert(0, "bench"); import torch, bench_report
 print(bench_report.device_slug(torch.cuda.get_device_name()))').json"
-  if [[ -f "$table" && -z "${CURKERNELS_DECODE_TABLE:-}" ]]; then
-    export CURKERNELS_DECODE_TABLE="$table"
-    summary+=("decode table for later sections: $table")
-  fi
+  uses_measured CURKERNELS_DECODE_TABLE "$table" "decode table for later sections"
   # ... and sibling groups (shared shrinks) by this run's group benchmark.
-  if [[ -f "$OUT/group_bench.json" && -z "${CURKERNELS_GROUP_TABLE:-}" ]]; then
-    export CURKERNELS_GROUP_TABLE="$OUT/group_bench.json"
-    summary+=("group table for later sections: $CURKERNELS_GROUP_TABLE")
-  fi
+  uses_measured CURKERNELS_GROUP_TABLE "$OUT/group_bench.json" "group table for later sections"
 fi
 
 if wants capture; then

@@ -14,19 +14,9 @@
 import importlib
 
 from .compress import METHODS as _METHOD_TABLE
-from .compress import (
-    ASVDConfig,
-    CompressionReport,
-    CURingConfig,
-    LPAFConfig,
-    MethodConfig,
-    PairwiseConfig,
-    ROMConfig,
-    SVDConfig,
-    SVDLLMConfig,
-    compress,
-    heal,
-)
+from .compress import CompressionReport, compress, heal
+from .compress.configs import *  # noqa: F403 (the config classes: configs.__all__)
+from .compress.configs import __all__ as _CONFIG_CLASSES
 from .nn import CURLinear, NarrowLinear
 from .ops import cur_linear
 from .transformers_hook import integrate_when_transformers_loads
@@ -42,11 +32,8 @@ _LAZY_NAMES = {"CheckpointError": ".checkpoint", "load_compressed": ".checkpoint
                "heal_draft": ".speculative", "save_draft": ".speculative",
                "load_draft": ".speculative"}
 
-__all__ = ["ASVDConfig", "CURLinear", "CURingConfig", "CheckpointError", "CompressionReport",
-           "LPAFConfig", "METHODS", "MethodConfig", "NarrowLinear", "PairwiseConfig", "ROMConfig",
-           "SVDConfig", "SVDLLMConfig", "__version__", "compress", "compress_streaming",
-           "cur_linear", "heal", "heal_draft", "load_compressed", "load_draft", "load_model",
-           "make_draft", "save_compressed", "save_draft"]
+__all__ = [*_CONFIG_CLASSES, *_LAZY_NAMES, "CURLinear", "CompressionReport", "METHODS",
+           "NarrowLinear", "__version__", "compress", "cur_linear", "heal"]
 
 
 def __getattr__(name: str):

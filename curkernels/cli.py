@@ -1,8 +1,11 @@
 """`curkernels info | compress | eval | generate | serve`: the command line over the Python API.
 python/generate.py and python/serve.py run `generate` and `serve` as programs of their own."""
 
+import functools
+import inspect
 import json
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated
 
@@ -276,18 +279,49 @@ def evaluate(
         (out / "eval.json").write_text(json.dumps(results, indent=2))
 
 
-def _load_for_generation(model: str, *, device: str | None, dtype: str, tokenizer: str | None,
-                         share_shrinks: bool, draft: Path | None):
-    """(model frozen for inference, tokenizer, its draft or None) for `generate` and `serve`."""
-    from .serve import load_for_inference
-    from .speculative import load_draft
-    loaded, loaded_tokenizer = load_for_inference(
-        model, None if device is None else _device(device), _dtype(dtype), tokenizer,
-        share_shrinks=share_shrinks)
-    return loaded, loaded_tokenizer, None if draft is None else load_draft(draft, target=loaded)
+@dataclass(frozen=True)
+class GenerationOptions:
+    """The options of every command that runs a model for generation (`generate`, `serve`),
+    declared once: `takes_generation_options` gives a command each field as an option."""
+    draft: DraftOption = None
+    num_draft_tokens: NumDraftTokensOption = 4
+    device: DeviceOption = None
+    dtype: DtypeOption = "auto"
+    compile: CompileOption = False
+    share_shrinks: ShareShrinksOption = False
+    tokenizer: TokenizerOption = None
+
+    def load(self, model: str):
+        """(MODEL frozen for inference, its tokenizer, the draft or None)."""
+        from .serve import load_for_inference
+        from .speculative import load_draft
+        loaded, tokenizer = load_for_inference(
+            model, None if self.device is None else _device(self.device), _dtype(self.dtype),
+            self.tokenizer, share_shrinks=self.share_shrinks)
+        draft = None if self.draft is None else load_draft(self.draft, target=loaded)
+        return loaded, tokenizer, draft
+
+
+def takes_generation_options(command):
+    """`command(..., options: GenerationOptions)` as typer sees it: every field of
+    GenerationOptions an option of its own, after the command's, gathered into `options`."""
+    names = [field.name for field in fields(GenerationOptions)]
+    signature = inspect.signature(command)
+    shared = [inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                annotation=field.type) for field in fields(GenerationOptions)]
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        options = GenerationOptions(**{name: kwargs.pop(name) for name in names})
+        return command(*args, options=options, **kwargs)
+
+    run.__signature__ = signature.replace(parameters=[
+        *(p for p in signature.parameters.values() if p.name != "options"), *shared])
+    return run
 
 
 @app.command()
+@takes_generation_options
 def generate(
     model: ModelReference,
     prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="text to continue")],
@@ -295,25 +329,17 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 is greedy")] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="nucleus sampling mass")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="sampling seed")] = None,
-    draft: DraftOption = None,
-    num_draft_tokens: NumDraftTokensOption = 4,
-    device: DeviceOption = None,
-    dtype: DtypeOption = "auto",
-    compile: CompileOption = False,
-    share_shrinks: ShareShrinksOption = False,
-    tokenizer: TokenizerOption = None,
+    *, options: GenerationOptions,
 ):
     """Continue PROMPT with MODEL, streaming the text to stdout (timings to stderr)."""
     import torch
 
     from .serve import IncrementalDetokenizer, StaticCacheGenerator, end_of_sequence_ids
-    loaded, loaded_tokenizer, draft_model = _load_for_generation(
-        model, device=device, dtype=dtype, tokenizer=tokenizer, share_shrinks=share_shrinks,
-        draft=draft)
+    loaded, loaded_tokenizer, draft_model = options.load(model)
     input_ids = loaded_tokenizer(prompt, return_tensors="pt")["input_ids"]
     generator = StaticCacheGenerator(loaded, max_seq_len=input_ids.shape[1] + max_new_tokens,
-                                     compile=compile, draft=draft_model,
-                                     num_draft_tokens=num_draft_tokens)
+                                     compile=options.compile, draft=draft_model,
+                                     num_draft_tokens=options.num_draft_tokens)
     stops = end_of_sequence_ids(loaded, loaded_tokenizer)
     detokenizer = IncrementalDetokenizer(loaded_tokenizer)
     typer.echo(prompt, nl=False)
@@ -337,6 +363,7 @@ def generate(
 
 
 @app.command()
+@takes_generation_options
 def serve(
     model: ModelReference,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
@@ -354,13 +381,7 @@ def serve(
     prefill_chunk_tokens: Annotated[int | None, typer.Option(
         min=1, help="run long prompts through prefill in chunks of this many tokens (bounds "
         "activation memory); default: one forward")] = None,
-    draft: DraftOption = None,
-    num_draft_tokens: NumDraftTokensOption = 4,
-    device: DeviceOption = None,
-    dtype: DtypeOption = "auto",
-    compile: CompileOption = False,
-    share_shrinks: ShareShrinksOption = False,
-    tokenizer: TokenizerOption = None,
+    *, options: GenerationOptions,
 ):
     """Serve MODEL over an OpenAI-style HTTP API (/v1/completions; needs the serve extra).
 
@@ -373,12 +394,10 @@ def serve(
     from .serve.draining import DrainingServer
     from .serve.engine import CompletionEngine
     from .serve.server import DEFAULT_MAX_BODY_BYTES, create_app
-    loaded, loaded_tokenizer, draft_model = _load_for_generation(
-        model, device=device, dtype=dtype, tokenizer=tokenizer, share_shrinks=share_shrinks,
-        draft=draft)
-    generator = StaticCacheGenerator(loaded, max_seq_len=max_seq_len, compile=compile,
+    loaded, loaded_tokenizer, draft_model = options.load(model)
+    generator = StaticCacheGenerator(loaded, max_seq_len=max_seq_len, compile=options.compile,
                                      prefill_chunk_tokens=prefill_chunk_tokens, draft=draft_model,
-                                     num_draft_tokens=num_draft_tokens)
+                                     num_draft_tokens=options.num_draft_tokens)
     engine = CompletionEngine(generator, loaded_tokenizer, max_queued=max_queued)
     engine.warm_up()  # compile before the first request rather than during it
     served = create_app(engine, model_name or Path(model).resolve().name,

@@ -13,6 +13,7 @@ import torch
 from model_configs import tiny_model
 from served_programs import said
 from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from typer.testing import CliRunner
 
 import curkernels as ck
 from curkernels.checkpoint import read_compression_config
@@ -189,3 +190,27 @@ def test_generate_names_a_missing_tokenizer(tmp_path):
     assert result.returncode == 2, result.stderr
     assert f"no tokenizer in {tmp_path / 'dense'}" in said(result)
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command, arguments", [("generate", ["hello"]), ("serve", [])])
+def test_generate_and_serve_hand_their_shared_options_to_the_loader(command, arguments,
+                                                                     monkeypatch):
+    """The loading options both commands take (declared once, cli.GenerationOptions) reach
+    the loader parsed: a refactoring guard, it passes on the code before them too."""
+    import curkernels.serve
+    from curkernels import cli
+
+    seen = {}
+
+    def load_for_inference(model, device, dtype, tokenizer, *, share_shrinks):
+        seen.update(model=model, device=device, dtype=dtype, tokenizer=tokenizer,
+                    share_shrinks=share_shrinks)
+        raise ValueError("loaded")
+
+    monkeypatch.setattr(curkernels.serve, "load_for_inference", load_for_inference)
+    result = CliRunner().invoke(cli.app, [command, "some-model", *arguments, "--device", "cpu",
+                                          "--dtype", "bf16", "--share-shrinks", "--tokenizer",
+                                          "some-tokenizer"])
+    assert isinstance(result.exception, ValueError) and str(result.exception) == "loaded"
+    assert seen == {"model": "some-model", "device": "cpu", "dtype": torch.bfloat16,
+                    "tokenizer": "some-tokenizer", "share_shrinks": True}

@@ -9,7 +9,7 @@ from torch import nn
 
 from .api import METHODS
 from .configs import MethodConfig
-from .pairwise import _groups, _heads
+from .pairwise import attention_heads, target_groups
 from .pairwise import compress_block as compress_pairwise_block
 from .replay import next_block_inputs
 from .report import ModuleReport
@@ -83,10 +83,8 @@ def check_block_targets(model: nn.Module, config: MethodConfig, local_names: set
     """Before any block is read: pairwise needs a decoder's heads and whole groups in every
     block."""
     if config.method == "pairwise":
-        if not hasattr(getattr(model, "config", None), "num_attention_heads"):
-            raise ValueError("pairwise needs a transformers decoder model (config with "
-                             "num_attention_heads)")
-        _groups(local_names)
+        attention_heads(model)
+        target_groups(local_names)
 
 
 def compress_block(model: nn.Module, config: MethodConfig, keep: float, prefix: str, index: int,
@@ -105,7 +103,7 @@ def compress_block(model: nn.Module, config: MethodConfig, keep: float, prefix: 
         local = {full[len(name) + 1:]: linear for full, linear in targets.items()}
         step = compress_pairwise_block(
             name, block, local, keep, inputs if config.sequential else dense_inputs,
-            dense_inputs, _heads(model), qk_drop=config.qk_drop, vo_drop=config.vo_drop,
+            dense_inputs, attention_heads(model), qk_drop=config.qk_drop, vo_drop=config.vo_drop,
             rank_multiple=config.rank_multiple,
             options={key: options[key] for key in ("ridge", "damping", "refit")})
         return step.reports, step.next_dense_inputs if want_dense_next else None

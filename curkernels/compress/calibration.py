@@ -15,6 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 
+def _per_token(total: str, doc: str) -> property:
+    """A read-only statistic: the sum kept in field `total` over the tokens seen."""
+    return property(lambda stats: getattr(stats, total) / max(stats.tokens, 1), doc=doc)
+
+
 @dataclass
 class LinearStats:
     """Sums over the calibration tokens seen by one Linear (pads excluded).
@@ -30,19 +35,10 @@ class LinearStats:
     out_sum: torch.Tensor | None = None
     out_outer: torch.Tensor | None = None
 
-    @property
-    def mean(self) -> torch.Tensor:
-        """E[x] per input channel."""
-        return self.in_sum / max(self.tokens, 1)
-
-    @property
-    def mean_sq(self) -> torch.Tensor:
-        """E[x²] per input channel (the Wanda activation norm, squared)."""
-        return self.sq_sum / max(self.tokens, 1)
-
-    @property
-    def mean_abs(self) -> torch.Tensor:
-        return self.abs_sum / max(self.tokens, 1)
+    mean = _per_token("in_sum", "E[x] per input channel.")
+    mean_sq = _per_token("sq_sum", "E[x²] per input channel (the Wanda activation norm, "
+                         "squared).")
+    mean_abs = _per_token("abs_sum", "E[|x|] per input channel.")
 
     @property
     def second_moment(self) -> torch.Tensor:
@@ -206,23 +202,10 @@ class PairedInputStats:
     gram: torch.Tensor
     cross: torch.Tensor
 
-    @property
-    def mean(self) -> torch.Tensor:
-        return self.sum / max(self.tokens, 1)
-
-    @property
-    def dense_mean(self) -> torch.Tensor:
-        return self.dense_sum / max(self.tokens, 1)
-
-    @property
-    def second_moment(self) -> torch.Tensor:
-        """E[x̂x̂ᵀ] (n×n)."""
-        return self.gram / max(self.tokens, 1)
-
-    @property
-    def cross_moment(self) -> torch.Tensor:
-        """E[x x̂ᵀ] (n×n): dense inputs against compressed inputs."""
-        return self.cross / max(self.tokens, 1)
+    mean = _per_token("sum", "E[x̂] per input channel.")
+    dense_mean = _per_token("dense_sum", "E[x] per input channel.")
+    second_moment = _per_token("gram", "E[x̂x̂ᵀ] (n×n).")
+    cross_moment = _per_token("cross", "E[x x̂ᵀ] (n×n): dense inputs against compressed inputs.")
 
     @property
     def mean_sq(self) -> torch.Tensor:

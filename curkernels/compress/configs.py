@@ -273,6 +273,8 @@ class PairwiseConfig(MethodConfig):
 CONFIGS: dict[str, type[MethodConfig]] = {
     cls.method: cls for cls in (SVDConfig, ASVDConfig, SVDLLMConfig, CURingConfig, ROMConfig,
                                 LPAFConfig, PairwiseConfig)}
+# The config classes that `curkernels` and `curkernels.compress` export (by this list alone).
+__all__ = ["MethodConfig", *(cls.__name__ for cls in CONFIGS.values())]
 
 
 def config_class(method: str) -> type[MethodConfig]:

@@ -38,7 +38,8 @@ ALLOCATIONS = ("importance", "uniform")
 
 
 @dataclass
-class _Heads:
+class AttentionHeads:
+    """A decoder's query heads, key-value heads and head dimension."""
     query: int
     key_value: int
     dim: int
@@ -123,11 +124,15 @@ def group_keeps(groups: list[tuple[str, ...]], sizes: list[int], keep: float, qk
     return keeps
 
 
-def _heads(model: nn.Module) -> _Heads:
-    config = model.config
+def attention_heads(model: nn.Module) -> AttentionHeads:
+    """The heads of a transformers decoder model; anything else is refused by name."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "num_attention_heads"):
+        raise ValueError("pairwise needs a transformers decoder model (config with "
+                         "num_attention_heads)")
     query = config.num_attention_heads
     dim = getattr(config, "head_dim", None) or config.hidden_size // query
-    return _Heads(query, getattr(config, "num_key_value_heads", None) or query, dim)
+    return AttentionHeads(query, getattr(config, "num_key_value_heads", None) or query, dim)
 
 
 def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
@@ -183,7 +188,7 @@ class _BlockCompressor:
     (`inputs`) against its dense twin (`dense_inputs`)."""
 
     def __init__(self, name: str, block: nn.Module, inputs, dense_inputs, refit_targets,
-                 heads: _Heads, options: dict):
+                 heads: AttentionHeads, options: dict):
         self.name, self.block, self.inputs, self.heads = name, block, inputs, heads
         self.ridge, self.damping, self.refit = (options["ridge"], options["damping"],
                                                 options["refit"])
@@ -281,7 +286,7 @@ class _BlockCompressor:
                                          self.refit, stats, self.damping), start)
 
 
-def _groups(local_names: set[str]) -> list[tuple[str, ...]]:
+def target_groups(local_names: set[str]) -> list[tuple[str, ...]]:
     """The (q, k), (v, o) and (gate, up, down) groups among a block's targets (local names);
     a target whose partners are not all targets is an error."""
     groups, used = [], set()
@@ -307,13 +312,13 @@ def _groups(local_names: set[str]) -> list[tuple[str, ...]]:
 
 @torch.no_grad()
 def compress_block(name: str, block: nn.Module, targets: dict[str, nn.Linear], keep: float,
-                   inputs, dense_inputs, heads: _Heads, *, qk_drop: float, vo_drop: float,
+                   inputs, dense_inputs, heads: AttentionHeads, *, qk_drop: float, vo_drop: float,
                    rank_multiple: int, options: dict) -> "_BlockCompressor":
     """Compress one block's `targets` (local names) to `keep` of their weights, split among
     q/k, v/o and the MLP by `group_keeps`; `inputs` are the block's calibration inputs (the
     compressed model's when sequential), `dense_inputs` the dense model's. Returns the step,
     holding its reports and the next block's dense inputs."""
-    groups = _groups(set(targets))
+    groups = target_groups(set(targets))
     # the refits (o_proj, down_proj: the last member of a v/o or MLP group) need the dense
     # block's inputs to them; non-sequential calibration runs the block on dense inputs
     refit_targets = [group[-1] for group in groups if not group[0].endswith(ATTENTION_QK[0])]
@@ -353,10 +358,7 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
         qk_drop, vo_drop: q/k's and v/o's dropped fraction as a multiple of the MLP's inside
             each block's budget (see `group_keeps`); attention is the less forgiving part.
     """
-    if getattr(model, "config", None) is None or not hasattr(model.config,
-                                                            "num_attention_heads"):
-        raise ValueError("pairwise needs a transformers decoder model (config with "
-                         "num_attention_heads)")
+    heads = attention_heads(model)
     prefix, blocks = block_list(model)
     per_block: dict[int, dict[str, nn.Linear]] = {}
     for name, linear in targets.items():
@@ -367,7 +369,7 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
                              f"{prefix}")
         per_block.setdefault(int(index), {})[name[len(f"{start}{index}."):]] = linear
     for local in per_block.values():
-        _groups(set(local))  # whole groups in every block, checked before any calibration
+        target_groups(set(local))  # whole groups in every block, checked before any calibration
     indices = sorted(per_block)
     sizes = [sum(linear.weight.numel() for linear in per_block[i].values()) for i in indices]
     if allocation == "importance":
@@ -377,7 +379,6 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
     else:
         keeps = dict.fromkeys(indices, keep)
     options = {"ridge": ridge, "damping": damping, "refit": refit}
-    heads = _heads(model)
     inputs = dense_inputs = capture_block_inputs(model, blocks[0], calib)
     reports = []
     for index, block in enumerate(blocks):
