@@ -51,7 +51,10 @@ def _stub_cuda_launch(output: torch.Tensor) -> None:
     """The CUDA extension as dispatch sees it, its launch a stub returning `output`."""
     binding = types.ModuleType("curkernels.ops.cuda")
     binding.cur_linear_cuda = lambda x, C, U, R, bias, rows: output
-    sys.modules["curkernels.ops.cuda"] = binding
+    # Under the extension module's name now and before the ops/ layout (b782f0c's
+    # curkernels.ops.cuda_backend): one script times the eager path of both trees.
+    for name in ("curkernels.ops.cuda", "curkernels.ops.cuda_backend"):
+        sys.modules[name] = binding
     dispatch.unavailable_reason = lambda backend, device: None
 
 
