@@ -1,6 +1,6 @@
-"""`curkernels info | compress | eval | generate` as a user runs them, bad input included
-(generation itself and `serve`: tests/serve/test_example_programs.py and
-tests/speculative/test_draft_programs.py)."""
+"""`curkernels info | compress | eval | generate` as a user runs them, bad input included, and
+the loading options `generate` and `serve` share (generation itself and serving:
+tests/serve/test_example_programs.py and tests/speculative/test_draft_programs.py)."""
 
 import json
 import os

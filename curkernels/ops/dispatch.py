@@ -43,7 +43,9 @@ the shared chain would take one more).
 Choices are memoized under everything they read that can change from one call to the next (for
 a layer: the requested backend, device, dtype, M up to DECODE_MAX_ROWS, capture, shape, link).
 Which backends can run is fixed per process, and the environment is read once (settings.py):
-`settings.reload()` reads it again and empties the memos.
+`settings.reload()` reads it again and empties the memos. A memoized Triton decode choice of a
+two-factor layer or group holds its rank's reserved workspaces (triton/workspace.py), which
+`prepare_for_inference` makes ahead (`reserve_decode_workspaces`).
 """
 
 import functools
