@@ -271,6 +271,12 @@ def cell(row: dict | None, key: str = "perplexity") -> str:
     return text
 
 
+def compress_time(row: dict) -> str:
+    """Compression seconds, with the torch threads where the run recorded them."""
+    threads = row.get("threads")
+    return f"{row['compress_seconds']:.0f}" + (f" ({threads} thr)" if threads else "")
+
+
 def markdown(results: dict) -> str:
     proto = results["protocol"]
     dense = results["dense"]
@@ -279,7 +285,8 @@ def markdown(results: dict) -> str:
              f"- dense perplexity: {dense['perplexity']:.2f} ({dense['scored_tokens']} tokens "
              f"scored)" if dense else "- dense: not measured", "",
              "Perplexity (ratio to dense, top-1 agreement with dense); seconds = compression "
-             "(calibration included) on the CPU threads given.", ""]
+             "(calibration included), wall time on the torch threads given (thr) where "
+             "recorded, on a 2-core machine shared with other jobs.", ""]
     runs = results["runs"]
     keeps = sorted({r["keep"] for r in runs.values()}, reverse=True)
     labels = list(dict.fromkeys(r["label"] for r in runs.values()))
@@ -287,7 +294,7 @@ def markdown(results: dict) -> str:
     lines += [header, "|---" * (len(keeps) + 2) + "|"]
     for label in labels:
         found = {r["keep"]: r for r in runs.values() if r["label"] == label}
-        seconds = ", ".join(f"{found[k]['compress_seconds']:.0f}" for k in keeps if k in found)
+        seconds = ", ".join(compress_time(found[k]) for k in keeps if k in found)
         name = label if label not in ("default", "curing-own") else (
             f"{label} ({next(iter(found.values()))['method']})")
         lines.append(f"| {name} | " + " | ".join(cell(found.get(k)) for k in keeps)
@@ -315,7 +322,7 @@ def markdown(results: dict) -> str:
                   "| run | keep | perplexity | seconds |", "|---|---|---|---|"]
         for key, r in results["ablation"].items():
             lines.append(f"| {key.rsplit('@', 1)[0]} | {r['keep']:g} | {cell(r)} | "
-                         f"{r['compress_seconds']:.0f} |")
+                         f"{compress_time(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -418,7 +425,7 @@ def main(argv=None) -> dict:
 
     def measure(label, keep, options):
         model, row = compress_run(dense, label, keep, calib, tokenizer, options)
-        row.update(label=label, keep=keep, options=options,
+        row.update(label=label, keep=keep, options=options, threads=args.threads,
                    block_kept=block_parameters(model, prefix) / dense_row["block_parameters"])
         row.update(quality(model, ids, args.window, dense_scores)[0])
         if args.heal:

@@ -105,7 +105,7 @@ def test_a_run_writes_json_markdown_and_plot_and_later_runs_merge(bench, data, g
     assert own["method"] == "curing" and own["modules"] < svd["modules"]
     assert 0 <= svd["agreement"] <= 1 and svd["ratio"] == pytest.approx(
         svd["perplexity"] / dense["perplexity"])
-    assert svd["block_kept"] < 1 and svd["compress_seconds"] > 0
+    assert svd["block_kept"] < 1 and svd["compress_seconds"] > 0 and svd["threads"] == 1
     healed = svd["healed"]
     assert healed["steps"] == 3 and healed["tokens"] == 3 * 2 * 16 and healed["perplexity"] > 1
     # validation KL checked at steps 0 and 2 and after the last; the kept step is the lowest
@@ -116,7 +116,7 @@ def test_a_run_writes_json_markdown_and_plot_and_later_runs_merge(bench, data, g
     assert list(results["ablation"]) == ["svdllm,allocation=global@0.6"]
     out = tmp_path / "results"
     markdown = (out / "lm_quality.md").read_text()
-    assert results["protocol"]["split"] in markdown and "| svd |" in markdown
+    assert results["protocol"]["split"] in markdown and "| svd |" in markdown and "(1 thr)" in markdown
     assert "curing-own (curing)" in markdown and "## Ablation" in markdown
     assert (out / "lm_quality.png").stat().st_size > 0
     # a later run of another method adds to the table; dense is not measured again
