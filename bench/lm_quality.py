@@ -13,7 +13,10 @@ Protocol (written next to the numbers, in the JSON and the markdown):
   keep = the fraction of those projections' parameters stored; `curing-own` is CURing with its
   own scope (q/k/gate of 10 blocks picked by angular distance); `default` is
   `ck.compress(model, keep=..., calib=...)` with no method named.
-- Healing (`--heal STEPS`): `ck.heal` towards the dense model on the calibration texts only.
+- Healing (`--heal STEPS`): `ck.heal` (KL to the dense model's next-token distribution)
+  on the lines after the evaluation lines (the calibration lines, then every later line of
+  more than 30 words), packed into sequences of `--heal-seq` tokens; the last
+  `--heal-validation` sequences are held out, and the step of the lowest KL on them is kept.
 
 Results merge into bench/results/<name>.json (runs of other methods and keeps are kept while
 the protocol is the same), with <name>.md (tables) and <name>.png (perplexity against the
@@ -41,8 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import curkernels as ck  # noqa: E402
 from curkernels.checkpoint import load_model  # noqa: E402
 from curkernels.checkpoint.model_reference import resolve_model_folder  # noqa: E402
-from curkernels.compress.calibration_sources import tokenize_batches  # noqa: E402
-from curkernels.compress.healing import healable_parameters  # noqa: E402
+from curkernels.compress.healing import healable_parameters, next_token_kl  # noqa: E402
 from curkernels.compress.layer_selection import block_list  # noqa: E402
 from curkernels.eval import NextTokenScores, score_next_tokens  # noqa: E402
 
@@ -57,6 +59,12 @@ SPECIAL_LABELS = ("dense", "default", "curing-own")
 def method_names() -> list[str]:
     """The public method list, `ck.METHODS`."""
     return list(ck.METHODS)
+
+
+def paragraphs(lines: list[str]) -> list[str]:
+    """The lines of more than 30 words that are not headings, stripped, in order."""
+    return [line.strip() for line in lines
+            if len(line.split()) > MIN_CALIB_WORDS and not line.strip().startswith("=")]
 
 
 def split_lines(lines: list[str], tokenizer, eval_tokens: int, calib_samples: int
@@ -76,8 +84,7 @@ def split_lines(lines: list[str], tokenizer, eval_tokens: int, calib_samples: in
     if ids.numel() < eval_tokens:
         raise ValueError(f"the data holds {ids.numel()} tokens, fewer than --eval-tokens "
                          f"{eval_tokens}")
-    calib = [line.strip() for line in lines[cut:]
-             if len(line.split()) > MIN_CALIB_WORDS and not line.strip().startswith("=")]
+    calib = paragraphs(lines[cut:])
     if len(calib) < calib_samples:
         raise ValueError(f"only {len(calib)} calibration lines after the evaluation text, "
                          f"need --calib-samples {calib_samples}")
@@ -143,22 +150,87 @@ def quality(model, ids: torch.Tensor, window: int, dense_scores: NextTokenScores
     return row, scores
 
 
-def heal_run(model, dense, calib: list[str], tokenizer, args) -> dict:
-    """Heal `model` in place on the calibration texts; what it cost."""
-    trainable = sum(p.numel() for p in healable_parameters(model))
+def healing_batches(texts: list[str], tokenizer, seq_len: int, batch_size: int,
+                    validation_sequences: int) -> tuple[list[dict], dict]:
+    """(training batches, validation batch) from `texts` joined by newlines into one token
+    stream cut into sequences of `seq_len` (no padding): the last `validation_sequences`
+    sequences (the last texts) are the validation batch, never trained on."""
+    ids = tokenizer("\n".join(texts), return_tensors="pt")["input_ids"][0]
+    sequences = ids[: ids.numel() // seq_len * seq_len].view(-1, seq_len)
+    if len(sequences) < validation_sequences + batch_size:
+        raise ValueError(f"the healing text holds {len(sequences)} sequences of {seq_len} "
+                         f"tokens, fewer than --heal-validation {validation_sequences} + "
+                         f"--heal-batch {batch_size}")
+    train, validation = sequences[:-validation_sequences], sequences[-validation_sequences:]
+    batches = [{"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+               for chunk in train[: len(train) // batch_size * batch_size].split(batch_size)]
+    return batches, {"input_ids": validation, "attention_mask": torch.ones_like(validation)}
+
+
+class ValidationCheck:
+    """Every `every` steps (and at the end), the KL to the dense model on the validation
+    batch; keeps a copy of the trained tensors where it was lowest, to restore at the end."""
+
+    def __init__(self, model, dense, batch: dict, params: list, every: int):
+        self.model, self.batch, self.params, self.every = model, batch, params, every
+        with torch.no_grad():
+            self.teacher_logits = dense(**batch).logits
+        self.curve: list[tuple[int, float]] = []
+        self.best: tuple[float, int, list[torch.Tensor]] | None = None
+
+    def kl(self) -> float:
+        with torch.no_grad():
+            return float(next_token_kl(self.model(**self.batch).logits, self.teacher_logits,
+                                       None))
+
+    def __call__(self, step: int) -> None:
+        if step % self.every == 0:
+            self.record(step)
+
+    def record(self, step: int) -> None:
+        value = self.kl()
+        self.curve.append((step, value))
+        print(f"  healing step {step}: validation KL {value:.4f}", flush=True)
+        if self.best is None or value < self.best[0]:
+            self.best = (value, step, [p.detach().clone() for p in self.params])
+
+    def restore_best(self) -> int:
+        """Puts back the tensors of the lowest validation KL; the step they are from."""
+        with torch.no_grad():
+            for param, saved in zip(self.params, self.best[2], strict=True):
+                param.copy_(saved)
+        return self.best[1]
+
+
+def heal_run(model, dense, texts: list[str], tokenizer, args) -> dict:
+    """Heal `model` in place on `texts` (never evaluation lines), keeping the step of the
+    lowest validation KL; what it cost."""
+    params = healable_parameters(model)
+    batches, validation = healing_batches(texts, tokenizer, args.heal_seq, args.heal_batch,
+                                          args.heal_validation)
+    check = ValidationCheck(model, dense, validation, params, args.heal_check)
     start = time.perf_counter()
-    losses = ck.heal(model, dense, calib, steps=args.heal, lr=args.heal_lr, tokenizer=tokenizer,
-                     seq_len=args.calib_tokens, batch_size=args.heal_batch,
-                     temperature=args.heal_temperature, mse_weight=args.heal_mse)
-    batches = tokenize_batches(calib, tokenizer, seq_len=args.calib_tokens,
-                               batch_size=args.heal_batch)  # as heal cut them, to count tokens
-    tokens = sum(int(batches[i % len(batches)]["attention_mask"].sum())
-                 for i in range(args.heal))
-    return {"steps": args.heal, "lr": args.heal_lr, "batch": args.heal_batch,
+    losses = ck.heal(model, dense, batches, steps=args.heal, lr=args.heal_lr,
+                     warmup=args.heal_warmup, temperature=args.heal_temperature,
+                     mse_weight=args.heal_mse, before_step=check)
+    check.record(args.heal)
+    kept_step = check.restore_best()
+    tokens = args.heal * args.heal_batch * args.heal_seq
+    return {"steps": args.heal, "lr": args.heal_lr, "warmup": args.heal_warmup,
+            "batch": args.heal_batch, "seq_len": args.heal_seq,
             "temperature": args.heal_temperature, "mse_weight": args.heal_mse,
-            "trainable_parameters": trainable, "threads": args.threads, "tokens": tokens,
-            "heal_seconds": time.perf_counter() - start, "first_loss": losses[0],
-            "last_loss": losses[-1]}
+            "trainable_parameters": sum(p.numel() for p in params), "threads": args.threads,
+            "tokens": tokens, "distinct_tokens": min(tokens, len(batches) * args.heal_batch
+                                                     * args.heal_seq),
+            "validation_tokens": validation["input_ids"].numel(),
+            "validation_kl": check.curve, "kept_step": kept_step,
+            "heal_seconds": time.perf_counter() - start,
+            "data": (f"the {len(texts)} lines after the evaluation lines with more than "
+                     f"{MIN_CALIB_WORDS} words (headings excluded; the calibration lines "
+                     f"first), joined by newlines, cut into sequences of {args.heal_seq} "
+                     f"tokens in order; the last {args.heal_validation} sequences are the "
+                     f"validation text (never trained on), which picks the step kept"),
+            "loss_by_step": losses}
 
 
 def protocol(args, model_name: str, eval_lines: int) -> dict:
@@ -199,6 +271,12 @@ def cell(row: dict | None, key: str = "perplexity") -> str:
     return text
 
 
+def compress_time(row: dict) -> str:
+    """Compression seconds, with the torch threads where the run recorded them."""
+    threads = row.get("threads")
+    return f"{row['compress_seconds']:.0f}" + (f" ({threads} thr)" if threads else "")
+
+
 def markdown(results: dict) -> str:
     proto = results["protocol"]
     dense = results["dense"]
@@ -207,7 +285,8 @@ def markdown(results: dict) -> str:
              f"- dense perplexity: {dense['perplexity']:.2f} ({dense['scored_tokens']} tokens "
              f"scored)" if dense else "- dense: not measured", "",
              "Perplexity (ratio to dense, top-1 agreement with dense); seconds = compression "
-             "(calibration included) on the CPU threads given.", ""]
+             "(calibration included), wall time on the torch threads given (thr) where "
+             "recorded, on a 2-core machine shared with other jobs.", ""]
     runs = results["runs"]
     keeps = sorted({r["keep"] for r in runs.values()}, reverse=True)
     labels = list(dict.fromkeys(r["label"] for r in runs.values()))
@@ -215,30 +294,35 @@ def markdown(results: dict) -> str:
     lines += [header, "|---" * (len(keeps) + 2) + "|"]
     for label in labels:
         found = {r["keep"]: r for r in runs.values() if r["label"] == label}
-        seconds = ", ".join(f"{found[k]['compress_seconds']:.0f}" for k in keeps if k in found)
+        seconds = ", ".join(compress_time(found[k]) for k in keeps if k in found)
         name = label if label not in ("default", "curing-own") else (
             f"{label} ({next(iter(found.values()))['method']})")
         lines.append(f"| {name} | " + " | ".join(cell(found.get(k)) for k in keeps)
                      + f" | {seconds} |")
     healed = [r for r in runs.values() if "healed" in r]
     if healed:
-        lines += ["", "## Healed (distilled towards the dense model on the calibration text)",
-                  "", "minutes = healing on the CPU threads given; trained = parameters trained.",
-                  "", "| method | keep | training-free | healed | trained | steps | lr | "
-                  "tokens | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Healed (distilled towards the dense model's next-token distribution)",
+                  "", f"- healing text: {healed[0]['healed']['data']}",
+                  "- minutes = healing on the CPU threads given (validation checks included); "
+                  "trained = parameters trained; kept = the step of the lowest validation KL, "
+                  "whose weights are scored", "",
+                  "| method | keep | training-free | healed | trained | steps × batch × seq | "
+                  "lr | tokens | kept | validation KL (step: KL) | threads | minutes |",
+                  "|---" * 12 + "|"]
         for r in healed:
             h = r["healed"]
-            trained = h.get("trainable_parameters")
+            curve = " ".join(f"{step}: {kl:.3f}" for step, kl in h["validation_kl"])
             lines.append(f"| {r['label']} | {r['keep']:g} | {cell(r)} | {cell(h)} | "
-                         f"{'—' if trained is None else f'{trained / 1e6:.2f} M'} | "
-                         f"{h['steps']} | {h['lr']:g} | {h['tokens']:,} | "
+                         f"{h['trainable_parameters'] / 1e6:.1f} M | "
+                         f"{h['steps']} × {h['batch']} × {h['seq_len']} | {h['lr']:g} | "
+                         f"{h['tokens']:,} | {h['kept_step']} | {curve} | {h['threads']} | "
                          f"{h['heal_seconds'] / 60:.1f} |")
     if results["ablation"]:
         lines += ["", "## Ablation (each option alone, against the method's defaults)", "",
                   "| run | keep | perplexity | seconds |", "|---|---|---|---|"]
         for key, r in results["ablation"].items():
             lines.append(f"| {key.rsplit('@', 1)[0]} | {r['keep']:g} | {cell(r)} | "
-                         f"{r['compress_seconds']:.0f} |")
+                         f"{compress_time(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -287,7 +371,14 @@ def parse_args(argv=None):
     parser.add_argument("--calib-tokens", type=int, default=256)
     parser.add_argument("--heal", type=int, default=0, help="healing steps (0: none)")
     parser.add_argument("--heal-lr", type=float, default=1e-4)
-    parser.add_argument("--heal-batch", type=int, default=4)
+    parser.add_argument("--heal-batch", type=int, default=2)
+    parser.add_argument("--heal-seq", type=int, default=512,
+                        help="tokens per healing sequence (packed, no padding)")
+    parser.add_argument("--heal-warmup", type=int, default=8, help="linear warm-up steps")
+    parser.add_argument("--heal-validation", type=int, default=2,
+                        help="sequences at the end of the healing text kept for validation")
+    parser.add_argument("--heal-check", type=int, default=20,
+                        help="steps between validation KL checks")
     parser.add_argument("--heal-temperature", type=float, default=1.0,
                         help="temperature of the KL to the dense next-token distribution")
     parser.add_argument("--heal-mse", type=float, default=0.0,
@@ -318,6 +409,7 @@ def main(argv=None) -> dict:
     dense, tokenizer = load_model(args.model, dtype=torch.float32)
     lines = Path(args.data).read_text(encoding="utf-8").splitlines(keepends=True)
     ids, calib, eval_lines = split_lines(lines, tokenizer, args.eval_tokens, args.calib_samples)
+    healing_texts = paragraphs(lines[eval_lines:])
     path = args.out / f"{args.name}.json"
     prefix = block_list(dense)[0]
     results = load_results(path, protocol(args, args.model, eval_lines))
@@ -333,11 +425,11 @@ def main(argv=None) -> dict:
 
     def measure(label, keep, options):
         model, row = compress_run(dense, label, keep, calib, tokenizer, options)
-        row.update(label=label, keep=keep, options=options,
+        row.update(label=label, keep=keep, options=options, threads=args.threads,
                    block_kept=block_parameters(model, prefix) / dense_row["block_parameters"])
         row.update(quality(model, ids, args.window, dense_scores)[0])
         if args.heal:
-            row["healed"] = heal_run(model, dense, calib, tokenizer, args)
+            row["healed"] = heal_run(model, dense, healing_texts, tokenizer, args)
             row["healed"].update(quality(model, ids, args.window, dense_scores)[0])
         print(f"{run_key(label, keep, options)}: {cell(row)}"
               + (f" → healed {cell(row['healed'])}" if args.heal else "")

@@ -210,7 +210,8 @@ def heal(model: nn.Module, teacher: nn.Module, data, steps: int = 200, *,
          trainable: tuple[str, ...] | None = None, kl_weight: float | None = None,
          ce_weight: float | None = None, mse_weight: float | None = None,
          pooled_weight: float = 0.0, temperature: float = 1.0, train_norms: bool = False,
-         tokenizer=None, seq_len: int = 256, batch_size: int = 4) -> list[float]:
+         tokenizer=None, seq_len: int = 256, batch_size: int = 4,
+         before_step: Callable[[int], None] | None = None) -> list[float]:
     """Distil `model` (compressed, in place) towards `teacher` (the dense model) on `data` —
     input dicts, or texts with `tokenizer` (cut to `seq_len` tokens, `batch_size` a batch) —
     and return the loss of every step.
@@ -225,6 +226,8 @@ def heal(model: nn.Module, teacher: nn.Module, data, steps: int = 200, *,
     `mse_weight` 0.9 · hidden-state MSE, plus `pooled_weight`·(1 − cosine) of the
     attention-mask mean-pooled last hidden state — the sentence embedding a mean-pooling
     encoder is scored on (e.g. STS). Weights must be finite and ≥ 0, and not all 0.
+
+    `before_step(step)` runs before each step's forward, e.g. to check a validation loss.
     """
     defaults = CAUSAL_LM_WEIGHTS if is_causal_lm(model) else ENCODER_WEIGHTS
     given = {"kl_weight": kl_weight, "ce_weight": ce_weight, "mse_weight": mse_weight}
@@ -244,7 +247,7 @@ def heal(model: nn.Module, teacher: nn.Module, data, steps: int = 200, *,
         p.requires_grad_(True)
     try:
         return train_factors(model, teacher, batches, params, steps, lr, weight_decay, warmup,
-                             **weights)
+                             before_step=before_step, **weights)
     finally:
         for p, flag in flags.items():
             p.requires_grad_(flag)

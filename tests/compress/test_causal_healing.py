@@ -135,3 +135,12 @@ def test_a_narrow_layer_heals_its_weight_and_bias_only_where_it_reads_kept_input
     assert [id(p) for p in trained] == [id(partner.weight), id(partner.bias)]
     with pytest.raises(ValueError, match="healable"):
         healable_parameters(nn.Sequential(rows))
+
+
+def test_heal_calls_before_step_ahead_of_each_steps_forward(tiny_llama, batches):
+    model = copy.deepcopy(tiny_llama)
+    ck.compress(model, "svdllm", 0.5, batches)
+    events = []
+    model.register_forward_pre_hook(lambda module, args: events.append("forward"))
+    ck.heal(model, tiny_llama, batches, steps=3, lr=1e-3, before_step=events.append)
+    assert events == [0, "forward", 1, "forward", 2, "forward"]

@@ -4,6 +4,7 @@ import json
 import random
 
 import pytest
+import torch
 from bench_scripts import load_bench_script
 from tiny_gguf import tiny_llama, write_gguf
 
@@ -53,6 +54,26 @@ def test_calibration_and_evaluation_never_share_a_line(bench, data, gguf_model):
         bench.split_lines(lines, tokenizer, eval_tokens=300, calib_samples=1000)
 
 
+def test_healing_text_is_packed_and_its_validation_sequences_never_trained(bench, data,
+                                                                          gguf_model):
+    _, tokenizer = load_model(str(gguf_model))
+    texts = bench.paragraphs(data.read_text().splitlines(keepends=True))
+    batches, validation = bench.healing_batches(texts, tokenizer, seq_len=16, batch_size=3,
+                                                validation_sequences=2)
+    stream = tokenizer("\n".join(texts), return_tensors="pt")["input_ids"][0]
+    whole = stream.numel() // 16
+    assert validation["input_ids"].shape == (2, 16)
+    assert torch.equal(validation["input_ids"].flatten(),
+                       stream[(whole - 2) * 16: whole * 16])
+    trained = torch.cat([b["input_ids"] for b in batches]).flatten()
+    assert all(b["input_ids"].shape == (3, 16) and b["attention_mask"].all() for b in batches)
+    assert torch.equal(trained, stream[: trained.numel()])
+    assert trained.numel() <= (whole - 2) * 16 < trained.numel() + 3 * 16
+    with pytest.raises(ValueError, match="heal-validation"):
+        bench.healing_batches(texts, tokenizer, seq_len=16, batch_size=3,
+                              validation_sequences=whole)
+
+
 def test_parse_ablation(bench):
     assert bench.parse_ablation("svdllm:allocation=global,damping=0.01") == (
         "svdllm", {"allocation": "global", "damping": 0.01})
@@ -69,7 +90,8 @@ def test_a_run_writes_json_markdown_and_plot_and_later_runs_merge(bench, data, g
               "--window", "64", "--calib-samples", "4", "--calib-tokens", "32", "--threads", "1",
               "--out", str(tmp_path / "results")]
     results = bench.main([*common, "--methods", "dense,svd,curing-own", "--keeps", "0.5",
-                          "--heal", "2", "--heal-batch", "2",
+                          "--heal", "3", "--heal-batch", "2", "--heal-seq", "16",
+                          "--heal-validation", "1", "--heal-check", "2",
                           "--ablation", "svdllm:allocation=global", "--ablation-keeps", "0.6"])
     dense = results["dense"]
     model, tokenizer = load_model(str(gguf_model))
@@ -83,15 +105,18 @@ def test_a_run_writes_json_markdown_and_plot_and_later_runs_merge(bench, data, g
     assert own["method"] == "curing" and own["modules"] < svd["modules"]
     assert 0 <= svd["agreement"] <= 1 and svd["ratio"] == pytest.approx(
         svd["perplexity"] / dense["perplexity"])
-    assert svd["block_kept"] < 1 and svd["compress_seconds"] > 0
+    assert svd["block_kept"] < 1 and svd["compress_seconds"] > 0 and svd["threads"] == 1
     healed = svd["healed"]
-    assert healed["steps"] == 2 and healed["tokens"] > 0 and healed["perplexity"] > 1
+    assert healed["steps"] == 3 and healed["tokens"] == 3 * 2 * 16 and healed["perplexity"] > 1
+    # validation KL checked at steps 0 and 2 and after the last; the kept step is the lowest
+    assert [step for step, _ in healed["validation_kl"]] == [0, 2, 3]
+    assert healed["kept_step"] == min(healed["validation_kl"], key=lambda c: c[1])[0]
     # what healing trained (svd's A and B): fewer parameters than the decoder blocks hold
     assert 0 < healed["trainable_parameters"] < dense["block_parameters"]
     assert list(results["ablation"]) == ["svdllm,allocation=global@0.6"]
     out = tmp_path / "results"
     markdown = (out / "lm_quality.md").read_text()
-    assert results["protocol"]["split"] in markdown and "| svd |" in markdown
+    assert results["protocol"]["split"] in markdown and "| svd |" in markdown and "(1 thr)" in markdown
     assert "curing-own (curing)" in markdown and "## Ablation" in markdown
     assert (out / "lm_quality.png").stat().st_size > 0
     # a later run of another method adds to the table; dense is not measured again
