@@ -39,6 +39,7 @@ Writes bench/results/<--name>.json, .md and .png.
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -143,6 +144,10 @@ def alpha_needed(c: float, ks=range(1, 9)) -> float | None:
     return high
 
 
+def agreement(per_prompt: list[list[bool]]) -> float:
+    return sum(map(sum, per_prompt)) / sum(map(len, per_prompt))
+
+
 def timed_generation(generator, prompts, new_tokens):
     outputs, start = [], time.perf_counter()
     for prompt in prompts:
@@ -174,8 +179,8 @@ def protocol(args) -> dict:
                    for key, value in vars(args).items()})
 
 
-def row_label(name: str, args) -> str:
-    if not args.heal_steps:
+def row_label(name: str, healed: bool, args) -> str:
+    if not healed:
         return name
     return (f"{name} healed {args.heal_steps} steps ({args.heal_data}, "
             f"{'+'.join(args.heal_trainable)})")
@@ -197,11 +202,21 @@ def markdown(results: dict) -> str:
                      f"{r['cpu_tokens_per_s_speculative']:.2f} | {r['output_identical']} |")
     notes = [f"- {key}: {value}" for key, value in results["protocol"].items()]
     runs = [f"- {r.get('label', r['draft'])}: " + ", ".join(
-        f"{key} {r['protocol'][key]}" for key in RUN_OPTIONS if key in r["protocol"])
-        for r in results["rows"]]
+        f"{key} {r['protocol'][key]}" for key in RUN_OPTIONS if key in r["protocol"]
+        and (r["heal_steps"] or not key.startswith("heal_"))) for r in results["rows"]]
     return "\n".join(["# Speculative decoding on SmolLM2-135M", "", *lines, "",
                       "Protocol (of the latest run; each row's own options below):", *notes, "",
                       "Options of the run that measured each row:", *runs]) + "\n"
+
+
+FINDINGS = "## Findings"
+
+
+def findings(path: Path) -> str:
+    """The hand-written section of an earlier markdown (from its FINDINGS heading on), which a
+    rerun keeps below the regenerated tables."""
+    text = path.read_text() if path.exists() else ""
+    return "" if FINDINGS not in text else "\n" + text[text.index(FINDINGS):]
 
 
 # the options that differ between the runs whose rows one results file holds
@@ -263,18 +278,21 @@ def measure_draft(name, model, tokenizer, calib_texts, prompts, continuations, d
     options = draft_options(name, head_counts, tokenizer, model.config.vocab_size)
     draft = ck.make_draft(model, calib=calib, tokenizer=tokenizer, **options)
     build_seconds = time.perf_counter() - start
-    heal_seconds, losses = 0.0, []
-    if args.heal_steps:
+    heal_seconds, losses, alpha_before = 0.0, [], None
+    healed = bool(args.heal_steps and draft.draft_spec.factors)  # a head-only draft owns no U
+    if healed:
+        alpha_before = agreement(teacher_forced_matches(draft, torch.cat(prompts),
+                                                        continuations))
         start = time.perf_counter()
         losses = ck.heal_draft(draft, model, training, steps=args.heal_steps, lr=args.heal_lr,
                                trainable=tuple(args.heal_trainable))
         heal_seconds = time.perf_counter() - start
-    label = row_label(name, args)
+    label = row_label(name, healed, args)
     if args.save_drafts is not None:
-        ck.save_draft(draft, args.save_drafts / label.replace(" ", "_").replace("(", "")
-                      .replace(")", "").replace(",", ""), overwrite=True)
+        ck.save_draft(draft, args.save_drafts / re.sub(r"[^\w.+-]+", "_", label).strip("_"),
+                      overwrite=True)
     per_prompt = teacher_forced_matches(draft, torch.cat(prompts), continuations)
-    alpha = sum(map(sum, per_prompt)) / sum(map(len, per_prompt))
+    alpha = agreement(per_prompt)
     tau = {k: sum(tokens_per_step(m, k) for m in per_prompt) / len(per_prompt)
            for k in range(1, 9)}
     c = read_parameters_per_token(draft) / read_parameters_per_token(model)
@@ -285,8 +303,9 @@ def measure_draft(name, model, tokenizer, calib_texts, prompts, continuations, d
     outputs, rate = timed_generation(generator, prompts[:args.timed_prompts], args.new_tokens)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return dict(draft=name, label=label, options=DRAFTS[name], protocol=protocol(args),
-                heal_steps=args.heal_steps, heal_seconds=heal_seconds,
-                heal_losses=[round(loss, 5) for loss in losses], alpha=alpha,
+                heal_steps=args.heal_steps if healed else 0, heal_seconds=heal_seconds,
+                heal_losses=[round(loss, 5) for loss in losses],
+                alpha_before_healing=alpha_before, alpha=alpha,
                 alpha_needed=alpha_needed(c),
                 tokens_per_step={str(k): value for k, value in tau.items()},
                 bytes_per_token_ratio=c, predicted_speedup=speedup[best_k], best_k=best_k,
@@ -350,7 +369,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
         results = merged_results(path, protocol(args), rows)
         path.write_text(json.dumps(results, indent=2) + "\n")
-        (RESULTS / f"{args.name}.md").write_text(markdown(results))
+        markdown_path = RESULTS / f"{args.name}.md"
+        markdown_path.write_text(markdown(results) + findings(markdown_path))
         plot(results, RESULTS / f"{args.name}.png")
     print(markdown(results))
 
