@@ -47,6 +47,9 @@ def markdown(result: dict) -> str:
              f"{r['tokens_per_s_dense']:.2f} | {r['tokens_per_s_speculative']:.2f} | "
              f"{r['complete']} |", "", "Protocol (bench/speculative_identity.py):"]
     lines += [f"- {key}: {value}" for key, value in r["protocol"].items()]
+    if r["protocol"].get("draft", "None") != "None":
+        lines += ["- the draft is the one saved in --draft: keep, head_tokens, calib and "
+                  "head_calib above are unused"]
     lines += [f"- draft_build_seconds: {r['draft_build_seconds']:.1f}"]
     return "\n".join(lines) + "\n"
 
