@@ -60,15 +60,22 @@ def whitening_factor(second_moment: torch.Tensor, damping: float) -> torch.Tenso
 
 def damped_cholesky_(moment: torch.Tensor, damping: float) -> tuple[torch.Tensor, float]:
     """(L, δ) with LLᵀ = moment + δ·I, δ = damping·mean(diag), raised tenfold while rounding
-    leaves the matrix indefinite; in `moment`'s dtype. In place: L is a (transposed) view of
-    `moment`'s memory, so the n×n matrix is held once (LAPACK's potrf writes one triangle;
-    the other keeps the matrix, from which a failed attempt is restored)."""
+    leaves the matrix indefinite; in `moment`'s dtype. On the CPU in place: L is a
+    (transposed) view of `moment`'s memory, so the n×n matrix is held once (LAPACK's potrf
+    writes one triangle; the other keeps the matrix, from which a failed attempt is
+    restored)."""
     if moment.dim() != 2 or moment.shape[0] != moment.shape[1] or not moment.is_contiguous():
         raise ValueError(f"moment must be a contiguous square matrix, got shape "
                          f"{tuple(moment.shape)}")
     diagonal = moment.diagonal().clone()
     scale = float(diagonal.double().mean().clamp_min(1e-12))
     shift = damping * scale
+    if moment.device.type != "cpu":  # potrf in place is LAPACK's (CPU); a GPU factors a copy
+        factor, info = torch.linalg.cholesky_ex(_plus_diagonal(moment, shift))
+        while int(info) > 0:
+            shift = max(shift * 10, 1e-10 * scale)
+            factor, info = torch.linalg.cholesky_ex(_plus_diagonal(moment, shift))
+        return factor, shift
     # the symmetric matrix read column-major is itself: potrf works on it where it lies
     array = moment.detach().numpy().T
     (potrf,) = get_lapack_funcs(("potrf",), (array,))
@@ -118,7 +125,7 @@ def unwhitened_factors(whitened_svd, L: torch.Tensor, rank: int):
 def whiten(weight: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
     """W·L in L's dtype, a block of W's rows at a time (no copy of W in that dtype)."""
     rows = max(1, CHUNK_VALUES // max(weight.shape[1], 1))
-    out = torch.empty(weight.shape[0], L.shape[1], dtype=L.dtype)
+    out = torch.empty(weight.shape[0], L.shape[1], dtype=L.dtype, device=L.device)
     for start in range(0, weight.shape[0], rows):
         out[start:start + rows] = weight[start:start + rows].detach().to(L.dtype) @ L
     return out
@@ -135,7 +142,7 @@ def one_shot_factors(weight: torch.Tensor, K: torch.Tensor | None, left: torch.T
     inverse_root = torch.where(root > 0, 1 / root, torch.zeros_like(root))
     projector = (left if K is None else K.double() @ left) * inverse_root  # (KU_rΣ^{-1/2})ᵀW
     columns = max(1, CHUNK_VALUES // max(weight.shape[0], 1))
-    B = torch.empty(rank, weight.shape[1], dtype=torch.float64)
+    B = torch.empty(rank, weight.shape[1], dtype=torch.float64, device=weight.device)
     for start in range(0, weight.shape[1], columns):
         B[:, start:start + columns] = projector.T @ weight[:, start:start + columns].double()
     return fisher_unwhitened(left * root, None if K is None else K.double()), B
