@@ -1,17 +1,19 @@
 """Streaming compression at a real model's shape (issue 22): peak memory and wall time of
 `curkernels compress --stream` beside the whole-model path, and kill -9 + `--resume`.
 
-    python bench/stream_compress.py WORK [--shape 1b] [--measure] [--kills 10]
-        [--method svdllm] [--keep 0.5] [--num-samples 16] [--seq-len 128] [--threads 2]
-        [--whole-cap-gb 8] [--out bench/results]
+    python bench/stream_compress.py WORK [--shape 1b] [--blocks N] [--measure]
+        [--paths stream,whole] [--kills 10] [--method svdllm] [--keep 0.5] [--num-samples 16]
+        [--seq-len 128] [--threads 2] [--layers L] [--whole-cap-gb 8] [--out bench/results]
 
 WORK (a folder outside the repository, e.g. under /tmp) receives a random-weights bf16
 checkpoint of the shape (`1b`: Llama-3.2-1B, `8b`: Llama-3.1-8B, `small`: a few MB), written
 one tensor at a time (a shard per block, one per tensor outside the blocks), with a tokenizer
-(all-MiniLM-L6-v2's: any ids below the vocabulary do). `--measure` runs the CLI with
-`--stream` and without it, at the same time, under `/usr/bin/time -v` (peak RSS, wall time;
-the whole-model run is stopped once its resident memory passes `--whole-cap-gb`, so it cannot
-starve the machine); `--layers` limits the compressed blocks (a block's peak is the same).
+(all-MiniLM-L6-v2's: any ids below the vocabulary do). `--blocks N` writes N decoder
+blocks instead of the shape's (to time a few blocks of a shape too slow to run whole).
+`--measure` runs the CLI with `--stream` and without it (`--paths`), one after the other,
+under `/usr/bin/time -v` (peak RSS, wall time; the whole-model run is stopped once its
+resident memory passes `--whole-cap-gb`, so it cannot starve the machine); `--layers` limits
+the compressed blocks (a block's peak is the same).
 `--kills N` (on the shape given, `small` is quick) kills the streaming CLI at N uniform random
 times within an unkilled run's duration after its progress record appears (imports done),
 continues each with `--resume` (or without it when the kill came before the first record),
@@ -30,7 +32,6 @@ import signal
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
@@ -84,12 +85,14 @@ def random_tensor(shape: tuple[int, ...], generator: torch.Generator) -> torch.T
     return out
 
 
-def write_checkpoint(folder: Path, shape: str, seed: int = 0) -> Path:
-    """The checkpoint, its index and a tokenizer; reused when already complete."""
+def write_checkpoint(folder: Path, shape: str, seed: int = 0, blocks: int | None = None) -> Path:
+    """The checkpoint (with `blocks` decoder blocks instead of the shape's, to time a few),
+    its index and a tokenizer; reused when already complete."""
     if (folder / "model.safetensors.index.json").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, dtype="bfloat16")
+    settings = {**SHAPES[shape], **({} if blocks is None else {"num_hidden_layers": blocks})}
+    config = LlamaConfig(**settings, max_position_embeddings=4096, dtype="bfloat16")
     config.architectures = ["LlamaForCausalLM"]
     shapes = tensor_shapes(config)
     groups: dict[str, list[str]] = {}
@@ -154,19 +157,19 @@ def timed_run(command: list[str], threads: int, cap_gb: float | None) -> dict:
 
 
 def measure(source: Path, work: Path, args) -> dict:
-    """Both paths at once (each one's wall time is under the other's load too)."""
+    """The paths `args.paths` names, one after the other (one heavy job at a time on a shared
+    machine); each row keeps the settings it ran with."""
     runs = {"stream": (["--stream"], None), "whole": ([], args.whole_cap_gb)}
     layers = ["--layers", args.layers] if args.layers else []
-    with ThreadPoolExecutor(len(runs)) as pool:
-        futures = {}
-        for name, (extra, cap) in runs.items():
-            out = work / f"out_{name}"
-            shutil.rmtree(out, ignore_errors=True)
-            futures[name] = pool.submit(timed_run, cli(source, out, args, *extra, *layers),
-                                        args.threads, cap)
-        rows = {name: future.result() for name, future in futures.items()}
-    for name, row in rows.items():
-        print(name, {k: v for k, v in row.items() if k != "tail"}, flush=True)
+    rows = {}
+    for name in args.paths.split(","):
+        extra, cap = runs[name]
+        out = work / f"out_{name}"
+        shutil.rmtree(out, ignore_errors=True)
+        rows[name] = {**timed_run(cli(source, out, args, *extra, *layers), args.threads, cap),
+                      "layers": args.layers, "threads": args.threads}
+        shutil.rmtree(out, ignore_errors=True)
+        print(name, {k: v for k, v in rows[name].items() if k != "tail"}, flush=True)
     return rows
 
 
@@ -253,16 +256,15 @@ def markdown(results: dict) -> str:
         settings = entry["settings"]
         lines += [f"## {shape}: `{settings['method']}` keep {settings['keep']}, "
                   f"{settings['num_samples']} calibration texts × {settings['seq_len']} tokens, "
-                  f"OMP_NUM_THREADS={settings['threads']}, "
-                  f"{'--layers ' + settings['layers'] if settings.get('layers') else 'all blocks'}"
-                  f", checkpoint "
-                  f"{entry['checkpoint_gb']} GB (bf16)", "",
-                  "| path | exit | peak RSS (GB) | wall (s) | note |", "|---|---|---|---|---|"]
+                  f"checkpoint {entry['checkpoint_gb']} GB (bf16)", "",
+                  "| path | blocks compressed | OMP_NUM_THREADS | exit | peak RSS (GB) | wall (s) "
+                  "| note |", "|---|---|---|---|---|---|---|"]
         for name, row in entry["runs"].items():
             note = row.get("note") or (f"stopped at the {row['stopped_at_cap_gb']} GB cap"
                                        if row["stopped_at_cap_gb"] else "")
-            lines.append(f"| {name} | {row['exit']} | {row['peak_rss_gb']} | {row['wall_s']} | "
-                         f"{note} |")
+            blocks = f"--layers {row['layers']}" if row.get("layers") else "all"
+            lines.append(f"| {name} | {blocks} | {row.get('threads', '?')} | {row['exit']} | "
+                         f"{row['peak_rss_gb']} | {row['wall_s']} | {note} |")
         lines.append("")
     for shape, entry in results.get("kills", {}).items():
         s = entry["summary"]
@@ -275,6 +277,8 @@ def markdown(results: dict) -> str:
                   "|---|---|---|---|---|---|",
                   f"| {s['kills']} | {s['identical']} | {s['resumed']} | {s['restarted']} | "
                   f"{s['finished_before_kill']} | {s['work_folders_left']} |", ""]
+    for title, paragraphs in results.get("notes", {}).items():  # written by hand in the JSON
+        lines += [f"## {title}", "", *[line for p in paragraphs for line in (p, "")]]
     return "\n".join(lines)
 
 
@@ -290,27 +294,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--whole-cap-gb", type=float, default=8.0)
+    parser.add_argument("--paths", default="stream,whole", help="the paths --measure runs, "
+                        "one after the other: stream, whole or both (rows of other paths kept)")
     parser.add_argument("--layers", default=None, help="the CLI's --layers: block indices "
                         "'3,5' or a count N picked by angular distance; the other blocks "
                         "stream through unchanged (the peak is one block's)")
+    parser.add_argument("--blocks", type=int, default=None, help="decoder blocks of the "
+                        "generated checkpoint (default: the shape's), to time a few blocks of a "
+                        "shape too slow to run whole")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     if args.work.resolve().is_relative_to(REPOSITORY):
         parser.error("WORK must lie outside the repository (checkpoints are large)")
-    source = write_checkpoint(args.work / f"dense_{args.shape}", args.shape, args.seed)
+    name = f"dense_{args.shape}" + ("" if args.blocks is None else f"_{args.blocks}blocks")
+    source = write_checkpoint(args.work / name, args.shape, args.seed, args.blocks)
     path = args.out / "stream_compress.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
     results["device"] = (f"{platform.processor() or platform.machine()}, "
                          f"{psutil.cpu_count()} cores, {psutil.virtual_memory().total / GB:.0f} GB")
     results["load"] = round(os.getloadavg()[0], 1)
-    settings = {key: getattr(args, key) for key in ("method", "keep", "num_samples", "seq_len",
-                                                   "threads", "layers")}
+    settings = {key: getattr(args, key) for key in ("method", "keep", "num_samples", "seq_len")}
     if args.measure:
         size = sum(p.stat().st_size for p in source.glob("*.safetensors")) / GB
-        results.setdefault("measure", {})[args.shape] = {
-            "settings": settings, "checkpoint_gb": round(size, 2),
-            "runs": measure(source, args.work, args)}
+        entry = results.setdefault("measure", {}).setdefault(name.removeprefix("dense_"), {})
+        if entry.get("settings") != settings:  # rows made with other settings are dropped
+            entry.update(settings=settings, runs={})
+        entry["checkpoint_gb"] = round(size, 2)
+        entry["runs"].update(measure(source, args.work, args))
     if args.kills:
         results.setdefault("kills", {})[args.shape] = kills(source, args.work, args)
     args.out.mkdir(parents=True, exist_ok=True)

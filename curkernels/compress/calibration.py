@@ -14,6 +14,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+# statistics are accumulated (and checked) this many fp64 values at a time: a wide
+# input's whole batch in fp64 (2048 tokens × 8192 = 134 MB) is never copied at once (8 MB)
+CHUNK_VALUES = 1 << 20
+
 
 def _per_token(total: str, doc: str) -> property:
     """A read-only statistic: the sum kept in field `total` over the tokens seen."""
@@ -60,11 +64,19 @@ class LinearStats:
         return self.out_outer / max(self.tokens, 1) - torch.outer(mean, mean)
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every entry is finite, checked a block of entries at a time: `torch.isfinite`
+    of a whole n×n matrix makes temporaries several times its size (|x| and three masks)."""
+    flat = tensor.reshape(-1)
+    return all(bool(torch.isfinite(flat[start:start + CHUNK_VALUES]).all())
+               for start in range(0, flat.numel(), CHUNK_VALUES))
+
+
 def check_finite_stats(name: str, stats: LinearStats) -> None:
     """NaN/Inf in calibration statistics would silently poison every factor built from them."""
     for field in ("in_sum", "sq_sum", "abs_sum", "gram", "out_sum", "out_outer"):
         value = getattr(stats, field)
-        if value is not None and not torch.isfinite(value).all():
+        if value is not None and not all_finite(value):
             raise ValueError(f"calibration statistics of {name!r} hold NaN or Inf in {field}: "
                              f"check the model's weights and the calibration inputs")
     if stats.tokens == 0:
@@ -115,37 +127,50 @@ class StopForward(Exception):
 
 
 class _StatsHook:
-    def __init__(self, linear: nn.Linear, gram: bool, outputs: bool):
+    def __init__(self, linear: nn.Linear, gram: bool, outputs: bool,
+                 gram_dtype: torch.dtype = torch.float64):
         n, m = linear.in_features, linear.out_features
         device = linear.weight.device
-        zeros = lambda *s: torch.zeros(s, dtype=torch.float64, device=device)  # noqa: E731
-        self.stats = LinearStats(0, zeros(n), zeros(n), zeros(n), zeros(n, n) if gram else None,
+        zeros = lambda *s, dtype=torch.float64: torch.zeros(  # noqa: E731
+            s, dtype=dtype, device=device)
+        self.stats = LinearStats(0, zeros(n), zeros(n), zeros(n),
+                                 zeros(n, n, dtype=gram_dtype) if gram else None,
                                  zeros(m) if outputs else None,
                                  zeros(m, m) if outputs else None)
         self.mask = None
 
     def __call__(self, module, args, output):
-        x = _real_tokens(args[0].detach(), self.mask).double()
+        tokens = _real_tokens(args[0].detach(), self.mask)
+        outputs = (_real_tokens(output.detach(), self.mask)
+                   if self.stats.out_sum is not None else None)
+        rows = max(1, CHUNK_VALUES // tokens.shape[-1])
+        for start in range(0, tokens.shape[0], rows):
+            self.add(tokens[start:start + rows],
+                     None if outputs is None else outputs[start:start + rows])
+
+    def add(self, x: torch.Tensor, y: torch.Tensor | None) -> None:
         s = self.stats
         s.tokens += x.shape[0]
+        if s.gram is not None:  # in place: no n×n product beside the sum
+            low = x.to(s.gram.dtype)
+            s.gram.addmm_(low.T, low)
+        x = x.double()
         s.in_sum += x.sum(0)
         s.sq_sum += (x * x).sum(0)
         s.abs_sum += x.abs().sum(0)
-        if s.gram is not None:
-            s.gram += x.T @ x
-        if s.out_sum is not None:
-            y = _real_tokens(output.detach(), self.mask).double()
+        if y is not None:
+            y = y.double()
             s.out_sum += y.sum(0)
-            s.out_outer += y.T @ y
+            s.out_outer.addmm_(y.T, y)
 
 
 @torch.no_grad()
 def collect_linear_stats(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict],
                          *, gram: bool = False, outputs: bool = False,
-                         stop_after: bool = False,
+                         stop_after: bool = False, gram_dtype: torch.dtype = torch.float64,
                          desc: str = "calibration") -> dict[str, LinearStats]:
     """Run `batches` through `model` and return the statistics of each target's input (and
-    output with `outputs=True`). With `stop_after`, each forward pass is cut short once every
+    output with `outputs=True`); the Gram matrix is summed in `gram_dtype`. With `stop_after`, each forward pass is cut short once every
     target has been seen (the rest of the model is not needed). Raises if any statistic is
     NaN/Inf or a target saw nothing."""
     device = model_device(model)
@@ -156,15 +181,17 @@ def collect_linear_stats(model: nn.Module, targets: dict[str, nn.Linear], batche
             yield token_mask(batch), lambda batch=batch: model(**batch)
 
     return stats_from_passes(targets, passes(), gram=gram, outputs=outputs,
-                             stop_after=stop_after, desc=desc)
+                             stop_after=stop_after, gram_dtype=gram_dtype, desc=desc)
 
 
 def stats_from_passes(targets: dict[str, nn.Linear], passes: Iterable, *, gram: bool = False,
                       outputs: bool = False, stop_after: bool = False,
+                      gram_dtype: torch.dtype = torch.float64,
                       desc: str = "calibration") -> dict[str, LinearStats]:
     """`collect_linear_stats` over arbitrary forward passes: `passes` yields (token mask or
     None, a callable running one forward) — e.g. one transformer block on cached inputs."""
-    hooks = {name: _StatsHook(linear, gram, outputs) for name, linear in targets.items()}
+    hooks = {name: _StatsHook(linear, gram, outputs, gram_dtype)
+             for name, linear in targets.items()}
     handles = [linear.register_forward_hook(hooks[name]) for name, linear in targets.items()]
     pending = set()
     if stop_after:

@@ -1,21 +1,57 @@
 """Fidelity of one factored weight: plain and activation-weighted relative errors."""
 
+from collections.abc import Callable
+
 import torch
 
+# rows of the weight compared at a time, so no fp64 copy of a whole large weight is made
+CHUNK_VALUES = 1 << 22
+
 
 @torch.no_grad()
+def _error_ratio(weight: torch.Tensor, approx_rows: Callable[[int, int], torch.Tensor],
+                 scale: torch.Tensor | None) -> float:
+    """‖(W − Ŵ)·diag(scale)‖_F / ‖W·diag(scale)‖_F in fp64, Ŵ's rows start:stop being
+    `approx_rows(start, stop)`, a block of rows at a time."""
+    m, n = weight.shape
+    rows = max(1, CHUNK_VALUES // max(n, 1))
+    error = total = 0.0
+    for start in range(0, m, rows):
+        stop = min(start + rows, m)
+        w = weight[start:stop].detach().double()
+        diff = w - approx_rows(start, stop).detach().double().to(w.device)
+        if scale is not None:
+            w, diff = w * scale, diff * scale
+        error += float(diff.square().sum())
+        total += float(w.square().sum())
+    return (error / max(total, 1e-60)) ** 0.5
+
+
+def _channel_scale(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
+    return mean_sq.double().to(weight.device).sqrt()
+
+
 def relative_error(weight: torch.Tensor, approx: torch.Tensor) -> float:
     """‖W − Ŵ‖_F / ‖W‖_F, in fp64."""
-    w = weight.detach().double()
-    return float(torch.linalg.norm(w - approx.detach().double().to(w.device))
-                 / torch.linalg.norm(w).clamp_min(1e-30))
+    return _error_ratio(weight, lambda start, stop: approx[start:stop], None)
 
 
-@torch.no_grad()
 def activation_error(weight: torch.Tensor, approx: torch.Tensor, mean_sq: torch.Tensor) -> float:
     """‖(W − Ŵ)·diag(√E[x²])‖_F / ‖W·diag(√E[x²])‖_F: the error weighted by how strongly each
     input channel is driven on the calibration data (the diagonal of E[xxᵀ])."""
-    w = weight.detach().double()
-    scale = mean_sq.double().to(w.device).sqrt()
-    diff = (w - approx.detach().double().to(w.device)) * scale
-    return float(torch.linalg.norm(diff) / torch.linalg.norm(w * scale).clamp_min(1e-30))
+    return _error_ratio(weight, lambda start, stop: approx[start:stop],
+                        _channel_scale(weight, mean_sq))
+
+
+def factored_errors(weight: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                    mean_sq: torch.Tensor | None) -> tuple[float, float | None]:
+    """`relative_error` and `activation_error` (None without `mean_sq`) of Ŵ = A·B, whose rows
+    are formed a block at a time: Ŵ itself is never held."""
+    B = B.double()
+
+    def rows(start, stop):
+        return A[start:stop].double() @ B
+
+    activation = None if mean_sq is None else _error_ratio(weight, rows,
+                                                           _channel_scale(weight, mean_sq))
+    return _error_ratio(weight, rows, None), activation

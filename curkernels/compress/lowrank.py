@@ -9,8 +9,8 @@ from torch import nn
 
 from ..nn import CURLinear, swap_linears
 from .budget import rank_for_keep
-from .calibration import LinearStats
-from .errors import activation_error, relative_error
+from .calibration import LinearStats, all_finite
+from .errors import factored_errors
 from .report import ModuleReport
 
 # (name, linear, rank) -> (A m×r, B r×n, bias or None), in fp64
@@ -28,21 +28,19 @@ def replace_with_low_rank(model: nn.Module, targets: dict[str, nn.Linear], keep:
     def make(name: str, linear: nn.Linear) -> CURLinear:
         start = time.perf_counter()
         m, n = linear.weight.shape
-        if not torch.isfinite(linear.weight).all():
+        if not all_finite(linear.weight):
             raise ValueError(f"the weight of {name!r} holds NaN or Inf: cannot factor it")
         rank = ranks[name] if ranks is not None else rank_for_keep(
             m, n, keep, "none", rank_multiple, module=name)
         A, B, bias = factorize(name, linear, rank)
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
+        if not (all_finite(A) and all_finite(B)):
             raise ValueError(f"factoring {name!r} produced NaN/Inf factors")
         dtype = linear.weight.dtype
         module = CURLinear(A.to(dtype), None, B.to(dtype), None if bias is None else bias.to(dtype))
-        approx = A.double() @ B.double()
-        act = None if stats is None else activation_error(linear.weight, approx,
-                                                           stats[name].mean_sq)
+        relative, act = factored_errors(linear.weight, A, B,
+                                        None if stats is None else stats[name].mean_sq)
         reports.append(ModuleReport(name, (m, n), rank, m * n, module.factor_parameters,
-                                    relative_error(linear.weight, approx), act,
-                                    time.perf_counter() - start))
+                                    relative, act, time.perf_counter() - start))
         return module
 
     swap_linears(model, targets, make)

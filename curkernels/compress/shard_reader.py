@@ -2,7 +2,7 @@
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -42,14 +42,17 @@ class ShardReader:
     def names(self) -> list[str]:
         return list(self.location)
 
-    def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, each shard opened once; a missing name is an error naming it."""
-        names = list(names)
+    def _check_names(self, names: list[str]) -> None:
         missing = [name for name in names if name not in self.location]
         if missing:
             raise KeyError(f"{self.folder} holds no tensor {missing[0]!r}"
                            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1
                               else ""))
+
+    def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each shard opened once; a missing name is an error naming it."""
+        names = list(names)
+        self._check_names(names)
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.location[name], []).append(name)
@@ -59,6 +62,40 @@ class ShardReader:
                 for name in inside:
                     out[name] = handle.get_tensor(name)
         return {name: out[name] for name in names}
+
+    def shape_and_dtype(self, name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        self._check_names([name])
+        with safe_open(self.location[name], framework="pt", device="cpu") as handle:
+            view = handle.get_slice(name)
+            shape = tuple(view.get_shape())
+            return shape, view[:0].dtype if shape else handle.get_tensor(name).dtype
+
+    def row_blocks(self, name: str, block_bytes: int = 64 << 20) -> Iterator[torch.Tensor]:
+        """The tensor `name` a block of rows (about `block_bytes`) at a time; the file is
+        mapped afresh for each block, so the blocks already read leave no pages resident."""
+        shape, dtype = self.shape_and_dtype(name)
+        if not shape:
+            yield self.tensors([name])[name]
+            return
+        row_bytes = max(1, torch.Size(shape[1:]).numel() * dtype.itemsize)
+        rows = max(1, block_bytes // row_bytes)
+        for start in range(0, shape[0], rows):
+            with safe_open(self.location[name], framework="pt", device="cpu") as handle:
+                yield handle.get_slice(name)[start:start + rows]
+
+    def rows(self, name: str, indices: torch.Tensor) -> torch.Tensor:
+        """Rows `indices` (sorted, unique) of the tensor `name`, read alone: each run of
+        consecutive indices is one slice, and no other row's pages are touched."""
+        self._check_names([name])
+        indices = indices.tolist()
+        runs, start = [], 0
+        for position in range(1, len(indices) + 1):
+            if position == len(indices) or indices[position] != indices[position - 1] + 1:
+                runs.append((indices[start], indices[position - 1] + 1))
+                start = position
+        with safe_open(self.location[name], framework="pt", device="cpu") as handle:
+            view = handle.get_slice(name)
+            return torch.cat([view[first:stop] for first, stop in runs])
 
     def total_bytes(self) -> int:
         return sum(file.stat().st_size for file in self.files)

@@ -9,6 +9,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from ..checkpoint.load import model_class_for
+from .calibration import all_finite
 from .shard_reader import ShardReader
 
 
@@ -58,7 +59,7 @@ def fill(module: nn.Module, prefix: str, reader: ShardReader) -> None:
                              f"{tuple(tensor.shape)}, the model's config expects "
                              f"{tuple(empty.shape)}")
         tensor = tensor.to(empty.dtype)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"the model's parameter {prefix + name!r} holds NaN or Inf: cannot "
                              f"compress a model with non-finite weights")
         state[name] = tensor

@@ -5,6 +5,7 @@ recorded block whole and the next run continues after the last one."""
 import fcntl
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -140,8 +141,12 @@ class StreamProgress:
     def write_shard(self, file: str, tensors: dict[str, torch.Tensor]) -> int:
         """Write one shard durably; its size in bytes."""
         tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
-        _durable_replace(self.folder / file,
-                         lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+        return self.write_file(file, lambda path: save_file(tensors, path,
+                                                           metadata={"format": "pt"}))
+
+    def write_file(self, file: str, write: Callable[[Path], None]) -> int:
+        """`write(path)` writes one shard, made durable here; its size in bytes."""
+        _durable_replace(self.folder / file, write)
         return (self.folder / file).stat().st_size
 
     def record_step(self, step: str, entry: dict) -> None:

@@ -24,3 +24,10 @@ def test_written_checkpoint_loads_whole(tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert model.dtype == torch.bfloat16 and (folder / "tokenizer.json").is_file()
     assert len(list(folder.glob("*.safetensors"))) == 2 + model.config.num_hidden_layers
+
+
+def test_a_few_blocks_of_a_shape(tmp_path):
+    folder = bench.write_checkpoint(tmp_path / "dense", "small", blocks=1)
+    model = LlamaForCausalLM.from_pretrained(folder)
+    assert model.config.num_hidden_layers == 1
+    assert model.config.hidden_size == bench.SHAPES["small"]["hidden_size"]
