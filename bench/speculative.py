@@ -63,6 +63,7 @@ DRAFTS = {
     "head8k": dict(keep={}, head_tokens=8192),
     "keep0.5-head8k": dict(keep=0.5, head_tokens=8192),
     "keep0.4-head8k": dict(keep=0.4, head_tokens=8192),
+    "mlp0.5-head8k": dict(keep={"mlp.*": 0.5}, head_tokens=8192),  # attention stays dense
     "keep0.3-head8k": dict(keep=0.3, head_tokens=8192),
     "skip8-head8k": dict(keep={}, skip_layers=8, head_tokens=8192),
     "skip6-keep0.5-head8k": dict(keep=0.5, skip_layers=6, head_tokens=8192),
