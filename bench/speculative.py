@@ -51,7 +51,6 @@ from curkernels.compress.calibration_sources import as_batches
 from curkernels.nn import CURLinear
 from curkernels.serve import StaticCacheGenerator
 from curkernels.speculative.head import FrequentTokenHead, most_frequent_tokens
-from curkernels.speculative.healing import on_policy_batches
 
 WIKITEXT = Path("/work/shared/data/wikitext-2/valid.txt")
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -261,6 +260,29 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+@torch.no_grad()
+def on_policy_batches(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *,
+                      batch_size: int = 8) -> list[dict]:
+    """Input dicts of `prompts` ((N, P) token ids) each followed by `model`'s greedy
+    continuation of `new_tokens` tokens (static-cache generation, `batch_size` prompts at a
+    time)."""
+    if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.is_floating_point():
+        raise ValueError(f"prompts must be a 2-D tensor of token ids (N prompts, P tokens), got "
+                         f"{type(prompts).__name__} {tuple(getattr(prompts, 'shape', ()))}")
+    for name, value in (("new_tokens", new_tokens), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    batches, generators = [], {}
+    for chunk in prompts.split(batch_size):
+        rows = chunk.shape[0]  # the last chunk may be smaller: it gets its own generator
+        if rows not in generators:
+            generators[rows] = StaticCacheGenerator(model, batch_size=rows,
+                                                    max_seq_len=prompts.shape[1] + new_tokens)
+        ids = generators[rows].generate(chunk, new_tokens).cpu()
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    return batches
 
 
 def heal_data(model, tokenizer, calib_texts, args) -> list:

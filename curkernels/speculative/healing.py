@@ -4,9 +4,9 @@ Speculative decoding accepts a drafted token as often as the draft's distributio
 with the target's, so the loss is KL(target ‖ draft) on the next-token logits at every real
 token — over the draft head's token subset when it has one (it cannot put mass elsewhere).
 Only the draft's factors named in `trainable` (U by default) learn; the shared tensors are
-frozen parameters of the draft, so the target's weights never change. `on_policy_batches`
-makes the training text the target's own greedy continuations: exactly what the draft must
-predict during greedy speculative decoding.
+frozen parameters of the draft, so the target's weights never change. The best training text
+is the target's own greedy continuations (bench/speculative.py's `on_policy_batches`): exactly
+what the draft must predict during greedy speculative decoding.
 """
 
 
@@ -32,32 +32,6 @@ def draft_kl(draft: nn.Module, model: nn.Module, batch: dict,
                   reduction="none").sum(-1)
     mask = token_mask(batch)
     return kl[mask].mean() if mask is not None else kl.mean()
-
-
-@torch.no_grad()
-def on_policy_batches(model: nn.Module, prompts: torch.Tensor, new_tokens: int, *,
-                      batch_size: int = 8) -> list[dict]:
-    """Input dicts of `prompts` ((N, P) token ids) each followed by `model`'s greedy
-    continuation of `new_tokens` tokens (static-cache generation, `batch_size` prompts at a
-    time)."""
-    if not isinstance(prompts, torch.Tensor) or prompts.dim() != 2 or prompts.is_floating_point():
-        raise ValueError(f"prompts must be a 2-D tensor of token ids (N prompts, P tokens), got "
-                         f"{type(prompts).__name__} {tuple(getattr(prompts, 'shape', ()))}")
-    for name, value in (("new_tokens", new_tokens), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    # imported here: serve.generation imports this package (its acceptance rules)
-    from ..serve.generation import StaticCacheGenerator
-
-    batches, generators = [], {}
-    for chunk in prompts.split(batch_size):
-        rows = chunk.shape[0]  # the last chunk may be smaller: it gets its own generator
-        if rows not in generators:
-            generators[rows] = StaticCacheGenerator(model, batch_size=rows,
-                                                    max_seq_len=prompts.shape[1] + new_tokens)
-        ids = generators[rows].generate(chunk, new_tokens).cpu()
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-    return batches
 
 
 def heal_draft(draft: nn.Module, model: nn.Module, texts, *, tokenizer=None, steps: int = 100,

@@ -1,11 +1,13 @@
-"""on_policy_batches: the target's own greedy continuations as a draft's training data."""
+"""on_policy_batches (bench/speculative.py): the target's own greedy continuations as draft data."""
 
 import pytest
 import torch
+from bench_scripts import load_bench_script
 from speculative_models import causal_lm
 
 import curkernels as ck
-from curkernels.speculative.healing import on_policy_batches
+
+on_policy_batches = load_bench_script("speculative").on_policy_batches
 
 
 @torch.no_grad()
