@@ -152,7 +152,7 @@ def compress(
     from .compress.configs import config_class, option_from_text
     from .compress.shard_reader import ShardReader
     from .compress.skeleton import empty_model
-    from .compress.streaming import compress_streaming, fits_in_memory
+    from .compress.streaming import compress_streaming, fits_in_memory, return_freed_memory
 
     def parse_layers(text: str | None):
         if text is None:
@@ -198,6 +198,7 @@ def compress(
     if streaming:
         if _device(device) != "cpu":
             raise typer.BadParameter("--stream compresses on the CPU: leave --device out")
+        return_freed_memory()  # this process only streams: its allocator may be tuned for it
         loaded = empty_model(model, ShardReader(model), _dtype(dtype))
         tokenizer = tokenizer_if_shipped(model)
     else:

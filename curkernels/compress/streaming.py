@@ -62,7 +62,10 @@ def return_freed_memory() -> None:
     (`mallopt(M_MMAP_THRESHOLD, 1 MB)`). By default the threshold climbs to 32 MB once such a
     block is freed, and the many 1–32 MB tensors of each block's compression then fragment
     the heap, which holds its freed pages: measured on a 1B-shaped model, 0.25 GB more
-    resident memory at the peak. A no-op where the C library is not glibc."""
+    resident memory at the peak. It holds for the rest of the process (glibc cannot restore
+    the dynamic threshold), so `curkernels compress --stream` calls it and
+    `compress_streaming` leaves the caller's allocator as it is. A no-op where the C library
+    is not glibc."""
     try:
         libc = ctypes.CDLL(None)
         mallopt = libc.mallopt
@@ -171,7 +174,6 @@ def compress_streaming(model_folder: str | os.PathLike, out: str | os.PathLike,
     """
     model_folder = str(model_folder)
     target = check_output_folder(out, overwrite=overwrite, source=model_folder)
-    return_freed_memory()
     reader = ShardReader(model_folder)
     model = empty_model(model_folder, reader, dtype)
     config = method_config(model, method, keep=keep, targets=targets, exclude=exclude,

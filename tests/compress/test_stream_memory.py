@@ -64,6 +64,16 @@ def test_no_tensor_outside_the_blocks_is_read_whole(tmp_path, monkeypatch):
     assert whole_reads and all(".layers." in name for name in whole_reads), whole_reads
 
 
+def test_the_api_leaves_the_callers_allocator_alone(tmp_path, monkeypatch):
+    """glibc's mmap threshold, once set, holds for the whole process: only the streaming CLI
+    (a process of its own) sets it."""
+    calls = []
+    monkeypatch.setattr(streaming, "return_freed_memory", lambda: calls.append(1))
+    ck.compress_streaming(save_sharded(tmp_path / "dense"), tmp_path / "out", "svd", keep=0.5,
+                          progress=False)
+    assert not calls
+
+
 def test_each_blocks_dense_linears_are_freed_once_it_is_compressed(tmp_path, monkeypatch):
     source = save_sharded(tmp_path / "dense")
     replaced = {}

@@ -154,12 +154,16 @@ def test_cli_streams_when_the_model_would_not_fit(tmp_path, monkeypatch):
     args = ["compress", str(source), "", "--method", "svdllm", "--calib",
             str(tmp_path / "calib.txt"), "--num-samples", "8", "--seq-len", "16"]
     runner = CliRunner()
+    allocator_tuned = []  # the process-wide malloc setting: the streaming CLI's alone
+    monkeypatch.setattr(streaming, "return_freed_memory", lambda: allocator_tuned.append(1))
     args[2] = str(tmp_path / "memory")
     assert runner.invoke(app, args).exit_code == 0
+    assert not allocator_tuned
     monkeypatch.setattr(streaming, "available_memory", lambda: 1_000_000)
     args[2] = str(tmp_path / "auto")
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert allocator_tuned == [1]
     assert "would not fit" in " ".join(result.output.split())  # rich wraps lines
     assert_same_tensors(tmp_path / "memory", tmp_path / "auto")
     assert (tmp_path / "auto" / "tokenizer.json").is_file()

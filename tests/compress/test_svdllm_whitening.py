@@ -1,6 +1,7 @@
 """SVD-LLM's one-shot whitening as it runs within a small memory: the damped Cholesky factor
-made in place of the moment, the factors from the whitened spectrum without L, and the fp32
-whitening's distance from an fp64 reference (bounded)."""
+made in place of the moment, the whitened spectrum from the smaller Gram matrix, the factors
+from that spectrum without L, and the fp32 whitening's distance from an fp64 reference
+(bounded)."""
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from curkernels.compress.svdllm import (
     damped_cholesky_,
     one_shot_factors,
     unwhitened_factors,
+    whitened_spectrum,
     whitening_factor,
 )
 from curkernels.compress.targets import block_linears
@@ -54,6 +56,40 @@ def test_whitening_factor_leaves_its_argument():
     kept = moment.clone()
     L = whitening_factor(moment, 0.01)
     assert torch.equal(moment, kept) and L.dtype == torch.float64
+
+
+@pytest.mark.parametrize("shape", [(6, 16), (16, 6), (10, 10)])
+@pytest.mark.parametrize("fisher", [False, True])
+def test_whitened_spectrum_equals_the_svd_of_the_whitened_weight(shape, fisher):
+    """Wide, tall and square weights (each side's Gram matrix), with and without the output
+    factor K: σ and the leading singular subspaces equal those of KᵀWL's SVD (fp64), and the
+    moment is not copied but overwritten."""
+    m, n = shape
+    g = torch.Generator().manual_seed(m * n)
+    weight = torch.randn(m, n, generator=g, dtype=torch.float64)
+    moment = moment_of(300, n, seed=3)
+    K = whitening_factor(moment_of(40, m, seed=4), 0.01) if fisher else None
+    L = whitening_factor(moment, 0.05)
+    whitened = weight @ L if K is None else K.T @ weight @ L
+    U0, sigma0, _ = torch.linalg.svd(whitened, full_matrices=False)
+    U, sigma = whitened_spectrum(weight, moment, 0.05, K)
+    rank = min(m, n)
+    assert U.shape == (m, rank) and sigma.shape == (rank,)
+    torch.testing.assert_close(sigma, sigma0, rtol=1e-10, atol=1e-10)
+    for r in (1, rank // 2, rank):  # projectors, which do not depend on the vectors' signs
+        torch.testing.assert_close(U[:, :r] @ U[:, :r].T, U0[:, :r] @ U0[:, :r].T,
+                                   rtol=1e-8, atol=1e-8)
+
+
+def test_whitened_spectrum_of_a_rank_deficient_weight_gives_zero_components():
+    """A weight of rank 2 in 5 rows: the spare σ are 0, not NaN, and the factors stay finite."""
+    g = torch.Generator().manual_seed(5)
+    weight = torch.randn(8, 2, generator=g, dtype=torch.float64) @ \
+        torch.randn(2, 5, generator=g, dtype=torch.float64)
+    U, sigma = whitened_spectrum(weight, moment_of(100, 5), 0.01)
+    assert torch.isfinite(U).all() and torch.all(sigma[2:] < 1e-6 * sigma[0])
+    A, B = one_shot_factors(weight, None, U, sigma, 2)
+    assert torch.isfinite(A).all() and torch.isfinite(B).all()
 
 
 @pytest.mark.parametrize("fisher", [False, True])
