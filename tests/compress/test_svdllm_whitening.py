@@ -79,6 +79,11 @@ def test_whitened_spectrum_equals_the_svd_of_the_whitened_weight(shape, fisher):
     for r in (1, rank // 2, rank):  # projectors, which do not depend on the vectors' signs
         torch.testing.assert_close(U[:, :r] @ U[:, :r].T, U0[:, :r] @ U0[:, :r].T,
                                    rtol=1e-8, atol=1e-8)
+        leading, sigma_r = whitened_spectrum(weight, moment_of(300, n, seed=3), 0.05, K, r)
+        assert leading.shape == (m, r)  # only the leading components are computed
+        torch.testing.assert_close(sigma_r, sigma0[:r], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(leading @ leading.T, U0[:, :r] @ U0[:, :r].T,
+                                   rtol=1e-8, atol=1e-8)
 
 
 def test_whitened_spectrum_of_a_rank_deficient_weight_gives_zero_components():
