@@ -25,7 +25,7 @@ def _error_ratios(weight: torch.Tensor, approx_rows: Callable[[int, int], torch.
         for i, scale in enumerate(scales):
             errors[i] += float((diff if scale is None else diff * scale).square().sum())
             totals[i] += float((w if scale is None else w * scale).square().sum())
-    return [(error / max(total, 1e-60)) ** 0.5 for error, total in zip(errors, totals)]
+    return [(error / max(total, 1e-60)) ** 0.5 for error, total in zip(errors, totals, strict=True)]
 
 
 def _channel_scale(weight: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:
