@@ -1,7 +1,12 @@
 """Quality of every compression method on a real causal LM (SmolLM2-135M-Instruct), CPU.
 
-`--model` takes any causal LM folder or GGUF (a held-out model: see bench/results/README.md,
-"Held-out model"); `--source TEXT` writes where it came from into the protocol and the table.
+`--model` takes any causal LM folder or GGUF; `--source TEXT` writes where it came from into
+the protocol and the table. The held-out model, Gemma 3 270M (bench/results/lm_quality_gemma3.md
+says how to fetch it; its tables stay apart from SmolLM2's under another `--name`):
+
+    OMP_NUM_THREADS=1 python bench/lm_quality.py --model gemma-3-270m-q4_k_m.gguf \\
+        --name lm_quality_gemma3 --threads 1 --methods dense,default --keeps 0.8,0.5 \\
+        --source "Gemma 3 270M (base), Q4_K_M GGUF from PyPI: ..."
 
 Protocol (written next to the numbers, in the JSON and the markdown):
 - Evaluation: WikiText-2 valid (`--data`, default ../shared/data/wikitext-2/valid.txt), the
