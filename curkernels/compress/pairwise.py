@@ -22,6 +22,8 @@ Gemma 3, Qwen3, OLMo 2) keeps q_proj and k_proj dense: the norm divides each hea
 of all its dimensions, so zeroing some of them rescales the kept ones by √(E_all/E_kept), a
 per-token factor that sharpens every attention score (no column choice keeps q·k exact
 there). Their share of the budget goes to v/o and the MLP; the report still counts them.
+On Gemma 3 270M this is exact and a third faster, not better: WikiText-2 perplexity 1.71×
+dense at keep 0.8 (1.74× with q/k narrowed under the norm), 4.33× at keep 0.5 (4.29×).
 """
 
 import copy
