@@ -159,6 +159,18 @@ def smallest_block_keep(block: nn.Module, targets: dict[str, nn.Linear],
     return kept / sum(sizes.values())
 
 
+def keep_floor(blocks, per_block: dict[int, dict[str, nn.Linear]], keep: float) -> float:
+    """The least keep every block of `per_block` (block index -> local name -> Linear) can
+    reach (`smallest_block_keep`: a block whose q/k stay dense cannot go below their share);
+    a `keep` below it is refused by name."""
+    floor = max(smallest_block_keep(blocks[i], targets) for i, targets in per_block.items())
+    if keep < floor:
+        raise ValueError(f"keep={keep:g} is below the {floor:.3f} these blocks can keep "
+                         f"(every group keeps at least 5 %, and q_proj/k_proj stay whole "
+                         f"where attention normalises q and k per head)")
+    return floor
+
+
 def attention_heads(model: nn.Module) -> AttentionHeads:
     """The heads of a transformers decoder model; anything else is refused by name."""
     config = getattr(model, "config", None)
@@ -418,12 +430,7 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
         target_groups(set(local))  # whole groups in every block, checked before any calibration
     indices = sorted(per_block)
     sizes = [sum(linear.weight.numel() for linear in per_block[i].values()) for i in indices]
-    # a block whose q/k stay dense cannot go below their share
-    floor = max(smallest_block_keep(blocks[i], per_block[i]) for i in indices)
-    if keep < floor:
-        raise ValueError(f"keep={keep:g} is below the {floor:.3f} these blocks can keep "
-                         f"(every group keeps at least 5 %, and q_proj/k_proj stay whole "
-                         f"where attention normalises q and k per head)")
+    floor = keep_floor(blocks, per_block, keep)
     if allocation == "importance":
         # the decoder alone gives the hidden states: the LM head's cost is not needed
         scores = angular_layer_scores(model.get_decoder(), calib)[indices]

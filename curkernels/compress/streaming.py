@@ -34,7 +34,7 @@ from .api import METHODS, calibration_batches, compression_metadata, method_conf
 from .block_steps import Streams, check_block_targets, check_streamable, compress_block, streams_for
 from .configs import MethodConfig
 from .layer_selection import block_list
-from .pairwise import block_keeps
+from .pairwise import block_keeps, keep_floor
 from .replay import capture_block_inputs, next_block_inputs
 from .report import CompressionReport, ModuleReport
 from .shard_reader import ShardReader
@@ -283,13 +283,18 @@ class _StreamingRun:
             head = f"{self.prefix}.{index}."
             check_block_targets(self.model, self.config, {name[len(head):] for name in inside})
         keeps = dict.fromkeys(per_block, plan.keep)
-        if self.config.method == "pairwise" and self.config.allocation == "importance":
-            indices = sorted(per_block)
-            sizes = [sum(linear.weight.numel() for linear in per_block[i].values())
-                     for i in indices]
-            keeps = dict(zip(indices, block_keeps(self.layer_scores()[indices], sizes,
-                                                  plan.keep, self.config.temperature),
-                             strict=True))
+        if self.config.method == "pairwise":  # the in-memory floor, before any calibration
+            floor = keep_floor(self.blocks, {
+                index: {name[len(f"{self.prefix}.{index}."):]: linear
+                        for name, linear in inside.items()}
+                for index, inside in per_block.items()}, plan.keep)
+            if self.config.allocation == "importance":
+                indices = sorted(per_block)
+                sizes = [sum(linear.weight.numel() for linear in per_block[i].values())
+                         for i in indices]
+                keeps = dict(zip(indices, block_keeps(self.layer_scores()[indices], sizes,
+                                                      plan.keep, self.config.temperature, floor),
+                                 strict=True))
         return plan, per_block, keeps
 
     def base_names(self) -> list[str]:
@@ -358,8 +363,10 @@ class _StreamingRun:
             reports, dense_next = compress_block(
                 self.model, self.config, keep, self.prefix, index, block, inside, self.inputs,
                 self.dense_inputs, want_dense)
-            for linear in inside.values():  # swapped out of the block: freed with it no more
-                release(linear)
+            head = f"{self.prefix}.{index}."
+            for name, linear in inside.items():  # swapped out of the block: freed with it no more
+                if block.get_submodule(name[len(head):]) is not linear:  # (a method may keep one)
+                    release(linear)
         else:
             reports = []
             dense_next = next_block_inputs(block, self.dense_inputs) if want_dense else None

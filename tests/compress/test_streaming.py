@@ -27,6 +27,7 @@ CASES = [
     ("qwen2", "svdllm", {"centered": True}),
     ("qwen2", "rom", {}),
     ("qwen2", "pairwise", {}),
+    ("gemma3", "pairwise", {}),  # q/k left dense under q_norm/k_norm: kept, and the floor
 ]
 
 
