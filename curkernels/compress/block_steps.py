@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .api import METHODS
+from .calibration import block_output_importance
 from .configs import MethodConfig
+from .lpaf import prune_and_factorize
 from .pairwise import attention_heads, target_groups
 from .pairwise import compress_block as compress_pairwise_block
 from .replay import next_block_inputs
@@ -16,18 +18,18 @@ from .report import ModuleReport
 from .rom import compress_block_rom
 from .svdllm import compress_block_sequential, sequential_replacer
 
-# the methods whose one block is calibrated on the dense model's inputs, as in memory
-ONE_SHOT = ("svd", "asvd", "svdllm", "curing")
-
 
 def check_streamable(config: MethodConfig) -> None:
     """Refuse, naming the alternative, what needs the whole model in memory at once."""
     method = config.method
-    if method == "lpaf":
-        raise ValueError("method 'lpaf' scores each weight by the gradient of the whole "
-                         "model's loss (first-order importance), which block-by-block "
-                         "streaming cannot give: compress in memory (without --stream / "
-                         "stream=False), or stream with svdllm, asvd or rom")
+    if method == "lpaf" and config.importance == "loss":
+        raise ValueError("lpaf option importance='loss' scores each weight by the gradient of "
+                         "the whole model's loss, which block-by-block streaming cannot give: "
+                         "stream with importance='block' (each block's output error), or "
+                         "compress in memory (without --stream / stream=False)")
+    if method == "lpaf" and config.mixed_rank_steps > 0:
+        raise ValueError("lpaf option mixed_rank_steps trains against the whole dense model: "
+                         "stream with mixed_rank_steps=0, or compress in memory")
     if method == "svdllm" and config.weighting == "fisher":
         raise ValueError("svdllm option weighting='fisher' needs the gradient of the whole "
                          "model's loss: stream with weighting='inputs', or compress in memory")
@@ -112,9 +114,17 @@ def compress_block(model: nn.Module, config: MethodConfig, keep: float, prefix: 
         reports, twin = compress_block_sequential(name, block, targets, inputs, dense_inputs,
                                                   replace)
         return reports, next_block_inputs(twin, dense_inputs) if want_dense_next else None
-    run, needs_calibration = METHODS[method]
+    # one-shot methods: calibrated on the dense model's inputs; the next ones taken first,
+    # from the dense block
     dense_next = next_block_inputs(block, dense_inputs) if want_dense_next else None
     scope = ReplayScope(prefix, index, block, dense_inputs)
+    if method == "lpaf":
+        importance = block_output_importance(block, targets, dense_inputs, seed=config.seed)
+        reports = prune_and_factorize(
+            scope, targets, keep, importance, scope.batches, rank_multiple=config.rank_multiple,
+            sparsity=config.sparsity, weight_floor=config.weight_floor, sweeps=config.sweeps)
+        return reports, dense_next
+    run, needs_calibration = METHODS[method]
     data = {"calib": scope.batches} if needs_calibration else {}
     reports = run(scope, targets, keep, rank_multiple=config.rank_multiple, **data, **options)
     return reports, dense_next

@@ -332,9 +332,14 @@ def calibration_loss(model: nn.Module, batch: dict, generator: torch.Generator,
     hidden = model(**batch).last_hidden_state
     mask = token_mask(batch)
     if encoder_target == "pooled":
-        output = torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
-    else:
-        output = _real_tokens(hidden, mask)
+        return sampled_target_loss(
+            torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1), generator)
+    return sampled_target_loss(_real_tokens(hidden, mask), generator)
+
+
+def sampled_target_loss(output: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """½‖output − y‖² per row, averaged, with targets y ~ N(output, σ²) (σ: the output's own
+    spread) drawn from `generator` on the CPU, so that the draws do not depend on the device."""
     noise = torch.randn(output.shape, generator=generator, dtype=output.dtype,
                         device="cpu").to(output.device) * output.detach().std()
     return 0.5 * ((output - (output.detach() + noise)) ** 2).sum(-1).mean()
@@ -361,27 +366,27 @@ def _gradients_for(model: nn.Module, params: Iterable[nn.Parameter]):
         model.train(was_training)
 
 
-def _calibration_backward(model: nn.Module, batch: dict, generator: torch.Generator,
-                          encoder_target: str = "tokens") -> None:
-    loss = calibration_loss(model, batch, generator, encoder_target)
+def _backward(loss: torch.Tensor) -> None:
     if not torch.isfinite(loss):
         raise ValueError("the calibration loss is NaN or Inf: cannot take its gradient")
     loss.backward()
 
 
-def first_order_importance(model: nn.Module, targets: dict[str, nn.Linear],
-                           batches: Iterable[dict], *, seed: int = 0,
-                           desc: str = "importance") -> dict[str, torch.Tensor]:
-    """Mean over batches of |W ⊙ ∂L/∂W| for each target (fp64, on the weight's device), the
-    first-order (movement-style) estimate of the loss change from zeroing each entry."""
-    device = model_device(model)
-    generator = torch.Generator().manual_seed(seed)
+def _calibration_backward(model: nn.Module, batch: dict, generator: torch.Generator,
+                          encoder_target: str = "tokens") -> None:
+    _backward(calibration_loss(model, batch, generator, encoder_target))
+
+
+def _mean_weight_gradient(owner: nn.Module, targets: dict[str, nn.Linear], items: Iterable,
+                          backward, desc: str) -> dict[str, torch.Tensor]:
+    """Mean over `items` of |W ⊙ ∂L/∂W| per target, `backward(item)` running L's backward
+    with gradients for the targets' weights only (all other parameters of `owner` frozen)."""
     sums = {name: torch.zeros_like(linear.weight, dtype=torch.float64)
             for name, linear in targets.items()}
     count = 0
-    with _gradients_for(model, [linear.weight for linear in targets.values()]):
-        for batch in tqdm(batches, desc=desc, leave=False):
-            _calibration_backward(model, to_device(batch, device), generator)
+    with _gradients_for(owner, [linear.weight for linear in targets.values()]):
+        for item in tqdm(items, desc=desc, leave=False):
+            backward(item)
             for name, linear in targets.items():
                 sums[name] += (linear.weight.detach().double() * linear.weight.grad.double()).abs()
                 linear.weight.grad = None
@@ -389,6 +394,37 @@ def first_order_importance(model: nn.Module, targets: dict[str, nn.Linear],
     if count == 0:
         raise ValueError("calib held no batches: cannot score importance")
     return {name: total / count for name, total in sums.items()}
+
+
+def first_order_importance(model: nn.Module, targets: dict[str, nn.Linear],
+                           batches: Iterable[dict], *, seed: int = 0,
+                           desc: str = "importance") -> dict[str, torch.Tensor]:
+    """Mean over batches of |W ⊙ ∂L/∂W| for each target (fp64, on the weight's device), the
+    first-order (movement-style) estimate of the loss change from zeroing each entry; L is the
+    whole model's `calibration_loss`."""
+    device = model_device(model)
+    generator = torch.Generator().manual_seed(seed)
+    return _mean_weight_gradient(
+        model, targets, batches,
+        lambda batch: _calibration_backward(model, to_device(batch, device), generator), desc)
+
+
+def block_output_importance(block: nn.Module, targets: dict[str, nn.Linear], inputs: list[tuple],
+                            *, seed: int = 0, desc: str = "block importance"
+                            ) -> dict[str, torch.Tensor]:
+    """`first_order_importance` of targets inside `block`, with L the block's own output
+    distilled to itself (`sampled_target_loss` over its real tokens) on its cached inputs
+    (token mask, args, kwargs), as `capture_block_inputs` gives them: a score that needs one
+    block and its inputs, not the whole model — what block-by-block streaming can compute."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def backward(entry):
+        mask, args, kwargs = entry
+        output = block(*args, **kwargs)
+        output = output[0] if isinstance(output, (tuple, list)) else output
+        _backward(sampled_target_loss(_real_tokens(output, mask), generator))
+
+    return _mean_weight_gradient(block, targets, inputs, backward, desc)
 
 
 def output_fisher(model: nn.Module, targets: dict[str, nn.Linear], batches: Iterable[dict], *,

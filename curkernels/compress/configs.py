@@ -19,6 +19,7 @@ from torch import nn
 from .calibration import ENCODER_TARGETS
 from .curing import PAPER_MAX_RANK, SVD_ALGORITHMS
 from .deim import SELECTIONS
+from .lpaf import IMPORTANCES
 from .pairwise import ALLOCATIONS as PAIRWISE_ALLOCATIONS
 from .rom import ROM_PRESETS
 from .svdllm import ALLOCATIONS, WEIGHTINGS
@@ -238,9 +239,11 @@ class ROMConfig(MethodConfig):
 
 @method_config
 class LPAFConfig(MethodConfig):
-    """LPAF: first-order pruning, importance-weighted factoring, optional mixed-rank
-    fine-tuning (`mixed_rank_steps` > 0) on `train_data` towards `teacher`."""
+    """LPAF: first-order pruning (scored on the whole model's loss, or on each block's output
+    with importance="block", which streams), importance-weighted factoring, optional
+    mixed-rank fine-tuning (`mixed_rank_steps` > 0) on `train_data` towards `teacher`."""
     method: ClassVar[str] = "lpaf"
+    importance: str = option("loss", choices=IMPORTANCES)
     sparsity: float = option(0.3, bounds=Bounds(low=0, high=1, high_inclusive=False))
     weight_floor: float = option(0.1, bounds=NON_NEGATIVE)
     sweeps: int = option(4, bounds=NON_NEGATIVE)

@@ -1,8 +1,11 @@
 """LPAF (low-rank prune-and-factorize, arXiv 2306.14152). The paper has no public code; this
 is the reading implemented, step by step, and why:
 
-1. **First-order pruning.** Importance I = E_batches|W ⊙ ∂L/∂W| (`first_order_importance`:
-   next-token loss for causal LMs, distillation to the dense outputs for encoders). The
+1. **First-order pruning.** Importance I = E_batches|W ⊙ ∂L/∂W|. With `importance="loss"`
+   (the paper's) L is the whole model's loss (`first_order_importance`: next-token loss for
+   causal LMs, distillation to the dense outputs for encoders); with `importance="block"` it
+   is each block's output distilled to the dense block's (`block_output_importance`, on the
+   dense model's block inputs), which needs one block at a time and so streams. The
    `sparsity` fraction of each matrix's entries with the smallest importance is zeroed — the
    paper's observation is that first-order pruning leaves a matrix of lower effective rank
    than magnitude pruning, so it factors with less loss.
@@ -33,9 +36,11 @@ from torch import nn
 
 from ..nn import CURLinear
 from ..ops.factors import split_evenly, truncated_svd
-from .calibration import collect_linear_stats, first_order_importance
+from .calibration import block_output_importance, collect_linear_stats, first_order_importance
 from .healing import train_factors
+from .layer_selection import block_list
 from .lowrank import bias_of, replace_with_low_rank
+from .replay import capture_block_inputs, next_block_inputs, targets_in_block
 from .report import ModuleReport
 
 
@@ -133,18 +138,36 @@ def mixed_rank_finetune(model: nn.Module, teacher: nn.Module, modules: list[CURL
             p.requires_grad_(flag)
 
 
-def compress_lpaf(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
-                  rank_multiple: int, sparsity: float, weight_floor: float, sweeps: int,
-                  mixed_rank_steps: int, lr: float, min_rank_fraction: float,
-                  full_rank_steps: int | None, teacher: nn.Module | None, train_data,
-                  seed: int) -> list[ModuleReport]:
-    """Prune by first-order importance, factor by importance-weighted ALS, then (if
-    `mixed_rank_steps` > 0) mixed-rank fine-tuning on `train_data` (input dicts; `calib`
-    when None) towards `teacher` (a frozen deep copy of the dense model when None). Options
-    as `LPAFConfig` checks them."""
-    if mixed_rank_steps > 0 and teacher is None:
-        teacher = copy.deepcopy(model).eval()
-    importance = first_order_importance(model, targets, calib, seed=seed)
+IMPORTANCES = ("loss", "block")
+
+
+def blockwise_importance(model: nn.Module, targets: dict[str, nn.Linear], calib, *,
+                         seed: int) -> dict[str, torch.Tensor]:
+    """`block_output_importance` of every target, block by block on the dense model's block
+    inputs (each block's scores from the same seed, as streaming computes them)."""
+    prefix, blocks = block_list(model)
+    inside = {name for i in range(len(blocks)) for name in targets_in_block(targets, prefix, i)}
+    outside = [name for name in targets if name not in inside]
+    if outside:
+        raise ValueError(f"importance='block' scores targets inside {prefix}; {outside[0]!r} "
+                         f"lies outside: use importance='loss'")
+    inputs = capture_block_inputs(model, blocks[0], calib)
+    scores = {}
+    for index, block in enumerate(blocks):
+        local = targets_in_block(targets, prefix, index)
+        if local:
+            scores |= block_output_importance(block, local, inputs, seed=seed)
+        if len(scores) == len(targets):
+            break
+        inputs = next_block_inputs(block, inputs)
+    return scores
+
+
+def prune_and_factorize(model: nn.Module, targets: dict[str, nn.Linear], keep: float,
+                        importance: dict[str, torch.Tensor], calib, *, rank_multiple: int,
+                        sparsity: float, weight_floor: float, sweeps: int) -> list[ModuleReport]:
+    """Steps 1 and 2 on scores already taken: prune each target by `importance`, factor the
+    rest by importance-weighted ALS, and swap the factors in (reports measured on `calib`)."""
     stats = collect_linear_stats(model, targets, calib, desc="lpaf calibration")
 
     def factorize(name, linear, rank):
@@ -155,7 +178,25 @@ def compress_lpaf(model: nn.Module, targets: dict[str, nn.Linear], keep: float, 
         weights = score / score.mean().clamp_min(1e-30) + weight_floor
         return (*weighted_low_rank(pruned, weights, rank, sweeps), bias_of(linear))
 
-    reports = replace_with_low_rank(model, targets, keep, rank_multiple, factorize, stats)
+    return replace_with_low_rank(model, targets, keep, rank_multiple, factorize, stats)
+
+
+def compress_lpaf(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
+                  rank_multiple: int, importance: str, sparsity: float, weight_floor: float,
+                  sweeps: int, mixed_rank_steps: int, lr: float, min_rank_fraction: float,
+                  full_rank_steps: int | None, teacher: nn.Module | None, train_data,
+                  seed: int) -> list[ModuleReport]:
+    """Prune by first-order importance (`importance`: "loss" or "block", see the module
+    docstring), factor by importance-weighted ALS, then (if `mixed_rank_steps` > 0)
+    mixed-rank fine-tuning on `train_data` (input dicts; `calib` when None) towards `teacher`
+    (a frozen deep copy of the dense model when None). Options as `LPAFConfig` checks them."""
+    if mixed_rank_steps > 0 and teacher is None:
+        teacher = copy.deepcopy(model).eval()
+    scores = blockwise_importance(model, targets, calib, seed=seed) if importance == "block" \
+        else first_order_importance(model, targets, calib, seed=seed)
+    reports = prune_and_factorize(model, targets, keep, scores, calib,
+                                  rank_multiple=rank_multiple, sparsity=sparsity,
+                                  weight_floor=weight_floor, sweeps=sweeps)
     if mixed_rank_steps > 0:
         modules = [model.get_submodule(name) for name in targets]
         tail = max(1, mixed_rank_steps // 10) if full_rank_steps is None else full_rank_steps

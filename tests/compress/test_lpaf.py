@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import curkernels as ck
+from curkernels.compress.calibration import block_output_importance
 from curkernels.compress.lpaf import (
     mixed_rank_finetune,
     prune_by_importance,
@@ -75,3 +76,46 @@ def test_lpaf_with_mixed_rank_through_compress(tiny_llama, batches):
 def test_mixed_rank_bad_fraction(tiny_bert, batches):
     with pytest.raises(ValueError, match="min_rank_fraction"):
         ck.compress(tiny_bert, "lpaf", 0.5, batches, mixed_rank_steps=2, min_rank_fraction=0)
+
+
+class _LinearBlock(torch.nn.Module):
+    """A block whose output is one Linear's, returned as decoder layers return it."""
+
+    def __init__(self, linear):
+        super().__init__()
+        self.proj = linear
+
+    def forward(self, hidden):
+        return (self.proj(hidden),)
+
+
+def test_block_output_importance_is_the_sampled_target_gradient():
+    torch.manual_seed(3)
+    linear = torch.nn.Linear(6, 5, bias=False)
+    block = _LinearBlock(linear)
+    inputs = []
+    for _ in range(3):
+        mask = torch.rand(2, 4) > 0.3
+        inputs.append((mask, (torch.randn(2, 4, 6),), {}))
+    scores = block_output_importance(block, {"proj": linear}, inputs, seed=5)
+
+    generator = torch.Generator().manual_seed(5)
+    weight = linear.weight.detach().double()
+    expected = torch.zeros_like(weight)
+    for mask, (hidden,), _ in inputs:
+        x = hidden[mask].double()
+        y = linear(hidden[mask]).detach()
+        noise = (torch.randn(y.shape, generator=generator) * y.std()).double()
+        # L = ½ mean_rows ‖y − (y + n)‖², so ∂L/∂W = −nᵀx / rows at the dense point
+        expected += (weight * (-noise.T @ x / x.shape[0])).abs()
+    torch.testing.assert_close(scores["proj"], expected / len(inputs), rtol=1e-5, atol=1e-9)
+    assert linear.weight.requires_grad and linear.weight.grad is None
+
+
+def test_lpaf_block_importance_through_compress(tiny_llama, batches):
+    with pytest.raises(ValueError, match="'lm_head' lies outside.*importance='loss'"):
+        ck.compress(tiny_llama, "lpaf", 0.5, batches, importance="block",
+                    targets=["lm_head"])
+    report = ck.compress(tiny_llama, "lpaf", 0.5, batches, sweeps=1, importance="block",
+                         layers=[1, 3])
+    assert len(report.modules) == 14

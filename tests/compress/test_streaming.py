@@ -19,6 +19,7 @@ CASES = [
     ("llama", "asvd", {}),
     ("llama", "rom", {}),
     ("llama", "curing", {}),  # layers picked by a streamed angular-distance pass
+    ("llama", "lpaf", {"importance": "block", "sweeps": 1}),
     ("llama", "pairwise", {}),  # importance allocation from the same pass
     ("llama", "pairwise", {"sequential": False, "allocation": "uniform"}),
     ("llama", "svdllm", {"layers": [1, 2], "targets": ["q_proj", "down_proj"]}),

@@ -84,7 +84,8 @@ def test_work_folder_with_foreign_files_is_left_alone(tmp_path):
 
 
 @pytest.mark.parametrize(("method", "options", "message"), [
-    ("lpaf", {}, "whole model's loss.*in memory"),
+    ("lpaf", {}, "whole model's loss.*importance='block'.*in memory"),
+    ("lpaf", {"importance": "block", "mixed_rank_steps": 2}, "mixed_rank_steps=0"),
     ("svdllm", {"weighting": "fisher"}, "weighting='inputs'"),
     ("svdllm", {"allocation": "global"}, "allocation='uniform'"),
     ("svd", {"targets": ["lm_head", "q_proj"]}, "'lm_head' lies outside"),
