@@ -257,12 +257,13 @@ def protocol(args, model_name: str, eval_lines: int) -> dict:
     }
 
 
-def load_results(path: Path, current: dict) -> dict:
+def load_results(path: Path, current: dict, quiet: bool = False) -> dict:
     if path.is_file():
         data = json.loads(path.read_text())
         if data.get("protocol") == current:
             return data
-        print(f"{path}: another protocol; starting a new table")
+        if not quiet:
+            print(f"{path}: another protocol; starting a new table")
     return {"protocol": current, "dense": None, "runs": {}, "ablation": {}}
 
 
@@ -359,12 +360,29 @@ def plot(results: dict, path: Path) -> None:
     plt.close(figure)
 
 
-def write(results: dict, out: Path, name: str) -> None:
+def replace_text(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file renamed over it: never half-written."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def write(results: dict, out: Path, name: str, section: str | None = None,
+          key: str | None = None) -> dict:
+    """Save `results`; with `section` and `key`, only that row is merged into what the file
+    holds now, so that runs of other methods in parallel (same protocol) keep theirs."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(results, indent=2))
-    (out / f"{name}.md").write_text(markdown(results))
+    path = out / f"{name}.json"
+    if section is not None:
+        row = results[section][key]
+        results = load_results(path, results["protocol"], quiet=True) | \
+            {"dense": results["dense"]}
+        results[section][key] = row
+    replace_text(path, json.dumps(results, indent=2))
+    replace_text(out / f"{name}.md", markdown(results))
     if results["runs"]:
         plot(results, out / f"{name}.png")
+    return results
 
 
 def parse_args(argv=None):
@@ -448,15 +466,17 @@ def main(argv=None) -> dict:
               + f" [{row['compress_seconds']:.0f} s]", flush=True)
         return row
 
+    results = write(results, args.out, args.name)
     for label in (m for m in args.methods if m != "dense"):
         for keep in args.keeps:
-            results["runs"][run_key(label, keep)] = measure(label, keep, {})
-            write(results, args.out, args.name)
+            key = run_key(label, keep)
+            results["runs"][key] = measure(label, keep, {})
+            results = write(results, args.out, args.name, "runs", key)
     for method, options in args.ablation:
         for keep in args.ablation_keeps:
-            results["ablation"][run_key(method, keep, options)] = measure(method, keep, options)
-            write(results, args.out, args.name)
-    write(results, args.out, args.name)
+            key = run_key(method, keep, options)
+            results["ablation"][key] = measure(method, keep, options)
+            results = write(results, args.out, args.name, "ablation", key)
     return results
 
 

@@ -1,5 +1,6 @@
 """bench/lm_quality.py end to end on a tiny GGUF Llama: the split rule, the tables, merging."""
 
+import copy
 import json
 import random
 
@@ -125,3 +126,10 @@ def test_a_run_writes_json_markdown_and_plot_and_later_runs_merge(bench, data, g
     assert merged["dense"] == dense
     assert json.loads((out / "lm_quality.json").read_text())["runs"].keys() == \
         merged["runs"].keys()
+    # a run that loaded the table before another one wrote keeps the other's rows
+    stale = copy.deepcopy(results)
+    stale["runs"]["svd@0.9"] = merged["runs"]["svd@0.6"]
+    bench.write(stale, out, "lm_quality", "runs", "svd@0.9")
+    saved = json.loads((out / "lm_quality.json").read_text())
+    assert set(saved["runs"]) == {"svd@0.5", "curing-own@0.5", "svd@0.6", "svd@0.9"}
+    assert not list(out.glob(".*partial"))
