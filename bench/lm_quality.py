@@ -257,13 +257,17 @@ def protocol(args, model_name: str, eval_lines: int) -> dict:
     }
 
 
-def load_results(path: Path, current: dict, quiet: bool = False) -> dict:
+def load_results(path: Path, current: dict) -> dict:
+    """The table `path` holds for the protocol `current`; a table of another protocol is never
+    replaced (its runs would be lost): that is an error naming what differs."""
     if path.is_file():
         data = json.loads(path.read_text())
         if data.get("protocol") == current:
             return data
-        if not quiet:
-            print(f"{path}: another protocol; starting a new table")
+        stored = data.get("protocol", {})
+        differ = sorted(k for k in {*stored, *current} if stored.get(k) != current.get(k))
+        raise SystemExit(f"{path} holds runs of another protocol (differing in: "
+                         f"{', '.join(differ)}); pass another --name, or move that file")
     return {"protocol": current, "dense": None, "runs": {}, "ablation": {}}
 
 
@@ -375,7 +379,7 @@ def write(results: dict, out: Path, name: str, section: str | None = None,
     path = out / f"{name}.json"
     if section is not None:
         row = results[section][key]
-        results = load_results(path, results["protocol"], quiet=True) | \
+        results = load_results(path, results["protocol"]) | \
             {"dense": results["dense"]}
         results[section][key] = row
     replace_text(path, json.dumps(results, indent=2))

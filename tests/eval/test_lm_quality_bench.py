@@ -133,3 +133,8 @@ def test_a_run_writes_json_markdown_and_plot_and_later_runs_merge(bench, data, g
     saved = json.loads((out / "lm_quality.json").read_text())
     assert set(saved["runs"]) == {"svd@0.5", "curing-own@0.5", "svd@0.6", "svd@0.9"}
     assert not list(out.glob(".*partial"))
+    # a run under another protocol does not replace the table
+    with pytest.raises(SystemExit, match="another protocol.*eval_tokens"):
+        bench.main([*common[:4], "--eval-tokens", "192", *common[6:], "--methods", "svd",
+                    "--keeps", "0.6"])
+    assert json.loads((out / "lm_quality.json").read_text()) == saved
