@@ -21,6 +21,7 @@ from .curing import PAPER_MAX_RANK, SVD_ALGORITHMS
 from .deim import SELECTIONS
 from .lpaf import IMPORTANCES
 from .pairwise import ALLOCATIONS as PAIRWISE_ALLOCATIONS
+from .pairwise import SELECTIONS as PAIRWISE_SELECTIONS
 from .rom import ROM_PRESETS
 from .svdllm import ALLOCATIONS, WEIGHTINGS
 
@@ -264,6 +265,7 @@ class PairwiseConfig(MethodConfig):
     ridge: float = option(1e-2, bounds=ABOVE_ZERO)
     damping: float = option(5e-2, bounds=ABOVE_ZERO)
     refit: bool = True
+    selection: str = option("leverage", choices=PAIRWISE_SELECTIONS)
     sequential: bool = True
     allocation: str = option("importance", choices=PAIRWISE_ALLOCATIONS)
     temperature: float = option(0.1, bounds=ABOVE_ZERO)

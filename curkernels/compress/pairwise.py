@@ -37,12 +37,14 @@ from ..nn.narrow_linear import NarrowLinear
 from .calibration import PairedInputStats, paired_input_stats, stats_from_passes
 from .errors import relative_error
 from .layer_selection import angular_layer_scores, block_list
+from .refit_selection import greedy_refit_selection
 from .replay import block_passes, capture_block_inputs, next_block_inputs
 from .report import ModuleReport
 
 ATTENTION_QK, ATTENTION_VO = ("q_proj", "k_proj"), ("v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ALLOCATIONS = ("importance", "uniform")
+SELECTIONS = ("leverage", "greedy")
 
 
 @dataclass
@@ -237,8 +239,8 @@ class _BlockCompressor:
     def __init__(self, name: str, block: nn.Module, inputs, dense_inputs, refit_targets,
                  heads: AttentionHeads, options: dict):
         self.name, self.block, self.inputs, self.heads = name, block, inputs, heads
-        self.ridge, self.damping, self.refit = (options["ridge"], options["damping"],
-                                                options["refit"])
+        self.ridge, self.damping, self.refit, self.selection = (
+            options["ridge"], options["damping"], options["refit"], options["selection"])
         self.reports: list[ModuleReport] = []
         self.dense_block = copy.deepcopy(block)
         self.dense_inputs_of, self.next_dense_inputs = self._dense_pass(dense_inputs,
@@ -273,6 +275,12 @@ class _BlockCompressor:
         self.reports.append(_report(f"{self.name}.{local}", dense, module, _as_dense(module),
                                     start))
         _swap(self.block, local, module)
+
+    def _greedy(self, local: str, stats: PairedInputStats, columns: torch.Tensor,
+                count: int) -> torch.Tensor:
+        linear = self.block.get_submodule(local)
+        return greedy_refit_selection(linear.weight, stats, columns, count, self.damping,
+                                      centred=linear.bias is not None)
 
     def leave_dense(self, locals_: tuple[str, ...]) -> None:
         """Report `locals_` as kept whole (they stay nn.Linear)."""
@@ -316,9 +324,14 @@ class _BlockCompressor:
         h = self.heads
         stats = self._paired(o)
         group = h.query // h.key_value
-        leverage = ridge_leverage_scores(stats.second_moment, self.ridge)
-        scores = leverage.reshape(h.key_value, group, h.dim).sum(1)
-        kept = _top(scores, int(kept_fraction * h.key_value * h.dim))
+        count = max(1, int(kept_fraction * h.key_value * h.dim))
+        if self.selection == "greedy":
+            # candidate (group g, dim t) keeps o_proj input t of each query head of group g
+            columns = torch.arange(h.query * h.dim).reshape(h.key_value, group, h.dim)
+            kept = self._greedy(o, stats, columns.transpose(1, 2).reshape(-1, group), count)
+        else:
+            leverage = ridge_leverage_scores(stats.second_moment, self.ridge)
+            kept = _top(leverage.reshape(h.key_value, group, h.dim).sum(1), count)
         mask = torch.zeros(h.key_value, h.dim, dtype=torch.bool)
         mask.view(-1)[kept] = True
         v_rows = mask.flatten().nonzero().flatten()
@@ -332,8 +345,11 @@ class _BlockCompressor:
         start = time.perf_counter()
         stats = self._paired(down)
         width = self.block.get_submodule(down).in_features
-        count = max(multiple, int(kept_fraction * width) // multiple * multiple)
-        neurons = _top(ridge_leverage_scores(stats.second_moment, self.ridge), count)
+        count = min(width, max(multiple, int(kept_fraction * width) // multiple * multiple))
+        if self.selection == "greedy":
+            neurons = self._greedy(down, stats, torch.arange(width)[:, None], count)
+        else:
+            neurons = _top(ridge_leverage_scores(stats.second_moment, self.ridge), count)
         for local in (gate, up):
             self._replace(local, _narrow_rows(self.block.get_submodule(local), neurons, False),
                           start)
@@ -395,8 +411,8 @@ def compress_block(name: str, block: nn.Module, targets: dict[str, nn.Linear], k
 
 def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
                       rank_multiple: int, ridge: float, damping: float, refit: bool,
-                      sequential: bool, allocation: str, temperature: float, qk_drop: float,
-                      vo_drop: float) -> list[ModuleReport]:
+                      selection: str, sequential: bool, allocation: str, temperature: float,
+                      qk_drop: float, vo_drop: float) -> list[ModuleReport]:
     """Compress q/k, v/o and gate/up/down of each decoder block in place (see the module
     docstring). `keep` counts stored weight entries (indices and biases excluded). The
     options' defaults and checks live in `PairwiseConfig`.
@@ -409,6 +425,9 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
             1e-2 1.44× dense perplexity on 4,096 tokens; keep 0.5 with the attention split:
             1e-2 3.46×, 5e-2 3.14× on 16,384).
         refit: refit o_proj and down_proj on the kept inputs (False: keep their dense columns).
+        selection: how the kept MLP neurons and v dimensions are chosen: "leverage" (ridge
+            leverage of their correlation, MoDeGPT's) or "greedy" (one at a time, each the one
+            that lowers the refit's error most; `greedy_refit_selection`).
         sequential: calibrate each block on the compressed blocks' outputs (False: on the
             dense model's).
         allocation: "importance" (each block's share from its angular distance) or "uniform".
@@ -438,7 +457,7 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
                          strict=True))
     else:
         keeps = dict.fromkeys(indices, keep)
-    options = {"ridge": ridge, "damping": damping, "refit": refit}
+    options = {"ridge": ridge, "damping": damping, "refit": refit, "selection": selection}
     inputs = dense_inputs = capture_block_inputs(model, blocks[0], calib)
     reports = []
     for index, block in enumerate(blocks):
