@@ -265,7 +265,7 @@ class PairwiseConfig(MethodConfig):
     ridge: float = option(1e-2, bounds=ABOVE_ZERO)
     damping: float = option(5e-2, bounds=ABOVE_ZERO)
     refit: bool = True
-    selection: str = option("leverage", choices=PAIRWISE_SELECTIONS)
+    selection: str = option("greedy", choices=PAIRWISE_SELECTIONS)
     sequential: bool = True
     allocation: str = option("importance", choices=PAIRWISE_ALLOCATIONS)
     temperature: float = option(0.1, bounds=ABOVE_ZERO)

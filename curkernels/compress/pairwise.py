@@ -1,14 +1,19 @@
 """Pair-wise structured compression (method "pairwise", after MoDeGPT, arXiv 2408.09632):
 each pair of matrices that shares an inner dimension keeps part of that dimension.
 
-- MLP: k intermediate neurons chosen by ridge-leverage scores of the correlation of the
-  intermediate activations (a Nyström approximation): gate/up keep those k rows, down_proj
-  is refit by least squares on calibration activations. The MLP becomes a narrower dense MLP.
+- MLP: k intermediate neurons, gate/up keep those k rows, down_proj is refit by least
+  squares on calibration activations. The MLP becomes a narrower dense MLP. The neurons are
+  picked one at a time, each the one that lowers down_proj's refit error most
+  (`greedy_refit_selection`); MoDeGPT's ridge-leverage scores of the activations'
+  correlation (a Nyström approximation, blind to what down_proj does with each neuron) are
+  `selection="leverage"`. WikiText-2 perplexity, every decoder projection, keep 0.5:
+  SmolLM2-135M 2.66× dense greedy against 3.14× by leverage, Gemma 3 270M 3.27× against
+  4.33×; keep 0.8 on SmolLM2 1.32× against 1.37×.
 - Q/K: head-dimension pairs (i, i + d/2), which rotary embeddings rotate together, shared by
   every query head of a grouped-query group, scored by √(E[q²]·E[k²]); q·k is exact over
   the kept dimensions and no refit is needed.
-- V/O: v dimensions of each key-value group chosen by ridge leverage of o_proj's input
-  correlation, o_proj refit by least squares on them.
+- V/O: v dimensions of each key-value group (each feeds one o_proj input per query head of
+  its group), picked as the MLP's neurons are; o_proj refit by least squares on them.
 
 Kept rows are real rows of the dense weights (`NarrowLinear` records them). Blocks are
 calibrated sequentially: each refit sees the inputs produced by the already-compressed layers

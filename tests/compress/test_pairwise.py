@@ -73,7 +73,7 @@ def test_stored_parameters_stay_within_keep(keep):
 
 
 @pytest.mark.parametrize("option", [dict(allocation="uniform"), dict(sequential=False),
-                                    dict(selection="greedy")])
+                                    dict(selection="leverage")])
 def test_ablations_run_and_keep_the_budget(option):
     _, _, report = compressed("qwen2", keep=0.6, **option)
     assert report.params_after <= 0.6 * report.params_before

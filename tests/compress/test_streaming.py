@@ -22,7 +22,7 @@ CASES = [
     ("llama", "lpaf", {"importance": "block", "sweeps": 1}),
     ("llama", "pairwise", {}),  # importance allocation from the same pass
     ("llama", "pairwise", {"sequential": False, "allocation": "uniform"}),
-    ("qwen2", "pairwise", {"selection": "greedy"}),
+    ("qwen2", "pairwise", {"selection": "leverage"}),
     ("llama", "svdllm", {"layers": [1, 2], "targets": ["q_proj", "down_proj"]}),
     ("llama-tied", "pairwise", {}),  # the layer-score pass reads the tied embedding first
     ("qwen2", "svdllm", {"sequential": True}),
