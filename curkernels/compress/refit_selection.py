@@ -41,7 +41,8 @@ def greedy_refit_selection(weight: torch.Tensor, stats: PairedInputStats, column
     gram, cross = refit_moments(stats, centred)
     gram = gram + ridge * float(gram.diagonal().mean().clamp_min(1e-30)) * torch.eye(
         gram.shape[0], dtype=gram.dtype, device=gram.device)
-    explained = weight.detach().double() @ cross  # B = W·E[x x̂ᵀ]: what the outputs see
+    # Bᵀ = (W·E[x x̂ᵀ])ᵀ, what the outputs see, one row an input: its norms are row sums
+    explained = cross.T @ weight.detach().double().T
     columns = columns.to(gram.device)
     width = columns.shape[1]
     factors = gram.new_zeros(gram.shape[0], count * width)  # L
@@ -52,10 +53,10 @@ def greedy_refit_selection(weight: torch.Tensor, stats: PairedInputStats, column
         # gain of candidate c: tr(B_c G_cc⁻¹ B_cᵀ) on the residuals after the picks so far
         open_ = free.nonzero().flatten()
         if width == 1:
-            norms = torch.linalg.vector_norm(explained, dim=0).square()
+            norms = explained.square().sum(1)
             gain = norms[columns[open_, 0]] / blocks[open_, 0, 0]
         else:
-            outputs = explained[:, columns[open_]].permute(1, 2, 0)  # (c, w, m)
+            outputs = explained[columns[open_]]  # (c, w, m)
             gain = (outputs * torch.linalg.solve(blocks[open_], outputs)).sum((1, 2))
         pick = int(open_[gain.argmax()])
         picks.append(pick)
@@ -66,8 +67,8 @@ def greedy_refit_selection(weight: torch.Tensor, stats: PairedInputStats, column
         new = torch.linalg.solve_triangular(pivot, residual.T, upper=False).T
         factors[:, done:done + width] = new
         # B ← B − B_K G_KK⁻¹ G_K: = B − (B_K P⁻ᵀ)·newᵀ; G ← G − new·newᵀ on the candidates' blocks
-        scaled = torch.linalg.solve_triangular(pivot, explained[:, kept].T, upper=False).T
-        explained.addmm_(scaled, new.T, alpha=-1)
+        scaled = torch.linalg.solve_triangular(pivot, explained[kept], upper=False)  # (w, m)
+        explained.addmm_(new, scaled, alpha=-1)
         rows = new[columns]  # (c, w, w)
         blocks = blocks - rows @ rows.transpose(1, 2)
     return torch.sort(torch.tensor(picks, device=columns.device)).values
