@@ -373,15 +373,15 @@ def replace_text(path: Path, text: str) -> None:
 
 def write(results: dict, out: Path, name: str, section: str | None = None,
           key: str | None = None) -> dict:
-    """Save `results`; with `section` and `key`, only that row is merged into what the file
-    holds now, so that runs of other methods in parallel (same protocol) keep theirs."""
+    """Merge the dense scores of `results` (and, with `section` and `key`, that one row) into
+    what the file holds now, so that runs of other methods in parallel (same protocol) keep
+    theirs; returns the table written."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
+    merged = load_results(path, results["protocol"]) | {"dense": results["dense"]}
     if section is not None:
-        row = results[section][key]
-        results = load_results(path, results["protocol"]) | \
-            {"dense": results["dense"]}
-        results[section][key] = row
+        merged[section][key] = results[section][key]
+    results = merged
     replace_text(path, json.dumps(results, indent=2))
     replace_text(out / f"{name}.md", markdown(results))
     if results["runs"]:

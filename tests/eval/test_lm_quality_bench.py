@@ -132,6 +132,8 @@ def test_a_run_writes_json_markdown_and_plot_and_later_runs_merge(bench, data, g
     bench.write(stale, out, "lm_quality", "runs", "svd@0.9")
     saved = json.loads((out / "lm_quality.json").read_text())
     assert set(saved["runs"]) == {"svd@0.5", "curing-own@0.5", "svd@0.6", "svd@0.9"}
+    bench.write(stale, out, "lm_quality")  # the dense scores alone, as a run starts
+    assert json.loads((out / "lm_quality.json").read_text()) == saved
     assert not list(out.glob(".*partial"))
     # a run under another protocol does not replace the table
     with pytest.raises(SystemExit, match="another protocol.*eval_tokens"):
