@@ -306,7 +306,7 @@ def markdown(results: dict) -> str:
     keeps = sorted({r["keep"] for r in runs.values()}, reverse=True)
     labels = list(dict.fromkeys(r["label"] for r in runs.values()))
     header = "| method | " + " | ".join(f"keep {k:g}" for k in keeps) + " | seconds |"
-    lines += [header, "|---" * (len(keeps) + 2) + "|"]
+    lines += [header, "|---" * (len(keeps) + 2) + "|"] if runs else []
     for label in labels:
         found = {r["keep"]: r for r in runs.values() if r["label"] == label}
         seconds = ", ".join(compress_time(found[k]) for k in keeps if k in found)
@@ -314,7 +314,7 @@ def markdown(results: dict) -> str:
             f"{label} ({next(iter(found.values()))['method']})")
         lines.append(f"| {name} | " + " | ".join(cell(found.get(k)) for k in keeps)
                      + f" | {seconds} |")
-    healed = [r for r in runs.values() if "healed" in r]
+    healed = [r for r in (*runs.values(), *results["ablation"].values()) if "healed" in r]
     if healed:
         lines += ["", "## Healed (distilled towards the dense model's next-token distribution)",
                   "", f"- healing text: {healed[0]['healed']['data']}",
@@ -327,7 +327,8 @@ def markdown(results: dict) -> str:
         for r in healed:
             h = r["healed"]
             curve = " ".join(f"{step}: {kl:.3f}" for step, kl in h["validation_kl"])
-            lines.append(f"| {r['label']} | {r['keep']:g} | {cell(r)} | {cell(h)} | "
+            name = run_key(r["label"], r["keep"], r.get("options")).rsplit("@", 1)[0]
+            lines.append(f"| {name} | {r['keep']:g} | {cell(r)} | {cell(h)} | "
                          f"{h['trainable_parameters'] / 1e6:.1f} M | "
                          f"{h['steps']} × {h['batch']} × {h['seq_len']} | {h['lr']:g} | "
                          f"{h['tokens']:,} | {h['kept_step']} | {curve} | {h['threads']} | "
