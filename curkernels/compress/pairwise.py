@@ -42,7 +42,7 @@ from ..nn.narrow_linear import NarrowLinear
 from .calibration import PairedInputStats, paired_input_stats, stats_from_passes
 from .errors import relative_error
 from .layer_selection import angular_layer_scores, block_list
-from .refit_selection import greedy_refit_selection
+from .refit_selection import greedy_refit_selection, refit_moments
 from .replay import block_passes, capture_block_inputs, next_block_inputs
 from .report import ModuleReport
 
@@ -77,18 +77,15 @@ def refit_on_kept_inputs(weight: torch.Tensor, bias: torch.Tensor | None,
     δ = damping·mean(diag E[x̂_Kx̂_Kᵀ]) keeps the dense columns where the data says little.
     A bias absorbs the mean: the moments are then centred, b̂ = b + W·E[x] − Ŵ·E[x̂_K]."""
     w = weight.detach().double()
-    gram = stats.second_moment[kept][:, kept]
-    cross = stats.cross_moment[:, kept]
-    mean, dense_mean = stats.mean[kept], stats.dense_mean
-    if bias is not None:
-        gram = gram - torch.outer(mean, mean)
-        cross = cross - torch.outer(dense_mean, mean)
+    gram, cross = refit_moments(stats, centred=bias is not None)
+    gram, cross = gram[kept][:, kept], cross[:, kept]
     shift = damping * float(gram.diagonal().mean().clamp_min(1e-30))
     eye = torch.eye(len(kept), dtype=gram.dtype, device=gram.device)
     # Ŵ(G + δI) = W·X + δW_K, G symmetric: solve for Ŵᵀ
     refit = torch.linalg.solve(gram + shift * eye, (w @ cross + shift * w[:, kept]).T).T
     if bias is not None:
-        bias = bias.detach().double() + w @ dense_mean - refit @ mean
+        bias = bias.detach().double() + w @ stats.dense_mean.double() - \
+            refit @ stats.mean[kept].double()
     return refit, bias
 
 
