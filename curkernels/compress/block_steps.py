@@ -107,7 +107,8 @@ def compress_block(model: nn.Module, config: MethodConfig, keep: float, prefix: 
             name, block, local, keep, inputs if config.sequential else dense_inputs,
             dense_inputs, attention_heads(model), qk_drop=config.qk_drop, vo_drop=config.vo_drop,
             rank_multiple=config.rank_multiple,
-            options={key: options[key] for key in ("ridge", "damping", "refit", "selection")})
+            options={key: options[key] for key in ("ridge", "damping", "refit", "selection",
+                                                   "token_weighting")})
         return step.reports, step.next_dense_inputs if want_dense_next else None
     if method == "svdllm" and config.sequential:
         replace = sequential_replacer(model, keep, config.rank_multiple, config.damping, None, {})

@@ -6,7 +6,7 @@ Only the statistics a method asks for are kept, so memory stays bounded: the n×
 matrix and the m×m output moment are opt-in (per module, on the calibration device).
 """
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,9 +19,16 @@ from tqdm.auto import tqdm
 CHUNK_VALUES = 1 << 20
 
 
+def _count(stats) -> float:
+    """What the sums are divided by: the tokens seen, or the sum of their weights where the
+    tokens were weighted."""
+    weight = getattr(stats, "weight", None)
+    return max(stats.tokens, 1) if weight is None else weight
+
+
 def _per_token(total: str, doc: str) -> property:
     """A read-only statistic: the sum kept in field `total` over the tokens seen."""
-    return property(lambda stats: getattr(stats, total) / max(stats.tokens, 1), doc=doc)
+    return property(lambda stats: getattr(stats, total) / _count(stats), doc=doc)
 
 
 @dataclass
@@ -222,12 +229,14 @@ def stats_from_passes(targets: dict[str, nn.Linear], passes: Iterable, *, gram: 
 class PairedInputStats:
     """Sums over the tokens seen by a Linear in the compressed model (inputs x̂) and by its
     twin in the dense model (inputs x) on the same calibration tokens: Σ x̂, Σ x, Σ x̂x̂ᵀ and
-    Σ x x̂ᵀ (n×n) — what fitting the compressed layer to the dense layer's outputs needs."""
+    Σ x x̂ᵀ (n×n) — what fitting the compressed layer to the dense layer's outputs needs.
+    With token weights the sums are weighted and `weight` is the weights' sum."""
     tokens: int
     sum: torch.Tensor
     dense_sum: torch.Tensor
     gram: torch.Tensor
     cross: torch.Tensor
+    weight: float | None = None
 
     mean = _per_token("sum", "E[x̂] per input channel.")
     dense_mean = _per_token("dense_sum", "E[x] per input channel.")
@@ -237,19 +246,23 @@ class PairedInputStats:
     @property
     def mean_sq(self) -> torch.Tensor:
         """E[x̂²] per input channel."""
-        return self.gram.diagonal() / max(self.tokens, 1)
+        return self.gram.diagonal() / _count(self)
 
 
 @torch.no_grad()
 def paired_input_stats(name: str, dense_linear: nn.Linear, linear: nn.Linear,
-                       passes: Iterable, desc: str = "calibration") -> PairedInputStats:
+                       passes: Iterable, desc: str = "calibration",
+                       token_weights: Sequence[torch.Tensor] | None = None) -> PairedInputStats:
     """`passes` yields (token mask or None, a callable running the dense model, a callable
     running the compressed model) on the same batch; each forward is cut short once its
     Linear has been seen. With `dense_linear is linear` (one model: x̂ = x) the second
-    callable is not used. Raises on NaN/Inf or when a Linear saw nothing."""
+    callable is not used. `token_weights`: one tensor a batch, a weight per token position
+    (the batch's shape without features), for weighted sums. Raises on NaN/Inf or when a
+    Linear saw nothing."""
     n = linear.in_features
     zeros = lambda *s: torch.zeros(s, dtype=torch.float64, device=linear.weight.device)  # noqa: E731
-    stats = PairedInputStats(0, zeros(n), zeros(n), zeros(n, n), zeros(n, n))
+    stats = PairedInputStats(0, zeros(n), zeros(n), zeros(n, n), zeros(n, n),
+                             None if token_weights is None else 0.0)
     same = dense_linear is linear
     seen = {}
 
@@ -264,7 +277,7 @@ def paired_input_stats(name: str, dense_linear: nn.Linear, linear: nn.Linear,
     if not same:
         handles.append(linear.register_forward_hook(grab("compressed")))
     try:
-        for mask, run_dense, run in tqdm(passes, desc=desc, leave=False):
+        for batch, (mask, run_dense, run) in enumerate(tqdm(passes, desc=desc, leave=False)):
             seen.clear()
             for forward in (run_dense,) if same else (run_dense, run):
                 try:
@@ -280,10 +293,20 @@ def paired_input_stats(name: str, dense_linear: nn.Linear, linear: nn.Linear,
                 raise ValueError(f"{name!r} saw inputs of shape {tuple(x.shape)} in the dense "
                                  f"model but {tuple(x_hat.shape)} in the compressed one")
             stats.tokens += x.shape[0]
-            stats.sum += x_hat.sum(0)
-            stats.dense_sum += x.sum(0)
-            stats.gram += x_hat.T @ x_hat
-            stats.cross += x.T @ x_hat
+            weighted = x_hat
+            if token_weights is not None:
+                positions = seen["dense"].shape[:-1]
+                if token_weights[batch].shape != positions:
+                    raise ValueError(f"token_weights[{batch}] has shape "
+                                     f"{tuple(token_weights[batch].shape)} but {name!r} saw "
+                                     f"inputs at {tuple(positions)} positions")
+                weights = _real_tokens(token_weights[batch][..., None], mask).double()
+                stats.weight += float(weights.sum())
+                weighted = weights * x_hat
+            stats.sum += weighted.sum(0)
+            stats.dense_sum += (x if token_weights is None else weights * x).sum(0)
+            stats.gram += x_hat.T @ weighted
+            stats.cross += x.T @ weighted
     finally:
         for handle in handles:
             handle.remove()

@@ -22,6 +22,7 @@ from .deim import SELECTIONS
 from .lpaf import IMPORTANCES
 from .pairwise import ALLOCATIONS as PAIRWISE_ALLOCATIONS
 from .pairwise import SELECTIONS as PAIRWISE_SELECTIONS
+from .pairwise import TOKEN_WEIGHTINGS as PAIRWISE_TOKEN_WEIGHTINGS
 from .rom import ROM_PRESETS
 from .svdllm import ALLOCATIONS, WEIGHTINGS
 
@@ -266,6 +267,7 @@ class PairwiseConfig(MethodConfig):
     damping: float = option(5e-2, bounds=ABOVE_ZERO)
     refit: bool = True
     selection: str = option("greedy", choices=PAIRWISE_SELECTIONS)
+    token_weighting: str = option("uniform", choices=PAIRWISE_TOKEN_WEIGHTINGS)
     sequential: bool = True
     allocation: str = option("importance", choices=PAIRWISE_ALLOCATIONS)
     temperature: float = option(0.1, bounds=ABOVE_ZERO)

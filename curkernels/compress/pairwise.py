@@ -50,6 +50,12 @@ ATTENTION_QK, ATTENTION_VO = ("q_proj", "k_proj"), ("v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 ALLOCATIONS = ("importance", "uniform")
 SELECTIONS = ("leverage", "greedy")
+# How the refits weigh calibration tokens: "uniform" (each the same); "output_norm" (where the
+# block normalises the layer's output before the residual add, Gemma's post-norms, by
+# 1/E[y²] of the token's dense output y: the norm divides by it); "residual" (output_norm's
+# weight times 1/E[h²], h the block's dense input: an error added to the residual stream
+# counts relative to its size at the next pre-norm).
+TOKEN_WEIGHTINGS = ("uniform", "output_norm", "residual")
 
 
 @dataclass
@@ -192,6 +198,15 @@ def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
     return torch.sort(torch.topk(scores.flatten(), count).indices).values
 
 
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _mean_square(t: torch.Tensor) -> torch.Tensor:
+    """Mean square over the last dimension (fp64): one value per token."""
+    return t.double().square().mean(-1)
+
+
 def _swap(block: nn.Module, local: str, module: nn.Module) -> None:
     block.set_submodule(local, module)
 
@@ -243,24 +258,58 @@ class _BlockCompressor:
         self.name, self.block, self.inputs, self.heads = name, block, inputs, heads
         self.ridge, self.damping, self.refit, self.selection = (
             options["ridge"], options["damping"], options["refit"], options["selection"])
+        self.token_weighting = options["token_weighting"]
         self.reports: list[ModuleReport] = []
         self.dense_block = copy.deepcopy(block)
-        self.dense_inputs_of, self.next_dense_inputs = self._dense_pass(dense_inputs,
-                                                                        refit_targets)
+        self.residual_sq = [_mean_square(_hidden_states(args, kwargs))
+                            for _, args, kwargs in dense_inputs]
+        self.dense_inputs_of, self.output_sq, self.normalised, self.next_dense_inputs = (
+            self._dense_pass(dense_inputs, refit_targets))
 
     def _dense_pass(self, dense_inputs, locals_: list[str]):
         """One pass of the dense twin: the inputs each refit target sees there (one tensor a
-        batch) and the next block's dense inputs."""
+        batch), its outputs' mean square per token, which targets' outputs the block
+        normalises before adding them to the residual (a norm module reads the output
+        itself: Gemma's post-norms), and the next block's dense inputs."""
         seen = {local: [] for local in locals_}
+        output_sq = {local: [] for local in locals_}
+        outputs, normalised = {}, set()  # the latest output of each target (held: ids recur)
+
+        def record(module, args, output, local):
+            seen[local].append(args[0].detach())
+            output_sq[local].append(_mean_square(output.detach()))
+            outputs[local] = output
+
+        def reads_output(module, args):
+            if args and "Norm" in type(module).__name__:
+                normalised.update(local for local, output in outputs.items()
+                                  if args[0] is output)
+
         handles = [self.dense_block.get_submodule(local).register_forward_hook(
-            lambda module, args, output, local=local: seen[local].append(args[0].detach()))
+            lambda module, args, output, local=local: record(module, args, output, local))
             for local in locals_]
+        handles += [module.register_forward_pre_hook(reads_output)
+                    for module in self.dense_block.modules()]
         try:
             next_inputs = next_block_inputs(self.dense_block, dense_inputs)
         finally:
             for handle in handles:
                 handle.remove()
-        return seen, next_inputs
+        return seen, output_sq, normalised, next_inputs
+
+    def _token_weights(self, local: str) -> list[torch.Tensor] | None:
+        """Per-token weights of `local`'s refit (see `TOKEN_WEIGHTINGS`), one tensor a batch."""
+        if self.token_weighting == "uniform":
+            return None
+        weights = []
+        for batch, residual_sq in enumerate(self.residual_sq):
+            scale = torch.ones_like(residual_sq)
+            if local in self.normalised:
+                scale = scale * self.output_sq[local][batch]
+            if self.token_weighting == "residual":
+                scale = scale * residual_sq
+            weights.append(1 / scale.clamp_min(1e-6 * float(scale.mean())))
+        return weights
 
     def _paired(self, local: str) -> PairedInputStats:
         """Dense inputs from the cached dense pass, compressed ones from running the block as
@@ -270,7 +319,8 @@ class _BlockCompressor:
             block_passes(self.block, self.inputs), self.dense_inputs_of.pop(local), strict=True))
         return paired_input_stats(f"{self.name}.{local}", dense_linear,
                                   self.block.get_submodule(local), passes,
-                                  desc=f"pairwise {self.name}.{local}")
+                                  desc=f"pairwise {self.name}.{local}",
+                                  token_weights=self._token_weights(local))
 
     def _replace(self, local: str, module: NarrowLinear, start: float) -> None:
         dense = self.block.get_submodule(local)
@@ -413,8 +463,8 @@ def compress_block(name: str, block: nn.Module, targets: dict[str, nn.Linear], k
 
 def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: float, *, calib,
                       rank_multiple: int, ridge: float, damping: float, refit: bool,
-                      selection: str, sequential: bool, allocation: str, temperature: float,
-                      qk_drop: float, vo_drop: float) -> list[ModuleReport]:
+                      selection: str, token_weighting: str, sequential: bool, allocation: str,
+                      temperature: float, qk_drop: float, vo_drop: float) -> list[ModuleReport]:
     """Compress q/k, v/o and gate/up/down of each decoder block in place (see the module
     docstring). `keep` counts stored weight entries (indices and biases excluded). The
     options' defaults and checks live in `PairwiseConfig`.
@@ -430,6 +480,8 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
         selection: how the kept MLP neurons and v dimensions are chosen: "leverage" (ridge
             leverage of their correlation, MoDeGPT's) or "greedy" (one at a time, each the one
             that lowers the refit's error most; `greedy_refit_selection`).
+        token_weighting: how the refits and the greedy selection weigh calibration tokens
+            (`TOKEN_WEIGHTINGS`).
         sequential: calibrate each block on the compressed blocks' outputs (False: on the
             dense model's).
         allocation: "importance" (each block's share from its angular distance) or "uniform".
@@ -459,7 +511,8 @@ def compress_pairwise(model: nn.Module, targets: dict[str, nn.Linear], keep: flo
                          strict=True))
     else:
         keeps = dict.fromkeys(indices, keep)
-    options = {"ridge": ridge, "damping": damping, "refit": refit, "selection": selection}
+    options = {"ridge": ridge, "damping": damping, "refit": refit, "selection": selection,
+               "token_weighting": token_weighting}
     inputs = dense_inputs = capture_block_inputs(model, blocks[0], calib)
     reports = []
     for index, block in enumerate(blocks):
