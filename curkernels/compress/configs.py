@@ -267,7 +267,7 @@ class PairwiseConfig(MethodConfig):
     damping: float = option(5e-2, bounds=ABOVE_ZERO)
     refit: bool = True
     selection: str = option("greedy", choices=PAIRWISE_SELECTIONS)
-    token_weighting: str = option("uniform", choices=PAIRWISE_TOKEN_WEIGHTINGS)
+    token_weighting: str = option("output_norm", choices=PAIRWISE_TOKEN_WEIGHTINGS)
     sequential: bool = True
     allocation: str = option("importance", choices=PAIRWISE_ALLOCATIONS)
     temperature: float = option(0.1, bounds=ABOVE_ZERO)

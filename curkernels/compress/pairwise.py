@@ -15,6 +15,14 @@ each pair of matrices that shares an inner dimension keeps part of that dimensio
 - V/O: v dimensions of each key-value group (each feeds one o_proj input per query head of
   its group), picked as the MLP's neurons are; o_proj refit by least squares on them.
 
+Where the block normalises a refit layer's output before adding it to the residual stream
+(Gemma 2/3's post-attention and post-feedforward norms, found by which norm module reads the
+output), what the model keeps of each token's output is its direction: the norm divides it by
+its own RMS. The refit and the greedy selection then weigh each calibration token by 1/E[y²]
+of its dense output y (`token_weighting="output_norm"`, the default; it changes nothing where
+outputs are added as they are). Gemma 3 270M, keep 0.8: 1.18× dense perplexity against 1.65×
+with uniform tokens; keep 0.5: 3.14× against 3.27×.
+
 Kept rows are real rows of the dense weights (`NarrowLinear` records them). Blocks are
 calibrated sequentially: each refit sees the inputs produced by the already-compressed layers
 before it and fits the dense block's outputs on the same tokens (min ‖Wx + b − Ŵx̂_K − b̂‖²,
@@ -54,7 +62,8 @@ SELECTIONS = ("leverage", "greedy")
 # block normalises the layer's output before the residual add, Gemma's post-norms, by
 # 1/E[y²] of the token's dense output y: the norm divides by it); "residual" (output_norm's
 # weight times 1/E[h²], h the block's dense input: an error added to the residual stream
-# counts relative to its size at the next pre-norm).
+# counts relative to its size at the next pre-norm; Gemma 3 270M at keep 0.8: 1.37× dense
+# perplexity against output_norm's 1.18×).
 TOKEN_WEIGHTINGS = ("uniform", "output_norm", "residual")
 
 
@@ -299,7 +308,8 @@ class _BlockCompressor:
 
     def _token_weights(self, local: str) -> list[torch.Tensor] | None:
         """Per-token weights of `local`'s refit (see `TOKEN_WEIGHTINGS`), one tensor a batch."""
-        if self.token_weighting == "uniform":
+        if self.token_weighting == "uniform" or (self.token_weighting == "output_norm"
+                                                 and local not in self.normalised):
             return None
         weights = []
         for batch, residual_sq in enumerate(self.residual_sq):

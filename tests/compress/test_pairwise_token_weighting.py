@@ -55,15 +55,15 @@ def narrow_weights(model) -> list[torch.Tensor]:
     return [m.weight for m in model.modules() if isinstance(m, NarrowLinear)]
 
 
-def test_output_norm_weighs_gemma_tokens_by_their_normalised_output(monkeypatch):
+def test_default_weighs_gemma_tokens_by_their_normalised_output(monkeypatch):
     seen = weights_seen(monkeypatch)
     dense, calib = tiny_gemma3(), random_batches()
     uniform = copy.deepcopy(dense)
-    ck.compress(uniform, keep=0.7, calib=calib)
-    assert [weights for _, _, weights in seen] == [None] * 4  # the default: uniform
+    ck.compress(uniform, keep=0.7, calib=calib, token_weighting="uniform")
+    assert [weights for _, _, weights in seen] == [None] * 4
     seen.clear()
     model = copy.deepcopy(dense)
-    report = ck.compress(model, keep=0.7, calib=calib, token_weighting="output_norm")
+    report = ck.compress(model, keep=0.7, calib=calib)  # the default: output_norm
     assert report.params_after <= 0.7 * report.params_before
     assert [local for local, _, _ in seen] == ["self_attn.o_proj", "mlp.down_proj"] * 2
     for local, normalised, weights in seen:
@@ -78,11 +78,11 @@ def test_output_norm_changes_nothing_where_outputs_are_added_as_they_are(monkeyp
     seen = weights_seen(monkeypatch)
     dense, calib = tiny_model("llama"), random_batches()
     uniform, weighted = copy.deepcopy(dense), copy.deepcopy(dense)
-    ck.compress(uniform, keep=0.6, calib=calib)
-    ck.compress(weighted, keep=0.6, calib=calib, token_weighting="output_norm")
-    assert all(normalised == set() for _, normalised, _ in seen)
+    ck.compress(uniform, keep=0.6, calib=calib, token_weighting="uniform")
+    ck.compress(weighted, keep=0.6, calib=calib)
+    assert all(normalised == set() and weights is None for _, normalised, weights in seen)
     for a, b in zip(narrow_weights(weighted), narrow_weights(uniform), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert torch.equal(a, b)
 
 
 def test_residual_weighting_runs_within_the_budget():
