@@ -11,8 +11,9 @@ from .api import METHODS
 from .calibration import block_output_importance
 from .configs import MethodConfig
 from .lpaf import prune_and_factorize
-from .pairwise import attention_heads, target_groups
+from .pairwise import attention_heads
 from .pairwise import compress_block as compress_pairwise_block
+from .pairwise_budget import target_groups
 from .replay import next_block_inputs
 from .report import ModuleReport
 from .rom import compress_block_rom

@@ -34,7 +34,7 @@ from .api import METHODS, calibration_batches, compression_metadata, method_conf
 from .block_steps import Streams, check_block_targets, check_streamable, compress_block, streams_for
 from .configs import MethodConfig
 from .layer_selection import block_list
-from .pairwise import block_keeps, keep_floor
+from .pairwise_budget import block_keeps, keep_floor
 from .replay import capture_block_inputs, next_block_inputs
 from .report import CompressionReport, ModuleReport
 from .shard_reader import ShardReader

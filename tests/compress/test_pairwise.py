@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 import curkernels as ck
 from curkernels import NarrowLinear
 from curkernels.compress.calibration import PairedInputStats
-from curkernels.compress.pairwise import block_keeps, group_keeps, refit_on_kept_inputs
+from curkernels.compress.pairwise import refit_on_kept_inputs
+from curkernels.compress.pairwise_budget import block_keeps, group_keeps
 
 ARCHITECTURES = ["llama", "qwen2"]
 

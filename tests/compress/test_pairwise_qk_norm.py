@@ -12,7 +12,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 import curkernels as ck
 from curkernels import NarrowLinear
-from curkernels.compress.pairwise import normalises_query_key, smallest_block_keep
+from curkernels.compress.pairwise_budget import normalises_query_key, smallest_block_keep
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")

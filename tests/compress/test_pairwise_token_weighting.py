@@ -23,10 +23,11 @@ def test_token_weights_weigh_the_paired_sums_pads_excluded():
     masks[0][1, 3:] = False
     weights = [torch.rand(2, 5) + 0.1 for _ in inputs]
     weights[0][1, 3:] = 1e6  # on pads: must not count
-    passes = [(mask, lambda x=x: linear(x), None) for mask, x in zip(masks, inputs)]
+    passes = [(mask, lambda x=x: linear(x), None)
+              for mask, x in zip(masks, inputs, strict=True)]
     stats = paired_input_stats("linear", linear, linear, passes, token_weights=weights)
-    x = torch.cat([x[mask] for x, mask in zip(inputs, masks)]).double()
-    w = torch.cat([w[mask] for w, mask in zip(weights, masks)]).double()
+    x = torch.cat([x[mask] for x, mask in zip(inputs, masks, strict=True)]).double()
+    w = torch.cat([w[mask] for w, mask in zip(weights, masks, strict=True)]).double()
     assert stats.tokens == x.shape[0] == 18
     assert stats.weight == pytest.approx(float(w.sum()))
     torch.testing.assert_close(stats.second_moment, (x.T * w) @ x / w.sum())
@@ -66,7 +67,7 @@ def test_default_weighs_gemma_tokens_by_their_normalised_output(monkeypatch):
     report = ck.compress(model, keep=0.7, calib=calib)  # the default: output_norm
     assert report.params_after <= 0.7 * report.params_before
     assert [local for local, _, _ in seen] == ["self_attn.o_proj", "mlp.down_proj"] * 2
-    for local, normalised, weights in seen:
+    for _, normalised, weights in seen:
         assert normalised == {"self_attn.o_proj", "mlp.down_proj"}
         assert len(weights) == len(calib) and weights[0].shape == calib[0]["input_ids"].shape
         assert weights[0].std() > 0.05 * weights[0].mean()  # tokens are weighed apart
