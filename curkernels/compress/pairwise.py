@@ -65,13 +65,10 @@ from .report import ModuleReport
 
 ALLOCATIONS = ("importance", "uniform")
 SELECTIONS = ("leverage", "greedy")
-# How the refits weigh calibration tokens: "uniform" (each the same); "output_norm" (where the
+# How the refits weigh calibration tokens: "uniform" (each the same) or "output_norm" (where the
 # block normalises the layer's output before the residual add, Gemma's post-norms, by
-# 1/E[y²] of the token's dense output y: the norm divides by it); "residual" (output_norm's
-# weight times 1/E[h²], h the block's dense input: an error added to the residual stream
-# counts relative to its size at the next pre-norm; Gemma 3 270M at keep 0.8: 1.37× dense
-# perplexity against output_norm's 1.18×).
-TOKEN_WEIGHTINGS = ("uniform", "output_norm", "residual")
+# 1/E[y²] of the token's dense output y: the norm divides by it).
+TOKEN_WEIGHTINGS = ("uniform", "output_norm")
 
 
 @dataclass
@@ -126,10 +123,6 @@ def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Flat indices of the `count` largest scores (at least one), ascending."""
     count = max(1, min(count, scores.numel()))
     return torch.sort(torch.topk(scores.flatten(), count).indices).values
-
-
-def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
 
 
 def _mean_square(t: torch.Tensor) -> torch.Tensor:
@@ -191,8 +184,6 @@ class _BlockCompressor:
         self.token_weighting = options["token_weighting"]
         self.reports: list[ModuleReport] = []
         self.dense_block = copy.deepcopy(block)
-        self.residual_sq = [_mean_square(_hidden_states(args, kwargs))
-                            for _, args, kwargs in dense_inputs]
         self.dense_inputs_of, self.output_sq, self.normalised, self.next_dense_inputs = (
             self._dense_pass(dense_inputs, refit_targets))
 
@@ -229,18 +220,10 @@ class _BlockCompressor:
 
     def _token_weights(self, local: str) -> list[torch.Tensor] | None:
         """Per-token weights of `local`'s refit (see `TOKEN_WEIGHTINGS`), one tensor a batch."""
-        if self.token_weighting == "uniform" or (self.token_weighting == "output_norm"
-                                                 and local not in self.normalised):
+        if self.token_weighting == "uniform" or local not in self.normalised:
             return None
-        weights = []
-        for batch, residual_sq in enumerate(self.residual_sq):
-            scale = torch.ones_like(residual_sq)
-            if local in self.normalised:
-                scale = scale * self.output_sq[local][batch]
-            if self.token_weighting == "residual":
-                scale = scale * residual_sq
-            weights.append(1 / scale.clamp_min(1e-6 * float(scale.mean())))
-        return weights
+        return [1 / output_sq.clamp_min(1e-6 * float(output_sq.mean()))
+                for output_sq in self.output_sq[local]]
 
     def _paired(self, local: str) -> PairedInputStats:
         """Dense inputs from the cached dense pass, compressed ones from running the block as
