@@ -73,6 +73,16 @@ def test_default_weighs_gemma_tokens_by_their_normalised_output(monkeypatch):
         assert weights[0].std() > 0.05 * weights[0].mean()  # tokens are weighed apart
     assert any(not torch.equal(a, b)
                for a, b in zip(narrow_weights(model), narrow_weights(uniform), strict=True))
+    # block 0 sees the dense model's inputs: its o_proj weights are 1/E[y²] of the dense output
+    outputs = []
+    hook = dense.model.layers[0].self_attn.o_proj.register_forward_hook(
+        lambda module, args, output: outputs.append(output.double()))
+    with torch.no_grad():
+        for batch in calib:
+            dense(**batch)
+    hook.remove()
+    for weight, output in zip(seen[0][2], outputs, strict=True):
+        torch.testing.assert_close(weight, 1 / output.square().mean(-1))
 
 
 def test_output_norm_changes_nothing_where_outputs_are_added_as_they_are(monkeypatch):
