@@ -13,9 +13,9 @@ Protocol (also written into the JSON and the markdown next to the numbers):
   k = 1..8 (greedy acceptance replayed exactly from the teacher-forced predictions: each
   round emits the matching drafted run, at most k, plus the target's own token), the draft's
   weight parameters read per token c relative to the dense model's (every Linear, a
-  CURLinear's folded C·U and its rows, the head's scored rows; the embedding lookup reads one
-  row and is left out of both), the predicted bandwidth-bound speedup τ(k)/(1 + k·c) at the
-  best k, and the draft's own bytes (C, U, indices, head token ids) relative to the dense
+  CURLinear's folded C·U and its rows, a NarrowLinear's kept rows or refit, the head's scored
+  rows; the embedding lookup reads one row and is left out of both), the predicted bandwidth-bound speedup τ(k)/(1 + k·c) at the
+  best k, and the draft's own bytes (C, U or refits, indices, head ids) relative to the dense
   model's parameter bytes.
 - CPU tokens/s (batch 1, eager, fp32, `--threads` threads) of dense and speculative greedy
   decoding at the draft's best k over the first `--timed-prompts` prompts; the speculative
@@ -48,7 +48,7 @@ from torch import nn
 
 import curkernels as ck
 from curkernels.compress.calibration_sources import as_batches
-from curkernels.nn import CURLinear
+from curkernels.nn import CURLinear, NarrowLinear
 from curkernels.serve import StaticCacheGenerator
 from curkernels.speculative.head import FrequentTokenHead, most_frequent_tokens
 
@@ -66,6 +66,9 @@ DRAFTS = {
     "keep0.3-head8k": dict(keep=0.3, head_tokens=8192),
     "skip8-head8k": dict(keep={}, skip_layers=8, head_tokens=8192),
     "skip6-keep0.5-head8k": dict(keep=0.5, skip_layers=6, head_tokens=8192),
+    # the compression default's structure: kept rows read in place, o/down refits its own
+    "pairwise0.7-head8k": dict(method="pairwise", keep=0.7, head_tokens=8192),
+    "pairwise0.5-head8k": dict(method="pairwise", keep=0.5, head_tokens=8192),
 }
 
 
@@ -91,6 +94,8 @@ def read_parameters_per_token(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, CURLinear):
             total += (module.out_features + module.in_features) * module.rank
+        elif isinstance(module, NarrowLinear):
+            total += module.factor_parameters
         elif isinstance(module, FrequentTokenHead):
             total += module.token_ids.numel() * module.in_features
         elif isinstance(module, nn.Linear):
@@ -99,10 +104,20 @@ def read_parameters_per_token(model: nn.Module) -> int:
 
 
 def own_bytes(draft: nn.Module) -> int:
-    tensors = [t for m in draft.modules() if isinstance(m, CURLinear)
-               for t in (m.C, m.U, m.row_indices, m.col_indices)]
-    tensors += [m.token_ids for m in draft.modules() if isinstance(m, FrequentTokenHead)]
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes of what the draft adds (each storage once: a pair-wise MLP's modules share their
+    indices)."""
+    tensors = []
+    for m in draft.modules():
+        if isinstance(m, CURLinear):
+            tensors += [m.C, m.U, m.row_indices, m.col_indices]
+        elif isinstance(m, NarrowLinear):
+            tensors += [m.row_indices, m.col_indices]
+            tensors += [] if m.gather_rows else [m.weight, m.bias]
+        elif isinstance(m, FrequentTokenHead):
+            tensors.append(m.token_ids)
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in tensors if t is not None}
+    return sum(storages.values())
 
 
 def tokens_per_step(matches: list[bool], k: int) -> float:
@@ -171,7 +186,7 @@ def protocol(args) -> dict:
                 reference="dense greedy continuation, --new-tokens tokens",
                 c="draft weight parameters read per token / dense, head included",
                 predicted_speedup="max over k of tau(k) / (1 + k c)",
-                memory_overhead="draft's own bytes (C, U, indices, head ids) / dense bytes",
+                memory_overhead="draft's own bytes (C, U or refits, indices, head ids) / dense",
                 cpu_rates=f"batch 1, eager, fp32, {args.threads} threads, shared CPU (under "
                           f"load)",
                 alpha_needed="least alpha meeting the bar at this c, independent agreement",
@@ -182,8 +197,8 @@ def protocol(args) -> dict:
 def row_label(name: str, healed: bool, args) -> str:
     if not healed:
         return name
-    return (f"{name} healed {args.heal_steps} steps ({args.heal_data}, "
-            f"{'+'.join(args.heal_trainable)})")
+    trained = "healable" if args.heal_trainable is None else "+".join(args.heal_trainable)
+    return f"{name} healed {args.heal_steps} steps ({args.heal_data}, {trained})"
 
 
 def markdown(results: dict) -> str:
@@ -308,7 +323,8 @@ def measure_draft(name, model, tokenizer, calib_texts, prompts, continuations, d
                                                         continuations))
         start = time.perf_counter()
         losses = ck.heal_draft(draft, model, training, steps=args.heal_steps, lr=args.heal_lr,
-                               trainable=tuple(args.heal_trainable))
+                               trainable=None if args.heal_trainable is None
+                               else tuple(args.heal_trainable))
         heal_seconds = time.perf_counter() - start
     label = row_label(name, healed, args)
     if args.save_drafts is not None:
@@ -352,8 +368,10 @@ def main() -> None:
     parser.add_argument("--heal-prompts", type=int, default=64,
                         help="calibration paragraphs whose dense continuations heal (on-policy)")
     parser.add_argument("--heal-lr", type=float, default=1e-3)
-    parser.add_argument("--heal-trainable", type=lambda s: s.split(","), default=["U"],
-                        help="comma-separated factors the healing trains, of C,U")
+    parser.add_argument("--heal-trainable", type=lambda s: s.split(","), default=None,
+                        help="comma-separated CUR factors the healing trains, of C,U "
+                             "(default: what each module names healable — U, or a pair-wise "
+                             "draft's refits)")
     parser.add_argument("--heal-batch", type=int, default=4)
     parser.add_argument("--heal-seq-len", type=int, default=128, help="(text healing)")
     parser.add_argument("--save-drafts", type=Path, default=None,

@@ -121,6 +121,10 @@ def _describe_narrow(module: NarrowLinear) -> dict:
     """`in_features`/`out_features` are the dense layer's shape (what the model config
     builds); the kept rows/columns and whether the output/input keeps the dense width give
     the narrow weight's shape and the layer's own widths."""
+    if module.gather_rows:
+        raise TypeError("a NarrowLinear with gather_rows=True reads a weight it shares with "
+                        "another model (a speculative draft's): save the draft with "
+                        "curkernels.save_draft, which stores what it adds to its target")
     return {"in_features": module.dense_in_features, "out_features": module.dense_out_features,
             "bias": module.bias is not None, "row_indices": _indices(module.row_indices),
             "col_indices": _indices(module.col_indices), "scatter_rows": module.scatter_rows,

@@ -10,6 +10,9 @@ Where the model reshapes a projection's output by the dense head size (q, k, v),
 outputs are scattered back to the dense width with zeros elsewhere (`scatter_rows`): exact
 for q·k, since both sides are zero in the dropped dimensions, and for v, whose dropped
 dimensions the matching `gather_cols` o_proj never reads.
+
+A speculative draft reads its kept rows in place (`gather_rows`): the weight is the dense
+layer's own, shared with the target, and each call picks `rows` out of it.
 """
 
 import torch
@@ -19,11 +22,18 @@ from torch import nn
 from .cur_linear import _index_buffer
 
 
+def _as_parameter(tensor: torch.Tensor, shared: bool) -> nn.Parameter:
+    if shared:
+        return nn.Parameter(tensor.detach(), requires_grad=False)
+    return nn.Parameter(tensor.detach().contiguous())
+
+
 class NarrowLinear(nn.Module):
     """y = x[..., cols]·Wᵀ + b, written to `rows` of a dense-width output or returned narrow.
 
     Args:
-        weight: (len(rows) or out_features, len(cols) or in_features).
+        weight: (len(rows) or out_features, len(cols) or in_features); with `gather_rows`,
+            the dense layer's whole (out_features, in_features) weight.
         bias: optional, one entry per row of `weight`.
         out_features, in_features: the dense layer's shape.
         rows: the dense layer's output rows this weight computes (int64), or None for all.
@@ -32,11 +42,13 @@ class NarrowLinear(nn.Module):
             len(rows) features (the next layer is narrowed to match).
         gather_cols: the input has the dense width and `cols` are read from it; otherwise
             it already holds just those len(cols) features.
+        gather_rows: `weight` (and `bias`) are the dense layer's, read in place: each call
+            uses their `rows` (a draft sharing the target's weights).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, out_features: int,
                  in_features: int, rows=None, cols=None, scatter_rows: bool = False,
-                 gather_cols: bool = False):
+                 gather_cols: bool = False, gather_rows: bool = False):
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
@@ -44,7 +56,15 @@ class NarrowLinear(nn.Module):
             raise ValueError("scatter_rows=True needs rows: the output positions to write")
         if gather_cols and cols is None:
             raise ValueError("gather_cols=True needs cols: the input features to read")
-        kept_rows, kept_cols = weight.shape
+        if gather_rows and (rows is None or cols is not None):
+            raise ValueError("gather_rows=True needs rows (the dense weight's rows to read) "
+                             "and no cols")
+        if gather_rows and weight.shape[0] != out_features:
+            raise ValueError(f"gather_rows=True reads rows of the dense weight: weight must "
+                             f"have out_features={out_features} rows, got {weight.shape[0]}")
+        self.gather_rows = gather_rows
+        kept_rows = len(rows) if gather_rows else weight.shape[0]
+        kept_cols = weight.shape[1]
         if rows is None and kept_rows != out_features:
             raise ValueError(f"weight has {kept_rows} rows but out_features={out_features} and "
                              f"no rows were given")
@@ -55,10 +75,12 @@ class NarrowLinear(nn.Module):
         self.scatter_rows, self.gather_cols = scatter_rows, gather_cols
         self.out_features = out_features if scatter_rows or rows is None else kept_rows
         self.in_features = in_features if gather_cols or cols is None else kept_cols
-        self.weight = nn.Parameter(weight.detach().contiguous())
-        self.bias = None if bias is None else nn.Parameter(bias.detach().contiguous())
-        if self.bias is not None and tuple(self.bias.shape) != (kept_rows,):
-            raise ValueError(f"bias must have shape ({kept_rows},), got {tuple(self.bias.shape)}")
+        # a shared weight keeps its storage (and its frozen state); an own one is made contiguous
+        self.weight = _as_parameter(weight, shared=gather_rows)
+        self.bias = None if bias is None else _as_parameter(bias, shared=gather_rows)
+        bias_rows = weight.shape[0]
+        if self.bias is not None and tuple(self.bias.shape) != (bias_rows,):
+            raise ValueError(f"bias must have shape ({bias_rows},), got {tuple(self.bias.shape)}")
         self.register_buffer("row_indices", _index_buffer("rows", rows, kept_rows, out_features),
                              persistent=False)
         self.register_buffer("col_indices", _index_buffer("cols", cols, kept_cols, in_features),
@@ -67,11 +89,18 @@ class NarrowLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gather_cols:
             x = x.index_select(-1, self.col_indices)
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, *self.kept_weight_and_bias())
         if not self.scatter_rows:
             return y
         out = y.new_zeros(*y.shape[:-1], self.out_features)
         return out.index_copy_(-1, self.row_indices, y)
+
+    def kept_weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The weight and bias this layer computes with (its rows picked when shared)."""
+        if not self.gather_rows:
+            return self.weight, self.bias
+        bias = None if self.bias is None else self.bias.index_select(0, self.row_indices)
+        return self.weight.index_select(0, self.row_indices), bias
 
     @property
     def healable(self) -> tuple[str, ...]:
@@ -84,8 +113,16 @@ class NarrowLinear(nn.Module):
 
     @property
     def factor_parameters(self) -> int:
-        """Stored weight entries (indices and bias excluded, as `keep` counts them)."""
-        return self.weight.numel()
+        """Weight entries the layer reads (indices and bias excluded, as `keep` counts them;
+        a shared weight counts its kept rows)."""
+        rows, cols = self.kept_shape
+        return rows * cols
+
+    @property
+    def kept_shape(self) -> tuple[int, int]:
+        """The shape of the weight the layer computes with."""
+        return (len(self.row_indices) if self.gather_rows else self.weight.shape[0],
+                self.weight.shape[1])
 
     @property
     def dense_parameters(self) -> int:
@@ -93,6 +130,7 @@ class NarrowLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"kept={tuple(self.weight.shape)} of {self.dense_out_features}×"
+                f"kept={self.kept_shape} of {self.dense_out_features}×"
                 f"{self.dense_in_features}, scatter_rows={self.scatter_rows}, "
-                f"gather_cols={self.gather_cols}, bias={self.bias is not None}")
+                f"gather_cols={self.gather_cols}, gather_rows={self.gather_rows}, "
+                f"bias={self.bias is not None}")

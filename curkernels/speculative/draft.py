@@ -1,28 +1,34 @@
-"""`make_draft`: a CUR draft of a causal LM that reads the LM's own weights in place.
+"""`make_draft`: a draft of a causal LM that reads the LM's own weights in place.
 
-Each factored Linear keeps real rows R = W[I, :] of the target's weight (read through the
-gather form, never copied) and stores only C = W[:, J] and the link U (CURing's selection:
-DEIM on the activation-weighted weight, U = C⁺·W·R⁺). Blocks can be skipped (the CURing
-paper's angular distance picks those that change the hidden state least) and the head can
-score only the most frequent tokens of the calibration text (FR-Spec).
+method="curing": each factored Linear keeps real rows R = W[I, :] of the target's weight
+(read through the gather form, never copied) and stores only C = W[:, J] and the link U
+(CURing's selection: DEIM on the activation-weighted weight, U = C⁺·W·R⁺).
+method="pairwise": the quality default's structure (`compress`'s "pairwise"): q/k/v and
+gate/up keep real rows of the target's weights, read in place; o_proj and down_proj are refit
+on the kept inputs, and those refit weights are all the draft stores.
+Blocks can be skipped (the CURing paper's angular distance picks those that change the
+hidden state least) and the head can score only the most frequent tokens of the calibration
+text (FR-Spec).
 """
 
+import copy
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
+from ..compress.api import compress
 from ..compress.budget import check_keep, rank_for_keep
 from ..compress.calibration import collect_linear_stats
 from ..compress.calibration_sources import as_batches
 from ..compress.curing import cur_decompose
 from ..compress.layer_selection import angular_layer_scores, block_list, select_layers
-from ..nn import find_linears, name_matches
-from .assembly import CURFactor, DraftSpec, assemble_draft
+from ..nn import NarrowLinear, find_linears, name_matches
+from .assembly import BlockNames, CURFactor, DraftSpec, NarrowFactor, assemble_draft
 from .head import most_frequent_tokens
 from .identity import base_identity
 
-DRAFT_METHODS = ("curing",)
+DRAFT_METHODS = ("curing", "pairwise")
 
 
 def _keep_for(name: str, keep: float | Mapping[str, float]) -> float | None:
@@ -82,11 +88,13 @@ def make_draft(model: nn.Module, method: str = "curing", keep: float | Mapping[s
     """A draft of `model` (a transformers causal LM) for speculative decoding.
 
     Args:
-        method: how Linears are factored; 'curing' (real rows read in place).
+        method: how Linears are factored: 'curing' (CUR, real rows read in place) or
+            'pairwise' (the compression default's kept rows, read in place, and refits).
         keep: fraction of each factored Linear's entries the draft reads per token (C, U and
             the rows R), or a mapping {name pattern: keep} — per layer or per matrix, e.g.
             {"layers.3.*": 0.6, "mlp.*": 0.3}; a Linear no pattern matches stays dense
-            (the target's weight, shared).
+            (the target's weight, shared). 'pairwise' takes one number: it splits the
+            budget among blocks and matrices itself.
         calib: input dicts, or strings with `tokenizer=`: activation statistics for the
             selection, angular distances for `skip_layers`, token counts for `head_tokens`.
         skip_layers: a count (the blocks of smallest angular distance, never the first or last)
@@ -94,10 +102,12 @@ def make_draft(model: nn.Module, method: str = "curing", keep: float | Mapping[s
         head_tokens: a count (the calibration text's most frequent tokens) or explicit token
             ids: the draft's head scores only those (rows of the target's head, shared).
         targets: name patterns of the Linears to factor (default: every Linear in the blocks).
-        max_rank: an upper bound on every rank; selection, svd: passed to CURing's selection.
+        max_rank: an upper bound on every rank; selection, svd: passed to CURing's selection
+            (method 'curing' only).
 
-    The draft shares every tensor of `model` and owns only C, U and indices; `heal_draft`
-    trains U toward `model`'s next-token distribution, `save_draft` stores the delta.
+    The draft shares every tensor of `model` and owns only its factors (C and U, or the
+    refit weights) and indices; `heal_draft` trains them toward `model`'s next-token
+    distribution, `save_draft` stores the delta.
     """
     if method not in DRAFT_METHODS:
         raise ValueError(f"method must be one of {DRAFT_METHODS} (a draft reads the target's "
@@ -110,6 +120,13 @@ def make_draft(model: nn.Module, method: str = "curing", keep: float | Mapping[s
     in_kept_blocks = [f"{prefix}.{i}.*" for i in kept]
     linears = {name: linear for name, linear in find_linears(model, targets).items()
                if any(name_matches(name, p) for p in in_kept_blocks)}
+    head_ids = _head_token_ids(model, head_tokens, batches)
+    if method == "pairwise":
+        _check_pairwise_options(keep, batches, max_rank, selection, svd)
+        spec = DraftSpec(method, kept, {}, head_ids, base_identity(model))
+        factors = _pairwise_factors(model, assemble_draft(model, spec), list(linears), keep,
+                                    batches)
+        return assemble_draft(model, DraftSpec(method, kept, factors, head_ids, spec.base))
     keeps = {name: _keep_for(name, keep) for name in linears}
     linears = {name: linear for name, linear in linears.items() if keeps[name] is not None}
     stats = {}
@@ -123,6 +140,41 @@ def make_draft(model: nn.Module, method: str = "curing", keep: float | Mapping[s
         mean_sq = stats[name].mean_sq if name in stats else None
         f = cur_decompose(linear.weight, mean_sq, rank, selection=selection, svd=svd)
         factors[name] = CURFactor(f.C, f.U, f.rows, f.cols)
-    spec = DraftSpec(method, kept, factors, _head_token_ids(model, head_tokens, batches),
-                     base_identity(model))
-    return assemble_draft(model, spec)
+    return assemble_draft(model, DraftSpec(method, kept, factors, head_ids,
+                                           base_identity(model)))
+
+
+def _check_pairwise_options(keep, batches, max_rank, selection, svd) -> None:
+    if isinstance(keep, Mapping):
+        raise ValueError("method='pairwise' splits one keep among the blocks and their "
+                         "matrices: keep must be a number, not a mapping")
+    if batches is None:
+        raise ValueError("method='pairwise' selects and refits on activations: pass calib=")
+    if max_rank is not None or selection != "deim" or svd != "randomized":
+        raise ValueError("max_rank, selection and svd are CURing's options; method='pairwise' "
+                         "takes none of them")
+
+
+@torch.no_grad()
+def _pairwise_factors(model: nn.Module, dense_draft: nn.Module, targets: list[str],
+                      keep: float, batches) -> dict[str, NarrowFactor]:
+    """Compress a copy of the draft's kept blocks with pairwise (so the selection and refits
+    see the blocks the draft runs) and keep what it adds: the kept rows' indices and the
+    refit weights, keyed by the target's module names."""
+    prefix, _ = block_list(model)
+    names = BlockNames(prefix, dense_draft.draft_spec.base_layers)
+    work = copy.deepcopy(dense_draft)  # compressed in place, then dropped
+    compress(work, "pairwise", keep=keep, calib=batches,
+             targets=[names.in_draft(name) for name in targets])
+    factors = {}
+    for name, module in work.named_modules():
+        if not isinstance(module, NarrowLinear):
+            continue
+        if module.col_indices is None:
+            factors[names.in_target(name)] = NarrowFactor(module.row_indices, None,
+                                                          module.scatter_rows, False)
+        else:
+            factors[names.in_target(name)] = NarrowFactor(
+                None, module.col_indices, False, module.gather_cols, module.weight.detach(),
+                None if module.bias is None else module.bias.detach())
+    return factors

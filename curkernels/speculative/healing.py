@@ -3,8 +3,9 @@
 Speculative decoding accepts a drafted token as often as the draft's distribution agrees
 with the target's, so the loss is KL(target ‖ draft) on the next-token logits at every real
 token — over the draft head's token subset when it has one (it cannot put mass elsewhere).
-Only the draft's factors named in `trainable` (U by default) learn; the shared tensors are
-frozen parameters of the draft, so the target's weights never change. The best training text
+Only the draft's own tensors learn — by default what each module names `healable` (a CUR
+module's U, a pair-wise draft's refit weights), or the CUR factors named in `trainable`; the
+shared tensors are frozen parameters of the draft, so the target's weights never change. The best training text
 is the target's own greedy continuations (bench/speculative.py's `on_policy_batches`): exactly
 what the draft must predict during greedy speculative decoding.
 """
@@ -16,7 +17,7 @@ from torch import nn
 
 from ..compress.calibration import model_device, to_device, token_mask
 from ..compress.calibration_sources import as_batches
-from ..compress.healing import factor_parameters_named, run_training
+from ..compress.healing import factor_parameters_named, healable_parameters, run_training
 from .assembly import draft_spec
 
 
@@ -35,20 +36,22 @@ def draft_kl(draft: nn.Module, model: nn.Module, batch: dict,
 
 
 def heal_draft(draft: nn.Module, model: nn.Module, texts, *, tokenizer=None, steps: int = 100,
-               lr: float = 1e-3, trainable: tuple[str, ...] = ("U",), seq_len: int = 256,
+               lr: float = 1e-3, trainable: tuple[str, ...] | None = None, seq_len: int = 256,
                batch_size: int = 8) -> list[float]:
     """Distil `draft` toward `model` (its target) on `texts` (strings with `tokenizer=`, or
-    input dicts): AdamW on the draft's `trainable` factors (of C, U) with cosine decay.
-    Returns the loss of every step."""
+    input dicts): AdamW with cosine decay on the draft's `trainable` CUR factors (of C, U), or
+    when None on what its modules name healable (U; a pair-wise draft's refit weights and
+    biases). Returns the loss of every step."""
     spec = draft_spec(draft)
     if steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr}")
-    if "R" in trainable:
+    if trainable is not None and "R" in trainable:
         raise ValueError("trainable cannot name 'R': a draft's rows are the target's own weight")
     batches = as_batches(texts, tokenizer, seq_len=seq_len, batch_size=batch_size)
-    params = factor_parameters_named(draft, trainable)
+    params = (healable_parameters(draft) if trainable is None
+              else factor_parameters_named(draft, trainable))
     flags = {p: p.requires_grad for p in draft.parameters()}
     for p in draft.parameters():
         p.requires_grad_(False)

@@ -173,3 +173,42 @@ def test_compiled_steps_give_the_same_greedy_output():
                                      compile=True, compile_backend="eager")
     assert torch.equal(generator.generate(prompt, 32), expected)
     assert 0 in generator.accepted_per_step and 3 in generator.accepted_per_step
+
+
+def pairwise_draft(model):
+    """The compression default's structure at a high keep: it agrees with the target often."""
+    return ck.make_draft(model, "pairwise", keep=0.9, calib=calibration_batches(count=2),
+                         head_tokens=64)
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_greedy_output_with_a_pairwise_draft_is_the_targets_own(architecture):
+    model = causal_lm(architecture, block_rank=None)
+    draft = pairwise_draft(model)
+    prompts = torch.randint(0, 96, (PROMPTS, PROMPT_LEN),
+                            generator=torch.Generator().manual_seed(8))
+    dense = StaticCacheGenerator(model, max_seq_len=PROMPT_LEN + NEW_TOKENS)
+    generator = StaticCacheGenerator(model, max_seq_len=PROMPT_LEN + NEW_TOKENS, draft=draft,
+                                     num_draft_tokens=3)
+    accepted = []
+    for row in range(PROMPTS):
+        prompt = prompts[row:row + 1]
+        assert torch.equal(generator.generate(prompt, NEW_TOKENS),
+                           dense.generate(prompt, NEW_TOKENS)), f"prompt {row} differs"
+        accepted += generator.accepted_per_step
+    assert 0 in accepted and 3 in accepted
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_steps_with_a_pairwise_draft_give_the_same_greedy_output():
+    """fullgraph capture of a draft whose layers gather the target's rows and scatter q/k/v
+    back to the head width."""
+    model = causal_lm("qwen2", block_rank=None)
+    draft = pairwise_draft(model)
+    prompt = torch.randint(0, 96, (1, 8), generator=torch.Generator().manual_seed(3))
+    expected = StaticCacheGenerator(model, max_seq_len=40).generate(prompt, 32)
+    generator = StaticCacheGenerator(model, max_seq_len=40, draft=draft, num_draft_tokens=3,
+                                     compile=True, compile_backend="eager")
+    assert torch.equal(generator.generate(prompt, 32), expected)
+    assert sum(generator.accepted_per_step) > 0
