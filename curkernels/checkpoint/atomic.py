@@ -42,6 +42,30 @@ def _fsync_tree(folder: Path) -> None:
         os.close(descriptor)
 
 
+def process_umask() -> int:
+    """This process's umask, read without changing it where Linux reports it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def _give_default_modes(folder: Path) -> None:
+    """Give every file the mode a plain open() would have: safetensors ≥ 0.8 writes through a
+    temporary file that is always 0600 (safetensors issue #782), which leaves weights that
+    another user — a serving container, a shared cache — cannot read beside a readable
+    config.json."""
+    mode = 0o666 & ~process_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
 def staging_folders(target: Path) -> list[Path]:
     """Folders beside `target` named as this module's staging folders (and older versions'
     `.NAME.old-*`), whoever made them."""
@@ -171,6 +195,7 @@ def atomic_directory(target: str | os.PathLike, writes: Callable[[str], bool] = 
         new = staging / NEW
         new.mkdir()
         yield new
+        _give_default_modes(new)
         _fsync_tree(new)
         if not target.exists():
             os.rename(new, target)

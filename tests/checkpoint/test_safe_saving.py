@@ -218,3 +218,24 @@ def test_leftover_staging_folders_are_removed_by_the_next_save_but_a_live_ones_s
     assert sorted(p.name for p in tmp_path.iterdir()) == [".ckpt.tmp-mine", "ckpt"]
     assert torch.equal(ck.load_compressed(out).model.layers[0].mlp.up_proj.R,
                        compressed(seed=4).model.layers[0].mlp.up_proj.R)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_are_readable_as_the_umask_allows(tmp_path, umask):
+    """The weights get the mode config.json gets (safetensors writes 0600 files of its own),
+    and so does any file written inside a staging folder (draft deltas, GGUF conversions)."""
+    previous = os.umask(umask)
+    try:
+        assert atomic.process_umask() == umask
+        ck.save_compressed(compressed(), tmp_path / "out")
+        with atomic_directory(tmp_path / "other") as staging:
+            path = staging / "private.bin"
+            path.write_bytes(b"x")
+            path.chmod(0o600)
+    finally:
+        os.umask(previous)
+    files = [p for folder in ("out", "other") for p in (tmp_path / folder).rglob("*")
+             if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == \
+        {p.name: oct(0o666 & ~umask) for p in files}
