@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..nn import CURLinear, swap_linears
 from .budget import rank_for_keep
@@ -41,9 +42,12 @@ def replace_with_low_rank(model: nn.Module, targets: dict[str, nn.Linear], keep:
                                         None if stats is None else stats[name].mean_sq)
         reports.append(ModuleReport(name, (m, n), rank, m * n, module.factor_parameters,
                                     relative, act, time.perf_counter() - start))
+        progress.update()
         return module
 
-    swap_linears(model, targets, make)
+    # one bar for the whole swap: LPAF's weighted fits take minutes a module on a CPU
+    with tqdm(total=len(targets), desc="factoring", unit="module", leave=False) as progress:
+        swap_linears(model, targets, make)
     return reports
 
 
