@@ -113,9 +113,11 @@ def test_sampled_tokens_follow_the_targets_distribution():
                         target) < 1e-3
 
 
-def test_the_draft_serves_transformers_assisted_generation():
-    model = causal_lm("qwen2")
-    draft = ck.make_draft(model, keep=0.5, calib=calibration_batches(count=1), max_rank=LOW_RANK)
+@pytest.mark.parametrize("method", ["curing", "pairwise"])
+def test_the_draft_serves_transformers_assisted_generation(method):
+    model = causal_lm("qwen2", block_rank=LOW_RANK if method == "curing" else None)
+    options = {"max_rank": LOW_RANK} if method == "curing" else {}
+    draft = ck.make_draft(model, method, keep=0.5, calib=calibration_batches(count=1), **options)
     prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(5))
     expected = model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None)
     assisted = model.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None,
