@@ -124,8 +124,7 @@ def make_draft(model: nn.Module, method: str = "curing", keep: float | Mapping[s
     if method == "pairwise":
         _check_pairwise_options(keep, batches, max_rank, selection, svd)
         spec = DraftSpec(method, kept, {}, head_ids, base_identity(model))
-        factors = _pairwise_factors(model, assemble_draft(model, spec), list(linears), keep,
-                                    batches)
+        factors = _pairwise_factors(assemble_draft(model, spec), list(linears), keep, batches)
         return assemble_draft(model, DraftSpec(method, kept, factors, head_ids, spec.base))
     keeps = {name: _keep_for(name, keep) for name in linears}
     linears = {name: linear for name, linear in linears.items() if keeps[name] is not None}
@@ -156,12 +155,12 @@ def _check_pairwise_options(keep, batches, max_rank, selection, svd) -> None:
 
 
 @torch.no_grad()
-def _pairwise_factors(model: nn.Module, dense_draft: nn.Module, targets: list[str],
-                      keep: float, batches) -> dict[str, NarrowFactor]:
+def _pairwise_factors(dense_draft: nn.Module, targets: list[str], keep: float,
+                      batches) -> dict[str, NarrowFactor]:
     """Compress a copy of the draft's kept blocks with pairwise (so the selection and refits
     see the blocks the draft runs) and keep what it adds: the kept rows' indices and the
     refit weights, keyed by the target's module names."""
-    prefix, _ = block_list(model)
+    prefix, _ = block_list(dense_draft)
     names = BlockNames(prefix, dense_draft.draft_spec.base_layers)
     work = copy.deepcopy(dense_draft)  # compressed in place, then dropped
     compress(work, "pairwise", keep=keep, calib=batches,
